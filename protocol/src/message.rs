@@ -1,0 +1,549 @@
+//! One ISO 8583 message: zero-copy decoding, building and encoding.
+//!
+//! A [`Message`] keeps its field data in one [`Bytes`] buffer and a span per present field.
+//! Decoding makes that buffer the received frame itself, so no field data is copied; a
+//! [`MessageBuilder`] appends field data to a buffer of its own. Either way, reading a
+//! field is an index into `spans`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::{DecodeError, EncodeError, FieldError};
+use crate::spec::{self, Encoding, FieldSpec, LengthPrefix, MAX_FIELD};
+use crate::types::Mti;
+
+/// Bytes of one bitmap on the wire.
+const BITMAP_LEN: usize = 8;
+/// Bytes of the MTI on the wire.
+const MTI_LEN: usize = 4;
+
+/// Where a field's data sits in the message buffer. Frames are at most 64 KiB (2-byte
+/// length prefix), so `u16` offsets cover every message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: u16,
+    len: u16,
+}
+
+/// A decoded or built ISO 8583 message.
+#[derive(Clone)]
+pub struct Message {
+    mti: Mti,
+    /// Bit `n - 1` (counted from the most significant bit of `present[0]`) is set when field
+    /// `n` is present, exactly as on the wire. Bit 1 (secondary bitmap) is derived on encode.
+    present: [u64; 2],
+    spans: [Span; MAX_FIELD as usize + 1],
+    data: Bytes,
+}
+
+impl std::fmt::Debug for Message {
+    /// Field numbers only: a message may hold a PAN, track data or a PIN block, and Debug
+    /// output ends up in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("mti", &self.mti)
+            .field("fields", &self.field_numbers().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn bit_is_set(present: &[u64; 2], number: u8) -> bool {
+    let index = usize::from(number - 1);
+    present[index / 64] & (1u64 << (63 - index % 64)) != 0
+}
+
+fn set_bit(present: &mut [u64; 2], number: u8) {
+    let index = usize::from(number - 1);
+    present[index / 64] |= 1u64 << (63 - index % 64);
+}
+
+impl Message {
+    /// Starts building a message of type `mti`.
+    pub fn builder(mti: Mti) -> MessageBuilder {
+        MessageBuilder::new(mti)
+    }
+
+    /// Decodes one message (without its frame header). Field data is borrowed from `buf`.
+    pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
+        if buf.len() > usize::from(u16::MAX) {
+            return Err(DecodeError::TooLong { len: buf.len() });
+        }
+        let bytes = &buf[..];
+        if bytes.len() < MTI_LEN {
+            return Err(DecodeError::Truncated { what: "MTI" });
+        }
+        let mti = Mti::parse(&bytes[..MTI_LEN]).map_err(|_| DecodeError::BadMti)?;
+        let mut pos = MTI_LEN;
+        let mut present = [0u64; 2];
+        present[0] = read_bitmap(bytes, &mut pos, "primary bitmap")?;
+        if present[0] >> 63 == 1 {
+            present[1] = read_bitmap(bytes, &mut pos, "secondary bitmap")?;
+        }
+        let mut spans = [Span::default(); MAX_FIELD as usize + 1];
+        for number in 2..=MAX_FIELD {
+            if !bit_is_set(&present, number) {
+                continue;
+            }
+            let spec = &spec::FIELDS[usize::from(number - 1)];
+            let span = read_field(bytes, &mut pos, spec)
+                .map_err(|reason| DecodeError::Field { number, reason })?;
+            spans[usize::from(number)] = span;
+        }
+        if pos != bytes.len() {
+            return Err(DecodeError::TrailingBytes {
+                count: bytes.len() - pos,
+            });
+        }
+        // Field 1 is the secondary bitmap itself, not data: keep the bit as "has fields
+        // above 64" only, which `encode` recomputes.
+        present[0] &= !(1u64 << 63);
+        Ok(Message {
+            mti,
+            present,
+            spans,
+            data: buf,
+        })
+    }
+
+    /// The message type indicator.
+    pub fn mti(&self) -> Mti {
+        self.mti
+    }
+
+    /// Whether field `number` is present. Field 1 (the secondary bitmap) is never reported.
+    pub fn has(&self, number: u8) -> bool {
+        (2..=MAX_FIELD).contains(&number) && bit_is_set(&self.present, number)
+    }
+
+    /// The raw bytes of field `number` (without its length prefix), if present.
+    pub fn get(&self, number: u8) -> Option<&[u8]> {
+        if !self.has(number) {
+            return None;
+        }
+        let span = self.spans[usize::from(number)];
+        let start = usize::from(span.start);
+        Some(&self.data[start..start + usize::from(span.len)])
+    }
+
+    /// Field `number` as a cheap reference-counted slice of the message buffer.
+    pub fn get_bytes(&self, number: u8) -> Option<Bytes> {
+        if !self.has(number) {
+            return None;
+        }
+        let span = self.spans[usize::from(number)];
+        let start = usize::from(span.start);
+        Some(self.data.slice(start..start + usize::from(span.len)))
+    }
+
+    /// Field `number` as text, if present and ASCII (the codec checked ASCII fields on the
+    /// way in, so this fails only for binary fields holding non-ASCII bytes).
+    pub fn get_str(&self, number: u8) -> Option<&str> {
+        self.get(number).and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// The numbers of the present fields, ascending.
+    pub fn field_numbers(&self) -> impl Iterator<Item = u8> + '_ {
+        (2..=MAX_FIELD).filter(move |&n| bit_is_set(&self.present, n))
+    }
+
+    /// Encoded size in bytes (without the frame header).
+    pub fn encoded_len(&self) -> usize {
+        let mut len = MTI_LEN + BITMAP_LEN;
+        if self.present[1] != 0 {
+            len += BITMAP_LEN;
+        }
+        for number in self.field_numbers() {
+            let spec = &spec::FIELDS[usize::from(number - 1)];
+            len += spec.prefix.digits() + usize::from(self.spans[usize::from(number)].len);
+        }
+        len
+    }
+
+    /// Appends the encoded message (without the frame header) to `out`.
+    ///
+    /// Every field was checked against the spec when it was decoded or set, so encoding
+    /// cannot fail.
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(self.encoded_len());
+        out.put_slice(self.mti.as_bytes());
+        let secondary = self.present[1] != 0;
+        let primary = if secondary {
+            self.present[0] | (1u64 << 63)
+        } else {
+            self.present[0]
+        };
+        out.put_u64(primary);
+        if secondary {
+            out.put_u64(self.present[1]);
+        }
+        for number in self.field_numbers() {
+            let spec = &spec::FIELDS[usize::from(number - 1)];
+            let span = self.spans[usize::from(number)];
+            put_length_prefix(out, spec.prefix, usize::from(span.len));
+            let start = usize::from(span.start);
+            out.put_slice(&self.data[start..start + usize::from(span.len)]);
+        }
+    }
+
+    /// Appends the message with its 2-byte big-endian frame header to `out`.
+    pub fn encode_framed(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
+        let len = self.encoded_len();
+        let header = u16::try_from(len).map_err(|_| EncodeError::FrameTooLarge { len })?;
+        out.reserve(2 + len);
+        out.put_u16(header);
+        self.encode(out);
+        Ok(())
+    }
+
+    /// The encoded message as a new buffer, for tooling and tests.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.encoded_len());
+        self.encode(&mut out);
+        out.freeze()
+    }
+}
+
+fn read_bitmap(bytes: &[u8], pos: &mut usize, what: &'static str) -> Result<u64, DecodeError> {
+    let end = *pos + BITMAP_LEN;
+    let raw = bytes
+        .get(*pos..end)
+        .ok_or(DecodeError::Truncated { what })?;
+    *pos = end;
+    let mut array = [0u8; BITMAP_LEN];
+    array.copy_from_slice(raw);
+    Ok(u64::from_be_bytes(array))
+}
+
+fn read_field(bytes: &[u8], pos: &mut usize, spec: &FieldSpec) -> Result<Span, FieldError> {
+    let len = match spec.prefix {
+        LengthPrefix::Fixed => usize::from(spec.max_len),
+        prefix => {
+            let digits = prefix.digits();
+            let raw = bytes
+                .get(*pos..*pos + digits)
+                .ok_or(FieldError::Truncated {
+                    need: digits,
+                    have: bytes.len() - *pos,
+                })?;
+            *pos += digits;
+            let len = parse_decimal(raw).ok_or(FieldError::BadLengthPrefix)?;
+            if len > usize::from(spec.max_len) {
+                return Err(FieldError::TooLong {
+                    len,
+                    max: spec.max_len,
+                });
+            }
+            len
+        }
+    };
+    let data = bytes.get(*pos..*pos + len).ok_or(FieldError::Truncated {
+        need: len,
+        have: bytes.len() - *pos,
+    })?;
+    check_encoding(spec, data)?;
+    // Messages are at most u16::MAX bytes (checked in `decode`), so both fit.
+    let span = Span {
+        start: *pos as u16,
+        len: len as u16,
+    };
+    *pos += len;
+    Ok(span)
+}
+
+fn check_encoding(spec: &FieldSpec, data: &[u8]) -> Result<(), FieldError> {
+    if spec.encoding == Encoding::Ascii {
+        if let Some(offset) = data.iter().position(|b| !b.is_ascii()) {
+            return Err(FieldError::NotAscii { offset });
+        }
+    }
+    Ok(())
+}
+
+fn parse_decimal(raw: &[u8]) -> Option<usize> {
+    raw.iter().try_fold(0usize, |acc, &b| {
+        b.is_ascii_digit().then(|| acc * 10 + usize::from(b - b'0'))
+    })
+}
+
+fn put_length_prefix(out: &mut BytesMut, prefix: LengthPrefix, len: usize) {
+    match prefix {
+        LengthPrefix::Fixed => {}
+        LengthPrefix::LlVar => {
+            out.put_slice(&[b'0' + (len / 10) as u8, b'0' + (len % 10) as u8]);
+        }
+        LengthPrefix::LllVar => {
+            out.put_slice(&[
+                b'0' + (len / 100) as u8,
+                b'0' + (len / 10 % 10) as u8,
+                b'0' + (len % 10) as u8,
+            ]);
+        }
+    }
+}
+
+/// Builds a [`Message`] field by field; every field is checked against the spec as it is
+/// set, so a built message always encodes.
+#[derive(Debug)]
+pub struct MessageBuilder {
+    mti: Mti,
+    present: [u64; 2],
+    spans: [Span; MAX_FIELD as usize + 1],
+    data: BytesMut,
+}
+
+impl MessageBuilder {
+    /// Typical response size; saves regrowing the buffer on the hot path.
+    const INITIAL_CAPACITY: usize = 256;
+
+    fn new(mti: Mti) -> MessageBuilder {
+        MessageBuilder {
+            mti,
+            present: [0; 2],
+            spans: [Span::default(); MAX_FIELD as usize + 1],
+            data: BytesMut::with_capacity(Self::INITIAL_CAPACITY),
+        }
+    }
+
+    /// Sets field `number` (2..=128) to `value`, replacing any earlier value.
+    pub fn set(&mut self, number: u8, value: &[u8]) -> Result<&mut Self, EncodeError> {
+        let spec = spec::field(number)
+            .filter(|_| number >= 2)
+            .ok_or(EncodeError::NoSuchField { number })?;
+        let bad = |reason| EncodeError::Field { number, reason };
+        match spec.prefix {
+            LengthPrefix::Fixed if value.len() != usize::from(spec.max_len) => {
+                return Err(bad(FieldError::WrongLength {
+                    len: value.len(),
+                    expected: spec.max_len,
+                }));
+            }
+            _ if value.len() > usize::from(spec.max_len) => {
+                return Err(bad(FieldError::TooLong {
+                    len: value.len(),
+                    max: spec.max_len,
+                }));
+            }
+            _ => {}
+        }
+        check_encoding(spec, value).map_err(bad)?;
+        let start = self.data.len();
+        if start + value.len() > usize::from(u16::MAX) {
+            return Err(EncodeError::FrameTooLarge {
+                len: start + value.len(),
+            });
+        }
+        self.data.extend_from_slice(value);
+        self.spans[usize::from(number)] = Span {
+            start: start as u16,
+            len: value.len() as u16,
+        };
+        set_bit(&mut self.present, number);
+        Ok(self)
+    }
+
+    /// Sets an ASCII field from text.
+    pub fn set_str(&mut self, number: u8, value: &str) -> Result<&mut Self, EncodeError> {
+        self.set(number, value.as_bytes())
+    }
+
+    /// Copies fields from `other` where present there; absent ones are skipped.
+    pub fn copy_from(&mut self, other: &Message, numbers: &[u8]) -> Result<&mut Self, EncodeError> {
+        for &number in numbers {
+            if let Some(value) = other.get(number) {
+                self.set(number, value)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Finishes the message.
+    pub fn build(&mut self) -> Message {
+        Message {
+            mti: self.mti,
+            present: self.present,
+            spans: self.spans,
+            data: std::mem::take(&mut self.data).freeze(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 0100 example of DESIGN.md.
+    pub(crate) const DESIGN_EXAMPLE_HEX: &str = "303130307220440008c0800031363431313131313131313131313131313130303030303030303030303030313235303031313235313233303435303030303031353431313035313533333031323030303030315445524d303030314d45524348414e5430303030303031383430";
+
+    fn example() -> Bytes {
+        Bytes::from(hex::decode(DESIGN_EXAMPLE_HEX).unwrap())
+    }
+
+    #[test]
+    fn design_example_decodes_to_the_listed_fields() {
+        let msg = Message::decode(example()).unwrap();
+        assert_eq!(msg.mti().as_str(), "0100");
+        let expected: &[(u8, &str)] = &[
+            (2, "4111111111111111"),
+            (3, "000000"),
+            (4, "000000012500"),
+            (7, "1125123045"),
+            (11, "000001"),
+            (18, "5411"),
+            (22, "051"),
+            (37, "533012000001"),
+            (41, "TERM0001"),
+            (42, "MERCHANT0000001"),
+            (49, "840"),
+        ];
+        assert_eq!(
+            msg.field_numbers().collect::<Vec<_>>(),
+            expected.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+        );
+        for (number, value) in expected {
+            assert_eq!(msg.get_str(*number), Some(*value), "field {number}");
+        }
+    }
+
+    #[test]
+    fn design_example_reencodes_byte_identical() {
+        let raw = example();
+        assert_eq!(raw.len(), 109);
+        let msg = Message::decode(raw.clone()).unwrap();
+        assert_eq!(msg.to_bytes(), raw);
+        assert_eq!(msg.encoded_len(), 109);
+    }
+
+    #[test]
+    fn decoded_fields_borrow_the_frame_buffer() {
+        let raw = example();
+        let msg = Message::decode(raw.clone()).unwrap();
+        let pan = msg.get(2).unwrap();
+        let frame = raw.as_ptr_range();
+        assert!(
+            frame.contains(&pan.as_ptr()),
+            "field data must not be copied"
+        );
+    }
+
+    #[test]
+    fn secondary_bitmap_round_trips() {
+        let msg = Message::builder(Mti::parse(b"0800").unwrap())
+            .set_str(7, "1125123045")
+            .unwrap()
+            .set_str(11, "000001")
+            .unwrap()
+            .set_str(70, "301")
+            .unwrap()
+            .build();
+        let raw = msg.to_bytes();
+        // MTI + primary + secondary + 10 + 6 + 3.
+        assert_eq!(raw.len(), 4 + 8 + 8 + 19);
+        assert_eq!(raw[4] & 0x80, 0x80, "bit 1 announces the secondary bitmap");
+        let back = Message::decode(raw).unwrap();
+        assert_eq!(back.get_str(70), Some("301"));
+        assert!(!back.has(1));
+    }
+
+    #[test]
+    fn builder_refuses_values_the_spec_forbids() {
+        let mut b = Message::builder(Mti::parse(b"0110").unwrap());
+        assert!(matches!(
+            b.set_str(39, "0"),
+            Err(EncodeError::Field {
+                number: 39,
+                reason: FieldError::WrongLength {
+                    len: 1,
+                    expected: 2
+                }
+            })
+        ));
+        assert!(matches!(
+            b.set_str(2, "41111111111111111111"),
+            Err(EncodeError::Field {
+                number: 2,
+                reason: FieldError::TooLong { len: 20, max: 19 }
+            })
+        ));
+        assert!(matches!(
+            b.set(41, "TERMé001".as_bytes()),
+            Err(EncodeError::Field { number: 41, .. })
+        ));
+        assert!(matches!(
+            b.set_str(1, "00000000"),
+            Err(EncodeError::NoSuchField { number: 1 })
+        ));
+        assert!(matches!(
+            b.set_str(0, "x"),
+            Err(EncodeError::NoSuchField { number: 0 })
+        ));
+    }
+
+    #[test]
+    fn truncated_and_malformed_inputs_give_typed_errors() {
+        let raw = example();
+        assert!(matches!(
+            Message::decode(raw.slice(..3)),
+            Err(DecodeError::Truncated { what: "MTI" })
+        ));
+        assert!(matches!(
+            Message::decode(raw.slice(..10)),
+            Err(DecodeError::Truncated {
+                what: "primary bitmap"
+            })
+        ));
+        // Cut inside field 42 (the second to last field).
+        assert!(matches!(
+            Message::decode(raw.slice(..100)),
+            Err(DecodeError::Field {
+                number: 42,
+                reason: FieldError::Truncated { .. }
+            })
+        ));
+        let mut bad_mti = raw.to_vec();
+        bad_mti[0] = b'X';
+        assert!(matches!(
+            Message::decode(bad_mti.into()),
+            Err(DecodeError::BadMti)
+        ));
+        let mut bad_prefix = raw.to_vec();
+        bad_prefix[12] = b'A'; // first digit of field 2's LL prefix
+        assert!(matches!(
+            Message::decode(bad_prefix.into()),
+            Err(DecodeError::Field {
+                number: 2,
+                reason: FieldError::BadLengthPrefix
+            })
+        ));
+        let mut too_long = raw.to_vec();
+        too_long[12] = b'9'; // LL = 96 > 19
+        assert!(matches!(
+            Message::decode(too_long.into()),
+            Err(DecodeError::Field {
+                number: 2,
+                reason: FieldError::TooLong { len: 96, max: 19 }
+            })
+        ));
+        let mut trailing = raw.to_vec();
+        trailing.push(b'0');
+        assert!(matches!(
+            Message::decode(trailing.into()),
+            Err(DecodeError::TrailingBytes { count: 1 })
+        ));
+        let mut not_ascii = raw.to_vec();
+        *not_ascii.last_mut().unwrap() = 0xff;
+        assert!(matches!(
+            Message::decode(not_ascii.into()),
+            Err(DecodeError::Field {
+                number: 49,
+                reason: FieldError::NotAscii { offset: 2 }
+            })
+        ));
+    }
+
+    #[test]
+    fn debug_output_never_shows_field_data() {
+        let msg = Message::decode(example()).unwrap();
+        let shown = format!("{msg:?}");
+        assert!(!shown.contains("4111111111111111"), "{shown}");
+        assert!(shown.contains("0100"));
+    }
+}
