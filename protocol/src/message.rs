@@ -64,6 +64,17 @@ impl Message {
 
     /// Decodes one message (without its frame header). Field data is borrowed from `buf`.
     pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
+        match Message::decode_prefix(buf)? {
+            (message, None) => Ok(message),
+            (_, Some(error)) => Err(error),
+        }
+    }
+
+    /// Decodes as far as the message is well formed. `Err` when not even the MTI and the
+    /// bitmaps can be read; otherwise the message with every field before the first bad
+    /// one, and the error that stopped decoding, if any. This lets the switch answer a
+    /// malformed request with 39=30 and the fields it could read, instead of silence.
+    pub fn decode_prefix(buf: Bytes) -> Result<(Message, Option<DecodeError>), DecodeError> {
         if buf.len() > usize::from(u16::MAX) {
             return Err(DecodeError::TooLong { len: buf.len() });
         }
@@ -73,35 +84,42 @@ impl Message {
         }
         let mti = Mti::parse(&bytes[..MTI_LEN]).map_err(|_| DecodeError::BadMti)?;
         let mut pos = MTI_LEN;
-        let mut present = [0u64; 2];
-        present[0] = read_bitmap(bytes, &mut pos, "primary bitmap")?;
-        if present[0] >> 63 == 1 {
-            present[1] = read_bitmap(bytes, &mut pos, "secondary bitmap")?;
+        let mut announced = [0u64; 2];
+        announced[0] = read_bitmap(bytes, &mut pos, "primary bitmap")?;
+        if announced[0] >> 63 == 1 {
+            announced[1] = read_bitmap(bytes, &mut pos, "secondary bitmap")?;
         }
+        let mut present = [0u64; 2];
         let mut spans = [Span::default(); MAX_FIELD as usize + 1];
+        let mut error = None;
         for number in 2..=MAX_FIELD {
-            if !bit_is_set(&present, number) {
+            if !bit_is_set(&announced, number) {
                 continue;
             }
             let spec = &spec::FIELDS[usize::from(number - 1)];
-            let span = read_field(bytes, &mut pos, spec)
-                .map_err(|reason| DecodeError::Field { number, reason })?;
-            spans[usize::from(number)] = span;
+            match read_field(bytes, &mut pos, spec) {
+                Ok(span) => {
+                    spans[usize::from(number)] = span;
+                    set_bit(&mut present, number);
+                }
+                Err(reason) => {
+                    error = Some(DecodeError::Field { number, reason });
+                    break;
+                }
+            }
         }
-        if pos != bytes.len() {
-            return Err(DecodeError::TrailingBytes {
+        if error.is_none() && pos != bytes.len() {
+            error = Some(DecodeError::TrailingBytes {
                 count: bytes.len() - pos,
             });
         }
-        // Field 1 is the secondary bitmap itself, not data: keep the bit as "has fields
-        // above 64" only, which `encode` recomputes.
-        present[0] &= !(1u64 << 63);
-        Ok(Message {
+        let message = Message {
             mti,
             present,
             spans,
             data: buf,
-        })
+        };
+        Ok((message, error))
     }
 
     /// The message type indicator.
@@ -537,6 +555,18 @@ mod tests {
                 reason: FieldError::NotAscii { offset: 2 }
             })
         ));
+    }
+
+    #[test]
+    fn decode_prefix_keeps_the_fields_before_the_bad_one() {
+        let mut raw = example().to_vec();
+        raw[100] = 0xff; // inside field 42
+        let (partial, error) = Message::decode_prefix(raw.into()).unwrap();
+        assert_eq!(error.and_then(|e| e.field()), Some(42));
+        assert_eq!(partial.get_str(41), Some("TERM0001"));
+        assert_eq!(partial.get_str(11), Some("000001"));
+        assert!(!partial.has(42));
+        assert!(!partial.has(49));
     }
 
     #[test]

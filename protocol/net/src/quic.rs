@@ -1,0 +1,69 @@
+//! quinn endpoints with the switch's transport settings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{ClientConfig, Endpoint, ServerConfig, TransportConfig, VarInt};
+
+use crate::tls::{self, ClientTrust, TlsIdentity};
+use crate::NetError;
+
+/// Concurrent bidirectional streams a peer may open on one connection. Gateways open one
+/// stream per transaction; 1024 covers 200+ concurrent transactions per connection with
+/// room to spare while bounding per-connection state.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// A connection idle this long is closed; links send keep-alives well inside it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Keep-alive interval, so idle acquirer links and gateway connections stay open.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+fn transport() -> Arc<TransportConfig> {
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("30 s fits a QUIC idle timeout"),
+        ));
+    Arc::new(transport)
+}
+
+/// A QUIC server endpoint bound to `addr`.
+pub fn server_endpoint(addr: SocketAddr, identity: TlsIdentity) -> Result<Endpoint, NetError> {
+    let crypto = tls::server_crypto(identity)?;
+    let mut config = ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(Endpoint::server(config, addr)?)
+}
+
+/// A QUIC client endpoint on an ephemeral port, trusting servers as `trust` says.
+pub fn client_endpoint(trust: ClientTrust) -> Result<Endpoint, NetError> {
+    let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    client_endpoint_bound(bind, trust)
+}
+
+/// A QUIC client endpoint bound to `bind`.
+pub fn client_endpoint_bound(bind: SocketAddr, trust: ClientTrust) -> Result<Endpoint, NetError> {
+    let crypto = tls::client_crypto(trust)?;
+    let mut config = ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    let mut endpoint = Endpoint::client(bind)?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// Connects to `addr`. `server_name` is checked against the certificate (ignored under
+/// `ClientTrust::AcceptAny`).
+pub async fn connect(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, NetError> {
+    Ok(endpoint.connect(addr, server_name)?.await?)
+}

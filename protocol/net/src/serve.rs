@@ -1,0 +1,301 @@
+//! Serving the wire contract: frames in, one [`Handler`] call per frame, responses out on
+//! the same stream in completion order.
+//!
+//! The same loop serves a QUIC bidirectional stream and a plain TCP connection. Requests on
+//! one stream are handled concurrently (pipelining) up to `Limits::max_in_flight_per_stream`;
+//! beyond that the loop stops reading, and transport flow control pushes back on the peer.
+//! A frame that cannot be answered ends only its own stream (QUIC: reset with an
+//! application error code; TCP: the connection, which is the stream).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use payswitch_protocol::Message;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::codes;
+use crate::framed::{FrameReader, ReadError};
+
+/// What to do with one received frame.
+#[derive(Debug)]
+pub enum Reply {
+    /// Send this message back.
+    Message(Message),
+    /// The frame cannot be answered: end the stream with this application error code.
+    Close(u32),
+}
+
+/// Handles one frame (a message without its header) and says what to answer.
+pub trait Handler: Send + Sync + 'static {
+    /// Handle `frame`; the future runs on its own task.
+    fn handle(&self, frame: Bytes) -> impl Future<Output = Reply> + Send;
+}
+
+/// Bounds of a server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest frame accepted; a bigger header ends the stream.
+    pub max_frame: usize,
+    /// Requests one stream may have in progress before the server stops reading it.
+    pub max_in_flight_per_stream: usize,
+    /// Open connections (QUIC and TCP each); more are refused.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: payswitch_protocol::DEFAULT_MAX_FRAME,
+            // A gateway pipelining more than this on one stream is better served by more
+            // streams; 256 keeps one stream's pending responses to a few tens of KiB.
+            max_in_flight_per_stream: 256,
+            // Gateways hold few long-lived connections; 1024 bounds per-connection state
+            // (buffers, QUIC state of a few KiB each) to a few tens of MiB.
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Counters of a server, shared with whoever reports them.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Connections accepted (QUIC and TCP).
+    pub connections: AtomicU64,
+    /// Connections refused at the limit.
+    pub connections_refused: AtomicU64,
+    /// Streams served (a TCP connection counts as one).
+    pub streams: AtomicU64,
+    /// Frames handed to the handler.
+    pub frames: AtomicU64,
+    /// Streams ended because of a frame that could not be answered.
+    pub streams_aborted: AtomicU64,
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The peer finished and every response was written.
+    Finished,
+    /// End the stream with this application error code.
+    Abort(u32),
+    /// The transport failed; nothing more can be written.
+    Failed,
+}
+
+/// Serves one stream until the peer finishes it, it fails, or a frame cannot be answered.
+/// Responses still in progress when reading stops are written before returning.
+pub async fn serve_stream<R, W, H>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    handler: &Arc<H>,
+    max_in_flight: usize,
+    stats: &ServeStats,
+) -> StreamEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    H: Handler,
+{
+    let mut tasks: JoinSet<Reply> = JoinSet::new();
+    let mut out = BytesMut::with_capacity(1024);
+    let mut reading = true;
+    let mut end = StreamEnd::Finished;
+    loop {
+        tokio::select! {
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                out.clear();
+                let mut close = collect(done, &mut out);
+                // Batch whatever else is ready into the same write.
+                while let Some(more) = tasks.try_join_next() {
+                    close = close.or(collect(more, &mut out));
+                }
+                if !out.is_empty() && writer.write_all(&out).await.is_err() {
+                    return StreamEnd::Failed;
+                }
+                if let Some(code) = close {
+                    reading = false;
+                    end = StreamEnd::Abort(code);
+                }
+            }
+            frame = reader.next_frame(), if reading && tasks.len() < max_in_flight => {
+                match frame {
+                    Ok(Some(frame)) => {
+                        stats.frames.fetch_add(1, Ordering::Relaxed);
+                        let handler = Arc::clone(handler);
+                        tasks.spawn(async move { handler.handle(frame).await });
+                    }
+                    Ok(None) => reading = false,
+                    Err(ReadError::Frame(_)) => {
+                        reading = false;
+                        end = StreamEnd::Abort(codes::BAD_FRAME_LENGTH);
+                    }
+                    Err(ReadError::Truncated(_) | ReadError::Io(_)) => {
+                        reading = false;
+                        end = StreamEnd::Failed;
+                    }
+                }
+            }
+            else => break,
+        }
+    }
+    if matches!(end, StreamEnd::Abort(_)) {
+        stats.streams_aborted.fetch_add(1, Ordering::Relaxed);
+    }
+    end
+}
+
+/// Appends a reply to `out`; returns the close code if the reply asks to end the stream.
+fn collect(done: Result<Reply, tokio::task::JoinError>, out: &mut BytesMut) -> Option<u32> {
+    match done {
+        Ok(Reply::Message(message)) => match message.encode_framed(out) {
+            Ok(()) => None,
+            Err(_) => Some(codes::INTERNAL),
+        },
+        Ok(Reply::Close(code)) => Some(code),
+        // A handler that panicked: its request cannot be answered, the stream can't be
+        // trusted to be in order any more.
+        Err(_) => Some(codes::INTERNAL),
+    }
+}
+
+/// Accepts QUIC connections on `endpoint` and serves every bidirectional stream until
+/// `shutdown` fires.
+pub async fn serve_quic<H: Handler>(
+    endpoint: quinn::Endpoint,
+    handler: Arc<H>,
+    limits: Limits,
+    stats: Arc<ServeStats>,
+    shutdown: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+            incoming.refuse();
+            continue;
+        };
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let handler = Arc::clone(&handler);
+        let stats = Arc::clone(&stats);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Ok(connection) = incoming.await {
+                serve_quic_connection(connection, handler, limits, stats, shutdown).await;
+            }
+        });
+    }
+    endpoint.close(quinn::VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
+}
+
+async fn serve_quic_connection<H: Handler>(
+    connection: quinn::Connection,
+    handler: Arc<H>,
+    limits: Limits,
+    stats: Arc<ServeStats>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            stream = connection.accept_bi() => stream,
+        };
+        let Ok((mut send, recv)) = stream else { return };
+        stats.streams.fetch_add(1, Ordering::Relaxed);
+        let handler = Arc::clone(&handler);
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(recv, limits.max_frame);
+            let end = serve_stream(
+                &mut reader,
+                &mut send,
+                &handler,
+                limits.max_in_flight_per_stream,
+                &stats,
+            )
+            .await;
+            match end {
+                StreamEnd::Finished => {
+                    let _ = send.finish();
+                }
+                StreamEnd::Abort(code) => {
+                    let code = quinn::VarInt::from_u32(code);
+                    let _ = send.reset(code);
+                    let _ = reader.get_mut().stop(code);
+                }
+                StreamEnd::Failed => {}
+            }
+        });
+    }
+}
+
+/// Accepts TCP connections on `listener`; each connection is one stream of frames.
+pub async fn serve_tcp<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: Limits,
+    stats: Arc<ServeStats>,
+    shutdown: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff = ACCEPT_BACKOFF_START;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_START;
+                accepted
+            }
+            Err(_) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+            continue; // dropping the stream closes it
+        };
+        let _ = stream.set_nodelay(true);
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        stats.streams.fetch_add(1, Ordering::Relaxed);
+        let handler = Arc::clone(&handler);
+        let stats = Arc::clone(&stats);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (read, mut write) = stream.into_split();
+            let mut reader = FrameReader::new(read, limits.max_frame);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                end = serve_stream(&mut reader, &mut write, &handler, limits.max_in_flight_per_stream, &stats) => {
+                    if end == StreamEnd::Finished {
+                        let _ = write.shutdown().await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// First wait after a failed accept.
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
+/// Longest wait between accept retries.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
