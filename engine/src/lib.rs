@@ -1,1 +1,6 @@
-//! placeholder
+//! The payswitch engine. (Module map being written.)
+
+pub mod demo;
+pub mod iso;
+pub mod logging;
+pub mod serve;

@@ -1,1 +1,65 @@
-fn main() {}
+//! `payswitch`: the switch and its tools in one binary.
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// payswitch — a card-payment authorization switch speaking ISO 8583 over QUIC.
+#[derive(Parser, Debug)]
+#[command(name = "payswitch", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the switch.
+    Serve(payswitch::serve::ServeArgs),
+    /// Two simulated acquirers, the switch and a load, in one process: the first command to try.
+    Demo(payswitch::demo::DemoArgs),
+    /// Run a simulated acquirer/issuer.
+    AcquirerSim(payswitch_loadtest::acquirer_sim::SimArgs),
+    /// Send an open-loop load of authorizations and report latency and response codes.
+    Load(payswitch_loadtest::load::LoadArgs),
+    /// ISO 8583 tooling: hex <-> JSON, one message per line.
+    #[command(subcommand)]
+    Iso(payswitch::iso::IsoCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Iso(command) => payswitch::iso::run(command),
+        command => {
+            payswitch::logging::init();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(async move {
+                match command {
+                    Command::Serve(args) => payswitch::serve::run(args).await,
+                    Command::Demo(args) => payswitch::demo::run(args).await,
+                    Command::AcquirerSim(args) => payswitch_loadtest::acquirer_sim::run(args).await,
+                    Command::Load(args) => payswitch_loadtest::load::run_cli(args).await,
+                    Command::Iso(_) => unreachable!("handled above"),
+                }
+            });
+            match result {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

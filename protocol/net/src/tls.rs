@@ -111,9 +111,7 @@ pub fn client_crypto(trust: ClientTrust) -> Result<QuicClientConfig, NetError> {
         ClientTrust::Roots(certs) => {
             let mut roots = RootCertStore::empty();
             for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| NetError::Tls(e.to_string()))?;
+                roots.add(cert).map_err(|e| NetError::Tls(e.to_string()))?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
