@@ -1,10 +1,138 @@
-//! `payswitch serve`. (Being written.)
+//! `payswitch serve`: the switch from a config file, or from quick-start flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, TlsConfig};
+use crate::switch::{self, Security};
 
 /// Arguments of `payswitch serve`.
-#[derive(clap::Args, Debug)]
-pub struct ServeArgs {}
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TOML configuration file; quick-start flags given as well override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// QUIC (UDP) listen address for gateways.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Plain TCP listen address for legacy gateways.
+    #[arg(long)]
+    pub tcp_listen: Option<SocketAddr>,
+    /// Admin HTTP listen address (`/health`).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Acquirer QUIC address; repeat for several. Every card goes to the first healthy one,
+    /// in the order given.
+    #[arg(long = "acquirer")]
+    pub acquirers: Vec<SocketAddr>,
+    /// CA certificate (PEM) to verify quick-start acquirers with. Without it their
+    /// certificates are accepted unverified, with a warning.
+    #[arg(long)]
+    pub acquirer_ca: Option<PathBuf>,
+    /// Acquirer timeout for quick-start acquirers, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub acquirer_timeout_ms: u64,
+    /// The switch's certificate chain (PEM); self-signed when absent.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The switch's private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Number of shards (default: one per core).
+    #[arg(long)]
+    pub shards: Option<usize>,
+}
 
-/// Runs the switch.
-pub async fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("serve is not built yet")
+impl ServeArgs {
+    /// The configuration these arguments describe.
+    pub fn to_config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config {
+                listen: ListenConfig {
+                    quic: None,
+                    tcp: None,
+                    admin: None,
+                },
+                tls: None,
+                pipeline: PipelineConfig::default(),
+                acquirers: Vec::new(),
+                routes: Vec::new(),
+                insecure_acquirers: false,
+            },
+        };
+        if self.config.is_none() && self.listen.is_none() && self.tcp_listen.is_none() {
+            config.listen.quic = Some(SocketAddr::from(([0, 0, 0, 0], 8583)));
+        }
+        config.listen.quic = self.listen.or(config.listen.quic);
+        config.listen.tcp = self.tcp_listen.or(config.listen.tcp);
+        config.listen.admin = self.admin.or(config.listen.admin);
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config.tls = Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        if let Some(shards) = self.shards {
+            config.pipeline.shards = shards;
+        }
+        for (i, address) in self.acquirers.iter().enumerate() {
+            config.acquirers.push(AcquirerConfig {
+                name: format!("acquirer-{}", i + 1),
+                address: *address,
+                server_name: "localhost".into(),
+                ca: self.acquirer_ca.clone(),
+                timeout_ms: self.acquirer_timeout_ms,
+                max_in_flight: 4_096,
+            });
+        }
+        if !self.acquirers.is_empty() && self.acquirer_ca.is_none() {
+            config.insecure_acquirers = true;
+        }
+        config.check()?;
+        Ok(config)
+    }
+}
+
+/// Runs the switch until Ctrl-C or SIGTERM, then shuts down gracefully.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let security = Security::from_config(&config)?;
+    let running = switch::start(&config, security).await?;
+    if let Some(addr) = running.quic_addr {
+        println!("payswitch: QUIC (ALPN iso8583) on {addr}");
+    }
+    if let Some(addr) = running.tcp_addr {
+        println!("payswitch: TCP on {addr}");
+    }
+    if let Some(addr) = running.admin_addr {
+        println!("payswitch: admin on http://{addr}/health");
+    }
+    for acquirer in &config.acquirers {
+        println!("payswitch: acquirer {} at {}", acquirer.name, acquirer.address);
+    }
+    shutdown_signal().await?;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C, or on SIGTERM where there is one (what service managers send).
+pub async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            ctrl_c = tokio::signal::ctrl_c() => ctrl_c.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+    }
 }

@@ -1,11 +1,18 @@
 //! Load tools of payswitch: an acquirer/issuer simulator and an open-loop load generator.
 //!
+//! - [`cards`]: the synthetic workload — cards with chosen BINs and valid Luhn digits,
+//!   terminals, STAN and RRN sequences, amounts — and the 0100 built from them.
 //! - [`acquirer_sim`]: `payswitch acquirer-sim`, a deterministic acquirer that answers
-//!   0100/0200/0800 over QUIC (and TCP) with approvals and rule-based declines.
-//! - [`load`]: `payswitch load`, an open-loop generator with HdrHistogram percentiles and a
-//!   JSON report.
-//! - [`cards`]: synthetic card numbers (valid Luhn, chosen BINs) and request building.
+//!   0100/0200/0400/0420/0800 over QUIC (and TCP): its decisions ([`acquirer_sim::Issuer`])
+//!   are pure functions of a seed and the request, its latency a seeded log-normal.
+//! - [`load`]: `payswitch load`, an open-loop generator (latency measured from each
+//!   request's intended send time, so a slow server cannot hide its queueing) with
+//!   HdrHistogram percentiles and a JSON report.
+//! - [`utc`]: calendar fields from Unix seconds, for field 7 and expiry months.
+//!
+//! Full PANs exist here only to go on the wire; anything printed shows them masked.
 
 pub mod acquirer_sim;
 pub mod cards;
 pub mod load;
+pub mod utc;

@@ -1,10 +1,765 @@
-//! The load generator. (Being written.)
+//! The open-loop load generator: `payswitch load`.
+//!
+//! Open loop: request `i` of the run has an intended send time `t0 + i / rate`, fixed
+//! before the run starts, whatever the target does. Requests are dealt round-robin over the
+//! connections. A sender that falls behind sends at once but keeps the intended time, and
+//! latency is measured from it — so a target that stalls shows the stall in its
+//! percentiles instead of slowing the load down (no coordinated omission).
+//!
+//! Three ways to carry requests ([`Mode`]): a QUIC stream per transaction, one long-lived
+//! QUIC stream per connection with pipelining, or pipelining over plain TCP. Pipelined
+//! responses come back in completion order and are matched by terminal (41) + STAN (11).
+//! Everything is bounded: outstanding requests per connection (beyond the cap a request is
+//! an error, not a queue entry) and the time each request may take.
+
+mod report;
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use bytes::BytesMut;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use payswitch_net::framed::write_message;
+use payswitch_net::{codes, quic, ClientTrust, FrameReader};
+use payswitch_protocol::{fields, Message, Stan, DEFAULT_MAX_FRAME};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+pub use report::Report;
+use report::{Failure, RunFacts, Tally};
+
+use crate::cards::{
+    authorization, sample_amount_minor, CardPool, RrnGenerator, StanCounter, Terminal, DEFAULT_BINS,
+};
+use crate::utc::UtcDateTime;
 
 /// Command-line arguments of `payswitch load`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct LoadArgs {}
+pub struct LoadArgs {
+    /// Address of the switch (or an acquirer simulator): HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8583")]
+    pub target: String,
+    /// Offered load, transactions per second, over all connections.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// How long to offer load ("10s", "1m30s").
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Connections to spread the load over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Pipeline on one long-lived QUIC stream per connection instead of a stream per
+    /// transaction.
+    #[arg(long)]
+    pub pipelined: bool,
+    /// Plain TCP (always pipelined) instead of QUIC.
+    #[arg(long)]
+    pub tcp: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Cards in the synthetic card pool.
+    #[arg(long, default_value_t = 10_000)]
+    pub cards: usize,
+    /// Seed of the workload (cards, amounts, terminals).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// PEM file of the CA (or self-signed certificate) to trust; without it any server
+    /// certificate is accepted.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Terminals sending (at least one per connection).
+    #[arg(long, default_value_t = 100)]
+    pub terminals: usize,
+    /// BINs of the card pool, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_BINS.map(String::from))]
+    pub bins: Vec<String>,
+    /// A request without a response after this long counts as an error.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Outstanding requests per connection; more count as errors (overload).
+    #[arg(long, default_value_t = DEFAULT_MAX_OUTSTANDING)]
+    pub max_outstanding: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
 
-/// Runs a load and prints its report.
-pub async fn run_cli(_args: LoadArgs) -> anyhow::Result<()> {
-    anyhow::bail!("load is not built yet")
+/// How requests are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// A QUIC bidirectional stream per transaction: open, write, finish, read.
+    QuicPerStream,
+    /// One long-lived QUIC stream per connection, requests pipelined on it.
+    QuicPipelined,
+    /// Plain TCP, requests pipelined on the connection.
+    Tcp,
+}
+
+impl Mode {
+    /// The name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::QuicPerStream => "quic-per-stream",
+            Mode::QuicPipelined => "quic-pipelined",
+            Mode::Tcp => "tcp",
+        }
+    }
+}
+
+/// Default cap on outstanding requests per connection: the QUIC stream limit of the switch
+/// (`payswitch_net::quic::MAX_CONCURRENT_STREAMS`), so per-stream mode never waits for
+/// stream credit. At a 5 ms round trip that is 200 000 TPS per connection; a target that
+/// has more outstanding is overloaded, and queueing further would measure our own queue.
+pub const DEFAULT_MAX_OUTSTANDING: usize = quic::MAX_CONCURRENT_STREAMS as usize;
+/// Highest cap accepted: far below the 999 999 STANs of a terminal, so a terminal + STAN
+/// key is never outstanding twice.
+pub const MAX_OUTSTANDING_LIMIT: usize = 65_536;
+/// Most connections: the switch's default connection limit.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most terminals: each holds its ids and a STAN counter (about 100 bytes).
+pub const MAX_TERMINALS: usize = 100_000;
+/// Time to set up all connections before the schedule starts.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often pipelined connections look for timed-out requests; also how long after the
+/// last answer a pipelined connection notices it is done.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(10);
+/// How long to wait for QUIC connections to close cleanly at the end.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Progress bar refresh.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Everything [`run`] needs.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// The switch or simulator.
+    pub target: SocketAddr,
+    /// Name the server certificate must carry (QUIC).
+    pub server_name: String,
+    /// Which server certificates to trust (QUIC).
+    pub trust: ClientTrust,
+    /// How requests are carried.
+    pub mode: Mode,
+    /// Offered load over all connections, transactions per second.
+    pub rate_tps: f64,
+    /// How long to offer it.
+    pub duration: Duration,
+    /// Connections.
+    pub connections: usize,
+    /// Cards in the pool.
+    pub cards: usize,
+    /// BINs of the pool.
+    pub bins: Vec<String>,
+    /// Terminals (raised to one per connection).
+    pub terminals: usize,
+    /// Seed of the workload.
+    pub seed: u64,
+    /// Time a request may take before it is an error.
+    pub request_timeout: Duration,
+    /// Outstanding requests per connection before new ones are errors.
+    pub max_outstanding_per_connection: usize,
+    /// Draw a progress bar on stderr (only if stderr is a terminal).
+    pub progress: bool,
+}
+
+impl LoadConfig {
+    /// A short run against `target` with the defaults of the command line.
+    pub fn new(target: SocketAddr, trust: ClientTrust) -> LoadConfig {
+        LoadConfig {
+            target,
+            server_name: "localhost".into(),
+            trust,
+            mode: Mode::QuicPerStream,
+            rate_tps: 1000.0,
+            duration: Duration::from_secs(10),
+            connections: 4,
+            cards: 10_000,
+            bins: DEFAULT_BINS.map(String::from).to_vec(),
+            terminals: 100,
+            seed: 1,
+            request_timeout: Duration::from_secs(5),
+            max_outstanding_per_connection: DEFAULT_MAX_OUTSTANDING,
+            progress: false,
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.rate_tps.is_finite() && self.rate_tps > 0.0,
+            "rate must be a positive number"
+        );
+        ensure!(!self.duration.is_zero(), "duration must be positive");
+        ensure!(
+            (1..=MAX_CONNECTIONS).contains(&self.connections),
+            "connections must be 1 to {MAX_CONNECTIONS}"
+        );
+        ensure!(
+            (1..=MAX_TERMINALS).contains(&self.terminals),
+            "terminals must be 1 to {MAX_TERMINALS}"
+        );
+        ensure!(
+            (1..=MAX_OUTSTANDING_LIMIT).contains(&self.max_outstanding_per_connection),
+            "max outstanding must be 1 to {MAX_OUTSTANDING_LIMIT}"
+        );
+        ensure!(!self.request_timeout.is_zero(), "timeout must be positive");
+        Ok(())
+    }
+
+    /// Requests in the whole schedule.
+    fn total_requests(&self) -> u64 {
+        (self.rate_tps * self.duration.as_secs_f64()).round() as u64
+    }
+}
+
+/// The intended send times of one connection's share: requests `c, c + n, c + 2n, ...` of
+/// the run, request `i` at `t0 + i / rate`.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    t0: Instant,
+    rate_tps: f64,
+    connection: u64,
+    connections: u64,
+    total: u64,
+}
+
+impl Schedule {
+    /// The intended send time of this connection's `k`-th request, `None` past the end.
+    fn intended(&self, k: u64) -> Option<Instant> {
+        let i = self.connection + k * self.connections;
+        (i < self.total).then(|| self.t0 + Duration::from_secs_f64(i as f64 / self.rate_tps))
+    }
+
+    /// Requests in this connection's share.
+    fn len(&self) -> u64 {
+        (self.total + self.connections - 1 - self.connection) / self.connections
+    }
+}
+
+/// Terminal id (field 41) and STAN (field 11): what a pipelined response is matched by.
+type Key = ([u8; 8], u32);
+
+/// The key of a message, if it carries a well-formed one.
+fn key_of(message: &Message) -> Option<Key> {
+    let terminal: [u8; 8] = message.get(fields::TERMINAL)?.try_into().ok()?;
+    let stan = Stan::parse(message.get(fields::STAN)?).ok()?;
+    Some((terminal, stan.get()))
+}
+
+/// The requests of one connection: its own terminals (so their STANs never collide with
+/// another connection's) and cards from the shared pool.
+struct Workload {
+    pool: Arc<CardPool>,
+    terminals: Vec<(Terminal, StanCounter)>,
+    rrns: RrnGenerator,
+    rng: StdRng,
+}
+
+impl Workload {
+    fn new(config: &LoadConfig, pool: Arc<CardPool>, connection: usize) -> Workload {
+        let terminals = config.terminals.max(config.connections);
+        let terminals = (connection..terminals)
+            .step_by(config.connections)
+            .map(|t| (Terminal::synthetic(t as u32), StanCounter::new()))
+            .collect();
+        // Distinct, reproducible streams per connection (golden-ratio increments).
+        let seed = config
+            .seed
+            .wrapping_add((connection as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        Workload {
+            pool,
+            terminals,
+            rrns: RrnGenerator::new(),
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn next_request(&mut self) -> Option<(Message, Key)> {
+        let card = self.pool.pick(&mut self.rng);
+        let amount = sample_amount_minor(&mut self.rng);
+        let index = self.rng.gen_range(0..self.terminals.len());
+        let (terminal, stans) = &mut self.terminals[index];
+        let stan = stans.next_stan();
+        let rrn = self.rrns.next_rrn();
+        let request = authorization(card, amount, terminal, stan, &rrn, UtcDateTime::now()).ok()?;
+        let key = key_of(&request)?;
+        Some((request, key))
+    }
+}
+
+/// What the tasks of one connection share: its tally, and the run's count of finished
+/// requests for the progress bar.
+struct Shared {
+    tally: Mutex<Tally>,
+    finished: Arc<AtomicU64>,
+}
+
+impl Shared {
+    fn answered(&self, intended: Instant, response: &Message) {
+        self.lock().answered(intended.elapsed(), response);
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failed(&self, failure: Failure) {
+        self.lock().failed(failure);
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tally> {
+        // A panic while holding the lock leaves counts, not broken invariants: keep going.
+        self.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One connection's link to the target.
+enum Link {
+    Quic {
+        endpoint: quinn::Endpoint,
+        connection: quinn::Connection,
+        /// One long-lived stream instead of one per transaction.
+        pipelined: bool,
+    },
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn connect(config: &LoadConfig) -> anyhow::Result<Link> {
+    match config.mode {
+        Mode::Tcp => {
+            let stream = tokio::net::TcpStream::connect(config.target).await?;
+            stream.set_nodelay(true)?;
+            Ok(Link::Tcp(stream))
+        }
+        Mode::QuicPerStream | Mode::QuicPipelined => {
+            let bind = match config.target {
+                SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+                SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+            };
+            let endpoint = quic::client_endpoint_bound(bind, config.trust.clone())?;
+            let connection = quic::connect(&endpoint, config.target, &config.server_name).await?;
+            Ok(Link::Quic {
+                endpoint,
+                connection,
+                pipelined: config.mode == Mode::QuicPipelined,
+            })
+        }
+    }
+}
+
+/// Runs a load and returns its report. Prints nothing; draws a progress bar only when
+/// `config.progress` is set and stderr is a terminal.
+pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
+    config.check()?;
+    let pool = Arc::new(CardPool::new(
+        config.cards,
+        &config.bins,
+        config.seed,
+        UtcDateTime::now(),
+    )?);
+    let mut links = Vec::with_capacity(config.connections);
+    for _ in 0..config.connections {
+        let link = tokio::time::timeout(CONNECT_TIMEOUT, connect(&config))
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out"))
+            .and_then(|r| r)
+            .with_context(|| format!("connecting to {}", config.target))?;
+        links.push(link);
+    }
+    let total = config.total_requests();
+    let finished = Arc::new(AtomicU64::new(0));
+    let progress = (config.progress && std::io::stderr().is_terminal())
+        .then(|| spawn_progress(total, Arc::clone(&finished)));
+    let t0 = Instant::now();
+    let mut drivers = JoinSet::new();
+    for (c, link) in links.into_iter().enumerate() {
+        let schedule = Schedule {
+            t0,
+            rate_tps: config.rate_tps,
+            connection: c as u64,
+            connections: config.connections as u64,
+            total,
+        };
+        let shared = Arc::new(Shared {
+            tally: Mutex::new(Tally::new()),
+            finished: Arc::clone(&finished),
+        });
+        let workload = Workload::new(&config, Arc::clone(&pool), c);
+        let limits = Bounds::of(&config);
+        drivers.spawn(drive(link, workload, schedule, limits, shared));
+    }
+    let mut tally = Tally::new();
+    let mut ended = t0;
+    while let Some(done) = drivers.join_next().await {
+        let (shared, connection_ended) = done.context("a connection task failed")?;
+        tally.merge(&shared.lock());
+        ended = ended.max(connection_ended);
+    }
+    let elapsed = ended - t0;
+    if let Some((bar, ticker)) = progress {
+        ticker.abort();
+        bar.finish_and_clear();
+    }
+    let facts = RunFacts {
+        target: config.target.to_string(),
+        mode: config.mode,
+        connections: config.connections,
+        duration: config.duration,
+        elapsed,
+        offered_tps: config.rate_tps,
+        sent: total,
+    };
+    Ok(Report::new(facts, &tally))
+}
+
+fn spawn_progress(
+    total: u64,
+    finished: Arc<AtomicU64>,
+) -> (ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests, {elapsed} ({eta} left)")
+    {
+        bar.set_style(style);
+    }
+    let ticker_bar = bar.clone();
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        loop {
+            tick.tick().await;
+            ticker_bar.set_position(finished.load(Ordering::Relaxed));
+        }
+    });
+    (bar, ticker)
+}
+
+/// The per-connection bounds.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    max_outstanding: usize,
+    request_timeout: Duration,
+}
+
+impl Bounds {
+    fn of(config: &LoadConfig) -> Bounds {
+        Bounds {
+            max_outstanding: config.max_outstanding_per_connection,
+            request_timeout: config.request_timeout,
+        }
+    }
+}
+
+/// Runs one connection's share of the schedule to the end and closes the connection.
+async fn drive(
+    link: Link,
+    workload: Workload,
+    schedule: Schedule,
+    bounds: Bounds,
+    shared: Arc<Shared>,
+) -> (Arc<Shared>, Instant) {
+    match link {
+        Link::Tcp(stream) => {
+            let (read, write) = stream.into_split();
+            pipeline(read, write, workload, schedule, bounds, &shared).await;
+            (shared, Instant::now())
+        }
+        Link::Quic {
+            endpoint,
+            connection,
+            pipelined,
+        } => {
+            if !pipelined {
+                per_stream(&connection, workload, schedule, bounds, &shared).await;
+            } else if let Ok((send, recv)) = connection.open_bi().await {
+                pipeline(recv, send, workload, schedule, bounds, &shared).await;
+            } else {
+                for _ in 0..schedule.len() {
+                    shared.failed(Failure::Transport);
+                }
+            }
+            let ended = Instant::now();
+            connection.close(quinn::VarInt::from_u32(codes::DONE), b"done");
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+            (shared, ended)
+        }
+    }
+}
+
+/// Sends each request on a stream of its own, on schedule, each in its own task.
+async fn per_stream(
+    connection: &quinn::Connection,
+    mut workload: Workload,
+    schedule: Schedule,
+    bounds: Bounds,
+    shared: &Arc<Shared>,
+) {
+    let mut tasks = JoinSet::new();
+    for k in 0..schedule.len() {
+        let Some(intended) = schedule.intended(k) else {
+            break;
+        };
+        tokio::time::sleep_until(intended).await;
+        while tasks.try_join_next().is_some() {}
+        if tasks.len() >= bounds.max_outstanding {
+            shared.failed(Failure::Overload);
+            continue;
+        }
+        let Some((request, _)) = workload.next_request() else {
+            shared.failed(Failure::Build);
+            continue;
+        };
+        let connection = connection.clone();
+        let shared = Arc::clone(shared);
+        tasks.spawn(async move {
+            let exchange = transaction(&connection, &request);
+            match tokio::time::timeout(bounds.request_timeout, exchange).await {
+                Ok(Ok(response)) => shared.answered(intended, &response),
+                Ok(Err(failure)) => shared.failed(failure),
+                Err(_) => shared.failed(Failure::Timeout),
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One transaction on a fresh stream: open, write the request, finish, read the response.
+async fn transaction(
+    connection: &quinn::Connection,
+    request: &Message,
+) -> Result<Message, Failure> {
+    let (mut send, recv) = connection.open_bi().await.map_err(|_| Failure::Transport)?;
+    let mut scratch = BytesMut::with_capacity(256);
+    write_message(&mut send, request, &mut scratch)
+        .await
+        .map_err(|_| Failure::Transport)?;
+    send.finish().map_err(|_| Failure::Transport)?;
+    let mut frames = FrameReader::new(recv, DEFAULT_MAX_FRAME);
+    match frames.next_frame().await {
+        Ok(Some(frame)) => Message::decode(frame).map_err(|_| Failure::BadResponse),
+        Ok(None) | Err(_) => Err(Failure::Transport),
+    }
+}
+
+/// A request sent on a pipelined stream and not yet answered.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    intended: Instant,
+    deadline: Instant,
+}
+
+/// What the writer and the reader of one pipelined stream share.
+struct Pipe<'a> {
+    shared: &'a Shared,
+    bounds: Bounds,
+    /// Outstanding requests, at most `bounds.max_outstanding`.
+    pending: Mutex<HashMap<Key, Pending>>,
+    /// The writer has sent its whole share.
+    writer_done: AtomicBool,
+    /// The stream failed: nothing more can be sent or answered on it.
+    broken: AtomicBool,
+}
+
+impl Pipe<'_> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a request about to be written; `false` (and an overload error) at the cap.
+    fn register(&self, key: Key, intended: Instant) -> bool {
+        let mut pending = self.pending();
+        if pending.len() >= self.bounds.max_outstanding {
+            drop(pending);
+            self.shared.failed(Failure::Overload);
+            return false;
+        }
+        let deadline = Instant::now() + self.bounds.request_timeout;
+        pending.insert(key, Pending { intended, deadline });
+        true
+    }
+
+    fn answer(&self, frame: bytes::Bytes) {
+        let Some(response) = Message::decode(frame).ok() else {
+            self.shared.lock().unmatched();
+            return;
+        };
+        let Some(key) = key_of(&response) else {
+            self.shared.lock().unmatched();
+            return;
+        };
+        let entry = self.pending().remove(&key);
+        match entry {
+            Some(p) => self.shared.answered(p.intended, &response),
+            None => self.shared.lock().late(),
+        }
+    }
+
+    /// Counts requests past their deadline as timeouts and forgets them.
+    fn expire(&self) {
+        let now = Instant::now();
+        let mut expired = 0u64;
+        self.pending().retain(|_, p| {
+            let keep = p.deadline > now;
+            expired += u64::from(!keep);
+            keep
+        });
+        for _ in 0..expired {
+            self.shared.failed(Failure::Timeout);
+        }
+    }
+
+    /// The stream failed: every outstanding request is lost.
+    fn fail_all(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+        let lost = self.pending().drain().count();
+        for _ in 0..lost {
+            self.shared.failed(Failure::Transport);
+        }
+    }
+}
+
+/// Sends one connection's share on one stream while reading responses from it.
+async fn pipeline<R, W>(
+    reader: R,
+    writer: W,
+    workload: Workload,
+    schedule: Schedule,
+    bounds: Bounds,
+    shared: &Shared,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let pipe = Pipe {
+        shared,
+        bounds,
+        pending: Mutex::new(HashMap::with_capacity(bounds.max_outstanding)),
+        writer_done: AtomicBool::new(false),
+        broken: AtomicBool::new(false),
+    };
+    tokio::join!(
+        pipeline_send(writer, workload, schedule, &pipe),
+        pipeline_receive(reader, &pipe)
+    );
+    // Both halves run in this one task, so the receiver's last sweep saw every request the
+    // writer registered; this only keeps the totals exact should that ever change.
+    pipe.fail_all();
+}
+
+async fn pipeline_send<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut workload: Workload,
+    schedule: Schedule,
+    pipe: &Pipe<'_>,
+) {
+    let mut scratch = BytesMut::with_capacity(512);
+    for k in 0..schedule.len() {
+        let Some(intended) = schedule.intended(k) else {
+            break;
+        };
+        tokio::time::sleep_until(intended).await;
+        if pipe.broken.load(Ordering::Relaxed) {
+            pipe.shared.failed(Failure::Transport);
+            continue;
+        }
+        let Some((request, key)) = workload.next_request() else {
+            pipe.shared.failed(Failure::Build);
+            continue;
+        };
+        // Registered before the write, so an answer cannot overtake its own entry.
+        if !pipe.register(key, intended) {
+            continue;
+        }
+        // A target that stops reading would block this write forever: give up on the
+        // stream after a request timeout, as on a request.
+        let write = write_message(&mut writer, &request, &mut scratch);
+        let written = tokio::time::timeout(pipe.bounds.request_timeout, write).await;
+        if !matches!(written, Ok(Ok(()))) {
+            pipe.broken.store(true, Ordering::Relaxed);
+            if pipe.pending().remove(&key).is_some() {
+                pipe.shared.failed(Failure::Transport);
+            }
+        }
+    }
+    let _ = writer.shutdown().await;
+    pipe.writer_done.store(true, Ordering::Relaxed);
+}
+
+async fn pipeline_receive<R: AsyncRead + Unpin>(reader: R, pipe: &Pipe<'_>) {
+    let mut frames = FrameReader::new(reader, DEFAULT_MAX_FRAME);
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            frame = frames.next_frame() => match frame {
+                Ok(Some(frame)) => pipe.answer(frame),
+                Ok(None) | Err(_) => break,
+            },
+            _ = sweep.tick() => {
+                pipe.expire();
+                if pipe.writer_done.load(Ordering::Relaxed) && pipe.pending().is_empty() {
+                    return;
+                }
+            }
+        }
+    }
+    // The writer may still be running its schedule: it now counts each request as lost.
+    pipe.fail_all();
+}
+
+/// Runs a load and prints its report (and writes it as JSON with `--json`).
+pub async fn run_cli(args: LoadArgs) -> anyhow::Result<()> {
+    let target = tokio::net::lookup_host(&args.target)
+        .await
+        .with_context(|| format!("resolving {}", args.target))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.target))?;
+    let mode = match (args.tcp, args.pipelined) {
+        (true, _) => Mode::Tcp,
+        (false, true) => Mode::QuicPipelined,
+        (false, false) => Mode::QuicPerStream,
+    };
+    let trust = match &args.ca {
+        Some(path) => ClientTrust::from_ca_file(path)?,
+        None => {
+            if mode != Mode::Tcp {
+                eprintln!(
+                    "warning: no --ca given: accepting any server certificate (no protection against an impostor)"
+                );
+            }
+            ClientTrust::AcceptAny
+        }
+    };
+    let config = LoadConfig {
+        server_name: args.server_name,
+        mode,
+        rate_tps: args.rate,
+        duration: args.duration,
+        connections: args.connections,
+        cards: args.cards,
+        bins: args.bins,
+        terminals: args.terminals,
+        seed: args.seed,
+        request_timeout: args.timeout,
+        max_outstanding_per_connection: args.max_outstanding,
+        progress: !args.quiet,
+        ..LoadConfig::new(target, trust)
+    };
+    let report = run(config).await?;
+    print!("{}", report.render());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)? + "\n";
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -163,6 +163,17 @@ impl Message {
         (2..=MAX_FIELD).filter(move |&n| bit_is_set(&self.present, n))
     }
 
+    /// A builder holding a copy of this message's fields, to derive a changed message
+    /// (the switch's own STAN towards an acquirer, say).
+    pub fn to_builder(&self) -> MessageBuilder {
+        MessageBuilder {
+            mti: self.mti,
+            present: self.present,
+            spans: self.spans,
+            data: BytesMut::from(&self.data[..]),
+        }
+    }
+
     /// Encoded size in bytes (without the frame header).
     pub fn encoded_len(&self) -> usize {
         let mut len = MTI_LEN + BITMAP_LEN;

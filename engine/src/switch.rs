@@ -1,0 +1,361 @@
+//! The switch: ingress handler, shards, routing and forwarding, and the running server.
+//!
+//! Per request, on the ingress task of its stream: decode → validate → the card's shard
+//! (a bounded queue; full → 91 at once) decides and picks the route → the route's first
+//! healthy acquirer → response (MTI + 10, echoed fields, 39, 38, 48).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use payswitch_net::serve::{self, Handler, Limits, Reply, ServeStats};
+use payswitch_net::{codes, quic, ClientTrust, TlsIdentity};
+use payswitch_protocol::{Message, ResponseCode};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::acquirer::{AcquirerLink, LinkError};
+use crate::config::Config;
+use crate::router::{AcquirerIndex, Router};
+use crate::validate::{self, Authorization, Kind};
+
+/// The fraud decision of a shard. Until a model is deployed every authorization passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward to the acquirer.
+    Approve,
+}
+
+impl Decision {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Decision::Approve => "approve",
+        }
+    }
+}
+
+/// What a shard answers for one authorization.
+#[derive(Debug)]
+struct Verdict {
+    decision: Decision,
+    /// Acquirers to try, in order; `None`: no route (92).
+    route: Option<Arc<[AcquirerIndex]>>,
+}
+
+struct ShardJob {
+    auth: Authorization,
+    reply: oneshot::Sender<Verdict>,
+}
+
+/// Counters of one shard, written only by the shard's task.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Authorizations decided.
+    pub decided: AtomicU64,
+}
+
+/// A shard: owns the state of the cards that hash to it (velocity, duplicates, as those
+/// capabilities land), so that state needs no lock. Reached through a bounded queue.
+async fn run_shard(mut jobs: mpsc::Receiver<ShardJob>, router: Arc<ArcSwap<Router>>, stats: Arc<ShardStats>) {
+    while let Some(job) = jobs.recv().await {
+        let auth = &job.auth;
+        let route = router.load().route(&auth.pan, auth.currency, auth.mcc);
+        stats.decided.fetch_add(1, Ordering::Relaxed);
+        let _ = job.reply.send(Verdict {
+            decision: Decision::Approve,
+            route,
+        });
+    }
+}
+
+/// Counters of the switch as a whole.
+#[derive(Debug, Default)]
+pub struct SwitchStats {
+    /// Responses sent, by code: index into `ResponseCode::ALL`, last slot for codes passed
+    /// through from acquirers that the switch does not know.
+    pub responses: [AtomicU64; ResponseCode::ALL.len() + 1],
+    /// Requests refused because their shard's queue was full.
+    pub shed: AtomicU64,
+}
+
+impl SwitchStats {
+    fn count(&self, code: &[u8; 2]) {
+        let slot = ResponseCode::parse(code)
+            .and_then(|c| ResponseCode::ALL.iter().position(|k| *k == c))
+            .unwrap_or(ResponseCode::ALL.len());
+        self.responses[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses with `code` so far.
+    pub fn responses_with(&self, code: ResponseCode) -> u64 {
+        let slot = ResponseCode::ALL.iter().position(|k| *k == code).unwrap_or(0);
+        self.responses[slot].load(Ordering::Relaxed)
+    }
+}
+
+/// The ingress handler shared by every gateway stream.
+pub struct Switch {
+    shards: Vec<mpsc::Sender<ShardJob>>,
+    links: Vec<Arc<AcquirerLink>>,
+    /// Counters.
+    pub stats: SwitchStats,
+    /// Per-shard counters.
+    pub shard_stats: Vec<Arc<ShardStats>>,
+}
+
+impl std::fmt::Debug for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switch")
+            .field("shards", &self.shards.len())
+            .field("links", &self.links)
+            .finish()
+    }
+}
+
+impl Handler for Switch {
+    async fn handle(&self, frame: Bytes) -> Reply {
+        let (message, error) = match Message::decode_prefix(frame) {
+            Ok(decoded) => decoded,
+            // Not even an MTI and bitmap: nothing to answer.
+            Err(_) => return Reply::Close(codes::GARBAGE_FRAME),
+        };
+        let (code, response) = if error.is_some() {
+            self.refuse(&message, ResponseCode::FormatError)
+        } else {
+            self.answer(&message).await
+        };
+        self.stats.count(&code);
+        Reply::Message(response)
+    }
+}
+
+fn as_code(code: ResponseCode) -> [u8; 2] {
+    let s = code.as_str().as_bytes();
+    [s[0], s[1]]
+}
+
+impl Switch {
+    /// The acquirer links, in configuration order.
+    pub fn links(&self) -> &[Arc<AcquirerLink>] {
+        &self.links
+    }
+
+    async fn answer(&self, request: &Message) -> ([u8; 2], Message) {
+        match validate::classify(request.mti()) {
+            Kind::Network => {
+                let response = validate::respond_network(request);
+                let code = response
+                    .get(payswitch_protocol::fields::RESPONSE_CODE)
+                    .and_then(|c| c.try_into().ok())
+                    .unwrap_or(*b"96");
+                (code, response)
+            }
+            Kind::Unsupported => self.refuse(request, ResponseCode::InvalidTransaction),
+            Kind::Authorization | Kind::Reversal => match validate::validate(request) {
+                Ok(auth) => self.authorize(request, auth).await,
+                Err(code) => self.refuse(request, code),
+            },
+        }
+    }
+
+    fn refuse(&self, request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
+        let code = as_code(code);
+        (code, validate::respond(request, &code, None, ""))
+    }
+
+    async fn authorize(&self, request: &Message, auth: Authorization) -> ([u8; 2], Message) {
+        // `shards` is never empty (`start` makes at least one), so the modulo is defined.
+        let shard = (auth.pan.shard_hash() % self.shards.len() as u64) as usize;
+        let (reply, verdict) = oneshot::channel();
+        if self.shards[shard].try_send(ShardJob { auth, reply }).is_err() {
+            self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            return self.refuse(request, ResponseCode::IssuerInoperative);
+        }
+        let Ok(verdict) = verdict.await else {
+            return self.refuse(request, ResponseCode::SystemMalfunction);
+        };
+        let Some(route) = verdict.route else {
+            return self.refuse(request, ResponseCode::NoRoute);
+        };
+        for &index in route.iter() {
+            let link = &self.links[index];
+            match link.call(request).await {
+                Ok(answer) => return self.relay(request, &answer, verdict.decision, link.name()),
+                // Nothing was sent: the next acquirer may take it.
+                Err(LinkError::Down | LinkError::Busy) => continue,
+                // It may have been authorized there: never send it elsewhere.
+                Err(e) => {
+                    debug_assert!(e.maybe_delivered());
+                    let code = as_code(ResponseCode::IssuerInoperative);
+                    let tags = format!("decision={};model=none;acquirer={}", verdict.decision.as_str(), link.name());
+                    return (code, validate::respond(request, &code, None, &tags));
+                }
+            }
+        }
+        self.refuse(request, ResponseCode::IssuerInoperative)
+    }
+
+    fn relay(&self, request: &Message, answer: &Message, decision: Decision, acquirer: &str) -> ([u8; 2], Message) {
+        let Some(code) = validate::acquirer_code(answer) else {
+            return self.refuse(request, ResponseCode::SystemMalfunction);
+        };
+        let approval = (code == *b"00")
+            .then(|| validate::acquirer_approval_code(answer))
+            .flatten();
+        let tags = format!("decision={};model=none;acquirer={acquirer}", decision.as_str());
+        (code, validate::respond(request, &code, approval, &tags))
+    }
+}
+
+/// A running switch: its addresses and a way to stop it.
+#[derive(Debug)]
+pub struct RunningSwitch {
+    /// QUIC listener address, when configured.
+    pub quic_addr: Option<SocketAddr>,
+    /// TCP listener address, when configured.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Admin HTTP address, when configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// The certificate gateways must trust.
+    pub certificate: CertificateDer<'static>,
+    /// The handler, for its counters.
+    pub switch: Arc<Switch>,
+    /// Listener counters (QUIC and TCP together).
+    pub serve_stats: Arc<ServeStats>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningSwitch {
+    /// Stops accepting, closes connections and waits for the listeners to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// A token that stops the switch when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// The switch's TLS identity and how it trusts acquirers.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// Certificate and key gateways see.
+    pub identity: TlsIdentity,
+    /// Trust for each acquirer, in configuration order.
+    pub acquirer_trust: Vec<ClientTrust>,
+}
+
+impl Security {
+    /// From the configuration's files; a self-signed identity when none is configured.
+    pub fn from_config(config: &Config) -> anyhow::Result<Security> {
+        let identity = match &config.tls {
+            Some(tls) => TlsIdentity::from_pem_files(&tls.cert, &tls.key)?,
+            None => {
+                tracing::warn!("no certificate configured: using a self-signed one, gateways must be told to trust it");
+                TlsIdentity::self_signed(&["localhost", "127.0.0.1"])?
+            }
+        };
+        config.check_acquirer_trust()?;
+        let mut acquirer_trust = Vec::with_capacity(config.acquirers.len());
+        for acquirer in &config.acquirers {
+            let trust = match &acquirer.ca {
+                Some(ca) => ClientTrust::from_ca_file(ca)?,
+                None if config.insecure_acquirers => {
+                    tracing::warn!(acquirer = %acquirer.name, "acquirer certificate NOT verified (quick-start default); pass --acquirer-ca to verify it");
+                    ClientTrust::AcceptAny
+                }
+                None => anyhow::bail!("acquirer {:?}: no CA configured", acquirer.name),
+            };
+            acquirer_trust.push(trust);
+        }
+        Ok(Security { identity, acquirer_trust })
+    }
+}
+
+/// Starts the switch: acquirer links, shards, listeners and admin HTTP.
+pub async fn start(config: &Config, security: Security) -> anyhow::Result<RunningSwitch> {
+    config.check()?;
+    let shutdown = CancellationToken::new();
+    let mut links = Vec::with_capacity(config.acquirers.len());
+    for (acquirer, trust) in config.acquirers.iter().zip(security.acquirer_trust) {
+        links.push(AcquirerLink::start(acquirer.clone(), trust, shutdown.child_token())?);
+    }
+    let table = Arc::new(ArcSwap::from_pointee(Router::from_config(config)?));
+    let shard_count = config.pipeline.shard_count().max(1);
+    let mut shards = Vec::with_capacity(shard_count);
+    let mut shard_stats = Vec::with_capacity(shard_count);
+    for _ in 0..shard_count {
+        let (tx, rx) = mpsc::channel(config.pipeline.shard_queue_depth);
+        let stats = Arc::new(ShardStats::default());
+        tokio::spawn(run_shard(rx, Arc::clone(&table), Arc::clone(&stats)));
+        shards.push(tx);
+        shard_stats.push(stats);
+    }
+    let switch = Arc::new(Switch {
+        shards,
+        links,
+        stats: SwitchStats::default(),
+        shard_stats,
+    });
+    let limits = Limits {
+        max_frame: config.pipeline.max_frame,
+        max_in_flight_per_stream: config.pipeline.max_in_flight_per_stream,
+        max_connections: config.pipeline.max_connections,
+    };
+    let serve_stats = Arc::new(ServeStats::default());
+    let certificate = security.identity.certs[0].clone();
+    let mut tasks = Vec::new();
+    let mut quic_addr = None;
+    if let Some(addr) = config.listen.quic {
+        let endpoint = quic::server_endpoint(addr, security.identity.clone())
+            .with_context(|| format!("binding QUIC listener {addr}"))?;
+        quic_addr = Some(endpoint.local_addr()?);
+        tasks.push(tokio::spawn(serve::serve_quic(
+            endpoint,
+            Arc::clone(&switch),
+            limits,
+            Arc::clone(&serve_stats),
+            shutdown.child_token(),
+        )));
+    }
+    let mut tcp_addr = None;
+    if let Some(addr) = config.listen.tcp {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding TCP listener {addr}"))?;
+        tcp_addr = Some(listener.local_addr()?);
+        tasks.push(tokio::spawn(serve::serve_tcp(
+            listener,
+            Arc::clone(&switch),
+            limits,
+            Arc::clone(&serve_stats),
+            shutdown.child_token(),
+        )));
+    }
+    let mut admin_addr = None;
+    if let Some(addr) = config.listen.admin {
+        let (bound, task) = crate::admin::start(addr, Arc::clone(&switch), shutdown.child_token()).await?;
+        admin_addr = Some(bound);
+        tasks.push(task);
+    }
+    Ok(RunningSwitch {
+        quic_addr,
+        tcp_addr,
+        admin_addr,
+        certificate,
+        switch,
+        serve_stats,
+        shutdown,
+        tasks,
+    })
+}

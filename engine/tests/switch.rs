@@ -1,0 +1,430 @@
+//! The switch end to end over real loopback sockets: a gateway (QUIC or TCP client), the
+//! switch, and simulated acquirers, all on ephemeral ports.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig};
+use payswitch::switch::{self, RunningSwitch, Security};
+use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
+use payswitch_net::{framed, quic, ClientTrust, FrameReader, TlsIdentity};
+use payswitch_protocol::{Message, Mti};
+use tokio::io::AsyncWriteExt;
+
+const VISA_TEST_CARD: &str = "4111111111111111";
+const MASTERCARD_TEST_CARD: &str = "5500000000000004";
+
+/// A well-formed 0100 for `pan` with STAN `stan`.
+fn authorization(pan: &str, stan: u32) -> Message {
+    let mut b = Message::builder(Mti::AUTHORIZATION_REQUEST);
+    b.set_str(2, pan).unwrap();
+    b.set_str(3, "000000").unwrap();
+    b.set_str(4, "000000012500").unwrap();
+    b.set_str(7, "1125123045").unwrap();
+    b.set_str(11, &format!("{stan:06}")).unwrap();
+    b.set_str(14, "9912").unwrap();
+    b.set_str(18, "5411").unwrap();
+    b.set_str(22, "051").unwrap();
+    b.set_str(37, &format!("5330{stan:08}")).unwrap();
+    b.set_str(41, "TERM0001").unwrap();
+    b.set_str(42, "MERCHANT0000001").unwrap();
+    b.set_str(49, "840").unwrap();
+    b.build()
+}
+
+/// `authorization` with some fields replaced (`Some`) or removed (`None`).
+fn authorization_with(pan: &str, stan: u32, changes: &[(u8, Option<&str>)]) -> Message {
+    let base = authorization(pan, stan);
+    let mut b = Message::builder(base.mti());
+    for n in base.field_numbers() {
+        match changes.iter().find(|(c, _)| *c == n) {
+            Some((_, Some(v))) => b.set_str(n, v).unwrap(),
+            Some((_, None)) => continue,
+            None => b.set(n, base.get(n).unwrap()).unwrap(),
+        };
+    }
+    for (n, v) in changes {
+        if let (false, Some(v)) = (base.has(*n), v) {
+            b.set_str(*n, v).unwrap();
+        }
+    }
+    b.build()
+}
+
+fn acquirer(name: &str, sim: &RunningSim, timeout_ms: u64) -> AcquirerConfig {
+    AcquirerConfig {
+        name: name.into(),
+        address: sim.quic_addr,
+        server_name: "localhost".into(),
+        ca: None,
+        timeout_ms,
+        max_in_flight: 1024,
+    }
+}
+
+fn config(acquirers: Vec<AcquirerConfig>, routes: Vec<RouteConfig>) -> Config {
+    Config {
+        listen: ListenConfig {
+            quic: Some("127.0.0.1:0".parse().unwrap()),
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            admin: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        tls: None,
+        pipeline: PipelineConfig {
+            shards: 2,
+            ..PipelineConfig::default()
+        },
+        acquirers,
+        routes,
+        insecure_acquirers: false,
+    }
+}
+
+async fn start_switch(config: &Config, trust: Vec<ClientTrust>) -> RunningSwitch {
+    let security = Security {
+        identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
+        acquirer_trust: trust,
+    };
+    switch::start(config, security).await.unwrap()
+}
+
+async fn start_sim(config: SimConfig) -> RunningSim {
+    acquirer_sim::start(config).await.unwrap()
+}
+
+fn sim_config() -> SimConfig {
+    SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    }
+}
+
+fn trust(sim: &RunningSim) -> ClientTrust {
+    ClientTrust::Roots(vec![sim.certificate.clone()])
+}
+
+/// Waits until every acquirer link of the switch is up (they connect in the background).
+async fn wait_links_up(switch: &RunningSwitch) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !switch.switch.links().iter().all(|l| l.is_up()) {
+        assert!(Instant::now() < deadline, "acquirer links did not come up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A gateway connection to the switch over QUIC.
+async fn gateway(switch: &RunningSwitch) -> quinn::Connection {
+    let endpoint = quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
+    quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost").await.unwrap()
+}
+
+/// One transaction on its own stream: write, finish, read the one response.
+async fn transact(conn: &quinn::Connection, request: &Message) -> Message {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    framed::write_message(&mut send, request, &mut BytesMut::new()).await.unwrap();
+    send.finish().unwrap();
+    let mut reader = FrameReader::new(recv, 8192);
+    let frame = reader.next_frame().await.unwrap().expect("a response");
+    assert!(reader.next_frame().await.unwrap().is_none(), "exactly one response");
+    Message::decode(frame).unwrap()
+}
+
+/// A switch in front of one approving simulator.
+async fn one_acquirer() -> (RunningSim, RunningSwitch) {
+    let sim = start_sim(sim_config()).await;
+    let switch = start_switch(&config(vec![acquirer("north", &sim, 2_000)], vec![]), vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    (sim, switch)
+}
+
+#[tokio::test]
+async fn approval_echoes_the_contract_fields_and_adds_38_39_48() {
+    let (_sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    let request = authorization(VISA_TEST_CARD, 1);
+    let response = transact(&conn, &request).await;
+    assert_eq!(response.mti().as_str(), "0110");
+    assert_eq!(response.get_str(39), Some("00"));
+    assert_eq!(response.get(38).map(<[u8]>::len), Some(6));
+    for n in [2, 3, 4, 7, 11, 37, 41, 42, 49] {
+        assert_eq!(response.get(n), request.get(n), "field {n} echoed");
+    }
+    let tags = response.get_str(48).unwrap();
+    assert!(tags.contains("decision=approve"), "{tags}");
+    assert!(tags.contains("acquirer=north"), "{tags}");
+}
+
+#[tokio::test]
+async fn acquirer_declines_pass_through() {
+    let sim = start_sim(SimConfig {
+        approval_rate: 0.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let switch = start_switch(&config(vec![acquirer("north", &sim, 2_000)], vec![]), vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    let response = transact(&conn, &authorization(VISA_TEST_CARD, 2)).await;
+    assert_eq!(response.get_str(39), Some("05"));
+    assert!(!response.has(38), "no approval code on a decline");
+    // An expired card is the acquirer's 54, also passed through.
+    let expired = authorization_with(VISA_TEST_CARD, 3, &[(14, Some("2001"))]);
+    assert_eq!(transact(&conn, &expired).await.get_str(39), Some("54"));
+}
+
+#[tokio::test]
+async fn validation_answers_30_14_and_12_without_the_acquirer() {
+    let (sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    let before = sim.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+
+    let missing_amount = authorization_with(VISA_TEST_CARD, 10, &[(4, None)]);
+    let r = transact(&conn, &missing_amount).await;
+    assert_eq!((r.mti().as_str(), r.get_str(39)), ("0110", Some("30")));
+    assert_eq!(r.get_str(11), Some("000010"), "echoes what it could read");
+
+    let bad_luhn = authorization_with("4111111111111112", 11, &[]);
+    assert_eq!(transact(&conn, &bad_luhn).await.get_str(39), Some("14"));
+
+    let malformed_pan = authorization_with("41111111111X1111", 12, &[]);
+    assert_eq!(transact(&conn, &malformed_pan).await.get_str(39), Some("30"));
+
+    let mut unsupported = Message::builder(Mti::parse(b"0300").unwrap());
+    unsupported.set_str(11, "000013").unwrap().set_str(41, "TERM0001").unwrap();
+    let r = transact(&conn, &unsupported.build()).await;
+    assert_eq!((r.mti().as_str(), r.get_str(39)), ("0310", Some("12")));
+
+    assert_eq!(
+        sim.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "refused requests never reach the acquirer"
+    );
+}
+
+#[tokio::test]
+async fn a_field_that_breaks_the_codec_is_answered_30_with_what_could_be_read() {
+    let (_sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    // Field 49 holds a non-ASCII byte: the codec stops there, the switch answers 30.
+    let mut raw = authorization(VISA_TEST_CARD, 20).to_bytes().to_vec();
+    *raw.last_mut().unwrap() = 0xff;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    framed::write_frame(&mut send, &raw, &mut BytesMut::new()).await.unwrap();
+    send.finish().unwrap();
+    let frame = FrameReader::new(recv, 8192).next_frame().await.unwrap().unwrap();
+    let r = Message::decode(frame).unwrap();
+    assert_eq!(r.get_str(39), Some("30"));
+    assert_eq!(r.get_str(41), Some("TERM0001"));
+    assert_eq!(r.get_str(11), Some("000020"));
+}
+
+#[tokio::test]
+async fn garbage_frame_closes_only_its_stream() {
+    let (_sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    framed::write_frame(&mut send, b"\x00\x01garbage that is no ISO 8583", &mut BytesMut::new())
+        .await
+        .unwrap();
+    let _ = send.finish();
+    let mut reader = FrameReader::new(recv, 8192);
+    assert!(reader.next_frame().await.is_err(), "the stream is reset, not answered");
+
+    // Oversized frame header: the stream is reset before the body is even read.
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0xff, 0xff, 0x00]).await.unwrap();
+    assert!(FrameReader::new(recv, 8192).next_frame().await.is_err());
+
+    // The same connection goes on.
+    let r = transact(&conn, &authorization(VISA_TEST_CARD, 21)).await;
+    assert_eq!(r.get_str(39), Some("00"));
+}
+
+#[tokio::test]
+async fn fifty_requests_pipelined_on_one_stream() {
+    let (_sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut out = BytesMut::new();
+    for stan in 1..=50 {
+        authorization(VISA_TEST_CARD, stan).encode_framed(&mut out).unwrap();
+    }
+    send.write_all(&out).await.unwrap();
+    send.finish().unwrap();
+    let mut reader = FrameReader::new(recv, 8192);
+    let mut stans = Vec::new();
+    while let Some(frame) = reader.next_frame().await.unwrap() {
+        let r = Message::decode(frame).unwrap();
+        assert_eq!(r.get_str(39), Some("00"));
+        assert_eq!(r.get_str(41), Some("TERM0001"));
+        stans.push(r.get_str(11).unwrap().parse::<u32>().unwrap());
+    }
+    stans.sort_unstable();
+    assert_eq!(stans, (1..=50).collect::<Vec<_>>(), "every request answered once");
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_streams() {
+    let (_sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    let tasks: Vec<_> = (1..=200)
+        .map(|stan| {
+            let conn = conn.clone();
+            tokio::spawn(async move { transact(&conn, &authorization(VISA_TEST_CARD, stan)).await })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let r = task.await.unwrap();
+        assert_eq!(r.get_str(39), Some("00"));
+        assert_eq!(r.get_str(11).unwrap(), format!("{:06}", i + 1));
+    }
+}
+
+#[tokio::test]
+async fn network_echo_is_answered_by_the_switch() {
+    let (sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    let mut echo = Message::builder(Mti::NETWORK_REQUEST);
+    echo.set_str(7, "1125123045").unwrap().set_str(11, "000077").unwrap().set_str(70, "301").unwrap();
+    let r = transact(&conn, &echo.build()).await;
+    assert_eq!(r.mti().as_str(), "0810");
+    assert_eq!(r.get_str(39), Some("00"));
+    assert_eq!(r.get_str(70), Some("301"));
+    assert_eq!(r.get_str(11), Some("000077"));
+    assert_eq!(sim.stats.requests.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn tcp_listener_serves_the_same_framing_pipelined() {
+    let (_sim, switch) = one_acquirer().await;
+    let stream = tokio::net::TcpStream::connect(switch.tcp_addr.unwrap()).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut out = BytesMut::new();
+    for stan in 1..=5 {
+        authorization(VISA_TEST_CARD, stan).encode_framed(&mut out).unwrap();
+    }
+    write.write_all(&out).await.unwrap();
+    let mut reader = FrameReader::new(read, 8192);
+    for _ in 0..5 {
+        let r = Message::decode(reader.next_frame().await.unwrap().unwrap()).unwrap();
+        assert_eq!(r.get_str(39), Some("00"));
+    }
+    // Garbage on TCP closes that connection only.
+    framed::write_frame(&mut write, b"nonsense", &mut BytesMut::new()).await.unwrap();
+    assert!(matches!(reader.next_frame().await, Ok(None) | Err(_)));
+    let again = tokio::net::TcpStream::connect(switch.tcp_addr.unwrap()).await.unwrap();
+    let (read, mut write) = again.into_split();
+    framed::write_message(&mut write, &authorization(VISA_TEST_CARD, 6), &mut BytesMut::new())
+        .await
+        .unwrap();
+    let r = Message::decode(FrameReader::new(read, 8192).next_frame().await.unwrap().unwrap()).unwrap();
+    assert_eq!(r.get_str(39), Some("00"));
+}
+
+/// A UDP port with nothing behind it.
+fn dead_address() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+    // dropped here: nothing listens on it any more
+}
+
+#[tokio::test]
+async fn acquirer_down_answers_91_at_once() {
+    let sim = start_sim(sim_config()).await;
+    let mut down = acquirer("down", &sim, 10_000);
+    down.address = dead_address();
+    let switch = start_switch(&config(vec![down], vec![]), vec![trust(&sim)]).await;
+    let conn = gateway(&switch).await;
+    let started = Instant::now();
+    let r = transact(&conn, &authorization(VISA_TEST_CARD, 30)).await;
+    assert_eq!(r.get_str(39), Some("91"));
+    // Answered without waiting for the 10 s acquirer timeout.
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn acquirer_down_falls_over_to_the_next_in_the_route() {
+    let sim = start_sim(sim_config()).await;
+    let mut down = acquirer("down", &sim, 2_000);
+    down.address = dead_address();
+    let up = acquirer("up", &sim, 2_000);
+    let switch = start_switch(&config(vec![down, up], vec![]), vec![trust(&sim), trust(&sim)]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !switch.switch.links()[1].is_up() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let conn = gateway(&switch).await;
+    let r = transact(&conn, &authorization(VISA_TEST_CARD, 31)).await;
+    assert_eq!(r.get_str(39), Some("00"));
+    assert!(r.get_str(48).unwrap().contains("acquirer=up"));
+}
+
+#[tokio::test]
+async fn acquirer_slower_than_its_timeout_gets_91_within_the_timeout() {
+    let sim = start_sim(SimConfig {
+        approval_rate: 1.0,
+        delay: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await;
+    let switch = start_switch(&config(vec![acquirer("slow", &sim, 300)], vec![]), vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    let started = Instant::now();
+    let r = transact(&conn, &authorization(VISA_TEST_CARD, 40)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(r.get_str(39), Some("91"));
+    assert!(elapsed >= Duration::from_millis(300), "waited for the timeout: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "did not wait for the acquirer: {elapsed:?}");
+}
+
+#[tokio::test]
+async fn routes_by_bin_between_two_acquirers() {
+    let visa = start_sim(sim_config()).await;
+    let mastercard = start_sim(sim_config()).await;
+    let routes = vec![
+        RouteConfig {
+            bins: vec!["4".into()],
+            currencies: vec![],
+            mccs: vec![],
+            acquirers: vec!["visa".into()],
+        },
+        RouteConfig {
+            bins: vec!["510000-559999".into()],
+            currencies: vec![],
+            mccs: vec![],
+            acquirers: vec!["mastercard".into()],
+        },
+    ];
+    let config = config(
+        vec![acquirer("visa", &visa, 2_000), acquirer("mastercard", &mastercard, 2_000)],
+        routes,
+    );
+    let switch = start_switch(&config, vec![trust(&visa), trust(&mastercard)]).await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    let r = transact(&conn, &authorization(VISA_TEST_CARD, 50)).await;
+    assert!(r.get_str(48).unwrap().contains("acquirer=visa"));
+    let r = transact(&conn, &authorization(MASTERCARD_TEST_CARD, 51)).await;
+    assert!(r.get_str(48).unwrap().contains("acquirer=mastercard"));
+    // A Discover card matches no route: 92.
+    let r = transact(&conn, &authorization("6011000000000004", 52)).await;
+    assert_eq!(r.get_str(39), Some("92"));
+}
+
+#[tokio::test]
+async fn admin_health_answers_once_listeners_are_up() {
+    let (_sim, switch) = one_acquirer().await;
+    let addr = switch.admin_addr.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut body).await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
