@@ -207,8 +207,12 @@ impl AcquirerLink {
                 Ok((connection, send, recv)) => {
                     backoff = RECONNECT_BACKOFF_START;
                     was_up = true;
-                    self.run_connection(&connection, send, recv, &shutdown).await;
+                    self.run_connection(&connection, send, recv, &shutdown)
+                        .await;
                     connection.close(quinn::VarInt::from_u32(payswitch_net::codes::DONE), b"");
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
                     tracing::warn!(acquirer = %self.config.name, "acquirer link down");
                 }
                 Err(e) => {
@@ -224,14 +228,23 @@ impl AcquirerLink {
             }
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
-        self.endpoint.close(quinn::VarInt::from_u32(payswitch_net::codes::SHUTDOWN), b"shutdown");
+        self.endpoint.close(
+            quinn::VarInt::from_u32(payswitch_net::codes::SHUTDOWN),
+            b"shutdown",
+        );
     }
 
-    async fn connect(&self) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+    async fn connect(
+        &self,
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
         let attempt = async {
-            let connection = quic::connect(&self.endpoint, self.config.address, &self.config.server_name)
-                .await
-                .map_err(|e| e.to_string())?;
+            let connection = quic::connect(
+                &self.endpoint,
+                self.config.address,
+                &self.config.server_name,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
             Ok((connection, send, recv))
         };

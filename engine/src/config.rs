@@ -248,7 +248,10 @@ impl Config {
                 return invalid(format!("acquirer {:?} is defined twice", a.name));
             }
             if a.timeout_ms == 0 || a.max_in_flight == 0 {
-                return invalid(format!("acquirer {:?}: timeout_ms and max_in_flight must be > 0", a.name));
+                return invalid(format!(
+                    "acquirer {:?}: timeout_ms and max_in_flight must be > 0",
+                    a.name
+                ));
             }
             if a.max_in_flight > crate::acquirer::MAX_IN_FLIGHT_PER_LINK {
                 return invalid(format!(
@@ -321,7 +324,10 @@ mod tests {
 
     #[test]
     fn unknown_acquirer_in_route_is_refused() {
-        let text = EXAMPLE.replace(r#"acquirers = ["north", "south"]"#, r#"acquirers = ["west"]"#);
+        let text = EXAMPLE.replace(
+            r#"acquirers = ["north", "south"]"#,
+            r#"acquirers = ["west"]"#,
+        );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("unknown acquirer \"west\""), "{err}");
     }
@@ -329,7 +335,11 @@ mod tests {
     #[test]
     fn acquirer_without_ca_is_refused_outside_quick_start() {
         let text = EXAMPLE.replace("ca = \"south.pem\"", "");
-        let err = parse(&text).unwrap().check_acquirer_trust().unwrap_err().to_string();
+        let err = parse(&text)
+            .unwrap()
+            .check_acquirer_trust()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no `ca`"), "{err}");
     }
 

@@ -23,7 +23,8 @@ impl PrefixRange {
     fn parse(text: &str) -> Option<PrefixRange> {
         let (low, high) = text.split_once('-').unwrap_or((text, text));
         let (low, high) = (low.trim(), high.trim());
-        let digits = |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit());
         if !digits(low) || !digits(high) || low.len() != high.len() {
             return None;
         }
@@ -124,7 +125,12 @@ impl Router {
 
     /// The acquirers to try, in order; `None` when no rule matches (response 92). Shared,
     /// not copied: a verdict carries its route at the cost of a reference count.
-    pub fn route(&self, pan: &Pan, currency: CurrencyCode, mcc: Option<Mcc>) -> Option<Arc<[AcquirerIndex]>> {
+    pub fn route(
+        &self,
+        pan: &Pan,
+        currency: CurrencyCode,
+        mcc: Option<Mcc>,
+    ) -> Option<Arc<[AcquirerIndex]>> {
         if self.rules.is_empty() {
             return Some(Arc::clone(&self.all));
         }
@@ -167,7 +173,10 @@ mod tests {
     fn no_rules_means_every_acquirer_in_order() {
         let router = Router::from_config(&config("")).unwrap();
         let usd = CurrencyCode::parse(USD).unwrap();
-        assert_eq!(router.route(&pan("4111111111111111"), usd, None).as_deref(), Some(&[0, 1][..]));
+        assert_eq!(
+            router.route(&pan("4111111111111111"), usd, None).as_deref(),
+            Some(&[0, 1][..])
+        );
     }
 
     #[test]
@@ -189,11 +198,30 @@ mod tests {
         let eur = CurrencyCode::parse(b"978").unwrap();
         let restaurant = Mcc::parse(b"5812").ok();
         let grocery = Mcc::parse(b"5411").ok();
-        assert_eq!(router.route(&pan("4111111111111111"), usd, restaurant).as_deref(), Some(&[1][..]));
-        assert_eq!(router.route(&pan("4111111111111111"), usd, grocery).as_deref(), Some(&[0, 1][..]));
-        assert_eq!(router.route(&pan("5500000000000004"), usd, None).as_deref(), Some(&[0, 1][..]));
-        assert_eq!(router.route(&pan("5500000000000004"), eur, None).as_deref(), None);
-        assert_eq!(router.route(&pan("6011000000000004"), usd, None).as_deref(), None);
+        assert_eq!(
+            router
+                .route(&pan("4111111111111111"), usd, restaurant)
+                .as_deref(),
+            Some(&[1][..])
+        );
+        assert_eq!(
+            router
+                .route(&pan("4111111111111111"), usd, grocery)
+                .as_deref(),
+            Some(&[0, 1][..])
+        );
+        assert_eq!(
+            router.route(&pan("5500000000000004"), usd, None).as_deref(),
+            Some(&[0, 1][..])
+        );
+        assert_eq!(
+            router.route(&pan("5500000000000004"), eur, None).as_deref(),
+            None
+        );
+        assert_eq!(
+            router.route(&pan("6011000000000004"), usd, None).as_deref(),
+            None
+        );
     }
 
     #[test]

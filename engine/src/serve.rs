@@ -111,7 +111,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("payswitch: admin on http://{addr}/health");
     }
     for acquirer in &config.acquirers {
-        println!("payswitch: acquirer {} at {}", acquirer.name, acquirer.address);
+        println!(
+            "payswitch: acquirer {} at {}",
+            acquirer.name, acquirer.address
+        );
     }
     shutdown_signal().await?;
     tracing::info!("shutting down: draining in-flight requests");

@@ -61,7 +61,11 @@ pub struct ShardStats {
 
 /// A shard: owns the state of the cards that hash to it (velocity, duplicates, as those
 /// capabilities land), so that state needs no lock. Reached through a bounded queue.
-async fn run_shard(mut jobs: mpsc::Receiver<ShardJob>, router: Arc<ArcSwap<Router>>, stats: Arc<ShardStats>) {
+async fn run_shard(
+    mut jobs: mpsc::Receiver<ShardJob>,
+    router: Arc<ArcSwap<Router>>,
+    stats: Arc<ShardStats>,
+) {
     while let Some(job) = jobs.recv().await {
         let auth = &job.auth;
         let route = router.load().route(&auth.pan, auth.currency, auth.mcc);
@@ -93,7 +97,10 @@ impl SwitchStats {
 
     /// Responses with `code` so far.
     pub fn responses_with(&self, code: ResponseCode) -> u64 {
-        let slot = ResponseCode::ALL.iter().position(|k| *k == code).unwrap_or(0);
+        let slot = ResponseCode::ALL
+            .iter()
+            .position(|k| *k == code)
+            .unwrap_or(0);
         self.responses[slot].load(Ordering::Relaxed)
     }
 }
@@ -172,7 +179,10 @@ impl Switch {
         // `shards` is never empty (`start` makes at least one), so the modulo is defined.
         let shard = (auth.pan.shard_hash() % self.shards.len() as u64) as usize;
         let (reply, verdict) = oneshot::channel();
-        if self.shards[shard].try_send(ShardJob { auth, reply }).is_err() {
+        if self.shards[shard]
+            .try_send(ShardJob { auth, reply })
+            .is_err()
+        {
             self.stats.shed.fetch_add(1, Ordering::Relaxed);
             return self.refuse(request, ResponseCode::IssuerInoperative);
         }
@@ -192,7 +202,11 @@ impl Switch {
                 Err(e) => {
                     debug_assert!(e.maybe_delivered());
                     let code = as_code(ResponseCode::IssuerInoperative);
-                    let tags = format!("decision={};model=none;acquirer={}", verdict.decision.as_str(), link.name());
+                    let tags = format!(
+                        "decision={};model=none;acquirer={}",
+                        verdict.decision.as_str(),
+                        link.name()
+                    );
                     return (code, validate::respond(request, &code, None, &tags));
                 }
             }
@@ -200,14 +214,23 @@ impl Switch {
         self.refuse(request, ResponseCode::IssuerInoperative)
     }
 
-    fn relay(&self, request: &Message, answer: &Message, decision: Decision, acquirer: &str) -> ([u8; 2], Message) {
+    fn relay(
+        &self,
+        request: &Message,
+        answer: &Message,
+        decision: Decision,
+        acquirer: &str,
+    ) -> ([u8; 2], Message) {
         let Some(code) = validate::acquirer_code(answer) else {
             return self.refuse(request, ResponseCode::SystemMalfunction);
         };
         let approval = (code == *b"00")
             .then(|| validate::acquirer_approval_code(answer))
             .flatten();
-        let tags = format!("decision={};model=none;acquirer={acquirer}", decision.as_str());
+        let tags = format!(
+            "decision={};model=none;acquirer={acquirer}",
+            decision.as_str()
+        );
         (code, validate::respond(request, &code, approval, &tags))
     }
 }
@@ -278,7 +301,10 @@ impl Security {
             };
             acquirer_trust.push(trust);
         }
-        Ok(Security { identity, acquirer_trust })
+        Ok(Security {
+            identity,
+            acquirer_trust,
+        })
     }
 }
 
@@ -288,7 +314,11 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let shutdown = CancellationToken::new();
     let mut links = Vec::with_capacity(config.acquirers.len());
     for (acquirer, trust) in config.acquirers.iter().zip(security.acquirer_trust) {
-        links.push(AcquirerLink::start(acquirer.clone(), trust, shutdown.child_token())?);
+        links.push(AcquirerLink::start(
+            acquirer.clone(),
+            trust,
+            shutdown.child_token(),
+        )?);
     }
     let table = Arc::new(ArcSwap::from_pointee(Router::from_config(config)?));
     let shard_count = config.pipeline.shard_count().max(1);
@@ -344,7 +374,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     }
     let mut admin_addr = None;
     if let Some(addr) = config.listen.admin {
-        let (bound, task) = crate::admin::start(addr, Arc::clone(&switch), shutdown.child_token()).await?;
+        let (bound, task) =
+            crate::admin::start(addr, Arc::clone(&switch), shutdown.child_token()).await?;
         admin_addr = Some(bound);
         tasks.push(task);
     }

@@ -71,7 +71,9 @@ pub fn validate(msg: &Message) -> Result<Authorization, ResponseCode> {
         }
     }
     let field = |n| msg.get(n).unwrap_or_default();
-    if !digits(field(fields::PROCESSING_CODE), 6) || !transmission_time_ok(field(fields::TRANSMISSION_TIME)) {
+    if !digits(field(fields::PROCESSING_CODE), 6)
+        || !transmission_time_ok(field(fields::TRANSMISSION_TIME))
+    {
         return Err(FORMAT);
     }
     let amount = AmountMinor::parse(field(fields::AMOUNT)).map_err(|_| FORMAT)?;
@@ -79,7 +81,9 @@ pub fn validate(msg: &Message) -> Result<Authorization, ResponseCode> {
     let stan = Stan::parse(field(fields::STAN)).map_err(|_| FORMAT)?;
     let rrn = Rrn::parse(field(fields::RRN)).map_err(|_| FORMAT)?;
     // 41 and 42 are fixed-length ASCII, checked by the codec; blank IDs are still useless.
-    if field(fields::TERMINAL).iter().all(|b| *b == b' ') || field(fields::MERCHANT).iter().all(|b| *b == b' ') {
+    if field(fields::TERMINAL).iter().all(|b| *b == b' ')
+        || field(fields::MERCHANT).iter().all(|b| *b == b' ')
+    {
         return Err(FORMAT);
     }
     let mcc = match msg.get(fields::MCC) {
@@ -107,7 +111,12 @@ const MAX_PRIVATE_DATA: usize = 999;
 
 /// Builds the response to `request`: MTI + 10, the echoed fields, 39, 38 when approved,
 /// and 48 when `private_data` is not empty.
-pub fn respond(request: &Message, code: &[u8; 2], approval_code: Option<&[u8]>, private_data: &str) -> Message {
+pub fn respond(
+    request: &Message,
+    code: &[u8; 2],
+    approval_code: Option<&[u8]>,
+    private_data: &str,
+) -> Message {
     let mti = request.mti().response().unwrap_or(request.mti());
     let mut builder = Message::builder(mti);
     // Echoed values passed the codec's checks on the way in, so setting them cannot fail;
@@ -146,7 +155,10 @@ pub fn respond_network(request: &Message) -> Message {
         None => ResponseCode::FormatError,
     };
     let mut builder = Message::builder(Mti::NETWORK_RESPONSE);
-    let _ = builder.copy_from(request, &[fields::TRANSMISSION_TIME, fields::STAN, fields::TERMINAL]);
+    let _ = builder.copy_from(
+        request,
+        &[fields::TRANSMISSION_TIME, fields::STAN, fields::TERMINAL],
+    );
     let _ = builder.set(fields::RESPONSE_CODE, code.as_str().as_bytes());
     let _ = builder.copy_from(request, &[fields::NETWORK_CODE]);
     builder.build()
@@ -193,7 +205,11 @@ mod tests {
     #[test]
     fn each_missing_required_field_is_a_format_error() {
         for n in fields::REQUIRED_FOR_AUTHORIZATION {
-            assert_eq!(validate(&request(&[(n, None)])).unwrap_err(), ResponseCode::FormatError, "field {n}");
+            assert_eq!(
+                validate(&request(&[(n, None)])).unwrap_err(),
+                ResponseCode::FormatError,
+                "field {n}"
+            );
         }
     }
 
@@ -210,13 +226,20 @@ mod tests {
             (41, "        "),
         ];
         for (n, v) in cases {
-            assert_eq!(validate(&request(&[(n, Some(v))])).unwrap_err(), ResponseCode::FormatError, "{n}={v}");
+            assert_eq!(
+                validate(&request(&[(n, Some(v))])).unwrap_err(),
+                ResponseCode::FormatError,
+                "{n}={v}"
+            );
         }
     }
 
     #[test]
     fn luhn_failure_is_14_but_format_wins() {
-        assert_eq!(validate(&request(&[(2, Some("4111111111111112"))])).unwrap_err(), ResponseCode::InvalidCardNumber);
+        assert_eq!(
+            validate(&request(&[(2, Some("4111111111111112"))])).unwrap_err(),
+            ResponseCode::InvalidCardNumber
+        );
         assert_eq!(
             validate(&request(&[(2, Some("4111111111111112")), (4, None)])).unwrap_err(),
             ResponseCode::FormatError
@@ -241,7 +264,10 @@ mod tests {
     fn network_codes() {
         let echo = |code: Option<&str>| {
             let mut b = Message::builder(Mti::NETWORK_REQUEST);
-            b.set_str(7, "1125123045").unwrap().set_str(11, "000009").unwrap();
+            b.set_str(7, "1125123045")
+                .unwrap()
+                .set_str(11, "000009")
+                .unwrap();
             if let Some(code) = code {
                 b.set_str(70, code).unwrap();
             }

@@ -115,25 +115,37 @@ async fn wait_links_up(switch: &RunningSwitch) {
 
 /// A gateway connection to the switch over QUIC.
 async fn gateway(switch: &RunningSwitch) -> quinn::Connection {
-    let endpoint = quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
-    quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost").await.unwrap()
+    let endpoint =
+        quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
+    quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
+        .await
+        .unwrap()
 }
 
 /// One transaction on its own stream: write, finish, read the one response.
 async fn transact(conn: &quinn::Connection, request: &Message) -> Message {
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    framed::write_message(&mut send, request, &mut BytesMut::new()).await.unwrap();
+    framed::write_message(&mut send, request, &mut BytesMut::new())
+        .await
+        .unwrap();
     send.finish().unwrap();
     let mut reader = FrameReader::new(recv, 8192);
     let frame = reader.next_frame().await.unwrap().expect("a response");
-    assert!(reader.next_frame().await.unwrap().is_none(), "exactly one response");
+    assert!(
+        reader.next_frame().await.unwrap().is_none(),
+        "exactly one response"
+    );
     Message::decode(frame).unwrap()
 }
 
 /// A switch in front of one approving simulator.
 async fn one_acquirer() -> (RunningSim, RunningSwitch) {
     let sim = start_sim(sim_config()).await;
-    let switch = start_switch(&config(vec![acquirer("north", &sim, 2_000)], vec![]), vec![trust(&sim)]).await;
+    let switch = start_switch(
+        &config(vec![acquirer("north", &sim, 2_000)], vec![]),
+        vec![trust(&sim)],
+    )
+    .await;
     wait_links_up(&switch).await;
     (sim, switch)
 }
@@ -162,7 +174,11 @@ async fn acquirer_declines_pass_through() {
         ..SimConfig::default()
     })
     .await;
-    let switch = start_switch(&config(vec![acquirer("north", &sim, 2_000)], vec![]), vec![trust(&sim)]).await;
+    let switch = start_switch(
+        &config(vec![acquirer("north", &sim, 2_000)], vec![]),
+        vec![trust(&sim)],
+    )
+    .await;
     wait_links_up(&switch).await;
     let conn = gateway(&switch).await;
     let response = transact(&conn, &authorization(VISA_TEST_CARD, 2)).await;
@@ -177,7 +193,10 @@ async fn acquirer_declines_pass_through() {
 async fn validation_answers_30_14_and_12_without_the_acquirer() {
     let (sim, switch) = one_acquirer().await;
     let conn = gateway(&switch).await;
-    let before = sim.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let before = sim
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
 
     let missing_amount = authorization_with(VISA_TEST_CARD, 10, &[(4, None)]);
     let r = transact(&conn, &missing_amount).await;
@@ -188,15 +207,24 @@ async fn validation_answers_30_14_and_12_without_the_acquirer() {
     assert_eq!(transact(&conn, &bad_luhn).await.get_str(39), Some("14"));
 
     let malformed_pan = authorization_with("41111111111X1111", 12, &[]);
-    assert_eq!(transact(&conn, &malformed_pan).await.get_str(39), Some("30"));
+    assert_eq!(
+        transact(&conn, &malformed_pan).await.get_str(39),
+        Some("30")
+    );
 
     let mut unsupported = Message::builder(Mti::parse(b"0300").unwrap());
-    unsupported.set_str(11, "000013").unwrap().set_str(41, "TERM0001").unwrap();
+    unsupported
+        .set_str(11, "000013")
+        .unwrap()
+        .set_str(41, "TERM0001")
+        .unwrap();
     let r = transact(&conn, &unsupported.build()).await;
     assert_eq!((r.mti().as_str(), r.get_str(39)), ("0310", Some("12")));
 
     assert_eq!(
-        sim.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        sim.stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
         before,
         "refused requests never reach the acquirer"
     );
@@ -210,9 +238,15 @@ async fn a_field_that_breaks_the_codec_is_answered_30_with_what_could_be_read() 
     let mut raw = authorization(VISA_TEST_CARD, 20).to_bytes().to_vec();
     *raw.last_mut().unwrap() = 0xff;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    framed::write_frame(&mut send, &raw, &mut BytesMut::new()).await.unwrap();
+    framed::write_frame(&mut send, &raw, &mut BytesMut::new())
+        .await
+        .unwrap();
     send.finish().unwrap();
-    let frame = FrameReader::new(recv, 8192).next_frame().await.unwrap().unwrap();
+    let frame = FrameReader::new(recv, 8192)
+        .next_frame()
+        .await
+        .unwrap()
+        .unwrap();
     let r = Message::decode(frame).unwrap();
     assert_eq!(r.get_str(39), Some("30"));
     assert_eq!(r.get_str(41), Some("TERM0001"));
@@ -224,12 +258,19 @@ async fn garbage_frame_closes_only_its_stream() {
     let (_sim, switch) = one_acquirer().await;
     let conn = gateway(&switch).await;
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    framed::write_frame(&mut send, b"\x00\x01garbage that is no ISO 8583", &mut BytesMut::new())
-        .await
-        .unwrap();
+    framed::write_frame(
+        &mut send,
+        b"\x00\x01garbage that is no ISO 8583",
+        &mut BytesMut::new(),
+    )
+    .await
+    .unwrap();
     let _ = send.finish();
     let mut reader = FrameReader::new(recv, 8192);
-    assert!(reader.next_frame().await.is_err(), "the stream is reset, not answered");
+    assert!(
+        reader.next_frame().await.is_err(),
+        "the stream is reset, not answered"
+    );
 
     // Oversized frame header: the stream is reset before the body is even read.
     let (mut send, recv) = conn.open_bi().await.unwrap();
@@ -248,7 +289,9 @@ async fn fifty_requests_pipelined_on_one_stream() {
     let (mut send, recv) = conn.open_bi().await.unwrap();
     let mut out = BytesMut::new();
     for stan in 1..=50 {
-        authorization(VISA_TEST_CARD, stan).encode_framed(&mut out).unwrap();
+        authorization(VISA_TEST_CARD, stan)
+            .encode_framed(&mut out)
+            .unwrap();
     }
     send.write_all(&out).await.unwrap();
     send.finish().unwrap();
@@ -261,7 +304,11 @@ async fn fifty_requests_pipelined_on_one_stream() {
         stans.push(r.get_str(11).unwrap().parse::<u32>().unwrap());
     }
     stans.sort_unstable();
-    assert_eq!(stans, (1..=50).collect::<Vec<_>>(), "every request answered once");
+    assert_eq!(
+        stans,
+        (1..=50).collect::<Vec<_>>(),
+        "every request answered once"
+    );
 }
 
 #[tokio::test]
@@ -286,23 +333,37 @@ async fn network_echo_is_answered_by_the_switch() {
     let (sim, switch) = one_acquirer().await;
     let conn = gateway(&switch).await;
     let mut echo = Message::builder(Mti::NETWORK_REQUEST);
-    echo.set_str(7, "1125123045").unwrap().set_str(11, "000077").unwrap().set_str(70, "301").unwrap();
+    echo.set_str(7, "1125123045")
+        .unwrap()
+        .set_str(11, "000077")
+        .unwrap()
+        .set_str(70, "301")
+        .unwrap();
     let r = transact(&conn, &echo.build()).await;
     assert_eq!(r.mti().as_str(), "0810");
     assert_eq!(r.get_str(39), Some("00"));
     assert_eq!(r.get_str(70), Some("301"));
     assert_eq!(r.get_str(11), Some("000077"));
-    assert_eq!(sim.stats.requests.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        sim.stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test]
 async fn tcp_listener_serves_the_same_framing_pipelined() {
     let (_sim, switch) = one_acquirer().await;
-    let stream = tokio::net::TcpStream::connect(switch.tcp_addr.unwrap()).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(switch.tcp_addr.unwrap())
+        .await
+        .unwrap();
     let (read, mut write) = stream.into_split();
     let mut out = BytesMut::new();
     for stan in 1..=5 {
-        authorization(VISA_TEST_CARD, stan).encode_framed(&mut out).unwrap();
+        authorization(VISA_TEST_CARD, stan)
+            .encode_framed(&mut out)
+            .unwrap();
     }
     write.write_all(&out).await.unwrap();
     let mut reader = FrameReader::new(read, 8192);
@@ -311,14 +372,29 @@ async fn tcp_listener_serves_the_same_framing_pipelined() {
         assert_eq!(r.get_str(39), Some("00"));
     }
     // Garbage on TCP closes that connection only.
-    framed::write_frame(&mut write, b"nonsense", &mut BytesMut::new()).await.unwrap();
-    assert!(matches!(reader.next_frame().await, Ok(None) | Err(_)));
-    let again = tokio::net::TcpStream::connect(switch.tcp_addr.unwrap()).await.unwrap();
-    let (read, mut write) = again.into_split();
-    framed::write_message(&mut write, &authorization(VISA_TEST_CARD, 6), &mut BytesMut::new())
+    framed::write_frame(&mut write, b"nonsense", &mut BytesMut::new())
         .await
         .unwrap();
-    let r = Message::decode(FrameReader::new(read, 8192).next_frame().await.unwrap().unwrap()).unwrap();
+    assert!(matches!(reader.next_frame().await, Ok(None) | Err(_)));
+    let again = tokio::net::TcpStream::connect(switch.tcp_addr.unwrap())
+        .await
+        .unwrap();
+    let (read, mut write) = again.into_split();
+    framed::write_message(
+        &mut write,
+        &authorization(VISA_TEST_CARD, 6),
+        &mut BytesMut::new(),
+    )
+    .await
+    .unwrap();
+    let r = Message::decode(
+        FrameReader::new(read, 8192)
+            .next_frame()
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(r.get_str(39), Some("00"));
 }
 
@@ -340,7 +416,11 @@ async fn acquirer_down_answers_91_at_once() {
     let r = transact(&conn, &authorization(VISA_TEST_CARD, 30)).await;
     assert_eq!(r.get_str(39), Some("91"));
     // Answered without waiting for the 10 s acquirer timeout.
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -349,7 +429,11 @@ async fn acquirer_down_falls_over_to_the_next_in_the_route() {
     let mut down = acquirer("down", &sim, 2_000);
     down.address = dead_address();
     let up = acquirer("up", &sim, 2_000);
-    let switch = start_switch(&config(vec![down, up], vec![]), vec![trust(&sim), trust(&sim)]).await;
+    let switch = start_switch(
+        &config(vec![down, up], vec![]),
+        vec![trust(&sim), trust(&sim)],
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !switch.switch.links()[1].is_up() {
         assert!(Instant::now() < deadline);
@@ -369,15 +453,25 @@ async fn acquirer_slower_than_its_timeout_gets_91_within_the_timeout() {
         ..SimConfig::default()
     })
     .await;
-    let switch = start_switch(&config(vec![acquirer("slow", &sim, 300)], vec![]), vec![trust(&sim)]).await;
+    let switch = start_switch(
+        &config(vec![acquirer("slow", &sim, 300)], vec![]),
+        vec![trust(&sim)],
+    )
+    .await;
     wait_links_up(&switch).await;
     let conn = gateway(&switch).await;
     let started = Instant::now();
     let r = transact(&conn, &authorization(VISA_TEST_CARD, 40)).await;
     let elapsed = started.elapsed();
     assert_eq!(r.get_str(39), Some("91"));
-    assert!(elapsed >= Duration::from_millis(300), "waited for the timeout: {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(3), "did not wait for the acquirer: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "waited for the timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "did not wait for the acquirer: {elapsed:?}"
+    );
 }
 
 #[tokio::test]
@@ -399,7 +493,10 @@ async fn routes_by_bin_between_two_acquirers() {
         },
     ];
     let config = config(
-        vec![acquirer("visa", &visa, 2_000), acquirer("mastercard", &mastercard, 2_000)],
+        vec![
+            acquirer("visa", &visa, 2_000),
+            acquirer("mastercard", &mastercard, 2_000),
+        ],
         routes,
     );
     let switch = start_switch(&config, vec![trust(&visa), trust(&mastercard)]).await;
@@ -424,7 +521,9 @@ async fn admin_health_answers_once_listeners_are_up() {
         .await
         .unwrap();
     let mut body = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut body).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut body)
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&body);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }

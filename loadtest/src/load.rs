@@ -4,7 +4,8 @@
 //! before the run starts, whatever the target does. Requests are dealt round-robin over the
 //! connections. A sender that falls behind sends at once but keeps the intended time, and
 //! latency is measured from it — so a target that stalls shows the stall in its
-//! percentiles instead of slowing the load down (no coordinated omission).
+//! percentiles instead of slowing the load down (no coordinated omission). The sender wakes
+//! one timer tick early so the timer's own lag is not counted as the target's.
 //!
 //! Three ways to carry requests ([`Mode`]): a QUIC stream per transaction, one long-lived
 //! QUIC stream per connection with pipelining, or pipelining over plain TCP. Pipelined
@@ -247,6 +248,22 @@ impl Schedule {
     fn len(&self) -> u64 {
         (self.total + self.connections - 1 - self.connection) / self.connections
     }
+}
+
+/// tokio's timer fires on the first millisecond tick after a deadline, up to a tick late.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// Waits for a request's turn and returns the time its latency counts from.
+///
+/// Wakes a timer tick early and sends at once, so the timer's lag is not measured as the
+/// target's latency. Latency counts from the *earlier* of the intended and the actual send
+/// time: a request sent early is timed from when it really left (never shorter than the
+/// true round trip), and one sent late, by a sender behind schedule, still counts from its
+/// intended time (no coordinated omission).
+async fn wait_for(intended: Instant) -> Instant {
+    let wake = intended.checked_sub(TIMER_TICK).unwrap_or(intended);
+    tokio::time::sleep_until(wake).await;
+    intended.min(Instant::now())
 }
 
 /// Terminal id (field 41) and STAN (field 11): what a pipelined response is matched by.
@@ -509,7 +526,7 @@ async fn per_stream(
         let Some(intended) = schedule.intended(k) else {
             break;
         };
-        tokio::time::sleep_until(intended).await;
+        let intended = wait_for(intended).await;
         while tasks.try_join_next().is_some() {}
         if tasks.len() >= bounds.max_outstanding {
             shared.failed(Failure::Overload);
@@ -667,7 +684,7 @@ async fn pipeline_send<W: AsyncWrite + Unpin>(
         let Some(intended) = schedule.intended(k) else {
             break;
         };
-        tokio::time::sleep_until(intended).await;
+        let intended = wait_for(intended).await;
         if pipe.broken.load(Ordering::Relaxed) {
             pipe.shared.failed(Failure::Transport);
             continue;

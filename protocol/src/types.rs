@@ -66,7 +66,7 @@ impl Mti {
 
     /// Whether this is a request (function digit even: 0 request, 2 advice, 4 notification).
     pub fn is_request(&self) -> bool {
-        self.0[2] % 2 == 0
+        self.0[2].is_multiple_of(2)
     }
 
     /// The response to this request: function digit + 1 (0100 → 0110, 0420 → 0430).
@@ -195,7 +195,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 impl fmt::Debug for Pan {

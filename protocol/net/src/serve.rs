@@ -25,6 +25,8 @@ use crate::codes;
 use crate::framed::{FrameReader, ReadError};
 
 /// What to do with one received frame.
+// `Close` is rare and small; boxing the message would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Reply {
     /// Send this message back.
