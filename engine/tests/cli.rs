@@ -1,0 +1,220 @@
+//! The binary as an operator runs it: `payswitch acquirer-sim`, `payswitch serve` with the
+//! quick-start flags, and `payswitch load`, as separate processes on loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_payswitch");
+
+/// Kills the process when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `payswitch ARGS` and reads stdout lines until `done` says enough; returns them.
+fn spawn(args: &[&str], done: impl Fn(&str) -> bool) -> (Running, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let finished = done(&line);
+        lines.push(line);
+        if finished {
+            return (running, lines);
+        }
+    }
+    panic!("payswitch {args:?} ended early: {lines:?}");
+}
+
+/// The address after `marker` in one of `lines`.
+fn address_after(lines: &[String], marker: &str) -> SocketAddr {
+    lines
+        .iter()
+        .find_map(|l| {
+            let rest = &l[l.find(marker)? + marker.len()..];
+            rest.split(|c: char| c.is_whitespace() || c == ';' || c == '/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {marker:?} in {lines:?}"))
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+fn load(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let mut all = vec!["load"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--json", json.to_str().unwrap(), "--quiet"]);
+    let output = Command::new(BIN).args(&all).output().unwrap();
+    assert!(
+        output.status.success(),
+        "load failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+fn check_report(report: &serde_json::Value, expected: u64) {
+    assert_eq!(report["sent"], expected, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["answered"], expected, "{report}");
+    assert_eq!(
+        report["codes"]["00"], expected,
+        "approval rate 1.0: {report}"
+    );
+    assert_eq!(
+        report["codes_by_acquirer"]["acquirer-1"]["00"], expected,
+        "{report}"
+    );
+    for key in [
+        "offered_tps",
+        "achieved_tps",
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "p999_us",
+        "max_us",
+    ] {
+        assert!(report[key].is_number(), "{key} in {report}");
+    }
+    assert!(report["p50_us"].as_u64() <= report["max_us"].as_u64());
+}
+
+#[test]
+fn quick_start_serve_forwards_a_load_to_the_acquirer_over_quic_and_tcp() {
+    let (_sim, sim_lines) = spawn(
+        &[
+            "acquirer-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--approval-rate",
+            "1.0",
+        ],
+        |l| l.contains("listening on"),
+    );
+    let acquirer = address_after(&sim_lines, "QUIC ").to_string();
+    let (_switch, lines) = spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tcp-listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--acquirer",
+            &acquirer,
+            "--shards",
+            "2",
+        ],
+        |l| l.contains("acquirer acquirer-1"),
+    );
+    let quic = address_after(&lines, "QUIC (ALPN iso8583) on ").to_string();
+    let tcp = address_after(&lines, "TCP on ").to_string();
+    let admin = address_after(&lines, "admin on http://");
+
+    let health = http_get(admin, "/health").unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    // The link to the acquirer connects in the background: wait until a request gets 00.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = load(&[
+            "--target",
+            &quic,
+            "--rate",
+            "10",
+            "--duration",
+            "100ms",
+            "--connections",
+            "1",
+        ]);
+        if probe["codes"]["00"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "switch never approved: {probe}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let report = load(&[
+        "--target",
+        &quic,
+        "--rate",
+        "400",
+        "--duration",
+        "1s",
+        "--connections",
+        "2",
+    ]);
+    check_report(&report, 400);
+    let report = load(&[
+        "--target",
+        &quic,
+        "--rate",
+        "400",
+        "--duration",
+        "1s",
+        "--connections",
+        "2",
+        "--pipelined",
+    ]);
+    check_report(&report, 400);
+    let report = load(&[
+        "--target",
+        &tcp,
+        "--tcp",
+        "--rate",
+        "400",
+        "--duration",
+        "1s",
+        "--connections",
+        "2",
+    ]);
+    check_report(&report, 400);
+}
+
+#[test]
+fn serve_refuses_a_config_that_does_not_check_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[listen]\nquic = \"127.0.0.1:0\"\n[[acquirers]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nca = \"a.pem\"\n\
+         [[routes]]\nbins = [\"4\"]\nacquirers = [\"b\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown acquirer \"b\""), "{stderr}");
+}
