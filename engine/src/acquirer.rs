@@ -109,7 +109,7 @@ impl AcquirerLink {
         trust: ClientTrust,
         shutdown: CancellationToken,
     ) -> Result<Arc<AcquirerLink>, payswitch_net::NetError> {
-        let endpoint = quic::client_endpoint(trust)?;
+        let endpoint = quic::link_endpoint(trust)?;
         let max_in_flight = config.max_in_flight.min(MAX_IN_FLIGHT_PER_LINK);
         let link = Arc::new(AcquirerLink {
             config,

@@ -218,3 +218,65 @@ fn serve_refuses_a_config_that_does_not_check_out() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown acquirer \"b\""), "{stderr}");
 }
+
+#[test]
+fn an_acquirer_killed_without_goodbye_is_marked_down_and_answered_91_at_once() {
+    let (mut sim, sim_lines) = spawn(
+        &[
+            "acquirer-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--approval-rate",
+            "1.0",
+        ],
+        |l| l.contains("listening on"),
+    );
+    let acquirer = address_after(&sim_lines, "QUIC ").to_string();
+    let (_switch, lines) = spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--acquirer",
+            &acquirer,
+            "--acquirer-timeout-ms",
+            "5000",
+        ],
+        |l| l.contains("acquirer acquirer-1"),
+    );
+    let quic = address_after(&lines, "QUIC (ALPN iso8583) on ").to_string();
+    let probe = || {
+        load(&[
+            "--target",
+            &quic,
+            "--rate",
+            "10",
+            "--duration",
+            "100ms",
+            "--connections",
+            "1",
+        ])
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probe()["codes"]["00"] != 1 {
+        assert!(Instant::now() < deadline, "switch never approved");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // SIGKILL: the acquirer sends no CONNECTION_CLOSE; only the link's idle timeout tells.
+    sim.0.kill().unwrap();
+    let _ = sim.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = probe();
+        // Once the link is down, 91 comes without waiting for the 5 s acquirer timeout.
+        if report["codes"]["91"] == 1 && report["max_us"].as_u64().unwrap() < 1_000_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "link never marked down: {report}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

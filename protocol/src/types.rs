@@ -18,6 +18,16 @@ fn check_digits(raw: &[u8], expected: &'static str, len: usize) -> Result<(), Va
     }
 }
 
+/// `value` as exactly `N` ASCII digits, zero-padded (callers keep `value` below 10^N).
+fn zero_padded<const N: usize>(mut value: u64) -> [u8; N] {
+    let mut out = [b'0'; N];
+    for slot in out.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    out
+}
+
 fn decimal(raw: &[u8]) -> u64 {
     raw.iter()
         .fold(0u64, |acc, &b| acc * 10 + u64::from(b - b'0'))
@@ -236,13 +246,7 @@ impl Stan {
 
     /// The six wire digits.
     pub fn to_digits(&self) -> [u8; 6] {
-        let mut out = [b'0'; 6];
-        let mut v = self.0;
-        for slot in out.iter_mut().rev() {
-            *slot = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-        out
+        zero_padded(u64::from(self.0))
     }
 }
 
@@ -296,13 +300,7 @@ impl AmountMinor {
 
     /// The twelve wire digits.
     pub fn to_digits(&self) -> [u8; 12] {
-        let mut out = [b'0'; 12];
-        let mut v = self.0;
-        for slot in out.iter_mut().rev() {
-            *slot = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-        out
+        zero_padded(self.0)
     }
 }
 

@@ -20,16 +20,25 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keep-alive interval, so idle acquirer links and gateway connections stay open.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-fn transport() -> Arc<TransportConfig> {
+/// Idle timeout of links the switch keeps to acquirers: a peer that vanished without
+/// closing (killed, network gone) is noticed within this time, the link is marked down and
+/// its traffic fails over, instead of timing out request by request for `IDLE_TIMEOUT`.
+pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keep-alive of acquirer links: three per `LINK_IDLE_TIMEOUT`, so one lost packet does
+/// not take a healthy link down.
+pub const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+fn transport(idle_timeout: Duration, keep_alive: Duration) -> Arc<TransportConfig> {
     let mut transport = TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .keep_alive_interval(Some(KEEP_ALIVE))
+        .keep_alive_interval(Some(keep_alive))
         .max_idle_timeout(Some(
-            IDLE_TIMEOUT
+            idle_timeout
                 .try_into()
-                .expect("30 s fits a QUIC idle timeout"),
+                .expect("idle timeouts here are seconds, far below QUIC's limit"),
         ));
     Arc::new(transport)
 }
@@ -38,7 +47,7 @@ fn transport() -> Arc<TransportConfig> {
 pub fn server_endpoint(addr: SocketAddr, identity: TlsIdentity) -> Result<Endpoint, NetError> {
     let crypto = tls::server_crypto(identity)?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport(IDLE_TIMEOUT, KEEP_ALIVE));
     Ok(Endpoint::server(config, addr)?)
 }
 
@@ -48,11 +57,26 @@ pub fn client_endpoint(trust: ClientTrust) -> Result<Endpoint, NetError> {
     client_endpoint_bound(bind, trust)
 }
 
+/// A QUIC client endpoint for a switch-to-acquirer link: as `client_endpoint`, with the
+/// short `LINK_IDLE_TIMEOUT` so a dead acquirer is noticed quickly.
+pub fn link_endpoint(trust: ClientTrust) -> Result<Endpoint, NetError> {
+    let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    client_endpoint_with(bind, trust, transport(LINK_IDLE_TIMEOUT, LINK_KEEP_ALIVE))
+}
+
 /// A QUIC client endpoint bound to `bind`.
 pub fn client_endpoint_bound(bind: SocketAddr, trust: ClientTrust) -> Result<Endpoint, NetError> {
+    client_endpoint_with(bind, trust, transport(IDLE_TIMEOUT, KEEP_ALIVE))
+}
+
+fn client_endpoint_with(
+    bind: SocketAddr,
+    trust: ClientTrust,
+    transport: Arc<TransportConfig>,
+) -> Result<Endpoint, NetError> {
     let crypto = tls::client_crypto(trust)?;
     let mut config = ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport);
     let mut endpoint = Endpoint::client(bind)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
