@@ -173,7 +173,7 @@ fn random_value(rng: &mut SplitMix64, number: u8) -> Vec<u8> {
 fn random_message(rng: &mut SplitMix64, index: usize) -> Message {
     let mti = format!("{:04}", rng.up_to(9999));
     let mut builder = Message::builder(Mti::parse(mti.as_bytes()).unwrap());
-    let highest = if index % 2 == 0 { 64 } else { 128 };
+    let highest = if index.is_multiple_of(2) { 64 } else { 128 };
     // Field 65 is skipped: see the module doc.
     let mut numbers: Vec<u8> = (0..rng.up_to(24))
         .map(|_| 2 + rng.up_to(highest - 2) as u8)
