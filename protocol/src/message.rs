@@ -1,9 +1,11 @@
 //! One ISO 8583 message: zero-copy decoding, building and encoding.
 //!
-//! A [`Message`] keeps its field data in one [`Bytes`] buffer and a span per present field.
-//! Decoding makes that buffer the received frame itself, so no field data is copied; a
-//! [`MessageBuilder`] appends field data to a buffer of its own. Either way, reading a
-//! field is an index into `spans`.
+//! A [`Message`] keeps its fields in one [`Bytes`] buffer, each as it is on the wire (length
+//! prefix, then value), and the offset of each present field's value. Decoding makes that
+//! buffer the received frame itself, so no field data is copied; a [`MessageBuilder`]
+//! appends prefix and value to a buffer of its own. Reading a field is an index into
+//! `starts` plus, for LLVAR/LLLVAR fields, reading the 2–3 prefix digits before the value;
+//! encoding copies each field, prefix included, in one slice.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -16,14 +18,6 @@ const BITMAP_LEN: usize = 8;
 /// Bytes of the MTI on the wire.
 const MTI_LEN: usize = 4;
 
-/// Where a field's data sits in the message buffer. Frames are at most 64 KiB (2-byte
-/// length prefix), so `u16` offsets cover every message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Span {
-    start: u16,
-    len: u16,
-}
-
 /// A decoded or built ISO 8583 message.
 #[derive(Clone)]
 pub struct Message {
@@ -31,7 +25,11 @@ pub struct Message {
     /// Bit `n - 1` (counted from the most significant bit of `present[0]`) is set when field
     /// `n` is present, exactly as on the wire. Bit 1 (secondary bitmap) is derived on encode.
     present: [u64; 2],
-    spans: [Span; MAX_FIELD as usize + 1],
+    /// Offset of each present field's value in `data`, indexed by field number. Frames are
+    /// at most 64 KiB (2-byte header), so `u16` covers every message; lengths are not kept,
+    /// they are the spec's fixed length or the prefix digits just before the value — which
+    /// halves what a decode writes and moves.
+    starts: [u16; MAX_FIELD as usize + 1],
     data: Bytes,
 }
 
@@ -152,7 +150,7 @@ impl Message {
         let message = Message {
             mti,
             present: announced,
-            spans: [Span::default(); MAX_FIELD as usize + 1],
+            starts: [0; MAX_FIELD as usize + 1],
             data: buf,
         };
         Ok((message, pos))
@@ -165,7 +163,7 @@ impl Message {
         for number in SetFields::new(&self.present) {
             let spec = &spec::FIELDS[usize::from(number - 1)];
             match read_field(bytes, &mut pos, spec) {
-                Ok(span) => self.spans[usize::from(number)] = span,
+                Ok(start) => self.starts[usize::from(number)] = start,
                 Err(reason) => {
                     keep_fields_below(&mut self.present, number);
                     return Some(DecodeError::Field { number, reason });
@@ -192,9 +190,7 @@ impl Message {
         if !self.has(number) {
             return None;
         }
-        let span = self.spans[usize::from(number)];
-        let start = usize::from(span.start);
-        Some(&self.data[start..start + usize::from(span.len)])
+        Some(&self.data[value_range(&self.data, &self.starts, number)])
     }
 
     /// Field `number` as a cheap reference-counted slice of the message buffer.
@@ -202,9 +198,10 @@ impl Message {
         if !self.has(number) {
             return None;
         }
-        let span = self.spans[usize::from(number)];
-        let start = usize::from(span.start);
-        Some(self.data.slice(start..start + usize::from(span.len)))
+        Some(
+            self.data
+                .slice(value_range(&self.data, &self.starts, number)),
+        )
     }
 
     /// Field `number` as text, if present and ASCII (the codec checked ASCII fields on the
@@ -224,7 +221,7 @@ impl Message {
         MessageBuilder {
             mti: self.mti,
             present: self.present,
-            spans: self.spans,
+            starts: self.starts,
             data: BytesMut::from(&self.data[..]),
         }
     }
@@ -236,8 +233,7 @@ impl Message {
             len += BITMAP_LEN;
         }
         for number in self.field_numbers() {
-            let spec = &spec::FIELDS[usize::from(number - 1)];
-            len += spec.prefix.digits() + usize::from(self.spans[usize::from(number)].len);
+            len += wire_range(&self.data, &self.starts, number).len();
         }
         len
     }
@@ -247,7 +243,10 @@ impl Message {
     /// Every field was checked against the spec when it was decoded or set, so encoding
     /// cannot fail.
     pub fn encode(&self, out: &mut BytesMut) {
-        out.reserve(self.encoded_len());
+        // An upper bound, cheaper than `encoded_len`'s pass over the fields: every field's
+        // data lies in `data`, and no length prefix is longer than three digits.
+        let fields = (self.present[0].count_ones() + self.present[1].count_ones()) as usize;
+        out.reserve(MTI_LEN + 2 * BITMAP_LEN + self.data.len() + 3 * fields);
         out.put_slice(self.mti.as_bytes());
         let secondary = self.present[1] != 0;
         let primary = if secondary {
@@ -260,21 +259,22 @@ impl Message {
             out.put_u64(self.present[1]);
         }
         for number in self.field_numbers() {
-            let spec = &spec::FIELDS[usize::from(number - 1)];
-            let span = self.spans[usize::from(number)];
-            put_length_prefix(out, spec.prefix, usize::from(span.len));
-            let start = usize::from(span.start);
-            out.put_slice(&self.data[start..start + usize::from(span.len)]);
+            out.put_slice(&self.data[wire_range(&self.data, &self.starts, number)]);
         }
     }
 
     /// Appends the message with its 2-byte big-endian frame header to `out`.
     pub fn encode_framed(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
-        let len = self.encoded_len();
-        let header = u16::try_from(len).map_err(|_| EncodeError::FrameTooLarge { len })?;
-        out.reserve(2 + len);
-        out.put_u16(header);
+        // Encode first and write the length after: one pass over the fields, not two.
+        let start = out.len();
+        out.put_u16(0);
         self.encode(out);
+        let len = out.len() - start - 2;
+        let Ok(header) = u16::try_from(len) else {
+            out.truncate(start);
+            return Err(EncodeError::FrameTooLarge { len });
+        };
+        out[start..start + 2].copy_from_slice(&header.to_be_bytes());
         Ok(())
     }
 
@@ -297,7 +297,38 @@ fn read_bitmap(bytes: &[u8], pos: &mut usize, what: &'static str) -> Result<u64,
     Ok(u64::from_be_bytes(array))
 }
 
-fn read_field(bytes: &[u8], pos: &mut usize, spec: &FieldSpec) -> Result<Span, FieldError> {
+/// Where the value of present field `number` lies in `data`. The prefix digits before it
+/// were checked by `read_field` or written by `MessageBuilder::set`.
+fn value_range(
+    data: &[u8],
+    starts: &[u16; MAX_FIELD as usize + 1],
+    number: u8,
+) -> std::ops::Range<usize> {
+    let wire = wire_range(data, starts, number);
+    let digits = spec::FIELDS[usize::from(number - 1)].prefix.digits();
+    wire.start + digits..wire.end
+}
+
+/// Where field `number` lies on the wire in `data`: length prefix and value.
+fn wire_range(
+    data: &[u8],
+    starts: &[u16; MAX_FIELD as usize + 1],
+    number: u8,
+) -> std::ops::Range<usize> {
+    let spec = &spec::FIELDS[usize::from(number - 1)];
+    let start = usize::from(starts[usize::from(number)]);
+    let digit = |i: usize| usize::from(data[i].wrapping_sub(b'0'));
+    match spec.prefix {
+        LengthPrefix::Fixed => start..start + usize::from(spec.max_len),
+        LengthPrefix::LlVar => start - 2..start + digit(start - 2) * 10 + digit(start - 1),
+        LengthPrefix::LllVar => {
+            start - 3..start + digit(start - 3) * 100 + digit(start - 2) * 10 + digit(start - 1)
+        }
+    }
+}
+
+/// Reads one field at `pos` and returns the offset of its value.
+fn read_field(bytes: &[u8], pos: &mut usize, spec: &FieldSpec) -> Result<u16, FieldError> {
     let len = match spec.prefix {
         LengthPrefix::Fixed => usize::from(spec.max_len),
         prefix => {
@@ -324,13 +355,10 @@ fn read_field(bytes: &[u8], pos: &mut usize, spec: &FieldSpec) -> Result<Span, F
         have: bytes.len() - *pos,
     })?;
     check_encoding(spec, data)?;
-    // Messages are at most u16::MAX bytes (checked in `decode`), so both fit.
-    let span = Span {
-        start: *pos as u16,
-        len: len as u16,
-    };
+    // Messages are at most u16::MAX bytes (checked in `decode_header`), so it fits.
+    let start = *pos as u16;
     *pos += len;
-    Ok(span)
+    Ok(start)
 }
 
 fn check_encoding(spec: &FieldSpec, data: &[u8]) -> Result<(), FieldError> {
@@ -370,7 +398,7 @@ fn put_length_prefix(out: &mut BytesMut, prefix: LengthPrefix, len: usize) {
 pub struct MessageBuilder {
     mti: Mti,
     present: [u64; 2],
-    spans: [Span; MAX_FIELD as usize + 1],
+    starts: [u16; MAX_FIELD as usize + 1],
     data: BytesMut,
 }
 
@@ -382,7 +410,7 @@ impl MessageBuilder {
         MessageBuilder {
             mti,
             present: [0; 2],
-            spans: [Span::default(); MAX_FIELD as usize + 1],
+            starts: [0; MAX_FIELD as usize + 1],
             data: BytesMut::with_capacity(Self::INITIAL_CAPACITY),
         }
     }
@@ -409,17 +437,14 @@ impl MessageBuilder {
             _ => {}
         }
         check_encoding(spec, value).map_err(bad)?;
-        let start = self.data.len();
-        if start + value.len() > usize::from(u16::MAX) {
-            return Err(EncodeError::FrameTooLarge {
-                len: start + value.len(),
-            });
+        let end = self.data.len() + spec.prefix.digits() + value.len();
+        if end > usize::from(u16::MAX) {
+            return Err(EncodeError::FrameTooLarge { len: end });
         }
+        put_length_prefix(&mut self.data, spec.prefix, value.len());
+        let start = self.data.len();
         self.data.extend_from_slice(value);
-        self.spans[usize::from(number)] = Span {
-            start: start as u16,
-            len: value.len() as u16,
-        };
+        self.starts[usize::from(number)] = start as u16;
         set_bit(&mut self.present, number);
         Ok(self)
     }
@@ -444,7 +469,7 @@ impl MessageBuilder {
         Message {
             mti: self.mti,
             present: self.present,
-            spans: self.spans,
+            starts: self.starts,
             data: std::mem::take(&mut self.data).freeze(),
         }
     }
