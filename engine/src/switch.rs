@@ -251,16 +251,22 @@ pub struct RunningSwitch {
     /// Listener counters (QUIC and TCP together).
     pub serve_stats: Arc<ServeStats>,
     shutdown: CancellationToken,
+    /// Stops the acquirer links: only after the listeners have drained, so requests in
+    /// progress still reach their acquirer and get its answer.
+    links_shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningSwitch {
-    /// Stops accepting, closes connections and waits for the listeners to end.
+    /// Graceful shutdown: stops accepting connections and reading requests, answers the
+    /// requests already read (waiting up to `payswitch_net::serve::DRAIN_TIMEOUT`), then
+    /// closes the listeners and the acquirer links.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         for task in self.tasks {
             let _ = task.await;
         }
+        self.links_shutdown.cancel();
     }
 
     /// A token that stops the switch when cancelled.
@@ -312,12 +318,13 @@ impl Security {
 pub async fn start(config: &Config, security: Security) -> anyhow::Result<RunningSwitch> {
     config.check()?;
     let shutdown = CancellationToken::new();
+    let links_shutdown = CancellationToken::new();
     let mut links = Vec::with_capacity(config.acquirers.len());
     for (acquirer, trust) in config.acquirers.iter().zip(security.acquirer_trust) {
         links.push(AcquirerLink::start(
             acquirer.clone(),
             trust,
-            shutdown.child_token(),
+            links_shutdown.clone(),
         )?);
     }
     let table = Arc::new(ArcSwap::from_pointee(Router::from_config(config)?));
@@ -387,6 +394,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         switch,
         serve_stats,
         shutdown,
+        links_shutdown,
         tasks,
     })
 }

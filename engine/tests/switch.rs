@@ -527,3 +527,42 @@ async fn admin_health_answers_once_listeners_are_up() {
     let text = String::from_utf8_lossy(&body);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
+
+#[tokio::test]
+async fn graceful_shutdown_answers_requests_in_progress() {
+    let sim = start_sim(SimConfig {
+        approval_rate: 1.0,
+        delay: Duration::from_millis(500),
+        ..SimConfig::default()
+    })
+    .await;
+    let switch = start_switch(
+        &config(vec![acquirer("north", &sim, 2_000)], vec![]),
+        vec![trust(&sim)],
+    )
+    .await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    let in_flight = {
+        let conn = conn.clone();
+        tokio::spawn(async move { transact(&conn, &authorization(VISA_TEST_CARD, 60)).await })
+    };
+    // The request is at the acquirer (500 ms) when the shutdown starts.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let quic_addr = switch.quic_addr.unwrap();
+    let stopping = tokio::spawn(switch.shutdown());
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.get_str(39), Some("00"), "answered, not dropped");
+    stopping.await.unwrap();
+    // Nothing listens any more.
+    let endpoint = quic::client_endpoint(ClientTrust::AcceptAny).unwrap();
+    let connect = tokio::time::timeout(
+        Duration::from_secs(2),
+        quic::connect(&endpoint, quic_addr, "localhost"),
+    )
+    .await;
+    assert!(
+        !matches!(connect, Ok(Ok(_))),
+        "a stopped switch accepts no connection"
+    );
+}

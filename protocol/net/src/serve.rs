@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::codes;
 use crate::framed::{FrameReader, ReadError};
@@ -92,14 +93,21 @@ pub enum StreamEnd {
     Failed,
 }
 
-/// Serves one stream until the peer finishes it, it fails, or a frame cannot be answered.
-/// Responses still in progress when reading stops are written before returning.
+/// How long a shutting-down server waits for requests in progress to be answered before
+/// it closes what is left. Longer than a typical acquirer timeout (2 s), so a request
+/// waiting on an acquirer still gets its answer.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one stream until the peer finishes it, it fails, a frame cannot be answered, or
+/// `shutdown` fires. Responses still in progress when reading stops are written before
+/// returning, so a shutdown drains the stream instead of dropping its requests.
 pub async fn serve_stream<R, W, H>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
     handler: &Arc<H>,
     max_in_flight: usize,
     stats: &ServeStats,
+    shutdown: &CancellationToken,
 ) -> StreamEnd
 where
     R: AsyncRead + Unpin,
@@ -112,6 +120,7 @@ where
     let mut end = StreamEnd::Finished;
     loop {
         tokio::select! {
+            _ = shutdown.cancelled(), if reading => reading = false,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 out.clear();
                 let mut close = collect(done, &mut out);
@@ -178,6 +187,7 @@ pub async fn serve_quic<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let streams = TaskTracker::new();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -193,14 +203,19 @@ pub async fn serve_quic<H: Handler>(
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
+        let streams = streams.clone();
         tokio::spawn(async move {
             let _permit = permit;
             if let Ok(connection) = incoming.await {
-                serve_quic_connection(connection, handler, limits, stats, shutdown).await;
+                serve_quic_connection(connection, handler, limits, stats, shutdown, streams).await;
             }
         });
     }
+    // Stop taking streams, let the ones open answer what they have read, then close.
+    streams.close();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, streams.wait()).await;
     endpoint.close(quinn::VarInt::from_u32(codes::SHUTDOWN), b"shutdown");
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, endpoint.wait_idle()).await;
 }
 
 async fn serve_quic_connection<H: Handler>(
@@ -209,17 +224,24 @@ async fn serve_quic_connection<H: Handler>(
     limits: Limits,
     stats: Arc<ServeStats>,
     shutdown: CancellationToken,
+    streams: TaskTracker,
 ) {
     loop {
         let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Keep this handle until the open streams have drained: dropping the last
+                // one closes the connection and discards what is not yet sent.
+                streams.wait().await;
+                return;
+            }
             stream = connection.accept_bi() => stream,
         };
         let Ok((mut send, recv)) = stream else { return };
         stats.streams.fetch_add(1, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        streams.spawn(async move {
             let mut reader = FrameReader::new(recv, limits.max_frame);
             let end = serve_stream(
                 &mut reader,
@@ -227,11 +249,17 @@ async fn serve_quic_connection<H: Handler>(
                 &handler,
                 limits.max_in_flight_per_stream,
                 &stats,
+                &shutdown,
             )
             .await;
             match end {
                 StreamEnd::Finished => {
                     let _ = send.finish();
+                    if shutdown.is_cancelled() {
+                        // The connection closes once every stream is done: wait until the
+                        // peer has the responses, or they would be discarded with it.
+                        let _ = tokio::time::timeout(DRAIN_TIMEOUT, send.stopped()).await;
+                    }
                 }
                 StreamEnd::Abort(code) => {
                     let code = quinn::VarInt::from_u32(code);
@@ -253,6 +281,7 @@ pub async fn serve_tcp<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         let accepted = tokio::select! {
@@ -281,20 +310,26 @@ pub async fn serve_tcp<H: Handler>(
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             let _permit = permit;
             let (read, mut write) = stream.into_split();
             let mut reader = FrameReader::new(read, limits.max_frame);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                end = serve_stream(&mut reader, &mut write, &handler, limits.max_in_flight_per_stream, &stats) => {
-                    if end == StreamEnd::Finished {
-                        let _ = write.shutdown().await;
-                    }
-                }
+            let end = serve_stream(
+                &mut reader,
+                &mut write,
+                &handler,
+                limits.max_in_flight_per_stream,
+                &stats,
+                &shutdown,
+            )
+            .await;
+            if end == StreamEnd::Finished {
+                let _ = write.shutdown().await;
             }
         });
     }
+    tracker.close();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await;
 }
 
 /// First wait after a failed accept.
