@@ -19,6 +19,7 @@ pub mod config;
 pub mod demo;
 pub mod iso;
 pub mod logging;
+pub mod model_cli;
 pub mod router;
 pub mod serve;
 pub mod switch;

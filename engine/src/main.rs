@@ -23,6 +23,11 @@ enum Command {
     AcquirerSim(payswitch_loadtest::acquirer_sim::SimArgs),
     /// Send an open-loop load of authorizations and report latency and response codes.
     Load(payswitch_loadtest::load::LoadArgs),
+    /// Write a labeled synthetic workload (cards, merchants, fraud scenarios) as CSV.
+    GenData(payswitch_loadtest::workload::GenDataArgs),
+    /// Fraud models: train, evaluate, inspect, benchmark.
+    #[command(subcommand)]
+    Model(payswitch::model_cli::ModelCommand),
     /// ISO 8583 tooling: hex <-> JSON, one message per line.
     #[command(subcommand)]
     Iso(payswitch::iso::IsoCommand),
@@ -32,6 +37,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Iso(command) => payswitch::iso::run(command),
+        Command::GenData(args) => report(payswitch_loadtest::workload::run(args)),
+        Command::Model(command) => report(payswitch::model_cli::run(command)),
         command => {
             payswitch::logging::init();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -50,16 +57,22 @@ fn main() -> std::process::ExitCode {
                     Command::Demo(args) => payswitch::demo::run(args).await,
                     Command::AcquirerSim(args) => payswitch_loadtest::acquirer_sim::run(args).await,
                     Command::Load(args) => payswitch_loadtest::load::run_cli(args).await,
-                    Command::Iso(_) => unreachable!("handled above"),
+                    Command::Iso(_) | Command::GenData(_) | Command::Model(_) => {
+                        unreachable!("handled above")
+                    }
                 }
             });
-            match result {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            report(result)
+        }
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
 }

@@ -15,4 +15,5 @@
 pub mod acquirer_sim;
 pub mod cards;
 pub mod load;
+pub mod workload;
 pub mod utc;
