@@ -21,6 +21,7 @@ pub mod iso;
 pub mod logging;
 pub mod model_cli;
 pub mod router;
+pub mod rules;
 pub mod serve;
 pub mod switch;
 pub mod validate;
