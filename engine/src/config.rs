@@ -69,12 +69,19 @@ pub struct Config {
     /// Sizes and limits of the pipeline.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// Fraud scoring: models, rules, budget.
+    #[serde(default)]
+    pub scoring: ScoringConfig,
     /// Acquirers the switch forwards to.
     #[serde(default)]
     pub acquirers: Vec<AcquirerConfig>,
     /// Routing rules, first match wins. Empty: every card goes to the acquirers in order.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Bearer token for the admin API's mutating calls (model deploy). Without one they
+    /// are refused. `PAYSWITCH_ADMIN_TOKEN` in the environment overrides it.
+    #[serde(default)]
+    pub admin_token: Option<String>,
     /// Accept any acquirer certificate. Only the quick-start flags set this; the switch
     /// prints a warning when it is on.
     #[serde(default)]
@@ -142,6 +149,47 @@ impl PipelineConfig {
             return self.shards;
         }
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Fraud scoring.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoringConfig {
+    /// The champion model file; without one every authorization is approved by the model
+    /// step (rules still apply).
+    pub model: Option<PathBuf>,
+    /// Challenger model files, scored in shadow.
+    pub challengers: Vec<PathBuf>,
+    /// The rules file, hot-reloaded.
+    pub rules: Option<PathBuf>,
+    /// Budget for features + model + rules per authorization, microseconds. A model whose
+    /// worst case exceeds it is refused at load; a scoring that exceeds it is counted and
+    /// decided by the rules alone.
+    pub budget_us: u64,
+    /// The time velocity windows use: `clock` (production) or `transmission` (field 7, for
+    /// replaying labeled files).
+    pub event_time: crate::scoring::EventTime,
+    /// Cards whose velocity is kept, over all shards (least recently seen evicted).
+    pub max_cards: usize,
+    /// Merchants kept, and as many terminals.
+    pub max_entities: usize,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        ScoringConfig {
+            model: None,
+            challengers: Vec::new(),
+            rules: None,
+            budget_us: 1_000,
+            event_time: crate::scoring::EventTime::Clock,
+            // About 0.8 KiB a card: 1 M cards ≈ 0.8 GiB, the working set of a large issuer
+            // portfolio's active day on one node.
+            max_cards: 1_000_000,
+            // Merchants and terminals: 100 k each ≈ 160 MiB together.
+            max_entities: 100_000,
+        }
     }
 }
 

@@ -167,9 +167,11 @@ async fn start_switch(north: &RunningSim, south: &RunningSim) -> anyhow::Result<
         },
         tls: None,
         pipeline: PipelineConfig::default(),
+        scoring: Default::default(),
         acquirers: vec![acquirer("north", north), acquirer("south", south)],
         routes: vec![route("4", "north"), route("510000-559999", "south")],
         insecure_acquirers: false,
+        admin_token: None,
     };
     // The simulators' self-signed certificates are the CAs: links are verified as in
     // production, with certificates made in memory.

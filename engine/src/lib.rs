@@ -22,6 +22,7 @@ pub mod logging;
 pub mod model_cli;
 pub mod router;
 pub mod rules;
+pub mod scoring;
 pub mod serve;
 pub mod switch;
 pub mod validate;

@@ -43,6 +43,27 @@ pub struct ServeArgs {
     /// Number of shards (default: one per core).
     #[arg(long)]
     pub shards: Option<usize>,
+    /// The champion fraud model file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A challenger model file, scored in shadow; repeat for several.
+    #[arg(long = "challenger")]
+    pub challengers: Vec<PathBuf>,
+    /// The rules file (CEL), reloaded when it changes.
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
+    /// The time velocity windows use: `clock` or `transmission` (field 7, for replays).
+    #[arg(long, value_enum)]
+    pub event_time: Option<EventTimeArg>,
+}
+
+/// `--event-time` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum EventTimeArg {
+    /// The switch's clock.
+    Clock,
+    /// Field 7 of the request.
+    Transmission,
 }
 
 impl ServeArgs {
@@ -58,9 +79,11 @@ impl ServeArgs {
                 },
                 tls: None,
                 pipeline: PipelineConfig::default(),
+                scoring: Default::default(),
                 acquirers: Vec::new(),
                 routes: Vec::new(),
                 insecure_acquirers: false,
+                admin_token: None,
             },
         };
         if self.config.is_none() && self.listen.is_none() && self.tcp_listen.is_none() {
@@ -78,6 +101,22 @@ impl ServeArgs {
         if let Some(shards) = self.shards {
             config.pipeline.shards = shards;
         }
+        if self.model.is_some() {
+            config.scoring.model = self.model.clone();
+        }
+        config
+            .scoring
+            .challengers
+            .extend(self.challengers.iter().cloned());
+        if self.rules.is_some() {
+            config.scoring.rules = self.rules.clone();
+        }
+        if let Some(event_time) = self.event_time {
+            config.scoring.event_time = match event_time {
+                EventTimeArg::Clock => crate::scoring::EventTime::Clock,
+                EventTimeArg::Transmission => crate::scoring::EventTime::Transmission,
+            };
+        }
         for (i, address) in self.acquirers.iter().enumerate() {
             config.acquirers.push(AcquirerConfig {
                 name: format!("acquirer-{}", i + 1),
@@ -90,6 +129,9 @@ impl ServeArgs {
         }
         if !self.acquirers.is_empty() && self.acquirer_ca.is_none() {
             config.insecure_acquirers = true;
+        }
+        if let Ok(token) = std::env::var("PAYSWITCH_ADMIN_TOKEN") {
+            config.admin_token = Some(token);
         }
         config.check()?;
         Ok(config)

@@ -22,34 +22,26 @@ use tokio_util::sync::CancellationToken;
 use crate::acquirer::{AcquirerLink, LinkError};
 use crate::config::Config;
 use crate::router::{AcquirerIndex, Router};
+use crate::scoring::{Scoring, ShardScoring, Verdict};
 use crate::validate::{self, Authorization, Kind};
+use payswitch_models::features::Transaction;
+use payswitch_models::model::{Decision, Model};
 
-/// The fraud decision of a shard. Until a model is deployed every authorization passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Forward to the acquirer.
-    Approve,
-}
-
-impl Decision {
-    fn as_str(&self) -> &'static str {
-        match self {
-            Decision::Approve => "approve",
-        }
-    }
-}
+use crate::rules::RuleSet;
 
 /// What a shard answers for one authorization.
 #[derive(Debug)]
-struct Verdict {
-    decision: Decision,
+struct ShardVerdict {
+    /// The fraud decision and what explains it.
+    scoring: Verdict,
     /// Acquirers to try, in order; `None`: no route (92).
     route: Option<Arc<[AcquirerIndex]>>,
 }
 
 struct ShardJob {
     auth: Authorization,
-    reply: oneshot::Sender<Verdict>,
+    transaction: Transaction,
+    reply: oneshot::Sender<ShardVerdict>,
 }
 
 /// Counters of one shard, written only by the shard's task.
@@ -59,19 +51,22 @@ pub struct ShardStats {
     pub decided: AtomicU64,
 }
 
-/// A shard: owns the state of the cards that hash to it (velocity, duplicates, as those
-/// capabilities land), so that state needs no lock. Reached through a bounded queue.
+/// A shard: owns the state of the cards that hash to it (velocity; duplicates as that
+/// capability lands), so that state needs no lock. Reached through a bounded queue.
 async fn run_shard(
     mut jobs: mpsc::Receiver<ShardJob>,
     router: Arc<ArcSwap<Router>>,
+    scoring: Arc<Scoring>,
+    mut state: ShardScoring,
     stats: Arc<ShardStats>,
 ) {
     while let Some(job) = jobs.recv().await {
         let auth = &job.auth;
+        let verdict = scoring.decide(&mut state, &job.transaction);
         let route = router.load().route(&auth.pan, auth.currency, auth.mcc);
         stats.decided.fetch_add(1, Ordering::Relaxed);
-        let _ = job.reply.send(Verdict {
-            decision: Decision::Approve,
+        let _ = job.reply.send(ShardVerdict {
+            scoring: verdict,
             route,
         });
     }
@@ -108,6 +103,8 @@ impl SwitchStats {
 /// The ingress handler shared by every gateway stream.
 pub struct Switch {
     shards: Vec<mpsc::Sender<ShardJob>>,
+    /// Models, rules and their counters.
+    pub scoring: Arc<Scoring>,
     links: Vec<Arc<AcquirerLink>>,
     /// Counters.
     pub stats: SwitchStats,
@@ -176,37 +173,41 @@ impl Switch {
     }
 
     async fn authorize(&self, request: &Message, auth: Authorization) -> ([u8; 2], Message) {
+        let transaction = self.scoring.transaction(request, &auth, unix_now_ms());
         // `shards` is never empty (`start` makes at least one), so the modulo is defined.
         let shard = (auth.pan.shard_hash() % self.shards.len() as u64) as usize;
         let (reply, verdict) = oneshot::channel();
-        if self.shards[shard]
-            .try_send(ShardJob { auth, reply })
-            .is_err()
-        {
+        let job = ShardJob {
+            auth,
+            transaction,
+            reply,
+        };
+        if self.shards[shard].try_send(job).is_err() {
             self.stats.shed.fetch_add(1, Ordering::Relaxed);
             return self.refuse(request, ResponseCode::IssuerInoperative);
         }
         let Ok(verdict) = verdict.await else {
             return self.refuse(request, ResponseCode::SystemMalfunction);
         };
+        let tags = verdict.scoring.tags();
+        if verdict.scoring.decision == Decision::Decline {
+            let code = as_code(ResponseCode::SuspectedFraud);
+            return (code, validate::respond(request, &code, None, &tags));
+        }
         let Some(route) = verdict.route else {
             return self.refuse(request, ResponseCode::NoRoute);
         };
         for &index in route.iter() {
             let link = &self.links[index];
             match link.call(request).await {
-                Ok(answer) => return self.relay(request, &answer, verdict.decision, link.name()),
+                Ok(answer) => return self.relay(request, &answer, &tags, link.name()),
                 // Nothing was sent: the next acquirer may take it.
                 Err(LinkError::Down | LinkError::Busy) => continue,
                 // It may have been authorized there: never send it elsewhere.
                 Err(e) => {
                     debug_assert!(e.maybe_delivered());
                     let code = as_code(ResponseCode::IssuerInoperative);
-                    let tags = format!(
-                        "decision={};model=none;acquirer={}",
-                        verdict.decision.as_str(),
-                        link.name()
-                    );
+                    let tags = format!("{tags};acquirer={}", link.name());
                     return (code, validate::respond(request, &code, None, &tags));
                 }
             }
@@ -218,7 +219,7 @@ impl Switch {
         &self,
         request: &Message,
         answer: &Message,
-        decision: Decision,
+        tags: &str,
         acquirer: &str,
     ) -> ([u8; 2], Message) {
         let Some(code) = validate::acquirer_code(answer) else {
@@ -227,10 +228,7 @@ impl Switch {
         let approval = (code == *b"00")
             .then(|| validate::acquirer_approval_code(answer))
             .flatten();
-        let tags = format!(
-            "decision={};model=none;acquirer={acquirer}",
-            decision.as_str()
-        );
+        let tags = format!("{tags};acquirer={acquirer}");
         (code, validate::respond(request, &code, approval, &tags))
     }
 }
@@ -314,6 +312,34 @@ impl Security {
     }
 }
 
+/// Loads the configured models and rules; any that fails to load or to fit the budget
+/// stops the start with its reason.
+fn start_scoring(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Scoring> {
+    let s = &config.scoring;
+    let rules = Arc::new(
+        RuleSet::load(s.rules.as_deref(), crate::scoring::rule_variables())
+            .context("loading the rules file")?,
+    );
+    tokio::spawn(Arc::clone(&rules).watch(shutdown));
+    let budget = std::time::Duration::from_micros(s.budget_us);
+    let scoring = Scoring::new(rules, budget, s.event_time, s.max_entities);
+    if let Some(path) = &s.model {
+        let model =
+            Model::load_file(path).with_context(|| format!("loading model {}", path.display()))?;
+        scoring
+            .set_champion(Arc::new(model))
+            .map_err(anyhow::Error::msg)?;
+    }
+    for path in &s.challengers {
+        let model =
+            Model::load_file(path).with_context(|| format!("loading model {}", path.display()))?;
+        scoring
+            .add_challenger(Arc::new(model))
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok(scoring)
+}
+
 /// Starts the switch: acquirer links, shards, listeners and admin HTTP.
 pub async fn start(config: &Config, security: Security) -> anyhow::Result<RunningSwitch> {
     config.check()?;
@@ -328,18 +354,27 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         )?);
     }
     let table = Arc::new(ArcSwap::from_pointee(Router::from_config(config)?));
+    let scoring = Arc::new(start_scoring(config, links_shutdown.clone())?);
     let shard_count = config.pipeline.shard_count().max(1);
+    let cards_per_shard = (config.scoring.max_cards / shard_count).max(1);
     let mut shards = Vec::with_capacity(shard_count);
     let mut shard_stats = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
         let (tx, rx) = mpsc::channel(config.pipeline.shard_queue_depth);
         let stats = Arc::new(ShardStats::default());
-        tokio::spawn(run_shard(rx, Arc::clone(&table), Arc::clone(&stats)));
+        tokio::spawn(run_shard(
+            rx,
+            Arc::clone(&table),
+            Arc::clone(&scoring),
+            ShardScoring::new(cards_per_shard),
+            Arc::clone(&stats),
+        ));
         shards.push(tx);
         shard_stats.push(stats);
     }
     let switch = Arc::new(Switch {
         shards,
+        scoring,
         links,
         stats: SwitchStats::default(),
         shard_stats,
@@ -381,8 +416,13 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     }
     let mut admin_addr = None;
     if let Some(addr) = config.listen.admin {
-        let (bound, task) =
-            crate::admin::start(addr, Arc::clone(&switch), shutdown.child_token()).await?;
+        let (bound, task) = crate::admin::start(
+            addr,
+            Arc::clone(&switch),
+            config.admin_token.clone(),
+            shutdown.child_token(),
+        )
+        .await?;
         admin_addr = Some(bound);
         tasks.push(task);
     }
@@ -397,4 +437,10 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         links_shutdown,
         tasks,
     })
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

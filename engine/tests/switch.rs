@@ -75,9 +75,11 @@ fn config(acquirers: Vec<AcquirerConfig>, routes: Vec<RouteConfig>) -> Config {
             shards: 2,
             ..PipelineConfig::default()
         },
+        scoring: Default::default(),
         acquirers,
         routes,
         insecure_acquirers: false,
+        admin_token: None,
     }
 }
 

@@ -365,6 +365,74 @@ pub fn authorization(
         .build())
 }
 
+/// Field 19, acquiring institution country code (ISO numeric, 3 digits). The protocol's
+/// `fields` names only what the switch itself reads; this is what a labeled row's country
+/// goes in.
+pub const ACQUIRING_COUNTRY: u8 = 19;
+
+/// Field 42 is 15 characters and field 41 8: shorter ids from a data file are padded with
+/// spaces on the right, as acquirers do.
+const MERCHANT_ID_LEN: usize = 15;
+const TERMINAL_ID_LEN: usize = 8;
+
+/// One labeled row as a 0100: fields 2, 4, 49, 18, 42, 41, 19 and 22 from the row, 7 from
+/// its timestamp (so a switch reading field 7 as the event time sees the data's timeline),
+/// 3 purchase, 11 `stan`, 14 `expiry` (YYMM), 37 `rrn`.
+///
+/// Fails on a row whose values do not fit their fields (an error names no PAN).
+pub fn labeled_authorization(
+    row: &payswitch_models::data::LabeledTransaction,
+    stan: Stan,
+    rrn: &str,
+    expiry: &str,
+) -> anyhow::Result<Message> {
+    let pan = Pan::parse(row.pan.as_bytes())
+        .context("pan is not 12 to 19 digits with a valid check digit")?;
+    let time_ms = row
+        .timestamp_ms()
+        .context("timestamp is not RFC 3339 UTC")?;
+    let seconds = u64::try_from(time_ms / 1000).context("timestamp is before 1970")?;
+    let when = UtcDateTime::from_unix_seconds(seconds);
+    ensure!(
+        row.merchant_id.len() <= MERCHANT_ID_LEN,
+        "merchant_id is longer than {MERCHANT_ID_LEN}"
+    );
+    ensure!(
+        row.terminal_id.len() <= TERMINAL_ID_LEN,
+        "terminal_id is longer than {TERMINAL_ID_LEN}"
+    );
+    ensure!(
+        row.currency < 1000 && row.country < 1000 && row.pos_entry_mode < 1000,
+        "currency, country and pos_entry_mode must be 3 digits"
+    );
+    ensure!(row.mcc < 10_000, "mcc must be 4 digits");
+    let message = Message::builder(Mti::AUTHORIZATION_REQUEST)
+        .set(fields::PAN, pan.expose())?
+        .set_str(fields::PROCESSING_CODE, "000000")?
+        .set_str(fields::AMOUNT, &format!("{:012}", row.amount_minor))?
+        .set_str(fields::TRANSMISSION_TIME, &when.transmission_time())?
+        .set(fields::STAN, &stan.to_digits())?
+        .set_str(fields::EXPIRY, expiry)?
+        .set_str(fields::MCC, &format!("{:04}", row.mcc))?
+        .set_str(ACQUIRING_COUNTRY, &format!("{:03}", row.country))?
+        .set_str(
+            fields::POS_ENTRY_MODE,
+            &format!("{:03}", row.pos_entry_mode),
+        )?
+        .set_str(fields::RRN, rrn)?
+        .set_str(
+            fields::TERMINAL,
+            &format!("{:<TERMINAL_ID_LEN$}", row.terminal_id),
+        )?
+        .set_str(
+            fields::MERCHANT,
+            &format!("{:<MERCHANT_ID_LEN$}", row.merchant_id),
+        )?
+        .set_str(fields::CURRENCY, &format!("{:03}", row.currency))?
+        .build();
+    Ok(message)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -469,6 +537,30 @@ mod tests {
         assert_eq!(msg.get_str(41), Some("T0000042"));
         assert_eq!(msg.get_str(42), Some("MERCHANT0000010"));
         assert!(authorization(card, 10u64.pow(12), &terminal, stan, "ABC", now()).is_err());
+    }
+
+    #[test]
+    fn labeled_row_becomes_an_0100_with_its_own_fields() {
+        let text = "timestamp,pan,amount_minor,currency,mcc,merchant_id,terminal_id,country,pos_entry_mode,is_fraud,scenario
+2026-11-25T13:45:01.250Z,4000001234567899,99,826,5999,MER7,T12,826,10,1,card_testing
+";
+        let row = &payswitch_models::data::read_all(text.as_bytes()).unwrap()[0];
+        let stan = Stan::new(9).unwrap();
+        let msg = labeled_authorization(row, stan, "ABC123DEF456", "3012").unwrap();
+        let msg = Message::decode(msg.to_bytes()).unwrap();
+        let numbers: Vec<u8> = msg.field_numbers().collect();
+        assert_eq!(numbers, [2, 3, 4, 7, 11, 14, 18, 19, 22, 37, 41, 42, 49]);
+        assert_eq!(msg.get_str(4), Some("000000000099"));
+        assert_eq!(msg.get_str(7), Some("1125134501"));
+        assert_eq!(msg.get_str(19), Some("826"));
+        assert_eq!(msg.get_str(22), Some("010"));
+        assert_eq!(msg.get_str(41), Some("T12     "));
+        assert_eq!(msg.get_str(42), Some("MER7           "));
+        assert_eq!(msg.get_str(49), Some("826"));
+        let mut bad = row.clone();
+        bad.pan.replace_range(15.., "0");
+        let err = labeled_authorization(&bad, stan, "ABC123DEF456", "3012").unwrap_err();
+        assert!(!format!("{err:#}").contains("400000123456"), "{err:#}");
     }
 
     #[test]

@@ -12,7 +12,14 @@
 //! responses come back in completion order and are matched by terminal (41) + STAN (11).
 //! Everything is bounded: outstanding requests per connection (beyond the cap a request is
 //! an error, not a queue entry) and the time each request may take.
+//!
+//! With `--data FILE` the requests are the rows of a labeled file ([`payswitch_models::data`])
+//! in file order, request `i` being row `i`; the run ends at the end of the file or after
+//! `rate × duration` rows, whichever comes first. Each request carries its row's label to
+//! its response, and the report adds fraud caught (59 on fraud rows) and legitimate
+//! declined (59 on legitimate rows).
 
+mod data;
 mod report;
 
 use std::collections::HashMap;
@@ -36,8 +43,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-pub use report::Report;
-use report::{Failure, RunFacts, Tally};
+use data::{DataSet, Label};
+pub use data::{MAX_DATA_BYTES, MAX_SCENARIOS};
+use report::{DataFacts, Failure, RunFacts, Tally};
+pub use report::{LabelReport, Report};
 
 use crate::cards::{
     authorization, sample_amount_minor, CardPool, RrnGenerator, StanCounter, Terminal, DEFAULT_BINS,
@@ -97,6 +106,10 @@ pub struct LoadArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Replay this labeled CSV file (as `gen-data` writes) in file order instead of random
+    /// cards; the run ends at the end of the file or after rate × duration rows.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
 }
 
 /// How requests are carried.
@@ -175,6 +188,9 @@ pub struct LoadConfig {
     pub max_outstanding_per_connection: usize,
     /// Draw a progress bar on stderr (only if stderr is a terminal).
     pub progress: bool,
+    /// A labeled file to replay instead of the card pool (`cards`, `bins`, `terminals` and
+    /// `seed` then do not apply).
+    pub data: Option<PathBuf>,
 }
 
 impl LoadConfig {
@@ -195,6 +211,7 @@ impl LoadConfig {
             request_timeout: Duration::from_secs(5),
             max_outstanding_per_connection: DEFAULT_MAX_OUTSTANDING,
             progress: false,
+            data: None,
         }
     }
 
@@ -240,8 +257,13 @@ struct Schedule {
 impl Schedule {
     /// The intended send time of this connection's `k`-th request, `None` past the end.
     fn intended(&self, k: u64) -> Option<Instant> {
-        let i = self.connection + k * self.connections;
+        let i = self.index(k);
         (i < self.total).then(|| self.t0 + Duration::from_secs_f64(i as f64 / self.rate_tps))
+    }
+
+    /// The run-wide number of this connection's `k`-th request (a data file's row).
+    fn index(&self, k: u64) -> u64 {
+        self.connection + k * self.connections
     }
 
     /// Requests in this connection's share.
@@ -276,17 +298,46 @@ fn key_of(message: &Message) -> Option<Key> {
     Some((terminal, stan.get()))
 }
 
-/// The requests of one connection: its own terminals (so their STANs never collide with
-/// another connection's) and cards from the shared pool.
-struct Workload {
+/// Where a connection's requests come from.
+// One per connection, made once: the size difference (the synthetic rng) costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Workload {
+    Synthetic(Synthetic),
+    /// Rows of a labeled file; each row's STAN was fixed when the file was loaded.
+    Data {
+        data: Arc<DataSet>,
+        rrns: RrnGenerator,
+    },
+}
+
+impl Workload {
+    /// Request number `index` of the run, its key and (from a data file) its label.
+    fn next_request(&mut self, index: u64) -> Option<(Message, Key, Option<Label>)> {
+        match self {
+            Workload::Synthetic(synthetic) => {
+                let (request, key) = synthetic.next_request()?;
+                Some((request, key, None))
+            }
+            Workload::Data { data, rrns } => {
+                let (request, label) = data.request(index, &rrns.next_rrn())?;
+                let key = key_of(&request)?;
+                Some((request, key, Some(label)))
+            }
+        }
+    }
+}
+
+/// The synthetic requests of one connection: its own terminals (so their STANs never
+/// collide with another connection's) and cards from the shared pool.
+struct Synthetic {
     pool: Arc<CardPool>,
     terminals: Vec<(Terminal, StanCounter)>,
     rrns: RrnGenerator,
     rng: StdRng,
 }
 
-impl Workload {
-    fn new(config: &LoadConfig, pool: Arc<CardPool>, connection: usize) -> Workload {
+impl Synthetic {
+    fn new(config: &LoadConfig, pool: Arc<CardPool>, connection: usize) -> Synthetic {
         let terminals = config.terminals.max(config.connections);
         let terminals = (connection..terminals)
             .step_by(config.connections)
@@ -296,7 +347,7 @@ impl Workload {
         let seed = config
             .seed
             .wrapping_add((connection as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        Workload {
+        Synthetic {
             pool,
             terminals,
             rrns: RrnGenerator::new(),
@@ -325,8 +376,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn answered(&self, intended: Instant, response: &Message) {
-        self.lock().answered(intended.elapsed(), response);
+    fn answered(&self, intended: Instant, response: &Message, label: Option<Label>) {
+        self.lock().answered(intended.elapsed(), response, label);
         self.finished.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -379,12 +430,7 @@ async fn connect(config: &LoadConfig) -> anyhow::Result<Link> {
 /// `config.progress` is set and stderr is a terminal.
 pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
     config.check()?;
-    let pool = Arc::new(CardPool::new(
-        config.cards,
-        &config.bins,
-        config.seed,
-        UtcDateTime::now(),
-    )?);
+    let source = Source::of(&config)?;
     let mut links = Vec::with_capacity(config.connections);
     for _ in 0..config.connections {
         let link = tokio::time::timeout(CONNECT_TIMEOUT, connect(&config))
@@ -394,7 +440,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
             .with_context(|| format!("connecting to {}", config.target))?;
         links.push(link);
     }
-    let total = config.total_requests();
+    let total = source.total(&config);
     let finished = Arc::new(AtomicU64::new(0));
     let progress = (config.progress && std::io::stderr().is_terminal())
         .then(|| spawn_progress(total, Arc::clone(&finished)));
@@ -412,7 +458,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
             tally: Mutex::new(Tally::new()),
             finished: Arc::clone(&finished),
         });
-        let workload = Workload::new(&config, Arc::clone(&pool), c);
+        let workload = source.workload(&config, c);
         let limits = Bounds::of(&config);
         drivers.spawn(drive(link, workload, schedule, limits, shared));
     }
@@ -436,8 +482,66 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         elapsed,
         offered_tps: config.rate_tps,
         sent: total,
+        data: source.facts(&config, total),
     };
     Ok(Report::new(facts, &tally))
+}
+
+/// The requests of a run: a synthetic card pool or a labeled file.
+enum Source {
+    Pool(Arc<CardPool>),
+    Data(Arc<DataSet>),
+}
+
+impl Source {
+    fn of(config: &LoadConfig) -> anyhow::Result<Source> {
+        Ok(match &config.data {
+            Some(path) => Source::Data(Arc::new(DataSet::load(path)?)),
+            None => Source::Pool(Arc::new(CardPool::new(
+                config.cards,
+                &config.bins,
+                config.seed,
+                UtcDateTime::now(),
+            )?)),
+        })
+    }
+
+    /// Requests in the run: the schedule's, or fewer if the file ends first.
+    fn total(&self, config: &LoadConfig) -> u64 {
+        match self {
+            Source::Pool(_) => config.total_requests(),
+            Source::Data(data) => config.total_requests().min(data.len() as u64),
+        }
+    }
+
+    fn workload(&self, config: &LoadConfig, connection: usize) -> Workload {
+        match self {
+            Source::Pool(pool) => {
+                Workload::Synthetic(Synthetic::new(config, Arc::clone(pool), connection))
+            }
+            Source::Data(data) => Workload::Data {
+                data: Arc::clone(data),
+                rrns: RrnGenerator::new(),
+            },
+        }
+    }
+
+    fn facts(&self, config: &LoadConfig, total: u64) -> Option<DataFacts> {
+        let Source::Data(data) = self else {
+            return None;
+        };
+        Some(DataFacts {
+            file: config
+                .data
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            rows: data.len() as u64,
+            ended_by_file: total == data.len() as u64,
+            sent: data.sent_summary(total),
+            scenarios: data.scenarios.clone(),
+        })
+    }
 }
 
 fn spawn_progress(
@@ -532,7 +636,7 @@ async fn per_stream(
             shared.failed(Failure::Overload);
             continue;
         }
-        let Some((request, _)) = workload.next_request() else {
+        let Some((request, _, label)) = workload.next_request(schedule.index(k)) else {
             shared.failed(Failure::Build);
             continue;
         };
@@ -541,7 +645,7 @@ async fn per_stream(
         tasks.spawn(async move {
             let exchange = transaction(&connection, &request);
             match tokio::time::timeout(bounds.request_timeout, exchange).await {
-                Ok(Ok(response)) => shared.answered(intended, &response),
+                Ok(Ok(response)) => shared.answered(intended, &response, label),
                 Ok(Err(failure)) => shared.failed(failure),
                 Err(_) => shared.failed(Failure::Timeout),
             }
@@ -573,6 +677,7 @@ async fn transaction(
 struct Pending {
     intended: Instant,
     deadline: Instant,
+    label: Option<Label>,
 }
 
 /// What the writer and the reader of one pipelined stream share.
@@ -593,7 +698,7 @@ impl Pipe<'_> {
     }
 
     /// Registers a request about to be written; `false` (and an overload error) at the cap.
-    fn register(&self, key: Key, intended: Instant) -> bool {
+    fn register(&self, key: Key, intended: Instant, label: Option<Label>) -> bool {
         let mut pending = self.pending();
         if pending.len() >= self.bounds.max_outstanding {
             drop(pending);
@@ -601,7 +706,14 @@ impl Pipe<'_> {
             return false;
         }
         let deadline = Instant::now() + self.bounds.request_timeout;
-        pending.insert(key, Pending { intended, deadline });
+        pending.insert(
+            key,
+            Pending {
+                intended,
+                deadline,
+                label,
+            },
+        );
         true
     }
 
@@ -616,7 +728,7 @@ impl Pipe<'_> {
         };
         let entry = self.pending().remove(&key);
         match entry {
-            Some(p) => self.shared.answered(p.intended, &response),
+            Some(p) => self.shared.answered(p.intended, &response, p.label),
             None => self.shared.lock().late(),
         }
     }
@@ -689,12 +801,12 @@ async fn pipeline_send<W: AsyncWrite + Unpin>(
             pipe.shared.failed(Failure::Transport);
             continue;
         }
-        let Some((request, key)) = workload.next_request() else {
+        let Some((request, key, label)) = workload.next_request(schedule.index(k)) else {
             pipe.shared.failed(Failure::Build);
             continue;
         };
         // Registered before the write, so an answer cannot overtake its own entry.
-        if !pipe.register(key, intended) {
+        if !pipe.register(key, intended, label) {
             continue;
         }
         // A target that stops reading would block this write forever: give up on the
@@ -770,6 +882,7 @@ pub async fn run_cli(args: LoadArgs) -> anyhow::Result<()> {
         request_timeout: args.timeout,
         max_outstanding_per_connection: args.max_outstanding,
         progress: !args.quiet,
+        data: args.data,
         ..LoadConfig::new(target, trust)
     };
     let report = run(config).await?;

@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use payswitch_protocol::{fields, Message};
 use serde::Serialize;
 
+use super::data::{Label, LabelTally, SentSummary};
 use super::Mode;
 
 /// Largest latency the histogram tells apart: 60 s. Requests time out well before, but
@@ -59,6 +60,7 @@ pub(crate) struct Tally {
     unmatched: u64,
     codes: BTreeMap<String, u64>,
     by_acquirer: BTreeMap<String, BTreeMap<String, u64>>,
+    labels: LabelTally,
 }
 
 fn bump(map: &mut BTreeMap<String, u64>, key: &str, by: u64) {
@@ -88,16 +90,21 @@ impl Tally {
             unmatched: 0,
             codes: BTreeMap::new(),
             by_acquirer: BTreeMap::new(),
+            labels: LabelTally::default(),
         }
     }
 
-    /// A response to a request, `latency` after its intended send time.
-    pub(crate) fn answered(&mut self, latency: Duration, response: &Message) {
+    /// A response to a request, `latency` after its intended send time; `label` when the
+    /// request came from a labeled file.
+    pub(crate) fn answered(&mut self, latency: Duration, response: &Message, label: Option<Label>) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency_us.saturating_record(us.max(1));
         self.answered += 1;
         let code = response.get_str(fields::RESPONSE_CODE).unwrap_or(NO_CODE);
         bump(&mut self.codes, code, 1);
+        if let Some(label) = label {
+            self.labels.answered(label, code);
+        }
         let acquirer = acquirer_tag(response.get_str(fields::PRIVATE_DATA)).unwrap_or(NO_ACQUIRER);
         match self.by_acquirer.get_mut(acquirer) {
             Some(codes) => bump(codes, code, 1),
@@ -132,6 +139,7 @@ impl Tally {
             *self.errors.entry(kind).or_default() += n;
         }
         self.late += other.late;
+        self.labels.merge(&other.labels);
         self.unmatched += other.unmatched;
         for (code, n) in &other.codes {
             bump(&mut self.codes, code, *n);
@@ -191,6 +199,103 @@ pub struct Report {
     pub codes: BTreeMap<String, u64>,
     /// Response codes by the `acquirer=` tag of field 48 ("none" when absent).
     pub codes_by_acquirer: BTreeMap<String, BTreeMap<String, u64>>,
+    /// What became of labeled rows: only with `--data` (its keys then sit at the top
+    /// level of the JSON).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<LabelReport>,
+}
+
+/// Fraud figures of a `--data` run. "Caught" is a 59 (suspected fraud) answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelReport {
+    /// The labeled file replayed.
+    pub data_file: String,
+    /// Rows in the file.
+    pub data_rows: u64,
+    /// Why the run stopped: `end_of_file` (every row sent) or `duration` (rate × duration
+    /// rows, fewer than the file has).
+    pub ended_by: String,
+    /// Fraud rows among the rows sent (answered or not).
+    pub fraud_sent: u64,
+    /// Fraud rows answered 59.
+    pub fraud_caught: u64,
+    /// Legitimate rows answered 59.
+    pub legit_declined: u64,
+    /// Amount of the fraud rows sent, minor units (currencies added as numbers).
+    pub fraud_amount_minor: u64,
+    /// Amount of the fraud rows answered 59, minor units.
+    pub fraud_amount_caught_minor: u64,
+    /// Fraud rows sent, by scenario.
+    pub fraud_sent_by_scenario: BTreeMap<String, u64>,
+    /// Fraud rows answered 59, by scenario (every scenario sent is listed).
+    pub fraud_caught_by_scenario: BTreeMap<String, u64>,
+}
+
+/// What a `--data` run knows besides its tallies.
+pub(crate) struct DataFacts {
+    pub(crate) file: String,
+    pub(crate) rows: u64,
+    pub(crate) ended_by_file: bool,
+    pub(crate) sent: SentSummary,
+    pub(crate) scenarios: Vec<String>,
+}
+
+impl LabelReport {
+    fn new(facts: DataFacts, tally: &LabelTally) -> LabelReport {
+        let mut caught: BTreeMap<String, u64> = facts
+            .sent
+            .fraud_sent_by_scenario
+            .keys()
+            .map(|k| (k.clone(), 0))
+            .collect();
+        for (s, n) in &tally.caught_by_scenario {
+            if let Some(name) = facts.scenarios.get(usize::from(*s)) {
+                bump(&mut caught, name, *n);
+            }
+        }
+        LabelReport {
+            data_file: facts.file,
+            data_rows: facts.rows,
+            ended_by: if facts.ended_by_file {
+                "end_of_file"
+            } else {
+                "duration"
+            }
+            .into(),
+            fraud_sent: facts.sent.fraud_sent,
+            fraud_caught: tally.fraud_caught,
+            legit_declined: tally.legit_declined,
+            fraud_amount_minor: facts.sent.fraud_amount_minor,
+            fraud_amount_caught_minor: tally.fraud_amount_caught_minor,
+            fraud_sent_by_scenario: facts.sent.fraud_sent_by_scenario,
+            fraud_caught_by_scenario: caught,
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "  data      {} ({} rows), ended by {}",
+            self.data_file, self.data_rows, self.ended_by
+        );
+        let _ = writeln!(
+            out,
+            "  fraud     {} sent, {} caught (59), amount {} of {} minor caught; {} legitimate declined (59)",
+            self.fraud_sent,
+            self.fraud_caught,
+            self.fraud_amount_caught_minor,
+            self.fraud_amount_minor,
+            self.legit_declined
+        );
+        for (scenario, sent) in &self.fraud_sent_by_scenario {
+            let caught = self
+                .fraud_caught_by_scenario
+                .get(scenario)
+                .copied()
+                .unwrap_or(0);
+            let _ = writeln!(out, "  scenario  {scenario}: {caught} of {sent} caught");
+        }
+    }
 }
 
 /// What the report says about the run besides the tallies.
@@ -202,6 +307,7 @@ pub(crate) struct RunFacts {
     pub(crate) elapsed: Duration,
     pub(crate) offered_tps: f64,
     pub(crate) sent: u64,
+    pub(crate) data: Option<DataFacts>,
 }
 
 impl Report {
@@ -246,6 +352,7 @@ impl Report {
             mean_us: if h.is_empty() { 0.0 } else { h.mean() },
             codes: tally.codes.clone(),
             codes_by_acquirer: tally.by_acquirer.clone(),
+            labels: facts.data.map(|d| LabelReport::new(d, &tally.labels)),
         }
     }
 
@@ -284,6 +391,9 @@ impl Report {
         let _ = writeln!(out, "  codes     {}", counts(&self.codes));
         for (acquirer, codes) in &self.codes_by_acquirer {
             let _ = writeln!(out, "  acquirer  {acquirer}: {}", counts(codes));
+        }
+        if let Some(labels) = &self.labels {
+            labels.render(&mut out);
         }
         if self.errors > 0 {
             let _ = writeln!(out, "  errors    {}", counts(&self.errors_by_kind));
@@ -331,13 +441,15 @@ mod tests {
         a.answered(
             Duration::from_micros(100),
             &response("00", Some("acquirer=x")),
+            None,
         );
-        a.answered(Duration::from_micros(300), &response("05", None));
+        a.answered(Duration::from_micros(300), &response("05", None), None);
         a.failed(Failure::Timeout);
         let mut b = Tally::new();
         b.answered(
             Duration::from_millis(2),
             &response("00", Some("acquirer=x")),
+            None,
         );
         b.failed(Failure::Overload);
         a.merge(&b);
@@ -349,6 +461,7 @@ mod tests {
             elapsed: Duration::from_secs(2),
             offered_tps: 5.0,
             sent: 5,
+            data: None,
         };
         let report = Report::new(facts, &a);
         assert_eq!((report.sent, report.answered, report.errors), (5, 3, 2));
@@ -363,5 +476,6 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["mode"], "tcp");
         assert_eq!(json["codes"]["05"], 1);
+        assert!(json.get("fraud_sent").is_none(), "{json}");
     }
 }
