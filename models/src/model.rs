@@ -198,6 +198,9 @@ pub enum Params {
 /// number of steps that reaches every leaf of the block.
 #[derive(Clone, Debug)]
 struct FlatForest {
+    /// The walk's view of the nodes: one 16-byte record each, so a step touches one cache
+    /// line instead of four arrays.
+    nodes: Vec<Node>,
     feature: Vec<u16>,
     threshold: Vec<f32>,
     left: Vec<u32>,
@@ -206,6 +209,15 @@ struct FlatForest {
     roots: Vec<u32>,
     block_steps: Vec<u32>,
     max_depth: u32,
+}
+
+/// One node as the walk reads it: split feature and threshold, children `[left, right]`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct Node {
+    threshold: f32,
+    feature: u32,
+    child: [u32; 2],
 }
 
 /// A loaded, validated model.
@@ -422,6 +434,7 @@ fn fold_logistic(p: &LogisticParams) -> ([f32; FEATURE_COUNT], f32) {
 fn flatten(p: &ForestParams) -> FlatForest {
     let n = p.feature.len();
     let mut f = FlatForest {
+        nodes: Vec::new(),
         feature: p.feature.clone(),
         threshold: p.threshold.clone(),
         left: p.left.clone(),
@@ -454,6 +467,13 @@ fn flatten(p: &ForestParams) -> FlatForest {
             .push(block.iter().map(|&t| tree_depth(t)).max().unwrap_or(0));
     }
     f.max_depth = f.block_steps.iter().copied().max().unwrap_or(0);
+    f.nodes = (0..n)
+        .map(|i| Node {
+            threshold: f.threshold[i],
+            feature: u32::from(f.feature[i]),
+            child: [f.left[i], f.right[i]],
+        })
+        .collect();
     f
 }
 
@@ -470,10 +490,11 @@ impl FlatForest {
                 *lane = roots[0];
             }
             for _ in 0..steps {
-                for node in at.iter_mut() {
-                    let i = *node as usize;
-                    let go_left = x[usize::from(self.feature[i])] <= self.threshold[i];
-                    *node = if go_left { self.left[i] } else { self.right[i] };
+                for at in at.iter_mut() {
+                    let node = &self.nodes[*at as usize];
+                    // `!(x <= t)`, not `x > t`: NaN goes right, as in the flat arrays.
+                    let right = !(x[node.feature as usize] <= node.threshold);
+                    *at = node.child[usize::from(right)];
                 }
             }
             sum += at[..trees]

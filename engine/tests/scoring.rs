@@ -1,0 +1,289 @@
+//! Fraud scoring in the running switch, over loopback: a model trained on one generated
+//! population scores another one replayed through the switch; declines never reach the
+//! acquirer; hot deploys under load fail nothing; challengers never change a decision.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, ScoringConfig};
+use payswitch::scoring::EventTime;
+use payswitch::switch::{self, RunningSwitch, Security};
+use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
+use payswitch_loadtest::load::{self, LoadConfig, Mode, Report};
+use payswitch_loadtest::workload::{self, GenConfig};
+use payswitch_models::model::{Model, ModelKind};
+use payswitch_models::train::{self, TrainOptions};
+use payswitch_net::{ClientTrust, TlsIdentity};
+
+const TOKEN: &str = "test-admin-token";
+
+fn write_data(dir: &Path, name: &str, count: u64, seed: u64) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).unwrap();
+    workload::write_workload(&GenConfig::new(count, seed), std::io::BufWriter::new(file)).unwrap();
+    path
+}
+
+fn train_model(data: &Path, kind: ModelKind, trees: u16, seed: u64) -> Model {
+    let rows = payswitch_models::data::read_all(std::fs::File::open(data).unwrap()).unwrap();
+    let options = TrainOptions {
+        kind,
+        trees,
+        depth: 6,
+        seed,
+        ..TrainOptions::default()
+    };
+    train::train(&rows, &options).unwrap()
+}
+
+async fn start(sim: &RunningSim, scoring: ScoringConfig) -> RunningSwitch {
+    let config = Config {
+        listen: ListenConfig {
+            quic: Some("127.0.0.1:0".parse().unwrap()),
+            tcp: None,
+            admin: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        tls: None,
+        pipeline: PipelineConfig {
+            shards: 2,
+            ..PipelineConfig::default()
+        },
+        scoring,
+        acquirers: vec![AcquirerConfig {
+            name: "north".into(),
+            address: sim.quic_addr,
+            server_name: "localhost".into(),
+            ca: None,
+            timeout_ms: 2_000,
+            max_in_flight: 4_096,
+        }],
+        routes: vec![],
+        insecure_acquirers: false,
+        admin_token: Some(TOKEN.into()),
+    };
+    let security = Security {
+        identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
+        acquirer_trust: vec![ClientTrust::Roots(vec![sim.certificate.clone()])],
+    };
+    let running = switch::start(&config, security).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running.switch.links().iter().all(|l| l.is_up()) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running
+}
+
+fn replay(switch: &RunningSwitch, data: &Path, rate: f64, duration: Duration) -> LoadConfig {
+    let mut config = LoadConfig::new(
+        switch.quic_addr.unwrap(),
+        ClientTrust::Roots(vec![switch.certificate.clone()]),
+    );
+    config.data = Some(data.to_owned());
+    config.rate_tps = rate;
+    config.duration = duration;
+    // One pipelined stream keeps the file's order, so every card's and terminal's history
+    // arrives as it would in time (velocity features are order-sensitive).
+    config.connections = 1;
+    config.mode = Mode::QuicPipelined;
+    config
+}
+
+fn scoring_with(model: &Path) -> ScoringConfig {
+    ScoringConfig {
+        model: Some(model.to_owned()),
+        event_time: EventTime::Transmission,
+        ..ScoringConfig::default()
+    }
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+fn count(report: &Report, code: &str) -> u64 {
+    report.codes.get(code).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_from_one_population_catches_fraud_in_another_replayed_through_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let train_data = write_data(dir.path(), "train.csv", 40_000, 1);
+    let replay_data = write_data(dir.path(), "replay.csv", 6_000, 2);
+    let model = train_model(&train_data, ModelKind::Forest, 30, 1);
+    let model_path = dir.path().join("rf.pswm");
+    std::fs::write(&model_path, model.to_bytes()).unwrap();
+
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let switch = start(&sim, scoring_with(&model_path)).await;
+    let report = load::run(replay(
+        &switch,
+        &replay_data,
+        1_000.0,
+        Duration::from_secs(10),
+    ))
+    .await
+    .unwrap();
+    let labels = report.labels.clone().expect("a labeled replay");
+    eprintln!("{}", report.render());
+
+    assert_eq!(report.errors, 0, "{}", report.render());
+    assert_eq!(report.answered, 6_000);
+    assert_eq!(count(&report, "96"), 0);
+    assert!(labels.fraud_sent > 0);
+    // Most fraud is caught, few legitimate cards are declined (a 30-tree model on 40k rows,
+    // its decline threshold set at 0.5 % false positives on its training data).
+    assert!(
+        labels.fraud_caught * 2 > labels.fraud_sent,
+        "caught {} of {}",
+        labels.fraud_caught,
+        labels.fraud_sent
+    );
+    assert!(
+        labels.legit_declined * 33 < report.answered,
+        "{}",
+        report.render()
+    );
+    // Declined (59) authorizations never reached the acquirer.
+    let reached = sim.stats.requests.load(Ordering::Relaxed);
+    assert_eq!(reached, report.answered - count(&report, "59"));
+    let decisions = &switch.switch.scoring.stats.decisions;
+    assert_eq!(decisions[2].load(Ordering::Relaxed), count(&report, "59"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_hot_deploys_under_load_fail_nothing_and_the_last_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let train_data = write_data(dir.path(), "train.csv", 20_000, 3);
+    let replay_data = write_data(dir.path(), "replay.csv", 4_000, 4);
+    let forest = train_model(&train_data, ModelKind::Forest, 10, 1);
+    let logistic = train_model(&train_data, ModelKind::Logistic, 0, 1);
+    let forest_path = dir.path().join("rf.pswm");
+    std::fs::write(&forest_path, forest.to_bytes()).unwrap();
+
+    let sim = acquirer_sim::start(SimConfig::default()).await.unwrap();
+    let switch = start(&sim, scoring_with(&forest_path)).await;
+    let admin = switch.admin_addr.unwrap();
+
+    // Refused without the token, and a corrupt model is refused with the old one kept.
+    let (status, _) = http(admin, "POST", "/api/models", None, &logistic.to_bytes());
+    assert_eq!(status, 401);
+    let mut corrupt = logistic.to_bytes();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let (status, text) = http(admin, "POST", "/api/models", Some(TOKEN), &corrupt);
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("model refused"), "{text}");
+
+    let load = tokio::spawn(load::run(replay(
+        &switch,
+        &replay_data,
+        1_000.0,
+        Duration::from_secs(4),
+    )));
+    let models = [logistic.to_bytes(), forest.to_bytes()];
+    let mut last_id = String::new();
+    for i in 0..20 {
+        let bytes = models[i % 2].clone();
+        last_id = Model::load(&bytes).unwrap().id().to_owned();
+        let (status, text) = tokio::task::spawn_blocking(move || {
+            http(admin, "POST", "/api/models", Some(TOKEN), &bytes)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{text}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let report = load.await.unwrap().unwrap();
+    assert_eq!(report.errors, 0, "{}", report.render());
+    assert_eq!(count(&report, "96"), 0, "{}", report.render());
+    assert_eq!(count(&report, "91"), 0, "{}", report.render());
+    assert_eq!(report.answered, report.sent);
+    assert_eq!(switch.switch.scoring.champion().unwrap().id(), last_id);
+    let (status, text) = http(admin, "GET", "/api/models", None, b"");
+    assert_eq!(status, 200);
+    assert!(text.contains(&last_id), "{text}");
+}
+
+#[test]
+fn a_challenger_scores_in_shadow_and_changes_no_decision() {
+    use payswitch::rules::RuleSet;
+    use payswitch::scoring::{Scoring, ShardScoring};
+    use payswitch_models::features::Transaction;
+
+    let dir = tempfile::tempdir().unwrap();
+    let train_data = write_data(dir.path(), "train.csv", 20_000, 5);
+    let replay_data = write_data(dir.path(), "replay.csv", 5_000, 6);
+    let champion = Arc::new(train_model(&train_data, ModelKind::Forest, 10, 1));
+    let challenger = Arc::new(train_model(&train_data, ModelKind::Logistic, 0, 1));
+    let rows =
+        payswitch_models::data::read_all(std::fs::File::open(&replay_data).unwrap()).unwrap();
+
+    // The same transactions, in the same order, through scoring with and without a
+    // challenger: every verdict must be the same.
+    let verdicts = |with_challenger: bool| {
+        let rules = Arc::new(RuleSet::load(None, payswitch::scoring::rule_variables()).unwrap());
+        let scoring = Scoring::new(
+            rules,
+            Duration::from_secs(1),
+            EventTime::Transmission,
+            10_000,
+        );
+        scoring.set_champion(Arc::clone(&champion)).unwrap();
+        if with_challenger {
+            scoring.add_challenger(Arc::clone(&challenger)).unwrap();
+        }
+        let mut shard = ShardScoring::new(10_000);
+        let verdicts: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                let tx = Transaction::from_labeled(row).unwrap();
+                let v = scoring.decide(&mut shard, &tx);
+                (v.decision, v.score.map(f32::to_bits))
+            })
+            .collect();
+        (
+            verdicts,
+            scoring.stats.challenger_scored.load(Ordering::Relaxed),
+        )
+    };
+    let (alone, shadow_alone) = verdicts(false);
+    let (with, shadow_with) = verdicts(true);
+    assert_eq!(shadow_alone, 0);
+    assert_eq!(
+        shadow_with,
+        rows.len() as u64,
+        "the challenger scored every transaction"
+    );
+    assert_eq!(alone, with, "the champion alone decides");
+    assert!(alone
+        .iter()
+        .any(|(d, _)| *d == payswitch_models::model::Decision::Decline));
+}
