@@ -77,7 +77,25 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Deploy a model to a running switch through its admin API: validated (schema,
+    /// checksum, cost) and swapped in atomically, with no request failing or waiting.
+    Deploy {
+        /// Model file.
+        model: PathBuf,
+        /// The switch's admin address (host:port).
+        #[arg(long)]
+        admin: String,
+        /// Deploy as a challenger (scored in shadow) instead of the champion.
+        #[arg(long)]
+        challenger: bool,
+        /// Admin bearer token (default: $PAYSWITCH_ADMIN_TOKEN).
+        #[arg(long, env = "PAYSWITCH_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
+
+/// Time to wait for the switch to validate and swap a model.
+const DEPLOY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn parse_kind(s: &str) -> Result<ModelKind, String> {
     match s {
@@ -112,6 +130,34 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Eval { data, model, json } => run_eval(&data, &model, json),
         ModelCommand::Inspect { model, json } => run_inspect(&model, json),
         ModelCommand::Bench { model, data, json } => run_bench(&model, data.as_deref(), json),
+        ModelCommand::Deploy {
+            model,
+            admin,
+            challenger,
+            token,
+        } => run_deploy(&model, &admin, challenger, &token),
+    }
+}
+
+fn run_deploy(path: &Path, admin: &str, challenger: bool, token: &str) -> anyhow::Result<()> {
+    // Checked here too, so a broken file is reported before it travels.
+    let model = load_model(path)?;
+    let role = if challenger { "challenger" } else { "champion" };
+    let url = format!("http://{admin}/api/models?role={role}");
+    let response = ureq::post(&url)
+        .timeout(DEPLOY_TIMEOUT)
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_bytes(&model.to_bytes());
+    match response {
+        Ok(_) => {
+            println!("deployed {} as {role} on {admin}", model.id());
+            Ok(())
+        }
+        Err(ureq::Error::Status(code, response)) => {
+            let text = response.into_string().unwrap_or_default();
+            anyhow::bail!("the switch refused the model ({code}): {}", text.trim())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reaching the admin API at {admin}"))),
     }
 }
 

@@ -20,8 +20,17 @@ impl Drop for Running {
 
 /// Starts `payswitch ARGS` and reads stdout lines until `done` says enough; returns them.
 fn spawn(args: &[&str], done: impl Fn(&str) -> bool) -> (Running, Vec<String>) {
+    spawn_with_env(args, &[], done)
+}
+
+fn spawn_with_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    done: impl Fn(&str) -> bool,
+) -> (Running, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -279,4 +288,73 @@ fn an_acquirer_killed_without_goodbye_is_marked_down_and_answered_91_at_once() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn payswitch(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("PAYSWITCH_ADMIN_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn model_deploy_reaches_a_running_switch_only_with_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.csv");
+    let model = dir.path().join("lr.pswm");
+    let (data_s, model_s) = (data.to_str().unwrap(), model.to_str().unwrap());
+    assert!(
+        payswitch(&["gen-data", "--count", "20000", "--seed", "3", "--out", data_s])
+            .status
+            .success()
+    );
+    let trained = payswitch(&[
+        "model", "train", "--data", data_s, "--kind", "logistic", "--out", model_s,
+    ]);
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+
+    let (_sim, sim_lines) = spawn(&["acquirer-sim", "--listen", "127.0.0.1:0"], |l| {
+        l.contains("listening on")
+    });
+    let acquirer = address_after(&sim_lines, "QUIC ").to_string();
+    let (_switch, lines) = spawn_with_env(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--acquirer",
+            &acquirer,
+        ],
+        &[("PAYSWITCH_ADMIN_TOKEN", "s3cret")],
+        |l| l.contains("acquirer acquirer-1"),
+    );
+    let admin = address_after(&lines, "admin on http://").to_string();
+
+    let refused = payswitch(&[
+        "model", "deploy", model_s, "--admin", &admin, "--token", "wrong",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
+
+    let deployed = payswitch(&[
+        "model", "deploy", model_s, "--admin", &admin, "--token", "s3cret",
+    ]);
+    assert!(
+        deployed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deployed.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&deployed.stdout);
+    assert!(stdout.contains("as champion"), "{stdout}");
+    let listing = http_get(admin.parse().unwrap(), "/api/models").unwrap();
+    let id = stdout.split_whitespace().nth(1).unwrap();
+    assert!(listing.contains(id), "{listing}");
 }

@@ -8,7 +8,6 @@
 //! allocation-free evaluator; [`train`] replays a labeled file through the extractor and
 //! trains with smartcore, then exports the parameters into a [`model::Model`]; [`eval`]
 //! computes AUC-ROC, average precision and recall at fixed false-positive rates.
-pub mod crc32c;
 pub mod data;
 pub mod eval;
 pub mod features;

@@ -21,8 +21,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::crc32c::crc32c;
 use crate::features::{Features, FEATURE_COUNT, FEATURE_NAMES, SCHEMA_VERSION};
+use crc32c::crc32c;
 
 /// First bytes of every model file.
 pub const MAGIC: [u8; 4] = *b"PSWM";
