@@ -14,7 +14,16 @@ use payswitch_loadtest::load::{self, LoadConfig, Mode, Report};
 use payswitch_net::{ClientTrust, TlsIdentity};
 use serde::Serialize;
 
-use crate::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig};
+use std::sync::Arc;
+
+use payswitch_loadtest::workload::{self, GenConfig};
+use payswitch_models::model::{Model, ModelKind};
+use payswitch_models::train::{self, TrainOptions};
+
+use crate::config::{
+    AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig, ScoringConfig,
+};
+use crate::scoring::EventTime;
 use crate::switch::{self, RunningSwitch, Security};
 
 /// Arguments of `payswitch demo`.
@@ -41,15 +50,15 @@ pub struct DemoArgs {
     /// isolate the switch's own cost).
     #[arg(long)]
     pub acquirer_latency_us: Option<u64>,
+    /// The champion model; without it the demo trains one at start on a generated
+    /// population (seed 1) — the same as `payswitch gen-data --count 100000 --seed 1` then
+    /// `payswitch model train --kind forest --trees 50 --depth 8`.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Write the report(s) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
-
-/// Visa-like BIN of the demo's cards, routed to the "north" acquirer.
-const NORTH_BIN: &str = "400000";
-/// Mastercard-like BIN of the demo's cards, routed to the "south" acquirer.
-const SOUTH_BIN: &str = "510000";
 
 #[derive(Debug, Serialize)]
 struct DemoReport {
@@ -60,10 +69,17 @@ struct DemoReport {
 
 /// Runs the demo and prints its report.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let model = match &args.model {
+        Some(path) => {
+            Model::load_file(path).with_context(|| format!("loading {}", path.display()))?
+        }
+        None => train_default_model().await?,
+    };
+    let replay = ReplayFile::generate(&args)?;
     let latency = args.acquirer_latency_us.map(Duration::from_micros);
     let north = start_sim("north", 1, latency).await?;
     let south = start_sim("south", 2, latency).await?;
-    let running = start_switch(&north, &south).await?;
+    let running = start_switch(&north, &south, model).await?;
     println!(
         "payswitch demo: switch on {} (QUIC), acquirers north {} and south {}",
         running
@@ -78,13 +94,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     let direct = if args.compare_direct {
-        let mut config = load_config(
+        // The same labeled traffic, every card to the one acquirer.
+        let config = load_config(
             &args,
             north.quic_addr,
             ClientTrust::Roots(vec![north.certificate.clone()]),
+            &replay.path,
         );
-        // The direct run has only the one acquirer, so only its cards.
-        config.bins = vec![NORTH_BIN.into()];
         println!("-- direct to acquirer north (baseline)");
         let report = load::run(config).await?;
         print!("{}", report.render());
@@ -101,6 +117,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &args,
         target,
         ClientTrust::Roots(vec![running.certificate.clone()]),
+        &replay.path,
     );
     println!("-- through the switch");
     let report = load::run(config).await?;
@@ -144,7 +161,65 @@ async fn start_sim(name: &str, seed: u64, latency: Option<Duration>) -> anyhow::
     .with_context(|| format!("starting acquirer simulator {name}"))
 }
 
-async fn start_switch(north: &RunningSim, south: &RunningSim) -> anyhow::Result<RunningSwitch> {
+/// Rows of the population the default model is trained on.
+const TRAINING_ROWS: u64 = 100_000;
+/// Trees of the default model: half the reference forest, to train in about a
+/// second at start.
+const TRAINING_TREES: u16 = 50;
+
+async fn train_default_model() -> anyhow::Result<Model> {
+    let started = Instant::now();
+    let model = tokio::task::spawn_blocking(|| -> anyhow::Result<Model> {
+        let rows = workload::generate(&GenConfig::new(TRAINING_ROWS, 1))?;
+        let options = TrainOptions {
+            kind: ModelKind::Forest,
+            trees: TRAINING_TREES,
+            depth: 8,
+            seed: 1,
+            ..TrainOptions::default()
+        };
+        Ok(train::train(&rows, &options)?)
+    })
+    .await??;
+    let m = &model.metadata().train_metrics;
+    println!(
+        "trained model {} ({} trees) on {TRAINING_ROWS} generated transactions in {:.1} s: training AUC-ROC {:.3}",
+        model.id(),
+        TRAINING_TREES,
+        started.elapsed().as_secs_f64(),
+        m.auc_roc,
+    );
+    Ok(model)
+}
+
+/// The labeled traffic of the demo: another population (seed 2) than the model's, so the
+/// fraud figures are out of sample. Removed when the demo ends.
+struct ReplayFile {
+    path: PathBuf,
+}
+
+impl ReplayFile {
+    fn generate(args: &DemoArgs) -> anyhow::Result<ReplayFile> {
+        let rows = (args.rate * args.duration.as_secs_f64()).ceil().max(1.0) as u64;
+        let path = std::env::temp_dir().join(format!("payswitch-demo-{}.csv", std::process::id()));
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        workload::write_workload(&GenConfig::new(rows, 2), std::io::BufWriter::new(file))?;
+        Ok(ReplayFile { path })
+    }
+}
+
+impl Drop for ReplayFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn start_switch(
+    north: &RunningSim,
+    south: &RunningSim,
+    model: Model,
+) -> anyhow::Result<RunningSwitch> {
     let acquirer = |name: &str, sim: &RunningSim| AcquirerConfig {
         name: name.into(),
         address: sim.quic_addr,
@@ -167,7 +242,11 @@ async fn start_switch(north: &RunningSim, south: &RunningSim) -> anyhow::Result<
         },
         tls: None,
         pipeline: PipelineConfig::default(),
-        scoring: Default::default(),
+        scoring: ScoringConfig {
+            // Replayed traffic carries its own timeline in field 7.
+            event_time: EventTime::Transmission,
+            ..ScoringConfig::default()
+        },
         acquirers: vec![acquirer("north", north), acquirer("south", south)],
         routes: vec![route("4", "north"), route("510000-559999", "south")],
         insecure_acquirers: false,
@@ -183,6 +262,11 @@ async fn start_switch(north: &RunningSim, south: &RunningSim) -> anyhow::Result<
         ],
     };
     let running = switch::start(&config, security).await?;
+    running
+        .switch
+        .scoring
+        .set_champion(Arc::new(model))
+        .map_err(anyhow::Error::msg)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !running.switch.links().iter().all(|link| link.is_up()) {
         anyhow::ensure!(
@@ -194,7 +278,12 @@ async fn start_switch(north: &RunningSim, south: &RunningSim) -> anyhow::Result<
     Ok(running)
 }
 
-fn load_config(args: &DemoArgs, target: std::net::SocketAddr, trust: ClientTrust) -> LoadConfig {
+fn load_config(
+    args: &DemoArgs,
+    target: std::net::SocketAddr,
+    trust: ClientTrust,
+    data: &std::path::Path,
+) -> LoadConfig {
     let mut config = LoadConfig::new(target, trust);
     config.rate_tps = args.rate;
     config.duration = args.duration;
@@ -204,7 +293,7 @@ fn load_config(args: &DemoArgs, target: std::net::SocketAddr, trust: ClientTrust
     } else {
         Mode::QuicPerStream
     };
-    config.bins = vec![NORTH_BIN.into(), SOUTH_BIN.into()];
+    config.data = Some(data.to_owned());
     config.progress = true;
     config
 }
