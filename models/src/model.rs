@@ -492,8 +492,9 @@ impl FlatForest {
             for _ in 0..steps {
                 for at in at.iter_mut() {
                     let node = &self.nodes[*at as usize];
-                    // `!(x <= t)`, not `x > t`: NaN goes right, as in the flat arrays.
-                    let right = !(x[node.feature as usize] <= node.threshold);
+                    // Not `x > t`: NaN must go right, as `x <= t` sends it in `attribute`.
+                    let left = x[node.feature as usize] <= node.threshold;
+                    let right = !left;
                     *at = node.child[usize::from(right)];
                 }
             }
