@@ -383,6 +383,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_example_rules_compile_against_the_switch_variables() {
+        let text = include_str!("../../config/rules.example.toml");
+        let rules = crate::rules::Rules::parse(text, rule_variables()).unwrap();
+        assert_eq!(rules.names().count(), 3);
+    }
+
+    #[test]
     fn transmission_time_takes_the_nearest_year() {
         let now = payswitch_models::data::parse_rfc3339_utc_ms("2026-11-25T13:45:00Z").unwrap();
         let t = transmission_time_ms(b"1125123045", now).unwrap();

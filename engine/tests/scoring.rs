@@ -287,3 +287,63 @@ fn a_challenger_scores_in_shadow_and_changes_no_decision() {
         .iter()
         .any(|(d, _)| *d == payswitch_models::model::Decision::Decline));
 }
+
+#[test]
+fn rules_override_the_model_and_add_to_its_score() {
+    use payswitch::rules::RuleSet;
+    use payswitch::scoring::{Scoring, ShardScoring};
+    use payswitch_models::features::Transaction;
+
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules_path,
+        "[[rule]]\nname = \"big\"\nwhen = \"amount_minor >= 100000\"\naction = \"decline\"\n\
+         [[rule]]\nname = \"nudge\"\nwhen = \"amount_minor < 100000\"\naction = \"add_score\"\nadd = 0.25\n",
+    )
+    .unwrap();
+    let train_data = write_data(dir.path(), "train.csv", 20_000, 7);
+    let model = Arc::new(train_model(&train_data, ModelKind::Logistic, 0, 1));
+    let rules =
+        Arc::new(RuleSet::load(Some(&rules_path), payswitch::scoring::rule_variables()).unwrap());
+    let scoring = Scoring::new(
+        rules,
+        Duration::from_secs(1),
+        EventTime::Transmission,
+        1_000,
+    );
+    scoring.set_champion(Arc::clone(&model)).unwrap();
+    let plain = {
+        let rules = Arc::new(RuleSet::load(None, payswitch::scoring::rule_variables()).unwrap());
+        let s = Scoring::new(
+            rules,
+            Duration::from_secs(1),
+            EventTime::Transmission,
+            1_000,
+        );
+        s.set_champion(Arc::clone(&model)).unwrap();
+        s
+    };
+    let rows = payswitch_models::data::read_all(std::fs::File::open(&train_data).unwrap()).unwrap();
+    let (mut shard, mut plain_shard) = (ShardScoring::new(1_000), ShardScoring::new(1_000));
+    let mut big = 0;
+    for row in rows.iter().take(2_000) {
+        let tx = Transaction::from_labeled(row).unwrap();
+        big += usize::from(tx.amount_minor >= 100_000);
+        let with_rules = scoring.decide(&mut shard, &tx);
+        let without = plain.decide(&mut plain_shard, &tx);
+        if tx.amount_minor >= 100_000 {
+            assert_eq!(
+                with_rules.decision,
+                payswitch_models::model::Decision::Decline
+            );
+            assert_eq!(with_rules.rule.as_deref(), Some("big"));
+            assert!(with_rules.tags().contains("rule=big"));
+        } else {
+            let expected = (without.score.unwrap() + 0.25).min(1.0);
+            assert!((with_rules.score.unwrap() - expected).abs() < 1e-6);
+            assert_eq!(with_rules.rule, None);
+        }
+    }
+    assert!(big > 0, "the sample has amounts the decline rule matches");
+}
