@@ -298,8 +298,8 @@ fn rules_override_the_model_and_add_to_its_score() {
     let rules_path = dir.path().join("rules.toml");
     std::fs::write(
         &rules_path,
-        "[[rule]]\nname = \"big\"\nwhen = \"amount_minor >= 100000\"\naction = \"decline\"\n\
-         [[rule]]\nname = \"nudge\"\nwhen = \"amount_minor < 100000\"\naction = \"add_score\"\nadd = 0.25\n",
+        "[[rule]]\nname = \"big\"\nwhen = \"amount_minor >= 20000\"\naction = \"decline\"\n\
+         [[rule]]\nname = \"nudge\"\nwhen = \"amount_minor < 20000\"\naction = \"add_score\"\nadd = 0.25\n",
     )
     .unwrap();
     let train_data = write_data(dir.path(), "train.csv", 20_000, 7);
@@ -329,10 +329,10 @@ fn rules_override_the_model_and_add_to_its_score() {
     let mut big = 0;
     for row in rows.iter().take(2_000) {
         let tx = Transaction::from_labeled(row).unwrap();
-        big += usize::from(tx.amount_minor >= 100_000);
+        big += usize::from(tx.amount_minor >= 20_000);
         let with_rules = scoring.decide(&mut shard, &tx);
         let without = plain.decide(&mut plain_shard, &tx);
-        if tx.amount_minor >= 100_000 {
+        if tx.amount_minor >= 20_000 {
             assert_eq!(
                 with_rules.decision,
                 payswitch_models::model::Decision::Decline
