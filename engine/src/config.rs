@@ -163,6 +163,9 @@ pub struct ScoringConfig {
     pub challengers: Vec<PathBuf>,
     /// The rules file, hot-reloaded.
     pub rules: Option<PathBuf>,
+    /// A directory watched for `champion.pswm` and `challenger-*.pswm`, deployed when
+    /// they appear or change.
+    pub models_dir: Option<PathBuf>,
     /// Budget for features + model + rules per authorization, microseconds. A model whose
     /// worst case exceeds it is refused at load; a scoring that exceeds it is counted and
     /// decided by the rules alone.
@@ -182,6 +185,7 @@ impl Default for ScoringConfig {
             model: None,
             challengers: Vec::new(),
             rules: None,
+            models_dir: None,
             budget_us: 1_000,
             event_time: crate::scoring::EventTime::Clock,
             // About 0.8 KiB a card: 1 M cards ≈ 0.8 GiB, the working set of a large issuer

@@ -328,6 +328,70 @@ impl Scoring {
     }
 }
 
+/// How often a watched models directory is scanned.
+pub const MODELS_DIR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most model files a watched directory may hold: each is loaded into memory.
+pub const MAX_WATCHED_MODELS: usize = 64;
+
+/// Watches `dir` for model files dropped by risk teams: `champion.pswm` becomes the
+/// champion and `challenger-*.pswm` challengers, whenever one appears or changes. A file
+/// that fails to load or fit the budget is logged and left alone; the models in force stay.
+/// Write the file elsewhere and rename it into the directory, so it is never read half
+/// written (a torn file would fail its checksum and be ignored until it changes again).
+pub async fn watch_models_dir(
+    scoring: Arc<Scoring>,
+    dir: std::path::PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut seen: std::collections::HashMap<std::path::PathBuf, std::time::SystemTime> =
+        Default::default();
+    loop {
+        for (path, modified) in model_files(&dir) {
+            if seen.get(&path) == Some(&modified) {
+                continue;
+            }
+            seen.insert(path.clone(), modified);
+            let challenger = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("challenger-"));
+            let load_path = path.clone();
+            let loaded = tokio::task::spawn_blocking(move || Model::load_file(&load_path)).await;
+            let result = match loaded {
+                Ok(Ok(model)) if challenger => scoring.add_challenger(Arc::new(model)),
+                Ok(Ok(model)) => scoring.set_champion(Arc::new(model)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = result {
+                tracing::error!(path = %path.display(), error = %e, "model file refused; the models in force stay");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(MODELS_DIR_INTERVAL) => {}
+        }
+    }
+}
+
+/// `champion.pswm` and `challenger-*.pswm` in `dir` with their modification times.
+fn model_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n == "champion.pswm" || (n.starts_with("challenger-") && n.ends_with(".pswm"))
+            })
+        })
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.modified().ok()?)))
+        .take(MAX_WATCHED_MODELS)
+        .collect()
+}
+
 /// The variables rules may use: message variables and every feature name.
 pub fn rule_variables() -> &'static [&'static str] {
     static NAMES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();

@@ -52,6 +52,9 @@ pub struct ServeArgs {
     /// The rules file (CEL), reloaded when it changes.
     #[arg(long)]
     pub rules: Option<PathBuf>,
+    /// A directory watched for `champion.pswm` / `challenger-*.pswm` to deploy.
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
     /// The time velocity windows use: `clock` or `transmission` (field 7, for replays).
     #[arg(long, value_enum)]
     pub event_time: Option<EventTimeArg>,
@@ -110,6 +113,9 @@ impl ServeArgs {
             .extend(self.challengers.iter().cloned());
         if self.rules.is_some() {
             config.scoring.rules = self.rules.clone();
+        }
+        if self.models_dir.is_some() {
+            config.scoring.models_dir = self.models_dir.clone();
         }
         if let Some(event_time) = self.event_time {
             config.scoring.event_time = match event_time {

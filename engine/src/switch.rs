@@ -355,6 +355,13 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     }
     let table = Arc::new(ArcSwap::from_pointee(Router::from_config(config)?));
     let scoring = Arc::new(start_scoring(config, links_shutdown.clone())?);
+    if let Some(dir) = &config.scoring.models_dir {
+        tokio::spawn(crate::scoring::watch_models_dir(
+            Arc::clone(&scoring),
+            dir.clone(),
+            links_shutdown.clone(),
+        ));
+    }
     let shard_count = config.pipeline.shard_count().max(1);
     let cards_per_shard = (config.scoring.max_cards / shard_count).max(1);
     let mut shards = Vec::with_capacity(shard_count);

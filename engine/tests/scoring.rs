@@ -347,3 +347,55 @@ fn rules_override_the_model_and_add_to_its_score() {
     }
     assert!(big > 0, "the sample has amounts the decline rule matches");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_directory_deploys_what_is_dropped_in_and_ignores_broken_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let models_dir = dir.path().join("models");
+    std::fs::create_dir(&models_dir).unwrap();
+    let train_data = write_data(dir.path(), "train.csv", 20_000, 8);
+    let forest = train_model(&train_data, ModelKind::Forest, 10, 1);
+    let logistic = train_model(&train_data, ModelKind::Logistic, 0, 1);
+
+    let sim = acquirer_sim::start(SimConfig::default()).await.unwrap();
+    let switch = start(
+        &sim,
+        ScoringConfig {
+            models_dir: Some(models_dir.clone()),
+            ..ScoringConfig::default()
+        },
+    )
+    .await;
+    let scoring = &switch.switch.scoring;
+    assert!(scoring.champion().is_none());
+
+    // Written beside, renamed in: never read half written.
+    let drop_in = |name: &str, bytes: &[u8]| {
+        let staging = dir.path().join(format!("{name}.tmp"));
+        std::fs::write(&staging, bytes).unwrap();
+        std::fs::rename(&staging, models_dir.join(name)).unwrap();
+    };
+    let wait_for = |what: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !what() {
+            assert!(Instant::now() < deadline, "the watcher did not pick it up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    drop_in("champion.pswm", &forest.to_bytes());
+    wait_for(&|| scoring.champion().is_some_and(|m| m.id() == forest.id()));
+    drop_in("challenger-lr.pswm", &logistic.to_bytes());
+    wait_for(&|| {
+        scoring
+            .challengers()
+            .iter()
+            .any(|m| m.id() == logistic.id())
+    });
+
+    // A corrupt champion is refused: the one in force stays.
+    let mut corrupt = logistic.to_bytes();
+    corrupt[10] ^= 0xff;
+    drop_in("champion.pswm", &corrupt);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(scoring.champion().unwrap().id(), forest.id());
+}
