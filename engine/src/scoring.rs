@@ -30,6 +30,9 @@ pub const ENTITY_STRIPES: usize = 64;
 /// refuse a model whose worst case cannot meet the scoring budget.
 pub const NANOS_PER_COST_UNIT: u64 = 2;
 
+/// Reason codes given per decline or review: three fit field 48 and a screen.
+pub const REASON_CODES: usize = 3;
+
 /// Variables the rules may use besides the features.
 pub const MESSAGE_VARIABLES: [&str; 7] = [
     "amount_minor",
@@ -76,6 +79,9 @@ pub struct Verdict {
     pub model: Option<Arc<Model>>,
     /// A rule that overrode the model's decision.
     pub rule: Option<String>,
+    /// The features that pushed the score up most (reason codes), for declines and
+    /// reviews only: an approval needs no explanation and costs nothing extra.
+    pub reasons: Vec<&'static str>,
 }
 
 impl Verdict {
@@ -96,6 +102,10 @@ impl Verdict {
         if let Some(rule) = &self.rule {
             tags.push_str(";rule=");
             tags.push_str(rule);
+        }
+        if !self.reasons.is_empty() {
+            tags.push_str(";reasons=");
+            tags.push_str(&self.reasons.join(","));
         }
         tags
     }
@@ -285,11 +295,21 @@ impl Scoring {
             Decision::Decline => 2,
         };
         self.stats.decisions[slot].fetch_add(1, Ordering::Relaxed);
+        let reasons = match (&champion, decision) {
+            (Some(model), Decision::Decline | Decision::Review) => model
+                .contributions(&shard.features, REASON_CODES)
+                .into_iter()
+                .filter(|(_, weight)| *weight > 0.0)
+                .map(|(name, _)| name)
+                .collect(),
+            _ => Vec::new(),
+        };
         Verdict {
             decision,
             score,
             model: champion,
             rule,
+            reasons,
         }
     }
 
