@@ -326,6 +326,13 @@ pub fn export_forest(
     data: &Dataset,
     rows: &[usize],
 ) -> Result<ForestParams, TrainError> {
+    let mut p = export_structure(forest)?;
+    calibrate(&mut p, data, rows);
+    Ok(p)
+}
+
+/// The forest's splits and smartcore's leaf classes as flat arrays, before calibration.
+fn export_structure(forest: &SmartcoreForest) -> Result<ForestParams, TrainError> {
     let mut p = ForestParams {
         feature: vec![],
         threshold: vec![],
@@ -338,7 +345,6 @@ pub fn export_forest(
         p.roots.push(p.feature.len() as u32);
         export_tree(&tree, &mut p)?;
     }
-    calibrate(&mut p, data, rows);
     Ok(p)
 }
 
@@ -430,18 +436,7 @@ pub fn export_parity(
     data: &Dataset,
     rows: &[usize],
 ) -> Result<f64, TrainError> {
-    let mut p = ForestParams {
-        feature: vec![],
-        threshold: vec![],
-        left: vec![],
-        right: vec![],
-        value: vec![],
-        roots: vec![],
-    };
-    for tree in smartcore_trees(forest)? {
-        p.roots.push(p.feature.len() as u32);
-        export_tree(&tree, &mut p)?;
-    }
+    let p = export_structure(forest)?;
     let x = matrix(data, rows)?;
     let predicted = forest
         .predict(&x)
