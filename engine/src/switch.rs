@@ -121,20 +121,37 @@ impl std::fmt::Debug for Switch {
     }
 }
 
+/// What the in-order part of handling a frame left to do.
+enum Accepted {
+    /// Not an ISO 8583 message: end the stream with this code.
+    Close(u32),
+    /// Answered already.
+    Done([u8; 2], Message),
+    /// In the card's shard queue; the verdict, then the acquirer, are still to come.
+    Queued {
+        request: Message,
+        verdict: oneshot::Receiver<ShardVerdict>,
+    },
+}
+
 impl Handler for Switch {
-    async fn handle(&self, frame: Bytes) -> Reply {
-        let (message, error) = match Message::decode_prefix(frame) {
-            Ok(decoded) => decoded,
-            // Not even an MTI and bitmap: nothing to answer.
-            Err(_) => return Reply::Close(codes::GARBAGE_FRAME),
-        };
-        let (code, response) = if error.is_some() {
-            self.refuse(&message, ResponseCode::FormatError)
-        } else {
-            self.answer(&message).await
-        };
-        self.stats.count(&code);
-        Reply::Message(response)
+    fn handle(
+        self: Arc<Self>,
+        frame: Bytes,
+    ) -> impl std::future::Future<Output = Reply> + Send + 'static {
+        // Decoding, validation and the shard enqueue run here, in the order the stream's
+        // frames were read: a card's transactions reach its shard — and its velocity
+        // state — in the order the gateway sent them, however the tasks are scheduled.
+        let accepted = self.accept(frame);
+        async move {
+            let (code, response) = match accepted {
+                Accepted::Close(code) => return Reply::Close(code),
+                Accepted::Done(code, response) => (code, response),
+                Accepted::Queued { request, verdict } => self.complete(&request, verdict).await,
+            };
+            self.stats.count(&code);
+            Reply::Message(response)
+        }
     }
 }
 
@@ -149,31 +166,36 @@ impl Switch {
         &self.links
     }
 
-    async fn answer(&self, request: &Message) -> ([u8; 2], Message) {
+    fn accept(&self, frame: Bytes) -> Accepted {
+        let (request, error) = match Message::decode_prefix(frame) {
+            Ok(decoded) => decoded,
+            // Not even an MTI and bitmap: nothing to answer.
+            Err(_) => return Accepted::Close(codes::GARBAGE_FRAME),
+        };
+        let done = |(code, response): ([u8; 2], Message)| Accepted::Done(code, response);
+        if error.is_some() {
+            return done(self.refuse(&request, ResponseCode::FormatError));
+        }
         match validate::classify(request.mti()) {
             Kind::Network => {
-                let response = validate::respond_network(request);
+                let response = validate::respond_network(&request);
                 let code = response
                     .get(payswitch_protocol::fields::RESPONSE_CODE)
                     .and_then(|c| c.try_into().ok())
                     .unwrap_or(*b"96");
-                (code, response)
+                Accepted::Done(code, response)
             }
-            Kind::Unsupported => self.refuse(request, ResponseCode::InvalidTransaction),
-            Kind::Authorization | Kind::Reversal => match validate::validate(request) {
-                Ok(auth) => self.authorize(request, auth).await,
-                Err(code) => self.refuse(request, code),
+            Kind::Unsupported => done(self.refuse(&request, ResponseCode::InvalidTransaction)),
+            Kind::Authorization | Kind::Reversal => match validate::validate(&request) {
+                Ok(auth) => self.enqueue(request, auth),
+                Err(code) => done(self.refuse(&request, code)),
             },
         }
     }
 
-    fn refuse(&self, request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
-        let code = as_code(code);
-        (code, validate::respond(request, &code, None, ""))
-    }
-
-    async fn authorize(&self, request: &Message, auth: Authorization) -> ([u8; 2], Message) {
-        let transaction = self.scoring.transaction(request, &auth, unix_now_ms());
+    /// Puts the authorization in its card's shard queue; a full queue is answered 91 now.
+    fn enqueue(&self, request: Message, auth: Authorization) -> Accepted {
+        let transaction = self.scoring.transaction(&request, &auth, unix_now_ms());
         // `shards` is never empty (`start` makes at least one), so the modulo is defined.
         let shard = (auth.pan.shard_hash() % self.shards.len() as u64) as usize;
         let (reply, verdict) = oneshot::channel();
@@ -184,8 +206,22 @@ impl Switch {
         };
         if self.shards[shard].try_send(job).is_err() {
             self.stats.shed.fetch_add(1, Ordering::Relaxed);
-            return self.refuse(request, ResponseCode::IssuerInoperative);
+            let (code, response) = self.refuse(&request, ResponseCode::IssuerInoperative);
+            return Accepted::Done(code, response);
         }
+        Accepted::Queued { request, verdict }
+    }
+
+    fn refuse(&self, request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
+        let code = as_code(code);
+        (code, validate::respond(request, &code, None, ""))
+    }
+
+    async fn complete(
+        &self,
+        request: &Message,
+        verdict: oneshot::Receiver<ShardVerdict>,
+    ) -> ([u8; 2], Message) {
         let Ok(verdict) = verdict.await else {
             return self.refuse(request, ResponseCode::SystemMalfunction);
         };

@@ -476,7 +476,10 @@ impl SimHandler {
 }
 
 impl Handler for SimHandler {
-    fn handle(&self, frame: Bytes) -> impl std::future::Future<Output = Reply> + Send {
+    fn handle(
+        self: Arc<Self>,
+        frame: Bytes,
+    ) -> impl std::future::Future<Output = Reply> + Send + 'static {
         let answer = self.answer(&frame);
         if answer.is_none() {
             self.stats.unanswerable.fetch_add(1, Ordering::Relaxed);

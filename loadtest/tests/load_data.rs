@@ -103,7 +103,7 @@ async fn data_replay_against_the_simulator_sends_every_fraud_row_and_catches_non
 struct SmallAmountDecliner;
 
 impl Handler for SmallAmountDecliner {
-    async fn handle(&self, frame: Bytes) -> Reply {
+    async fn handle(self: Arc<Self>, frame: Bytes) -> Reply {
         let Ok(request) = Message::decode(frame) else {
             return Reply::Close(1);
         };

@@ -38,8 +38,11 @@ pub enum Reply {
 
 /// Handles one frame (a message without its header) and says what to answer.
 pub trait Handler: Send + Sync + 'static {
-    /// Handle `frame`; the future runs on its own task.
-    fn handle(&self, frame: Bytes) -> impl Future<Output = Reply> + Send;
+    /// Handle `frame`. This is called in the order the stream's frames are read, and the
+    /// future it returns then runs on its own task: work done before the future is
+    /// returned (enqueueing to a card's shard, say) keeps the stream's order; work inside
+    /// it may complete in any order.
+    fn handle(self: Arc<Self>, frame: Bytes) -> impl Future<Output = Reply> + Send + 'static;
 }
 
 /// Bounds of a server.
@@ -140,8 +143,7 @@ where
                 match frame {
                     Ok(Some(frame)) => {
                         stats.frames.fetch_add(1, Ordering::Relaxed);
-                        let handler = Arc::clone(handler);
-                        tasks.spawn(async move { handler.handle(frame).await });
+                        tasks.spawn(Arc::clone(handler).handle(frame));
                     }
                     Ok(None) => reading = false,
                     Err(ReadError::Frame(_)) => {
