@@ -143,6 +143,10 @@ async fn a_model_from_one_population_catches_fraud_in_another_replayed_through_t
     .await
     .unwrap();
     let switch = start(&sim, scoring_with(&model_path)).await;
+    // The switch enqueues each stream's requests to their shards in the order it reads
+    // them, so velocity features see the file's order even when it is saturated (before
+    // that, a saturated test build declined 2.5-5 % of legitimate transactions instead of
+    // 0.2-0.7 %).
     let report = load::run(replay(
         &switch,
         &replay_data,
@@ -167,7 +171,7 @@ async fn a_model_from_one_population_catches_fraud_in_another_replayed_through_t
         labels.fraud_sent
     );
     assert!(
-        labels.legit_declined * 25 < report.answered,
+        labels.legit_declined * 50 < report.answered,
         "{}",
         report.render()
     );
