@@ -236,14 +236,17 @@ impl Switch {
         for &index in route.iter() {
             let link = &self.links[index];
             match link.call(request).await {
-                Ok(answer) => return self.relay(request, &answer, &tags, link.name()),
+                Ok(answer) => {
+                    let tags = with_acquirer(tags, link.name());
+                    return self.relay(request, &answer, &tags);
+                }
                 // Nothing was sent: the next acquirer may take it.
                 Err(LinkError::Down | LinkError::Busy) => continue,
                 // It may have been authorized there: never send it elsewhere.
                 Err(e) => {
                     debug_assert!(e.maybe_delivered());
                     let code = as_code(ResponseCode::IssuerInoperative);
-                    let tags = format!("{tags};acquirer={}", link.name());
+                    let tags = with_acquirer(tags, link.name());
                     return (code, validate::respond(request, &code, None, &tags));
                 }
             }
@@ -251,22 +254,22 @@ impl Switch {
         self.refuse(request, ResponseCode::IssuerInoperative)
     }
 
-    fn relay(
-        &self,
-        request: &Message,
-        answer: &Message,
-        tags: &str,
-        acquirer: &str,
-    ) -> ([u8; 2], Message) {
+    fn relay(&self, request: &Message, answer: &Message, tags: &str) -> ([u8; 2], Message) {
         let Some(code) = validate::acquirer_code(answer) else {
             return self.refuse(request, ResponseCode::SystemMalfunction);
         };
         let approval = (code == *b"00")
             .then(|| validate::acquirer_approval_code(answer))
             .flatten();
-        let tags = format!("{tags};acquirer={acquirer}");
-        (code, validate::respond(request, &code, approval, &tags))
+        (code, validate::respond(request, &code, approval, tags))
     }
+}
+
+/// Field 48's tags with the acquirer that took the request, appended in place.
+fn with_acquirer(mut tags: String, acquirer: &str) -> String {
+    tags.push_str(";acquirer=");
+    tags.push_str(acquirer);
+    tags
 }
 
 /// A running switch: its addresses and a way to stop it.

@@ -142,9 +142,14 @@ async fn transact(conn: &quinn::Connection, request: &Message) -> Message {
 
 /// A switch in front of one approving simulator.
 async fn one_acquirer() -> (RunningSim, RunningSwitch) {
-    let sim = start_sim(sim_config()).await;
+    in_front_of(sim_config(), 2_000).await
+}
+
+/// A switch in front of one simulator, with the link's timeout.
+async fn in_front_of(sim: SimConfig, timeout_ms: u64) -> (RunningSim, RunningSwitch) {
+    let sim = start_sim(sim).await;
     let switch = start_switch(
-        &config(vec![acquirer("north", &sim, 2_000)], vec![]),
+        &config(vec![acquirer("north", &sim, timeout_ms)], vec![]),
         vec![trust(&sim)],
     )
     .await;
@@ -171,17 +176,14 @@ async fn approval_echoes_the_contract_fields_and_adds_38_39_48() {
 
 #[tokio::test]
 async fn acquirer_declines_pass_through() {
-    let sim = start_sim(SimConfig {
-        approval_rate: 0.0,
-        ..SimConfig::default()
-    })
-    .await;
-    let switch = start_switch(
-        &config(vec![acquirer("north", &sim, 2_000)], vec![]),
-        vec![trust(&sim)],
+    let (_sim, switch) = in_front_of(
+        SimConfig {
+            approval_rate: 0.0,
+            ..SimConfig::default()
+        },
+        2_000,
     )
     .await;
-    wait_links_up(&switch).await;
     let conn = gateway(&switch).await;
     let response = transact(&conn, &authorization(VISA_TEST_CARD, 2)).await;
     assert_eq!(response.get_str(39), Some("05"));
@@ -449,18 +451,15 @@ async fn acquirer_down_falls_over_to_the_next_in_the_route() {
 
 #[tokio::test]
 async fn acquirer_slower_than_its_timeout_gets_91_within_the_timeout() {
-    let sim = start_sim(SimConfig {
-        approval_rate: 1.0,
-        delay: Duration::from_secs(3),
-        ..SimConfig::default()
-    })
-    .await;
-    let switch = start_switch(
-        &config(vec![acquirer("slow", &sim, 300)], vec![]),
-        vec![trust(&sim)],
+    let (_sim, switch) = in_front_of(
+        SimConfig {
+            approval_rate: 1.0,
+            delay: Duration::from_secs(3),
+            ..SimConfig::default()
+        },
+        300,
     )
     .await;
-    wait_links_up(&switch).await;
     let conn = gateway(&switch).await;
     let started = Instant::now();
     let r = transact(&conn, &authorization(VISA_TEST_CARD, 40)).await;
@@ -532,18 +531,15 @@ async fn admin_health_answers_once_listeners_are_up() {
 
 #[tokio::test]
 async fn graceful_shutdown_answers_requests_in_progress() {
-    let sim = start_sim(SimConfig {
-        approval_rate: 1.0,
-        delay: Duration::from_millis(500),
-        ..SimConfig::default()
-    })
-    .await;
-    let switch = start_switch(
-        &config(vec![acquirer("north", &sim, 2_000)], vec![]),
-        vec![trust(&sim)],
+    let (_sim, switch) = in_front_of(
+        SimConfig {
+            approval_rate: 1.0,
+            delay: Duration::from_millis(500),
+            ..SimConfig::default()
+        },
+        2_000,
     )
     .await;
-    wait_links_up(&switch).await;
     let conn = gateway(&switch).await;
     let in_flight = {
         let conn = conn.clone();
