@@ -142,39 +142,27 @@ impl AcquirerLink {
 
     /// Sends `request` with the link's own STAN in field 11 and waits for the answer.
     pub async fn call(&self, request: &Message) -> Result<Message, LinkError> {
+        self.reserve()?.send(request).await
+    }
+
+    /// Takes a place on the link and a STAN for one request, without sending anything:
+    /// `Down` or `Busy` when there is none. The caller can journal where the request is
+    /// going, with its STAN, before it leaves.
+    pub fn reserve(&self) -> Result<Reservation<'_>, LinkError> {
         let Some(writer) = self.writer.load_full() else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(LinkError::Down);
         };
-        let Ok(_permit) = self.in_flight.try_acquire() else {
+        let Ok(permit) = self.in_flight.try_acquire() else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(LinkError::Busy);
         };
-        let stan = self.allocate_stan();
-        let frame = self.encode_with_stan(request, stan)?;
-        let (answer_tx, answer_rx) = oneshot::channel();
-        let previous = self.pending.insert(stan.get(), answer_tx);
-        // MAX_IN_FLIGHT_PER_LINK keeps live STANs far apart; a collision would hand one
-        // request's answer to another.
-        assert!(previous.is_none(), "switch STAN reused while outstanding");
-        if writer.try_send(frame).is_err() {
-            // The queue holds max_in_flight frames and we hold a permit, so only a closed
-            // connection refuses.
-            self.pending.remove(&stan.get());
-            return Err(LinkError::Down);
-        }
-        match tokio::time::timeout(self.config.timeout(), answer_rx).await {
-            Ok(Ok(answer)) => {
-                self.stats.answered.fetch_add(1, Ordering::Relaxed);
-                Ok(answer)
-            }
-            Ok(Err(_)) => Err(LinkError::Lost),
-            Err(_) => {
-                self.pending.remove(&stan.get());
-                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(LinkError::Timeout)
-            }
-        }
+        Ok(Reservation {
+            link: self,
+            writer,
+            _permit: permit,
+            stan: self.allocate_stan(),
+        })
     }
 
     fn allocate_stan(&self) -> Stan {
@@ -292,6 +280,51 @@ impl AcquirerLink {
             if delivered.is_none() {
                 // A late answer after a timeout, or a broken acquirer.
                 self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A place on a link and the STAN a request will carry there.
+pub struct Reservation<'a> {
+    link: &'a AcquirerLink,
+    writer: Arc<mpsc::Sender<Bytes>>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    stan: Stan,
+}
+
+impl Reservation<'_> {
+    /// The STAN the request will carry on the link.
+    pub fn stan(&self) -> Stan {
+        self.stan
+    }
+
+    /// Sends `request` with the reserved STAN and waits for the answer.
+    pub async fn send(self, request: &Message) -> Result<Message, LinkError> {
+        let link = self.link;
+        let stan = self.stan;
+        let frame = link.encode_with_stan(request, stan)?;
+        let (answer_tx, answer_rx) = oneshot::channel();
+        let previous = link.pending.insert(stan.get(), answer_tx);
+        // MAX_IN_FLIGHT_PER_LINK keeps live STANs far apart; a collision would hand one
+        // request's answer to another.
+        assert!(previous.is_none(), "switch STAN reused while outstanding");
+        if self.writer.try_send(frame).is_err() {
+            // The queue holds max_in_flight frames and we hold a permit, so only a closed
+            // connection refuses: nothing was sent.
+            link.pending.remove(&stan.get());
+            return Err(LinkError::Down);
+        }
+        match tokio::time::timeout(link.config.timeout(), answer_rx).await {
+            Ok(Ok(answer)) => {
+                link.stats.answered.fetch_add(1, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Ok(Err(_)) => Err(LinkError::Lost),
+            Err(_) => {
+                link.pending.remove(&stan.get());
+                link.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(LinkError::Timeout)
             }
         }
     }

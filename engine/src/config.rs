@@ -72,6 +72,9 @@ pub struct Config {
     /// Fraud scoring: models, rules, budget.
     #[serde(default)]
     pub scoring: ScoringConfig,
+    /// The journal, duplicate detection and reversals.
+    #[serde(default)]
+    pub journal: crate::journal::JournalConfig,
     /// Acquirers the switch forwards to.
     #[serde(default)]
     pub acquirers: Vec<AcquirerConfig>,

@@ -23,6 +23,7 @@ use payswitch_models::train::{self, TrainOptions};
 use crate::config::{
     AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig, ScoringConfig,
 };
+use crate::journal::JournalConfig;
 use crate::scoring::EventTime;
 use crate::switch::{self, RunningSwitch, Security};
 
@@ -58,6 +59,16 @@ pub struct DemoArgs {
     /// Write the report(s) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Journal directory; default: a new directory under the system's temporary directory,
+    /// printed at the end (check it with `payswitch journal verify DIR`).
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+    /// Run the switch without a journal (to measure what the journal costs).
+    #[arg(long, conflicts_with = "journal")]
+    pub no_journal: bool,
+    /// When journal records reach the disk: `always` or `never`.
+    #[arg(long, value_enum, default_value = "always")]
+    pub fsync: crate::journal::FsyncPolicy,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,7 +90,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let latency = args.acquirer_latency_us.map(Duration::from_micros);
     let north = start_sim("north", 1, latency).await?;
     let south = start_sim("south", 2, latency).await?;
-    let running = start_switch(&north, &south, model).await?;
+    let journal = JournalConfig {
+        enabled: !args.no_journal,
+        dir: args.journal.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("payswitch-demo-journal-{}", std::process::id()))
+        }),
+        fsync: args.fsync,
+        ..JournalConfig::default()
+    };
+    let running = start_switch(&north, &south, model, journal.clone()).await?;
     println!(
         "payswitch demo: switch on {} (QUIC), acquirers north {} and south {}",
         running
@@ -123,6 +142,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let report = load::run(config).await?;
     print!("{}", report.render());
     print_switch_figures(&running, &north, &south);
+    if let Some(stats) = running
+        .switch
+        .journal()
+        .map(|j| std::sync::Arc::clone(j.stats()))
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let commits = stats.commits.load(Relaxed).max(1);
+        println!(
+            "  journal   {} records in {} group commits ({:.1} records each, {:.0} us per write+sync), fsync {:?}: {}",
+            stats.records.load(Relaxed),
+            stats.commits.load(Relaxed),
+            stats.records.load(Relaxed) as f64 / commits as f64,
+            stats.commit_ns.load(Relaxed) as f64 / commits as f64 / 1e3,
+            journal.fsync,
+            journal.dir.display(),
+        );
+    }
     if let Some(direct) = &direct {
         println!(
             "\nswitch vs direct: p50 {} us vs {} us (+{} us), p99 {} us vs {} us, TPS {:.0} vs {:.0}",
@@ -219,6 +255,7 @@ async fn start_switch(
     north: &RunningSim,
     south: &RunningSim,
     model: Model,
+    journal: JournalConfig,
 ) -> anyhow::Result<RunningSwitch> {
     let acquirer = |name: &str, sim: &RunningSim| AcquirerConfig {
         name: name.into(),
@@ -247,6 +284,7 @@ async fn start_switch(
             event_time: EventTime::Transmission,
             ..ScoringConfig::default()
         },
+        journal,
         acquirers: vec![acquirer("north", north), acquirer("south", south)],
         routes: vec![route("4", "north"), route("510000-559999", "south")],
         insecure_acquirers: false,

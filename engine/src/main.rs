@@ -31,6 +31,9 @@ enum Command {
     /// ISO 8583 tooling: hex <-> JSON, one message per line.
     #[command(subcommand)]
     Iso(payswitch::iso::IsoCommand),
+    /// The journal: verify checksums and sequence, export records.
+    #[command(subcommand)]
+    Journal(payswitch::journal::JournalCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +42,7 @@ fn main() -> std::process::ExitCode {
         Command::Iso(command) => payswitch::iso::run(command),
         Command::GenData(args) => report(payswitch_loadtest::workload::run(args)),
         Command::Model(command) => report(payswitch::model_cli::run(command)),
+        Command::Journal(command) => report(payswitch::journal::run(command)),
         command => {
             payswitch::logging::init();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -57,7 +61,10 @@ fn main() -> std::process::ExitCode {
                     Command::Demo(args) => payswitch::demo::run(args).await,
                     Command::AcquirerSim(args) => payswitch_loadtest::acquirer_sim::run(args).await,
                     Command::Load(args) => payswitch_loadtest::load::run_cli(args).await,
-                    Command::Iso(_) | Command::GenData(_) | Command::Model(_) => {
+                    Command::Iso(_)
+                    | Command::GenData(_)
+                    | Command::Model(_)
+                    | Command::Journal(_) => {
                         unreachable!("handled above")
                     }
                 }

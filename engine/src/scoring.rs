@@ -85,13 +85,18 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Field 48's tags, up to the acquirer tag.
-    pub fn tags(&self) -> String {
-        let decision = match self.decision {
+    /// The decision's name: `approve`, `review` or `decline`.
+    pub fn decision_str(&self) -> &'static str {
+        match self.decision {
             Decision::Approve => "approve",
             Decision::Review => "review",
             Decision::Decline => "decline",
-        };
+        }
+    }
+
+    /// Field 48's tags, up to the acquirer tag.
+    pub fn tags(&self) -> String {
+        let decision = self.decision_str();
         let mut tags = format!("decision={decision}");
         match (&self.score, &self.model) {
             (Some(score), Some(model)) => {

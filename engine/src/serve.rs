@@ -58,6 +58,19 @@ pub struct ServeArgs {
     /// The time velocity windows use: `clock` or `transmission` (field 7, for replays).
     #[arg(long, value_enum)]
     pub event_time: Option<EventTimeArg>,
+    /// Journal directory (default `journal` under the working directory).
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+    /// Run without a journal: nothing answered survives a crash. For tests and benchmarks.
+    #[arg(long, conflicts_with = "journal")]
+    pub no_journal: bool,
+    /// When journal records reach the disk: `always` (fdatasync per group commit) or
+    /// `never` (survives a crash of the switch, not of the machine).
+    #[arg(long, value_enum)]
+    pub fsync: Option<crate::journal::FsyncPolicy>,
+    /// Group-commit window, microseconds.
+    #[arg(long)]
+    pub group_commit_window_us: Option<u64>,
 }
 
 /// `--event-time` values.
@@ -83,6 +96,7 @@ impl ServeArgs {
                 tls: None,
                 pipeline: PipelineConfig::default(),
                 scoring: Default::default(),
+                journal: Default::default(),
                 acquirers: Vec::new(),
                 routes: Vec::new(),
                 insecure_acquirers: false,
@@ -122,6 +136,18 @@ impl ServeArgs {
                 EventTimeArg::Clock => crate::scoring::EventTime::Clock,
                 EventTimeArg::Transmission => crate::scoring::EventTime::Transmission,
             };
+        }
+        if let Some(dir) = &self.journal {
+            config.journal.dir = dir.clone();
+        }
+        if self.no_journal {
+            config.journal.enabled = false;
+        }
+        if let Some(fsync) = self.fsync {
+            config.journal.fsync = fsync;
+        }
+        if let Some(window) = self.group_commit_window_us {
+            config.journal.group_commit_window_us = window;
         }
         for (i, address) in self.acquirers.iter().enumerate() {
             config.acquirers.push(AcquirerConfig {

@@ -1,19 +1,23 @@
 //! The switch: ingress handler, shards, routing and forwarding, and the running server.
 //!
 //! Per request, on the ingress task of its stream: decode → validate → the card's shard
-//! (a bounded queue; full → 91 at once) decides and picks the route → the route's first
-//! healthy acquirer → response (MTI + 10, echoed fields, 39, 38, 48).
+//! (a bounded queue; full → 91 at once), which answers retransmissions from its duplicate
+//! window and otherwise decides and picks the route → journal the request and where it
+//! goes (durable before it is sent) → the route's first healthy acquirer → journal the
+//! response (durable before it is sent) → response (MTI + 10, echoed fields, 39, 38, 48).
+//! An acquirer that does not answer in time gets a reversal (`crate::reversals`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use payswitch_net::serve::{self, Handler, Limits, Reply, ServeStats};
 use payswitch_net::{codes, quic, ClientTrust, TlsIdentity};
-use payswitch_protocol::{Message, ResponseCode};
+use payswitch_protocol::{fields, Message, ResponseCode};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -21,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acquirer::{AcquirerLink, LinkError};
 use crate::config::Config;
+use crate::duplicates::{DupKey, DuplicateWindow, Forwarded, Original, Outcome};
+use crate::journal::{Journal, JournalError, PanKey, Record, RecordKind};
+use crate::reversals::{PendingReversal, StoreAndForward};
 use crate::router::{AcquirerIndex, Router};
 use crate::scoring::{Scoring, ShardScoring, Verdict};
 use crate::validate::{self, Authorization, Kind};
@@ -29,18 +36,41 @@ use payswitch_models::model::{Decision, Model};
 
 use crate::rules::RuleSet;
 
-/// What a shard answers for one authorization.
+/// What a shard answers for one request.
 #[derive(Debug)]
-struct ShardVerdict {
-    /// The fraud decision and what explains it.
-    scoring: Verdict,
-    /// Acquirers to try, in order; `None`: no route (92).
-    route: Option<Arc<[AcquirerIndex]>>,
+enum ShardVerdict {
+    /// A new authorization: decide it and send it on.
+    Fresh {
+        /// The fraud decision and what explains it.
+        scoring: Verdict,
+        /// Acquirers to try, in order; `None`: no route (92).
+        route: Option<Arc<[AcquirerIndex]>>,
+        /// Where its outcome goes, for retransmissions and reversals.
+        original: Arc<Original>,
+    },
+    /// A retransmission of a request seen within the window.
+    Duplicate(Arc<Original>),
+    /// A new reversal from the gateway.
+    Reversal {
+        /// The reversal's own entry, for its retransmissions.
+        own: Arc<Original>,
+        /// The authorization it reverses, if the switch knows it.
+        original: Option<Arc<Original>>,
+    },
+}
+
+// One job per request, moved once: boxing the transaction would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum JobKind {
+    Authorization(Authorization, Transaction),
+    /// The reversal request itself: its field 90 names the original.
+    Reversal(Message),
 }
 
 struct ShardJob {
-    auth: Authorization,
-    transaction: Transaction,
+    kind: JobKind,
+    key: DupKey,
+    received_ms: i64,
     reply: oneshot::Sender<ShardVerdict>,
 }
 
@@ -49,26 +79,58 @@ struct ShardJob {
 pub struct ShardStats {
     /// Authorizations decided.
     pub decided: AtomicU64,
+    /// Retransmissions answered from the window.
+    pub duplicates: AtomicU64,
+    /// Requests remembered in the duplicate window now.
+    pub window_len: AtomicU64,
+    /// Window entries dropped before their time because the window was full.
+    pub window_evicted_early: AtomicU64,
 }
 
-/// A shard: owns the state of the cards that hash to it (velocity; duplicates as that
-/// capability lands), so that state needs no lock. Reached through a bounded queue.
+/// What a shard starts with: its share of the journal's recent requests.
+pub type RecoveredEntries = Vec<(DupKey, i64, Arc<Original>)>;
+
+/// A shard: owns the state of the cards that hash to it (velocity, the duplicate window),
+/// so that state needs no lock. Reached through a bounded queue.
 async fn run_shard(
     mut jobs: mpsc::Receiver<ShardJob>,
     router: Arc<ArcSwap<Router>>,
     scoring: Arc<Scoring>,
     mut state: ShardScoring,
+    mut window: DuplicateWindow,
     stats: Arc<ShardStats>,
 ) {
     while let Some(job) = jobs.recv().await {
-        let auth = &job.auth;
-        let verdict = scoring.decide(&mut state, &job.transaction);
-        let route = router.load().route(&auth.pan, auth.currency, auth.mcc);
-        stats.decided.fetch_add(1, Ordering::Relaxed);
-        let _ = job.reply.send(ShardVerdict {
-            scoring: verdict,
-            route,
-        });
+        let verdict = if let Some(original) = window.get(&job.key, job.received_ms) {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            ShardVerdict::Duplicate(original)
+        } else {
+            let own = Arc::new(Original::new());
+            window.insert(job.key, job.received_ms, Arc::clone(&own));
+            match job.kind {
+                JobKind::Authorization(auth, transaction) => {
+                    let scoring = scoring.decide(&mut state, &transaction);
+                    let route = router.load().route(&auth.pan, auth.currency, auth.mcc);
+                    stats.decided.fetch_add(1, Ordering::Relaxed);
+                    ShardVerdict::Fresh {
+                        scoring,
+                        route,
+                        original: own,
+                    }
+                }
+                JobKind::Reversal(request) => ShardVerdict::Reversal {
+                    own,
+                    original: window.find_original(&request),
+                },
+            }
+        };
+        stats
+            .window_len
+            .store(window.len() as u64, Ordering::Relaxed);
+        stats
+            .window_evicted_early
+            .store(window.evicted_early, Ordering::Relaxed);
+        let _ = job.reply.send(verdict);
     }
 }
 
@@ -80,6 +142,12 @@ pub struct SwitchStats {
     pub responses: [AtomicU64; ResponseCode::ALL.len() + 1],
     /// Requests refused because their shard's queue was full.
     pub shed: AtomicU64,
+    /// Requests answered without authorizing because the journal could not take them.
+    pub journal_refused: AtomicU64,
+    /// Retransmissions answered with the original's outcome.
+    pub duplicates: AtomicU64,
+    /// Reversals queued because an acquirer's answer did not reach the gateway.
+    pub reversals_queued: AtomicU64,
 }
 
 impl SwitchStats {
@@ -100,12 +168,20 @@ impl SwitchStats {
     }
 }
 
+/// How long a retransmission waits for its original's answer: longer than any acquirer
+/// timeout, so it only runs out if the original's task is gone.
+const DUPLICATE_WAIT: Duration = Duration::from_secs(30);
+
 /// The ingress handler shared by every gateway stream.
 pub struct Switch {
     shards: Vec<mpsc::Sender<ShardJob>>,
     /// Models, rules and their counters.
     pub scoring: Arc<Scoring>,
     links: Vec<Arc<AcquirerLink>>,
+    journal: Option<Journal>,
+    pan_key: PanKey,
+    /// Reversals owed to acquirers.
+    pub reversals: Arc<StoreAndForward>,
     /// Counters.
     pub stats: SwitchStats,
     /// Per-shard counters.
@@ -121,17 +197,49 @@ impl std::fmt::Debug for Switch {
     }
 }
 
+/// A validated request on its way through the switch.
+struct InFlight {
+    request: Message,
+    auth: Authorization,
+    pan_hash: u128,
+    received: Instant,
+}
+
 /// What the in-order part of handling a frame left to do.
 enum Accepted {
     /// Not an ISO 8583 message: end the stream with this code.
     Close(u32),
     /// Answered already.
     Done([u8; 2], Message),
+    /// Validated, but refused before its shard (full queue): journaled, then answered.
+    Refused(InFlight, ResponseCode),
     /// In the card's shard queue; the verdict, then the acquirer, are still to come.
-    Queued {
-        request: Message,
-        verdict: oneshot::Receiver<ShardVerdict>,
-    },
+    Queued(InFlight, oneshot::Receiver<ShardVerdict>),
+}
+
+/// An answer to a validated request.
+struct Answer {
+    code: [u8; 2],
+    approval: Option<[u8; 6]>,
+    private_data: String,
+}
+
+impl Answer {
+    fn new(code: ResponseCode, private_data: String) -> Answer {
+        Answer {
+            code: as_code(code),
+            approval: None,
+            private_data,
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            code: self.code,
+            approval: self.approval,
+            private_data: self.private_data.clone(),
+        }
+    }
 }
 
 impl Handler for Switch {
@@ -147,7 +255,8 @@ impl Handler for Switch {
             let (code, response) = match accepted {
                 Accepted::Close(code) => return Reply::Close(code),
                 Accepted::Done(code, response) => (code, response),
-                Accepted::Queued { request, verdict } => self.complete(&request, verdict).await,
+                Accepted::Refused(request, code) => self.refused(request, code).await,
+                Accepted::Queued(request, verdict) => self.complete(request, verdict).await,
             };
             self.stats.count(&code);
             Reply::Message(response)
@@ -160,10 +269,19 @@ fn as_code(code: ResponseCode) -> [u8; 2] {
     [s[0], s[1]]
 }
 
+fn code_str(code: &[u8; 2]) -> String {
+    String::from_utf8_lossy(code).into_owned()
+}
+
 impl Switch {
     /// The acquirer links, in configuration order.
     pub fn links(&self) -> &[Arc<AcquirerLink>] {
         &self.links
+    }
+
+    /// The journal, when one is written.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
     }
 
     fn accept(&self, frame: Bytes) -> Accepted {
@@ -174,9 +292,10 @@ impl Switch {
         };
         let done = |(code, response): ([u8; 2], Message)| Accepted::Done(code, response);
         if error.is_some() {
-            return done(self.refuse(&request, ResponseCode::FormatError));
+            return done(refuse(&request, ResponseCode::FormatError));
         }
-        match validate::classify(request.mti()) {
+        let kind = validate::classify(request.mti());
+        match kind {
             Kind::Network => {
                 let response = validate::respond_network(&request);
                 let code = response
@@ -185,83 +304,452 @@ impl Switch {
                     .unwrap_or(*b"96");
                 Accepted::Done(code, response)
             }
-            Kind::Unsupported => done(self.refuse(&request, ResponseCode::InvalidTransaction)),
+            Kind::Unsupported => done(refuse(&request, ResponseCode::InvalidTransaction)),
             Kind::Authorization | Kind::Reversal => match validate::validate(&request) {
-                Ok(auth) => self.enqueue(request, auth),
-                Err(code) => done(self.refuse(&request, code)),
+                Ok(auth) => self.enqueue(request, auth, kind == Kind::Reversal),
+                Err(code) => done(refuse(&request, code)),
             },
         }
     }
 
-    /// Puts the authorization in its card's shard queue; a full queue is answered 91 now.
-    fn enqueue(&self, request: Message, auth: Authorization) -> Accepted {
-        let transaction = self.scoring.transaction(&request, &auth, unix_now_ms());
+    /// Puts the request in its card's shard queue; a full queue is answered 91 now.
+    fn enqueue(&self, request: Message, auth: Authorization, reversal: bool) -> Accepted {
+        let Some(key) = DupKey::of(&request, reversal) else {
+            return Accepted::Done(
+                as_code(ResponseCode::FormatError),
+                refuse(&request, ResponseCode::FormatError).1,
+            );
+        };
+        let received_ms = unix_now_ms();
+        let pan_hash = self.pan_key.hash(auth.pan.expose());
+        let kind = if reversal {
+            JobKind::Reversal(request.clone())
+        } else {
+            JobKind::Authorization(auth, self.scoring.transaction(&request, &auth, received_ms))
+        };
+        let in_flight = InFlight {
+            request,
+            auth,
+            pan_hash,
+            received: Instant::now(),
+        };
         // `shards` is never empty (`start` makes at least one), so the modulo is defined.
-        let shard = (auth.pan.shard_hash() % self.shards.len() as u64) as usize;
+        let shard = shard_of(pan_hash, self.shards.len());
         let (reply, verdict) = oneshot::channel();
         let job = ShardJob {
-            auth,
-            transaction,
+            kind,
+            key,
+            received_ms,
             reply,
         };
         if self.shards[shard].try_send(job).is_err() {
             self.stats.shed.fetch_add(1, Ordering::Relaxed);
-            let (code, response) = self.refuse(&request, ResponseCode::IssuerInoperative);
-            return Accepted::Done(code, response);
+            return Accepted::Refused(in_flight, ResponseCode::IssuerInoperative);
         }
-        Accepted::Queued { request, verdict }
+        Accepted::Queued(in_flight, verdict)
     }
 
-    fn refuse(&self, request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
-        let code = as_code(code);
-        (code, validate::respond(request, &code, None, ""))
+    /// The journal record of a validated request.
+    fn request_record(&self, r: &InFlight) -> Record {
+        let text = |n| r.request.get_str(n).unwrap_or("").to_string();
+        Record {
+            kind: RecordKind::Request,
+            time_ms: unix_now_ms(),
+            request_seq: 0,
+            request_back: 0,
+            mti: r.request.mti().as_str().to_string(),
+            processing_code: text(fields::PROCESSING_CODE),
+            transmission_time: text(fields::TRANSMISSION_TIME),
+            stan: text(fields::STAN),
+            rrn: text(fields::RRN),
+            terminal: text(fields::TERMINAL),
+            merchant: text(fields::MERCHANT),
+            pan_masked: r.auth.pan.to_string(),
+            pan_hash: r.pan_hash,
+            amount_minor: r.auth.amount.get(),
+            currency: r.auth.currency.get(),
+            acquirer: String::new(),
+            link_stan: 0,
+            code: String::new(),
+            approval_code: String::new(),
+            decision: String::new(),
+            score: None,
+            private_data: String::new(),
+            duplicate: false,
+            switch_us: 0,
+            acquirer_us: 0,
+            attempt: 0,
+        }
+    }
+
+    async fn journal_append(&self, records: &[Record]) -> Result<u64, JournalError> {
+        match &self.journal {
+            Some(journal) => journal.append(records).await,
+            None => Ok(0),
+        }
+    }
+
+    /// A request refused before its shard: journaled with its answer, then answered.
+    async fn refused(&self, r: InFlight, code: ResponseCode) -> ([u8; 2], Message) {
+        let answer = Answer::new(code, String::new());
+        let request = self.request_record(&r);
+        let mut journal = RequestJournal::new(request);
+        self.finish(&r, &mut journal, answer, None).await
     }
 
     async fn complete(
         &self,
-        request: &Message,
+        r: InFlight,
         verdict: oneshot::Receiver<ShardVerdict>,
     ) -> ([u8; 2], Message) {
         let Ok(verdict) = verdict.await else {
-            return self.refuse(request, ResponseCode::SystemMalfunction);
+            return refuse(&r.request, ResponseCode::SystemMalfunction);
         };
-        let tags = verdict.scoring.tags();
-        if verdict.scoring.decision == Decision::Decline {
-            let code = as_code(ResponseCode::SuspectedFraud);
-            return (code, validate::respond(request, &code, None, &tags));
+        let mut journal = RequestJournal::new(self.request_record(&r));
+        match verdict {
+            ShardVerdict::Duplicate(original) => {
+                self.answer_duplicate(&r, journal, &original).await
+            }
+            ShardVerdict::Fresh {
+                scoring,
+                route,
+                original,
+            } => {
+                journal.request.decision = scoring.decision_str().to_string();
+                journal.request.score = scoring.score;
+                let answer = self
+                    .authorize(&r, &mut journal, &scoring, route, &original)
+                    .await;
+                self.finish(&r, &mut journal, answer, Some(&original)).await
+            }
+            ShardVerdict::Reversal { own, original } => {
+                let answer = self.reverse(&r, &mut journal, original).await;
+                self.finish(&r, &mut journal, answer, Some(&own)).await
+            }
         }
-        let Some(route) = verdict.route else {
-            return self.refuse(request, ResponseCode::NoRoute);
+    }
+
+    /// Journals the response (with the request, if it is not journaled yet), records the
+    /// outcome for retransmissions, and builds the response.
+    async fn finish(
+        &self,
+        r: &InFlight,
+        journal: &mut RequestJournal,
+        mut answer: Answer,
+        original: Option<&Arc<Original>>,
+    ) -> ([u8; 2], Message) {
+        if !journal.failed {
+            let mut response = journal.follow_up(RecordKind::Response);
+            response.code = code_str(&answer.code);
+            if let Some(approval) = &answer.approval {
+                response.approval_code = String::from_utf8_lossy(approval).into_owned();
+            }
+            response.private_data = answer.private_data.clone();
+            response.switch_us =
+                (r.received.elapsed().as_micros() as u64).saturating_sub(journal.acquirer_us);
+            response.acquirer_us = journal.acquirer_us;
+            response.acquirer = journal.acquirer.clone();
+            if let Err(e) = self.append(journal, response).await {
+                if answer.code == *b"00" {
+                    // Approved at the acquirer, but the approval cannot be made durable:
+                    // the gateway is told it failed, and the acquirer gets a reversal.
+                    if let Some(original) = original {
+                        self.reverse_unjournaled(original);
+                    }
+                }
+                answer = Answer::new(journal_refusal(e), String::new());
+                self.stats.journal_refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(original) = original {
+            original.set_outcome(answer.outcome());
+        }
+        let approval = answer.approval.as_ref().map(|a| &a[..]);
+        (
+            answer.code,
+            validate::respond(&r.request, &answer.code, approval, &answer.private_data),
+        )
+    }
+
+    /// Appends `record` (after the request record if that is not journaled yet).
+    async fn append(
+        &self,
+        journal: &mut RequestJournal,
+        record: Record,
+    ) -> Result<u64, JournalError> {
+        journal.append(self, vec![record]).await
+    }
+
+    async fn authorize(
+        &self,
+        r: &InFlight,
+        journal: &mut RequestJournal,
+        scoring: &Verdict,
+        route: Option<Arc<[AcquirerIndex]>>,
+        original: &Arc<Original>,
+    ) -> Answer {
+        let tags = scoring.tags();
+        if scoring.decision == Decision::Decline {
+            return Answer::new(ResponseCode::SuspectedFraud, tags);
+        }
+        let Some(route) = route else {
+            return Answer::new(ResponseCode::NoRoute, tags);
         };
         for &index in route.iter() {
             let link = &self.links[index];
-            match link.call(request).await {
-                Ok(answer) => {
-                    let tags = with_acquirer(tags, link.name());
-                    return self.relay(request, &answer, &tags);
+            // Nothing is sent by a refused reservation: the next acquirer may take it.
+            let Ok(reservation) = link.reserve() else {
+                continue;
+            };
+            let mut forwarded = journal.follow_up(RecordKind::Forwarded);
+            forwarded.acquirer = link.name().to_string();
+            forwarded.link_stan = reservation.stan().get();
+            // Durable before it leaves: after a crash, the journal knows it may have been
+            // authorized and reverses it.
+            let request_seq = match journal.append(self, vec![forwarded.clone()]).await {
+                Ok(_) => journal.request_seq,
+                Err(e) => {
+                    self.stats.journal_refused.fetch_add(1, Ordering::Relaxed);
+                    return Answer::new(journal_refusal(e), tags);
                 }
-                // Nothing was sent: the next acquirer may take it.
+            };
+            forwarded.request_seq = request_seq;
+            forwarded.request_back = 0;
+            original.set_forwarded(Forwarded {
+                acquirer: index,
+                link_stan: reservation.stan(),
+                request_seq,
+                record: forwarded,
+            });
+            journal.acquirer = link.name().to_string();
+            let sent = Instant::now();
+            let result = reservation.send(&r.request).await;
+            journal.acquirer_us = sent.elapsed().as_micros() as u64;
+            match result {
+                Ok(answer) => return relay(&answer, with_acquirer(tags, link.name())),
                 Err(LinkError::Down | LinkError::Busy) => continue,
-                // It may have been authorized there: never send it elsewhere.
+                // It may have been authorized there: never send it elsewhere; reverse it.
                 Err(e) => {
                     debug_assert!(e.maybe_delivered());
-                    let code = as_code(ResponseCode::IssuerInoperative);
                     let tags = with_acquirer(tags, link.name());
-                    return (code, validate::respond(request, &code, None, &tags));
+                    self.queue_reversal(journal, original).await;
+                    return Answer::new(ResponseCode::IssuerInoperative, tags);
                 }
             }
         }
-        self.refuse(request, ResponseCode::IssuerInoperative)
+        Answer::new(ResponseCode::IssuerInoperative, tags)
     }
 
-    fn relay(&self, request: &Message, answer: &Message, tags: &str) -> ([u8; 2], Message) {
-        let Some(code) = validate::acquirer_code(answer) else {
-            return self.refuse(request, ResponseCode::SystemMalfunction);
+    /// Journals a reversal of `original` as queued and starts delivering it, unless one is
+    /// already under way.
+    async fn queue_reversal(&self, journal: &mut RequestJournal, original: &Arc<Original>) {
+        let Some(forwarded) = original.forwarded() else {
+            return;
         };
-        let approval = (code == *b"00")
-            .then(|| validate::acquirer_approval_code(answer))
-            .flatten();
-        (code, validate::respond(request, &code, approval, tags))
+        if !original.claim_reversal() {
+            return;
+        }
+        let mut queued = forwarded.record.follow_up(
+            RecordKind::ReversalQueued,
+            forwarded.request_seq,
+            unix_now_ms(),
+        );
+        queued.acquirer = forwarded.record.acquirer.clone();
+        queued.link_stan = forwarded.record.link_stan;
+        let pending = PendingReversal {
+            request_seq: forwarded.request_seq,
+            acquirer: forwarded.acquirer,
+            original: forwarded.record,
+        };
+        if journal.append(self, vec![queued]).await.is_err() {
+            tracing::error!(rrn = %pending.original.rrn, "reversal could not be journaled: delivering it from memory");
+        }
+        self.stats.reversals_queued.fetch_add(1, Ordering::Relaxed);
+        self.reversals.push(pending);
+    }
+
+    /// A reversal for an approval that could not be journaled (the journal has stopped).
+    fn reverse_unjournaled(&self, original: &Arc<Original>) {
+        let Some(forwarded) = original.forwarded() else {
+            return;
+        };
+        if original.claim_reversal() {
+            self.stats.reversals_queued.fetch_add(1, Ordering::Relaxed);
+            self.reversals.push(PendingReversal {
+                request_seq: forwarded.request_seq,
+                acquirer: forwarded.acquirer,
+                original: forwarded.record,
+            });
+        }
+    }
+
+    /// A gateway's 0400/0420: the original's acquirer gets a reversal through the
+    /// store-and-forward queue (at most once per original); the gateway is answered once
+    /// it is durably queued.
+    async fn reverse(
+        &self,
+        _r: &InFlight,
+        journal: &mut RequestJournal,
+        original: Option<Arc<Original>>,
+    ) -> Answer {
+        let Some(original) = original else {
+            return Answer::new(ResponseCode::UnableToLocateOriginal, String::new());
+        };
+        if original.forwarded().is_none() {
+            // Declined or refused by the switch itself: nothing was authorized.
+            return Answer::new(ResponseCode::Approved, "reversal=nothing_to_reverse".into());
+        }
+        if let Some(outcome) = original.outcome_now() {
+            if outcome.code != *b"00" && outcome.code != *b"91" {
+                // Declined by the acquirer: nothing to reverse there.
+                return Answer::new(ResponseCode::Approved, "reversal=nothing_to_reverse".into());
+            }
+        }
+        let queued_before = !original.reversal_claimed();
+        self.queue_reversal(journal, &original).await;
+        let tag = if queued_before {
+            "reversal=queued"
+        } else {
+            "reversal=already_queued"
+        };
+        Answer::new(ResponseCode::Approved, tag.into())
+    }
+
+    /// A retransmission: the original's answer, marked `dup=1`, journaled as such.
+    async fn answer_duplicate(
+        &self,
+        r: &InFlight,
+        mut journal: RequestJournal,
+        original: &Original,
+    ) -> ([u8; 2], Message) {
+        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        let outcome = match original.outcome(DUPLICATE_WAIT).await {
+            Some(outcome) => outcome.clone(),
+            None => Outcome {
+                code: as_code(ResponseCode::DuplicateTransmission),
+                approval: None,
+                private_data: String::new(),
+            },
+        };
+        let private_data = if outcome.private_data.is_empty() {
+            "dup=1".to_string()
+        } else {
+            format!("{};dup=1", outcome.private_data)
+        };
+        let mut response = journal.follow_up(RecordKind::Response);
+        response.duplicate = true;
+        response.code = code_str(&outcome.code);
+        if let Some(approval) = &outcome.approval {
+            response.approval_code = String::from_utf8_lossy(approval).into_owned();
+        }
+        response.private_data = private_data.clone();
+        response.switch_us = r.received.elapsed().as_micros() as u64;
+        if let Err(e) = journal.append(self, vec![response]).await {
+            self.stats.journal_refused.fetch_add(1, Ordering::Relaxed);
+            let code = as_code(journal_refusal(e));
+            return (code, validate::respond(&r.request, &code, None, ""));
+        }
+        let approval = outcome.approval.as_ref().map(|a| &a[..]);
+        (
+            outcome.code,
+            validate::respond(&r.request, &outcome.code, approval, &private_data),
+        )
+    }
+}
+
+/// The code for a request the journal could not take: 91 while the disk is behind (try
+/// again), 96 once the journal has stopped.
+fn journal_refusal(e: JournalError) -> ResponseCode {
+    match e {
+        JournalError::Overloaded => ResponseCode::IssuerInoperative,
+        JournalError::Failed | JournalError::Encode => ResponseCode::SystemMalfunction,
+    }
+}
+
+/// The journal records of one request, appended as it goes: the request record goes out
+/// with the first of its follow-ups, so the common paths cost one group commit each.
+struct RequestJournal {
+    request: Record,
+    /// Sequence number of the request record once journaled; 0 before.
+    request_seq: u64,
+    /// Set when an append failed: nothing more is journaled for this request.
+    failed: bool,
+    acquirer: String,
+    acquirer_us: u64,
+}
+
+impl RequestJournal {
+    fn new(request: Record) -> RequestJournal {
+        RequestJournal {
+            request,
+            request_seq: 0,
+            failed: false,
+            acquirer: String::new(),
+            acquirer_us: 0,
+        }
+    }
+
+    /// A follow-up record of the request.
+    fn follow_up(&self, kind: RecordKind) -> Record {
+        let mut record = self
+            .request
+            .follow_up(kind, self.request_seq, unix_now_ms());
+        if self.request_seq == 0 {
+            record.request_back = 1;
+        }
+        record
+    }
+
+    async fn append(
+        &mut self,
+        switch: &Switch,
+        mut records: Vec<Record>,
+    ) -> Result<u64, JournalError> {
+        if self.failed {
+            return Err(JournalError::Failed);
+        }
+        let with_request = self.request_seq == 0;
+        if with_request {
+            for (i, record) in records.iter_mut().enumerate() {
+                record.request_seq = 0;
+                record.request_back = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            }
+            records.insert(0, self.request.clone());
+        }
+        match switch.journal_append(&records).await {
+            Ok(first) => {
+                if with_request {
+                    // Without a journal `first` is 0; keep a placeholder so the request is
+                    // not "journaled" again.
+                    self.request_seq = first.max(1);
+                }
+                Ok(first)
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn refuse(request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
+    let code = as_code(code);
+    (code, validate::respond(request, &code, None, ""))
+}
+
+fn relay(answer: &Message, tags: String) -> Answer {
+    let Some(code) = validate::acquirer_code(answer) else {
+        return Answer::new(ResponseCode::SystemMalfunction, tags);
+    };
+    let approval = (code == *b"00")
+        .then(|| validate::acquirer_approval_code(answer))
+        .flatten()
+        .and_then(|a| <[u8; 6]>::try_from(a).ok());
+    Answer {
+        code,
+        approval,
+        private_data: tags,
     }
 }
 
@@ -270,6 +758,11 @@ fn with_acquirer(mut tags: String, acquirer: &str) -> String {
     tags.push_str(";acquirer=");
     tags.push_str(acquirer);
     tags
+}
+
+/// The shard a card's keyed hash belongs to.
+pub fn shard_of(pan_hash: u128, shards: usize) -> usize {
+    (pan_hash as u64 % shards as u64) as usize
 }
 
 /// A running switch: its addresses and a way to stop it.
@@ -402,26 +895,66 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         ));
     }
     let shard_count = config.pipeline.shard_count().max(1);
+    let (journal, pan_key, recovery) = open_journal(config)?;
+    let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone());
+    let mut recovered: Vec<RecoveredEntries> = (0..shard_count).map(|_| Vec::new()).collect();
+    for (pan_hash, key, at_ms, original) in recovery.recent {
+        recovered[shard_of(pan_hash, shard_count)].push((key, at_ms, original));
+    }
     let cards_per_shard = (config.scoring.max_cards / shard_count).max(1);
+    let window = Duration::from_secs(config.journal.duplicate_window_s);
+    let window_capacity = (config.journal.max_duplicates / shard_count).max(1);
     let mut shards = Vec::with_capacity(shard_count);
     let mut shard_stats = Vec::with_capacity(shard_count);
-    for _ in 0..shard_count {
+    for entries in recovered {
         let (tx, rx) = mpsc::channel(config.pipeline.shard_queue_depth);
         let stats = Arc::new(ShardStats::default());
+        let mut duplicates = DuplicateWindow::new(window, window_capacity);
+        for (key, at_ms, original) in entries {
+            duplicates.insert(key, at_ms, original);
+        }
         tokio::spawn(run_shard(
             rx,
             Arc::clone(&table),
             Arc::clone(&scoring),
             ShardScoring::new(cards_per_shard),
+            duplicates,
             Arc::clone(&stats),
         ));
         shards.push(tx);
         shard_stats.push(stats);
     }
+    // What the journal says is owed: in-doubt authorizations are queued for reversal
+    // (durably, before delivery starts), then everything owed is delivered.
+    for pending in recovery.in_doubt {
+        let queued = pending.original.follow_up(
+            RecordKind::ReversalQueued,
+            pending.request_seq,
+            unix_now_ms(),
+        );
+        let queued = Record {
+            acquirer: pending.original.acquirer.clone(),
+            link_stan: pending.original.link_stan,
+            ..queued
+        };
+        if let Some(journal) = &journal {
+            journal
+                .append(&[queued])
+                .await
+                .context("journaling the reversal of an in-doubt authorization")?;
+        }
+        reversals.push(pending);
+    }
+    for pending in recovery.pending {
+        reversals.push(pending);
+    }
     let switch = Arc::new(Switch {
         shards,
         scoring,
         links,
+        journal,
+        pan_key,
+        reversals,
         stats: SwitchStats::default(),
         shard_stats,
     });
@@ -485,7 +1018,51 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     })
 }
 
-fn unix_now_ms() -> i64 {
+/// What the journal left: the writer, the PAN hash key, and what is owed and remembered.
+fn open_journal(
+    config: &Config,
+) -> anyhow::Result<(Option<Journal>, PanKey, crate::recovery::Recovery)> {
+    let journal_config = &config.journal;
+    if !journal_config.enabled {
+        tracing::warn!("journal turned off: answered authorizations do not survive a crash and in-doubt ones are never reversed");
+        let key: [u8; 16] = rand::random();
+        return Ok((None, PanKey::from_bytes(key), Default::default()));
+    }
+    let dir = &journal_config.dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the journal directory {}", dir.display()))?;
+    let pan_key = PanKey::load_or_create(dir).context("reading the PAN hash key")?;
+    let acquirers: Vec<String> = config.acquirers.iter().map(|a| a.name.clone()).collect();
+    let window_ms =
+        i64::try_from(journal_config.duplicate_window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let recovery =
+        crate::recovery::recover(dir, &acquirers, unix_now_ms().saturating_sub(window_ms))
+            .with_context(|| format!("replaying the journal in {}", dir.display()))?;
+    let report = &recovery.report;
+    if let Some(torn) = &report.torn_tail {
+        tracing::warn!(segment = %torn.path.display(), offset = torn.offset, bytes = torn.bytes, "journal: torn final record (a crash mid-write) cut off");
+    }
+    if recovery.unknown_acquirers > 0 {
+        tracing::error!(
+            count = recovery.unknown_acquirers,
+            "journal: reversals owed to acquirers no longer configured are left undelivered"
+        );
+    }
+    tracing::info!(
+        dir = %dir.display(),
+        records = report.records,
+        in_doubt = recovery.in_doubt.len(),
+        reversals_pending = recovery.pending.len(),
+        remembered = recovery.recent.len(),
+        "journal replayed"
+    );
+    let journal = Journal::start(journal_config, report.next_seq())
+        .with_context(|| format!("opening the journal in {}", dir.display()))?;
+    Ok((Some(journal), pan_key, recovery))
+}
+
+/// Unix milliseconds now.
+pub fn unix_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

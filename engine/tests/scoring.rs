@@ -53,6 +53,12 @@ async fn start(sim: &RunningSim, scoring: ScoringConfig) -> RunningSwitch {
             ..PipelineConfig::default()
         },
         scoring,
+        // Each switch its own journal, as in production (kept for a failing test's autopsy
+        // under the system's temporary directory).
+        journal: payswitch::journal::JournalConfig {
+            dir: tempfile::tempdir().unwrap().keep(),
+            ..Default::default()
+        },
         acquirers: vec![AcquirerConfig {
             name: "north".into(),
             address: sim.quic_addr,

@@ -76,6 +76,12 @@ fn config(acquirers: Vec<AcquirerConfig>, routes: Vec<RouteConfig>) -> Config {
             ..PipelineConfig::default()
         },
         scoring: Default::default(),
+        // Each switch its own journal, as in production (kept for a failing test's autopsy
+        // under the system's temporary directory).
+        journal: payswitch::journal::JournalConfig {
+            dir: tempfile::tempdir().unwrap().keep(),
+            ..Default::default()
+        },
         acquirers,
         routes,
         insecure_acquirers: false,

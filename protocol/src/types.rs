@@ -349,6 +349,8 @@ pub enum ResponseCode {
     InvalidTransaction,
     /// 14 invalid card number (Luhn).
     InvalidCardNumber,
+    /// 25 unable to locate the original (a reversal of something the switch never saw).
+    UnableToLocateOriginal,
     /// 30 format error (missing or malformed field).
     FormatError,
     /// 51 insufficient funds.
@@ -369,11 +371,12 @@ pub enum ResponseCode {
 
 impl ResponseCode {
     /// Every code, for reports and tests.
-    pub const ALL: [ResponseCode; 12] = [
+    pub const ALL: [ResponseCode; 13] = [
         ResponseCode::Approved,
         ResponseCode::DoNotHonor,
         ResponseCode::InvalidTransaction,
         ResponseCode::InvalidCardNumber,
+        ResponseCode::UnableToLocateOriginal,
         ResponseCode::FormatError,
         ResponseCode::InsufficientFunds,
         ResponseCode::ExpiredCard,
@@ -391,6 +394,7 @@ impl ResponseCode {
             ResponseCode::DoNotHonor => "05",
             ResponseCode::InvalidTransaction => "12",
             ResponseCode::InvalidCardNumber => "14",
+            ResponseCode::UnableToLocateOriginal => "25",
             ResponseCode::FormatError => "30",
             ResponseCode::InsufficientFunds => "51",
             ResponseCode::ExpiredCard => "54",

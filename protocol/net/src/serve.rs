@@ -41,7 +41,8 @@ pub trait Handler: Send + Sync + 'static {
     /// Handle `frame`. This is called in the order the stream's frames are read, and the
     /// future it returns then runs on its own task: work done before the future is
     /// returned (enqueueing to a card's shard, say) keeps the stream's order; work inside
-    /// it may complete in any order.
+    /// it may complete in any order. The task runs to its end even if the stream fails
+    /// meanwhile.
     fn handle(self: Arc<Self>, frame: Bytes) -> impl Future<Output = Reply> + Send + 'static;
 }
 
@@ -132,6 +133,9 @@ where
                     close = close.or(collect(more, &mut out));
                 }
                 if !out.is_empty() && writer.write_all(&out).await.is_err() {
+                    // Requests in progress still run to their end (a switch journals
+                    // their outcome); only their answers have nowhere to go.
+                    tasks.detach_all();
                     return StreamEnd::Failed;
                 }
                 if let Some(code) = close {

@@ -1,0 +1,362 @@
+//! Requests the switch has seen, per shard: what makes a retransmission a duplicate, and
+//! where a reversal finds its original.
+//!
+//! A request is identified by terminal (41), STAN (11), RRN (37) and transmission time (7)
+//! — the key gateways keep when they retransmit — and whether it is an authorization or a
+//! reversal (a reversal may reuse its original's STAN and time). Every request the shard
+//! accepts gets an [`Original`]: the task completing it records the outcome there, and a
+//! retransmission that arrives meanwhile waits for that outcome instead of reaching an
+//! acquirer a second time. Entries live for the configured window and the window holds a
+//! bounded number of them; past the bound the oldest go first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use payswitch_protocol::{fields, Message, Stan};
+use tokio::sync::Notify;
+
+use crate::journal::Record;
+use crate::router::AcquirerIndex;
+
+/// What identifies one request among retransmissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DupKey {
+    reversal: bool,
+    terminal: [u8; 8],
+    stan: [u8; 6],
+    rrn: [u8; 12],
+    transmission: [u8; 10],
+}
+
+fn fixed<const N: usize>(raw: Option<&[u8]>) -> Option<[u8; N]> {
+    raw?.try_into().ok()
+}
+
+impl DupKey {
+    /// The key of a request; `None` when one of its fields is missing (validation refuses
+    /// such requests before they get here).
+    pub fn of(request: &Message, reversal: bool) -> Option<DupKey> {
+        Some(DupKey {
+            reversal,
+            terminal: fixed(request.get(fields::TERMINAL))?,
+            stan: fixed(request.get(fields::STAN))?,
+            rrn: fixed(request.get(fields::RRN))?,
+            transmission: fixed(request.get(fields::TRANSMISSION_TIME))?,
+        })
+    }
+
+    /// The key of the authorization a reversal names in field 90 (original MTI, STAN,
+    /// transmission time, …), with the reversal's own terminal and RRN.
+    pub fn original_of(reversal: &Message) -> Option<DupKey> {
+        let original = reversal.get(fields::ORIGINAL_DATA)?;
+        if original.len() < 20 {
+            return None;
+        }
+        Some(DupKey {
+            reversal: false,
+            terminal: fixed(reversal.get(fields::TERMINAL))?,
+            stan: original[4..10].try_into().ok()?,
+            rrn: fixed(reversal.get(fields::RRN))?,
+            transmission: original[10..20].try_into().ok()?,
+        })
+    }
+
+    /// The key of the request a journal record belongs to.
+    pub fn of_record(record: &Record) -> Option<DupKey> {
+        let reversal = matches!(record.mti.as_str(), "0400" | "0420");
+        Some(DupKey {
+            reversal,
+            terminal: record.terminal.as_bytes().try_into().ok()?,
+            stan: record.stan.as_bytes().try_into().ok()?,
+            rrn: record.rrn.as_bytes().try_into().ok()?,
+            transmission: record.transmission_time.as_bytes().try_into().ok()?,
+        })
+    }
+
+    fn terminal_rrn(&self) -> ([u8; 8], [u8; 12]) {
+        (self.terminal, self.rrn)
+    }
+}
+
+/// The answer a request got, kept to answer its retransmissions.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Response code (39).
+    pub code: [u8; 2],
+    /// Approval code (38), when approved.
+    pub approval: Option<[u8; 6]>,
+    /// Field 48 as sent.
+    pub private_data: String,
+}
+
+/// Where an authorization was sent: what a reversal of it needs.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// The acquirer.
+    pub acquirer: AcquirerIndex,
+    /// The switch's STAN on that acquirer's link.
+    pub link_stan: Stan,
+    /// Sequence number of the request's journal record.
+    pub request_seq: u64,
+    /// The `forwarded` journal record: the request's identity, acquirer and link STAN.
+    pub record: Record,
+}
+
+/// A request the switch has accepted, shared between its shard's window and the task
+/// completing it.
+#[derive(Debug, Default)]
+pub struct Original {
+    outcome: OnceLock<Outcome>,
+    answered: Notify,
+    forwarded: Mutex<Option<Forwarded>>,
+    reversal_claimed: AtomicBool,
+}
+
+impl Original {
+    /// An original still in progress.
+    pub fn new() -> Original {
+        Original::default()
+    }
+
+    /// Records the answer and wakes retransmissions waiting for it. Only the first call
+    /// counts.
+    pub fn set_outcome(&self, outcome: Outcome) {
+        if self.outcome.set(outcome).is_ok() {
+            self.answered.notify_waiters();
+        }
+    }
+
+    /// The answer, once there is one; `None` if none came within `wait`.
+    pub async fn outcome(&self, wait: Duration) -> Option<&Outcome> {
+        let answered = async {
+            loop {
+                let notified = self.answered.notified();
+                tokio::pin!(notified);
+                // Registers the waiter before the check, so an answer set in between
+                // still wakes it.
+                notified.as_mut().enable();
+                if let Some(outcome) = self.outcome.get() {
+                    return outcome;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(wait, answered).await.ok()
+    }
+
+    /// The answer if there is one now.
+    pub fn outcome_now(&self) -> Option<&Outcome> {
+        self.outcome.get()
+    }
+
+    /// Records where the request was sent.
+    pub fn set_forwarded(&self, forwarded: Forwarded) {
+        *self.forwarded.lock().unwrap_or_else(|e| e.into_inner()) = Some(forwarded);
+    }
+
+    /// Where the request was sent, if it was.
+    pub fn forwarded(&self) -> Option<Forwarded> {
+        self.forwarded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether a reversal of this authorization has been taken on.
+    pub fn reversal_claimed(&self) -> bool {
+        self.reversal_claimed.load(Ordering::Acquire)
+    }
+
+    /// Takes the right to reverse this authorization: `true` only for the first caller,
+    /// so a timeout and a gateway's 0400 never reverse it twice.
+    pub fn claim_reversal(&self) -> bool {
+        !self.reversal_claimed.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// One shard's window of recent requests.
+#[derive(Debug)]
+pub struct DuplicateWindow {
+    entries: HashMap<DupKey, Arc<Original>>,
+    /// Keys in arrival order with their arrival time, for expiry.
+    order: VecDeque<(i64, DupKey)>,
+    /// The latest authorization per terminal and RRN, for reversals without field 90.
+    by_rrn: HashMap<([u8; 8], [u8; 12]), DupKey>,
+    window_ms: i64,
+    capacity: usize,
+    /// Entries dropped before their window ended because the window was full.
+    pub evicted_early: u64,
+}
+
+impl DuplicateWindow {
+    /// A window of `window` holding at most `capacity` requests.
+    pub fn new(window: Duration, capacity: usize) -> DuplicateWindow {
+        DuplicateWindow {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            by_rrn: HashMap::new(),
+            window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
+            capacity: capacity.max(1),
+            evicted_early: 0,
+        }
+    }
+
+    /// Requests remembered now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn expire(&mut self, now_ms: i64) {
+        while let Some(&(at, key)) = self.order.front() {
+            let expired = now_ms.saturating_sub(at) > self.window_ms;
+            if !expired && self.entries.len() < self.capacity {
+                break;
+            }
+            if !expired {
+                self.evicted_early += 1;
+            }
+            self.order.pop_front();
+            self.entries.remove(&key);
+            if self.by_rrn.get(&key.terminal_rrn()) == Some(&key) {
+                self.by_rrn.remove(&key.terminal_rrn());
+            }
+        }
+    }
+
+    /// The original of a retransmission of `key`, if `key` was seen within the window.
+    pub fn get(&mut self, key: &DupKey, now_ms: i64) -> Option<Arc<Original>> {
+        self.expire(now_ms);
+        self.entries.get(key).cloned()
+    }
+
+    /// Remembers a request first seen at `at_ms`.
+    pub fn insert(&mut self, key: DupKey, at_ms: i64, original: Arc<Original>) {
+        self.expire(at_ms);
+        if self.entries.insert(key, original).is_none() {
+            self.order.push_back((at_ms, key));
+        }
+        if !key.reversal {
+            self.by_rrn.insert(key.terminal_rrn(), key);
+        }
+    }
+
+    /// The authorization a reversal refers to: by field 90 when it carries one, else the
+    /// latest authorization with the reversal's terminal and RRN.
+    pub fn find_original(&self, reversal: &Message) -> Option<Arc<Original>> {
+        if let Some(key) = DupKey::original_of(reversal) {
+            if let Some(original) = self.entries.get(&key) {
+                return Some(Arc::clone(original));
+            }
+        }
+        let own = DupKey::of(reversal, true)?;
+        let key = self.by_rrn.get(&own.terminal_rrn())?;
+        self.entries.get(key).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use payswitch_protocol::Mti;
+
+    fn request(mti: Mti, stan: &str, time: &str) -> Message {
+        let mut b = Message::builder(mti);
+        b.set_str(7, time)
+            .unwrap()
+            .set_str(11, stan)
+            .unwrap()
+            .set_str(37, "533012000001")
+            .unwrap()
+            .set_str(41, "TERM0001")
+            .unwrap();
+        b.build()
+    }
+
+    #[test]
+    fn window_expires_and_bounds() {
+        let mut window = DuplicateWindow::new(Duration::from_secs(10), 2);
+        let a = DupKey::of(
+            &request(Mti::AUTHORIZATION_REQUEST, "000001", "1125123045"),
+            false,
+        )
+        .unwrap();
+        let b = DupKey::of(
+            &request(Mti::AUTHORIZATION_REQUEST, "000002", "1125123045"),
+            false,
+        )
+        .unwrap();
+        let c = DupKey::of(
+            &request(Mti::AUTHORIZATION_REQUEST, "000003", "1125123045"),
+            false,
+        )
+        .unwrap();
+        window.insert(a, 0, Arc::new(Original::new()));
+        assert!(window.get(&a, 10_000).is_some(), "inside the window");
+        assert!(window.get(&a, 10_001).is_none(), "past the window");
+        window.insert(a, 20_000, Arc::new(Original::new()));
+        window.insert(b, 20_001, Arc::new(Original::new()));
+        window.insert(c, 20_002, Arc::new(Original::new()));
+        assert_eq!(window.len(), 2);
+        assert_eq!(window.evicted_early, 1);
+        assert!(
+            window.get(&a, 20_003).is_none(),
+            "oldest dropped at the bound"
+        );
+    }
+
+    #[test]
+    fn reversal_finds_its_original_by_field_90_or_rrn() {
+        let mut window = DuplicateWindow::new(Duration::from_secs(60), 100);
+        let auth = request(Mti::AUTHORIZATION_REQUEST, "000007", "1125123045");
+        let original = Arc::new(Original::new());
+        window.insert(DupKey::of(&auth, false).unwrap(), 0, Arc::clone(&original));
+        let mut b = request(Mti::REVERSAL_REQUEST, "000008", "1125123050").to_builder();
+        b.set_str(90, "010000000711251230450000000000000000000000")
+            .unwrap();
+        let found = window.find_original(&b.build()).unwrap();
+        assert!(Arc::ptr_eq(&found, &original));
+        let without_90 = request(Mti::REVERSAL_REQUEST, "000008", "1125123050");
+        assert!(Arc::ptr_eq(
+            &window.find_original(&without_90).unwrap(),
+            &original
+        ));
+        // A reversal is not a duplicate of its original, even with the same STAN and time.
+        assert_ne!(
+            DupKey::of(&auth, false),
+            DupKey::of(
+                &request(Mti::REVERSAL_REQUEST, "000007", "1125123045"),
+                true
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn waiters_get_the_outcome_set_later() {
+        let original = Arc::new(Original::new());
+        let waiter = {
+            let original = Arc::clone(&original);
+            tokio::spawn(async move {
+                original
+                    .outcome(Duration::from_secs(5))
+                    .await
+                    .map(|o| o.code)
+            })
+        };
+        tokio::task::yield_now().await;
+        original.set_outcome(Outcome {
+            code: *b"00",
+            approval: Some(*b"ABC123"),
+            private_data: String::new(),
+        });
+        assert_eq!(waiter.await.unwrap(), Some(*b"00"));
+        assert!(original.claim_reversal());
+        assert!(!original.claim_reversal());
+    }
+}

@@ -1,0 +1,275 @@
+//! What the journal holds: one [`Record`] per step of an authorization's life, and the
+//! frame each is stored in.
+//!
+//! A frame is `len: u32 LE | crc: u32 LE | seq: u64 LE | body`, where `len` counts the
+//! bytes after itself (crc, seq and body), `crc` is CRC32C over `seq | body`, and `body`
+//! is the record in postcard (a stable, documented serde format). Sequence numbers go up
+//! by one from record to record, across segments.
+//!
+//! No record holds a full PAN, track data, a PIN block, a CVV or ICC data: the card is
+//! kept as its masked form (first six, last four) and a keyed hash that links the records
+//! of one card without revealing it.
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes before a record's body: len, crc, seq.
+pub const FRAME_HEADER: usize = 16;
+
+/// Largest body accepted when reading. Records are a few hundred bytes; field 48 (at most
+/// 999 bytes) is the largest part, so anything near this is corruption, not a record.
+pub const MAX_RECORD_BODY: usize = 8 * 1024;
+
+/// Which step of an authorization a record describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    /// A request that passed validation, as received.
+    Request,
+    /// Sent to an acquirer (durable before it is sent).
+    Forwarded,
+    /// The answer sent to the gateway (durable before it is sent).
+    Response,
+    /// A reversal the switch owes an acquirer, now in the store-and-forward queue.
+    ReversalQueued,
+    /// One attempt to send a queued reversal.
+    ReversalSent,
+    /// The acquirer answered the reversal: it is off the queue.
+    ReversalAck,
+}
+
+impl RecordKind {
+    /// The name used in exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Request => "request",
+            RecordKind::Forwarded => "forwarded",
+            RecordKind::Response => "response",
+            RecordKind::ReversalQueued => "reversal_queued",
+            RecordKind::ReversalSent => "reversal_sent",
+            RecordKind::ReversalAck => "reversal_ack",
+        }
+    }
+}
+
+/// One journal record. Every record repeats the identity of the request it belongs to
+/// (MTI, terminal, STAN, RRN, transmission time, masked PAN, amount), so each can be read
+/// on its own in an export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// What step this is.
+    pub kind: RecordKind,
+    /// Unix milliseconds when the record was made.
+    pub time_ms: i64,
+    /// Sequence number of the `request` record this one belongs to; 0 on a request record
+    /// (its own sequence number is its frame's), and on a record appended together with
+    /// its request, which names it by `request_back` instead.
+    pub request_seq: u64,
+    /// How many records before this one its request is, when they were appended
+    /// together (the writer numbers records, so the request's number is not known
+    /// before); 0 otherwise.
+    pub request_back: u8,
+    /// The request's MTI (a reversal the switch originates: `0400`).
+    pub mti: String,
+    /// Processing code (3).
+    pub processing_code: String,
+    /// Transmission date and time (7), `MMDDhhmmss`.
+    pub transmission_time: String,
+    /// The gateway's STAN (11).
+    pub stan: String,
+    /// Retrieval reference number (37).
+    pub rrn: String,
+    /// Card acceptor terminal (41).
+    pub terminal: String,
+    /// Card acceptor (merchant) ID (42).
+    pub merchant: String,
+    /// First six and last four digits, the rest masked.
+    pub pan_masked: String,
+    /// Keyed hash of the PAN (SipHash-2-4, 128 bits, key kept beside the journal).
+    pub pan_hash: u128,
+    /// Amount (4), minor units.
+    pub amount_minor: u64,
+    /// Currency (49), ISO 4217 numeric.
+    pub currency: u16,
+    /// The acquirer, where one is involved.
+    pub acquirer: String,
+    /// The STAN the switch used on the acquirer link for the original request: what a
+    /// reversal names in field 90. 0 when not forwarded.
+    pub link_stan: u32,
+    /// Response code, on `response` and `reversal_ack`.
+    pub code: String,
+    /// Approval code (38), when approved.
+    pub approval_code: String,
+    /// Fraud decision: `approve`, `review`, `decline`; empty when not scored.
+    pub decision: String,
+    /// Fraud score of the champion, when scored.
+    pub score: Option<f32>,
+    /// Field 48 as sent to the gateway (decision, score, model, rule, reasons, acquirer).
+    pub private_data: String,
+    /// A `response` to a retransmission, answered from the original.
+    pub duplicate: bool,
+    /// Time the switch spent on the request, microseconds (on `response`).
+    pub switch_us: u64,
+    /// Time the acquirer took, microseconds (on `response` and `reversal_ack`).
+    pub acquirer_us: u64,
+    /// Attempt number, on `reversal_sent`.
+    pub attempt: u32,
+}
+
+impl Record {
+    /// A record of `kind` about the same request as `self`, with the step's own fields
+    /// cleared.
+    pub fn follow_up(&self, kind: RecordKind, request_seq: u64, time_ms: i64) -> Record {
+        Record {
+            kind,
+            time_ms,
+            request_seq,
+            request_back: 0,
+            acquirer: String::new(),
+            link_stan: 0,
+            code: String::new(),
+            approval_code: String::new(),
+            decision: String::new(),
+            score: None,
+            private_data: String::new(),
+            duplicate: false,
+            switch_us: 0,
+            acquirer_us: 0,
+            attempt: 0,
+            ..self.clone()
+        }
+    }
+
+    /// The request's sequence number, given this record's own.
+    pub fn request_of(&self, seq: u64) -> u64 {
+        if self.kind == RecordKind::Request {
+            seq
+        } else if self.request_back > 0 {
+            seq.saturating_sub(u64::from(self.request_back))
+        } else {
+            self.request_seq
+        }
+    }
+}
+
+/// Appends `record` to `out` as a frame with seq and crc still zero: the writer fills them
+/// in when it orders the frame.
+pub fn encode_frame(record: &Record, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER]);
+    let body = postcard::to_extend(record, std::mem::take(out))?;
+    *out = body;
+    let len =
+        u32::try_from(out.len() - start - 4).map_err(|_| postcard::Error::SerializeBufferFull)?;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Sets the sequence number of the frame at `frame` and computes its checksum.
+pub fn seal_frame(frame: &mut [u8], seq: u64) {
+    frame[8..16].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c(&frame[8..]);
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// Fewer bytes than the frame says it has: a write cut short.
+    Truncated,
+    /// The length field is impossible.
+    BadLength(u32),
+    /// The checksum does not match.
+    Checksum,
+    /// The checksum matches but the body is not a record.
+    Body(String),
+}
+
+/// Reads the frame at the start of `buf`: its seq, record and total size.
+pub fn decode_frame(buf: &[u8]) -> Result<(u64, Record, usize), FrameError> {
+    if buf.len() < 4 {
+        return Err(FrameError::Truncated);
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes"));
+    let body_len = (len as usize).checked_sub(FRAME_HEADER - 4);
+    match body_len {
+        Some(n) if n <= MAX_RECORD_BODY => {}
+        _ => return Err(FrameError::BadLength(len)),
+    }
+    let total = 4 + len as usize;
+    if buf.len() < total {
+        return Err(FrameError::Truncated);
+    }
+    let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&buf[8..total]) != crc {
+        return Err(FrameError::Checksum);
+    }
+    let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+    let record: Record = postcard::from_bytes(&buf[FRAME_HEADER..total])
+        .map_err(|e| FrameError::Body(e.to_string()))?;
+    Ok((seq, record, total))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample(kind: RecordKind) -> Record {
+        Record {
+            kind,
+            time_ms: 1_764_000_000_000,
+            request_seq: 0,
+            request_back: 0,
+            mti: "0100".into(),
+            processing_code: "000000".into(),
+            transmission_time: "1125123045".into(),
+            stan: "000001".into(),
+            rrn: "533012000001".into(),
+            terminal: "TERM0001".into(),
+            merchant: "MERCHANT0000001".into(),
+            pan_masked: "411111******1111".into(),
+            pan_hash: 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+            amount_minor: 12_500,
+            currency: 840,
+            acquirer: "north".into(),
+            link_stan: 42,
+            code: "00".into(),
+            approval_code: "A1B2C3".into(),
+            decision: "approve".into(),
+            score: Some(0.125),
+            private_data: "decision=approve".into(),
+            duplicate: false,
+            switch_us: 17,
+            acquirer_us: 300,
+            attempt: 0,
+        }
+    }
+
+    #[test]
+    fn frame_round_trip() {
+        let record = sample(RecordKind::Response);
+        let mut buf = Vec::new();
+        encode_frame(&record, &mut buf).unwrap();
+        seal_frame(&mut buf, 7);
+        let (seq, back, size) = decode_frame(&buf).unwrap();
+        assert_eq!((seq, size), (7, buf.len()));
+        assert_eq!(back, record);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let mut buf = Vec::new();
+        encode_frame(&sample(RecordKind::Request), &mut buf).unwrap();
+        seal_frame(&mut buf, 1);
+        for byte in 4..buf.len() {
+            for bit in 0..8 {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                assert!(decode_frame(&bad).is_err(), "byte {byte} bit {bit}");
+            }
+        }
+        assert_eq!(
+            decode_frame(&buf[..buf.len() - 1]),
+            Err(FrameError::Truncated)
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! Segment files: naming, headers, and reading them back with every check.
+//!
+//! A journal directory holds segments named `{first_seq:020}.journal`. Each starts with a
+//! 16-byte header — `PSWJNL`, format version (u16 LE), first sequence number (u64 LE) —
+//! followed by frames (see [`super::record`]). The writer starts a new segment at every
+//! start and whenever one passes its size, so only the last segment can have a torn tail.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::record::{decode_frame, FrameError, Record};
+
+/// First bytes of a segment.
+pub const SEGMENT_MAGIC: &[u8; 6] = b"PSWJNL";
+/// The segment format this build writes and reads.
+pub const SEGMENT_VERSION: u16 = 1;
+/// Bytes of a segment header.
+pub const SEGMENT_HEADER: usize = 16;
+/// File name suffix of a segment.
+const SEGMENT_SUFFIX: &str = ".journal";
+
+/// The header of a segment whose first record will be `first_seq`.
+pub fn segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER] {
+    let mut header = [0u8; SEGMENT_HEADER];
+    header[..6].copy_from_slice(SEGMENT_MAGIC);
+    header[6..8].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    header[8..].copy_from_slice(&first_seq.to_le_bytes());
+    header
+}
+
+/// The path of the segment starting at `first_seq`.
+pub fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}{SEGMENT_SUFFIX}"))
+}
+
+/// The segments in `dir`, ordered by their first sequence number.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(number) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        if let Ok(first_seq) = number.parse::<u64>() {
+            segments.push((first_seq, path));
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Why a journal cannot be trusted.
+#[derive(Debug, Error)]
+pub enum ScanError {
+    /// Reading failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A segment does not start with a valid header.
+    #[error("{path}: not a payswitch journal segment (bad header)")]
+    BadHeader {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A record before the end of the journal fails its checks.
+    #[error("{path}: corrupt record at byte {offset}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where the record starts.
+        offset: usize,
+        /// What failed.
+        reason: String,
+    },
+    /// Records are missing or repeated.
+    #[error("{path}: record at byte {offset} has sequence {found}, expected {expected}")]
+    Sequence {
+        /// The file.
+        path: PathBuf,
+        /// Where the record starts.
+        offset: usize,
+        /// The sequence number due.
+        expected: u64,
+        /// The one found.
+        found: u64,
+    },
+}
+
+/// A final record cut short by a crash.
+#[derive(Debug, Clone)]
+pub struct TornTail {
+    /// The last segment.
+    pub path: PathBuf,
+    /// Where the intact records end.
+    pub offset: usize,
+    /// Bytes after them.
+    pub bytes: usize,
+    /// Whether it was cut off the file.
+    pub truncated: bool,
+}
+
+/// What a scan found.
+#[derive(Debug, Clone, Default)]
+pub struct ScanReport {
+    /// Segments read.
+    pub segments: usize,
+    /// Intact records.
+    pub records: u64,
+    /// Sequence number of the first record.
+    pub first_seq: Option<u64>,
+    /// Sequence number of the last intact record.
+    pub last_seq: Option<u64>,
+    /// A torn final record, if the last write before a crash was cut short.
+    pub torn_tail: Option<TornTail>,
+}
+
+impl ScanReport {
+    /// The sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.last_seq.map_or(1, |s| s + 1)
+    }
+}
+
+/// Reads every segment in `dir` in order, checking each header, checksum and sequence
+/// number, and calls `visit` for each record. A torn tail of the last segment is reported
+/// (and cut off the file when `repair` is set); anything else wrong is an error.
+pub fn scan(
+    dir: &Path,
+    repair: bool,
+    mut visit: impl FnMut(u64, Record),
+) -> Result<ScanReport, ScanError> {
+    let io_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ScanError::Io { path, source }
+    };
+    let segments = list_segments(dir).map_err(io_error(dir))?;
+    let mut report = ScanReport::default();
+    let last_index = segments.len().saturating_sub(1);
+    for (index, (first_seq, path)) in segments.iter().enumerate() {
+        let is_last = index == last_index;
+        let data = fs::read(path).map_err(io_error(path))?;
+        report.segments += 1;
+        if data.len() < SEGMENT_HEADER {
+            // A crash right after the segment was created: it holds nothing.
+            if is_last {
+                report.torn_tail = Some(cut(path, 0, data.len(), repair).map_err(io_error(path))?);
+                break;
+            }
+            return Err(ScanError::BadHeader { path: path.clone() });
+        }
+        if data[..6] != SEGMENT_MAGIC[..]
+            || data[6..8] != SEGMENT_VERSION.to_le_bytes()
+            || data[8..16] != first_seq.to_le_bytes()
+        {
+            return Err(ScanError::BadHeader { path: path.clone() });
+        }
+        let mut offset = SEGMENT_HEADER;
+        while offset < data.len() {
+            let rest = &data[offset..];
+            match decode_frame(rest) {
+                Ok((seq, record, size)) => {
+                    let expected = report.last_seq.map_or(*first_seq, |last| last + 1);
+                    if seq != expected || (offset == SEGMENT_HEADER && seq != *first_seq) {
+                        return Err(ScanError::Sequence {
+                            path: path.clone(),
+                            offset,
+                            expected,
+                            found: seq,
+                        });
+                    }
+                    report.first_seq.get_or_insert(seq);
+                    report.last_seq = Some(seq);
+                    report.records += 1;
+                    visit(seq, record);
+                    offset += size;
+                }
+                Err(error) => {
+                    if is_last && is_torn(rest, &error) {
+                        report.torn_tail =
+                            Some(cut(path, offset, rest.len(), repair).map_err(io_error(path))?);
+                        break;
+                    }
+                    return Err(ScanError::Corrupt {
+                        path: path.clone(),
+                        offset,
+                        reason: match error {
+                            FrameError::Truncated => "cut short".into(),
+                            FrameError::BadLength(n) => format!("impossible length {n}"),
+                            FrameError::Checksum => "checksum mismatch".into(),
+                            FrameError::Body(e) => format!("undecodable body: {e}"),
+                        },
+                    });
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Whether the bytes from a failing frame to the end of the last segment look like a write
+/// cut short: a partial frame, a final frame whose bytes did not all reach the disk, or
+/// zeros the file system left past the last complete write.
+fn is_torn(rest: &[u8], error: &FrameError) -> bool {
+    if rest.iter().all(|b| *b == 0) {
+        return true;
+    }
+    match error {
+        FrameError::Truncated => true,
+        FrameError::Checksum | FrameError::Body(_) => {
+            let len =
+                u32::from_le_bytes(rest[0..4].try_into().expect("checked by decode")) as usize;
+            4 + len == rest.len()
+        }
+        FrameError::BadLength(_) => false,
+    }
+}
+
+fn cut(path: &Path, offset: usize, bytes: usize, repair: bool) -> io::Result<TornTail> {
+    if repair {
+        let file = OpenOptions::new().write(true).open(path)?;
+        if offset == 0 {
+            drop(file);
+            fs::remove_file(path)?;
+        } else {
+            file.set_len(offset as u64)?;
+            file.sync_all()?;
+        }
+    }
+    Ok(TornTail {
+        path: path.to_owned(),
+        offset,
+        bytes,
+        truncated: repair,
+    })
+}
+
+/// Creates the segment for `first_seq` with its header, durably (file and directory).
+pub fn create_segment(dir: &Path, first_seq: u64) -> io::Result<File> {
+    let path = segment_path(dir, first_seq);
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)?;
+    file.write_all(&segment_header(first_seq))?;
+    file.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}

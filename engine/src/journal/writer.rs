@@ -1,0 +1,295 @@
+//! The journal writer: one thread that orders, writes and syncs every record, with group
+//! commit.
+//!
+//! Callers (every shard's requests) encode their records and hand them over through a
+//! bounded queue; the writer takes everything waiting (up to [`MAX_BATCH_SUBMISSIONS`],
+//! after waiting up to the group-commit window for more), gives the records consecutive
+//! sequence numbers, writes them in one `write`, syncs once (`fdatasync`) and only then
+//! tells each caller its records are durable. While one sync is under way the next batch
+//! gathers, so the cost of a sync is shared by every request that arrived during it.
+//!
+//! A failed write or sync stops the journal for good: after a failed `fsync` the kernel
+//! may have dropped the dirty pages, and retrying would report durable what is not. Every
+//! later append fails, and the switch answers without authorizing anything.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use super::record::{encode_frame, seal_frame, Record};
+use super::segment::create_segment;
+
+/// Submissions the writer takes into one write and sync. 4096 submissions of a few
+/// hundred bytes is about 1–2 MiB: one large sequential write.
+pub const MAX_BATCH_SUBMISSIONS: usize = 4096;
+
+/// When records are synced to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// `fdatasync` after every group commit, before any of its callers is answered:
+    /// nothing answered is lost, even on a power failure.
+    Always,
+    /// Written to the operating system only: survives a crash of the switch, not of the
+    /// machine. For tests and for measuring what the sync costs.
+    Never,
+}
+
+/// How the journal is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// Write the journal. On unless turned off explicitly: without it nothing survives a
+    /// crash and in-doubt authorizations cannot be reversed.
+    pub enabled: bool,
+    /// Directory of the segments (and of the PAN hash key).
+    pub dir: PathBuf,
+    /// When records reach the disk.
+    pub fsync: FsyncPolicy,
+    /// After the first record of a group arrives, wait this long for more before writing.
+    /// 0: write at once; records that arrive during a sync still share the next one.
+    pub group_commit_window_us: u64,
+    /// A segment past this size is closed and a new one started.
+    pub segment_bytes: u64,
+    /// Submissions waiting for the writer; beyond it requests are answered 91.
+    pub queue_depth: usize,
+    /// A request seen again within this window, with the same terminal, STAN, RRN and
+    /// transmission time, is a duplicate.
+    pub duplicate_window_s: u64,
+    /// Requests remembered for duplicate detection, over all shards.
+    pub max_duplicates: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            enabled: true,
+            dir: PathBuf::from("journal"),
+            fsync: FsyncPolicy::Always,
+            group_commit_window_us: 0,
+            // 64 MiB: ~200 k authorizations; few files per day, quick to scan one.
+            segment_bytes: 64 << 20,
+            // 65 536 submissions: a second of traffic at 65 k TPS if the disk stalls,
+            // about 20 MiB of encoded records at most.
+            queue_depth: 65_536,
+            // Gateways retransmit within seconds to a few minutes; ten minutes covers
+            // every retry schedule we know of.
+            duplicate_window_s: 600,
+            // About 300 bytes each: 500 k ≈ 150 MiB, ten minutes at 830 TPS. Beyond that
+            // the oldest are forgotten first (counted) and the window is shorter.
+            max_duplicates: 500_000,
+        }
+    }
+}
+
+/// Why records were not made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum JournalError {
+    /// The writer's queue is full: the disk is not keeping up.
+    #[error("journal queue full")]
+    Overloaded,
+    /// A write or sync failed earlier; the journal is stopped.
+    #[error("journal stopped after an I/O error")]
+    Failed,
+    /// A record could not be encoded (a bug).
+    #[error("journal record could not be encoded")]
+    Encode,
+}
+
+/// Counters of the writer.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    /// Records written.
+    pub records: AtomicU64,
+    /// Group commits (writes followed by a sync when syncing).
+    pub commits: AtomicU64,
+    /// Bytes written.
+    pub bytes: AtomicU64,
+    /// Nanoseconds spent in write + sync, summed.
+    pub commit_ns: AtomicU64,
+    /// Submissions handed to the writer and not yet answered.
+    pub queued: AtomicU64,
+    /// Sequence number of the last durable record.
+    pub last_seq: AtomicU64,
+    /// Set once a write or sync failed.
+    pub failed: AtomicBool,
+}
+
+struct Submission {
+    frames: Vec<u8>,
+    done: oneshot::Sender<Result<u64, JournalError>>,
+}
+
+/// A handle to the journal; cheap to clone. The writer thread ends when the last handle
+/// is dropped.
+#[derive(Clone)]
+pub struct Journal {
+    queue: Sender<Submission>,
+    stats: Arc<JournalStats>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("last_seq", &self.stats.last_seq.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Journal {
+    /// Starts writing a new segment in `config.dir` whose first record is `next_seq` (one
+    /// past the last record already there; see [`super::segment::scan`]).
+    pub fn start(config: &JournalConfig, next_seq: u64) -> std::io::Result<Journal> {
+        std::fs::create_dir_all(&config.dir)?;
+        let file = create_segment(&config.dir, next_seq)?;
+        let (queue, submissions) = channel::bounded(config.queue_depth.max(1));
+        let stats = Arc::new(JournalStats::default());
+        stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
+        let writer = Writer {
+            config: config.clone(),
+            file,
+            segment_len: super::segment::SEGMENT_HEADER as u64,
+            next_seq,
+            stats: Arc::clone(&stats),
+            failed: false,
+        };
+        std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || writer.run(submissions))?;
+        Ok(Journal { queue, stats })
+    }
+
+    /// Appends `records` in order, contiguously, and waits until they are durable (as the
+    /// fsync policy defines it). Returns the sequence number of the first.
+    pub async fn append(&self, records: &[Record]) -> Result<u64, JournalError> {
+        let mut frames = Vec::with_capacity(records.len() * 320);
+        for record in records {
+            encode_frame(record, &mut frames).map_err(|_| JournalError::Encode)?;
+        }
+        let (done, durable) = oneshot::channel();
+        match self.queue.try_send(Submission { frames, done }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(JournalError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => return Err(JournalError::Failed),
+        }
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        durable.await.unwrap_or(Err(JournalError::Failed))
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> &Arc<JournalStats> {
+        &self.stats
+    }
+}
+
+struct Writer {
+    config: JournalConfig,
+    file: File,
+    segment_len: u64,
+    next_seq: u64,
+    stats: Arc<JournalStats>,
+    failed: bool,
+}
+
+impl Writer {
+    fn run(mut self, submissions: Receiver<Submission>) {
+        let window = Duration::from_micros(self.config.group_commit_window_us);
+        let mut batch: Vec<Submission> = Vec::with_capacity(MAX_BATCH_SUBMISSIONS);
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+        while let Ok(first) = submissions.recv() {
+            batch.push(first);
+            let deadline = Instant::now() + window;
+            while batch.len() < MAX_BATCH_SUBMISSIONS {
+                let more = if window.is_zero() {
+                    submissions.try_recv().ok()
+                } else {
+                    submissions.recv_deadline(deadline).ok()
+                };
+                match more {
+                    Some(submission) => batch.push(submission),
+                    None => break,
+                }
+            }
+            let results = self.commit(&mut batch, &mut buf);
+            self.stats
+                .queued
+                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            for (submission, result) in batch.drain(..).zip(results) {
+                let _ = submission.done.send(result);
+            }
+        }
+    }
+
+    /// Writes and syncs the batch; the first sequence number of each submission, or why
+    /// none of them is durable.
+    fn commit(
+        &mut self,
+        batch: &mut [Submission],
+        buf: &mut Vec<u8>,
+    ) -> Vec<Result<u64, JournalError>> {
+        if self.failed {
+            return vec![Err(JournalError::Failed); batch.len()];
+        }
+        buf.clear();
+        let mut firsts = Vec::with_capacity(batch.len());
+        let mut seq = self.next_seq;
+        let mut records = 0u64;
+        for submission in batch.iter_mut() {
+            firsts.push(seq);
+            let frames = &mut submission.frames;
+            let mut at = 0;
+            while at < frames.len() {
+                let len = u32::from_le_bytes(frames[at..at + 4].try_into().expect("4 bytes"));
+                let end = at + 4 + len as usize;
+                seal_frame(&mut frames[at..end], seq);
+                seq += 1;
+                records += 1;
+                at = end;
+            }
+            buf.extend_from_slice(frames);
+        }
+        let started = Instant::now();
+        let written = self
+            .file
+            .write_all(buf)
+            .and_then(|()| match self.config.fsync {
+                FsyncPolicy::Always => self.file.sync_data(),
+                FsyncPolicy::Never => Ok(()),
+            });
+        if let Err(e) = written {
+            tracing::error!(error = %e, dir = %self.config.dir.display(), "journal write failed: the journal is stopped and every request is answered without authorizing");
+            self.failed = true;
+            self.stats.failed.store(true, Ordering::Relaxed);
+            return vec![Err(JournalError::Failed); batch.len()];
+        }
+        let elapsed = started.elapsed().as_nanos() as u64;
+        self.next_seq = seq;
+        self.segment_len += buf.len() as u64;
+        let stats = &self.stats;
+        stats.records.fetch_add(records, Ordering::Relaxed);
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        stats.commit_ns.fetch_add(elapsed, Ordering::Relaxed);
+        stats.last_seq.store(seq - 1, Ordering::Relaxed);
+        if self.segment_len >= self.config.segment_bytes {
+            match create_segment(&self.config.dir, self.next_seq) {
+                Ok(file) => {
+                    self.file = file;
+                    self.segment_len = super::segment::SEGMENT_HEADER as u64;
+                }
+                // The records above are durable; keep appending to the old segment and
+                // try again after the next commit.
+                Err(e) => tracing::warn!(error = %e, "cannot start a new journal segment"),
+            }
+        }
+        firsts.into_iter().map(Ok).collect()
+    }
+}
