@@ -28,8 +28,11 @@ fn spawn_with_env(
     env: &[(&str, &str)],
     done: impl Fn(&str) -> bool,
 ) -> (Running, Vec<String>) {
+    // Each process in its own working directory: `serve` keeps its journal there.
+    let cwd = tempfile::tempdir().unwrap().keep();
     let mut child = Command::new(BIN)
         .args(args)
+        .current_dir(cwd)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -23,6 +23,9 @@ use payswitch_protocol::{
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+use std::io::Write;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +65,11 @@ pub struct SimArgs {
     /// Name of this acquirer, sent back as `acquirer=NAME` in field 48.
     #[arg(long, default_value = "sim")]
     pub name: String,
+    /// Append one JSON line per message answered to this file (`mti`, `stan`, `rrn`,
+    /// `terminal`, `amount_minor`, `code`, and `original` for reversals): the acquirer's
+    /// side of the books.
+    #[arg(long)]
+    pub ledger: Option<PathBuf>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -99,6 +107,8 @@ pub struct SimConfig {
     pub name: String,
     /// Server limits (frame size, pipelining, connections).
     pub limits: Limits,
+    /// The ledger file, if one is kept.
+    pub ledger: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -114,6 +124,7 @@ impl Default for SimConfig {
             identity: None,
             name: "sim".into(),
             limits: Limits::default(),
+            ledger: None,
         }
     }
 }
@@ -138,6 +149,7 @@ impl TryFrom<SimArgs> for SimConfig {
             identity,
             name: args.name,
             limits: Limits::default(),
+            ledger: args.ledger,
         })
     }
 }
@@ -461,17 +473,87 @@ struct SimHandler {
     seed: u64,
     latency: LatencyModel,
     stats: Arc<SimStats>,
+    ledger: Option<mpsc::Sender<Vec<u8>>>,
+}
+
+/// Ledger lines waiting for the writer. The writer drains them as fast as the disk takes
+/// appends; when it falls this far behind, answers wait for it (the books must be whole).
+const LEDGER_QUEUE: usize = 65_536;
+
+/// One message the simulator answered, as a ledger line.
+#[derive(Serialize)]
+struct LedgerLine<'a> {
+    mti: &'a str,
+    stan: &'a str,
+    rrn: &'a str,
+    terminal: &'a str,
+    amount_minor: u64,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval_code: Option<&'a str>,
+    /// Field 90 of a reversal: original MTI, STAN, transmission time, …
+    #[serde(skip_serializing_if = "Option::is_none")]
+    original: Option<&'a str>,
+}
+
+fn ledger_line(request: &Message, response: &Message) -> Option<Vec<u8>> {
+    let mti = request.mti();
+    let line = LedgerLine {
+        mti: mti.as_str(),
+        stan: request.get_str(fields::STAN).unwrap_or(""),
+        rrn: request.get_str(fields::RRN).unwrap_or(""),
+        terminal: request.get_str(fields::TERMINAL).unwrap_or(""),
+        amount_minor: request
+            .get(fields::AMOUNT)
+            .and_then(|a| AmountMinor::parse(a).ok())
+            .map_or(0, |a| a.get()),
+        code: response.get_str(fields::RESPONSE_CODE).unwrap_or(""),
+        approval_code: response.get_str(fields::APPROVAL_CODE),
+        original: request.get_str(fields::ORIGINAL_DATA),
+    };
+    let mut text = serde_json::to_vec(&line).ok()?;
+    text.push(b'\n');
+    Some(text)
+}
+
+/// Appends ledger lines to `path` until every sender is gone, flushing whenever the queue
+/// is empty (so a reader sees lines within moments of the answer).
+fn start_ledger(path: &std::path::Path) -> anyhow::Result<(mpsc::Sender<Vec<u8>>, JoinHandle<()>)> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening the ledger {}", path.display()))?;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(LEDGER_QUEUE);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut out = std::io::BufWriter::new(file);
+        while let Some(line) = rx.blocking_recv() {
+            let mut ok = out.write_all(&line).is_ok();
+            while let Ok(more) = rx.try_recv() {
+                ok &= out.write_all(&more).is_ok();
+            }
+            if !ok || out.flush().is_err() {
+                eprintln!("acquirer-sim: cannot write the ledger");
+                return;
+            }
+        }
+    });
+    Ok((tx, writer))
 }
 
 impl SimHandler {
-    fn answer(&self, frame: &Bytes) -> Option<(Message, Duration)> {
+    fn answer(&self, frame: &Bytes) -> Option<(Message, Duration, Option<Vec<u8>>)> {
         let (request, error) = Message::decode_prefix(frame.clone()).ok()?;
         let (response, code) = self.issuer.respond(&request, error, UtcDateTime::now())?;
         self.stats.record(kind(request.mti()), code);
         let delay = self
             .latency
             .sample(seeded_hash(self.seed, &[b"latency", frame]));
-        Some((response, delay))
+        let line = self
+            .ledger
+            .as_ref()
+            .and_then(|_| ledger_line(&request, &response));
+        Some((response, delay, line))
     }
 }
 
@@ -484,11 +566,16 @@ impl Handler for SimHandler {
         if answer.is_none() {
             self.stats.unanswerable.fetch_add(1, Ordering::Relaxed);
         }
+        let ledger = self.ledger.clone();
         async move {
             match answer {
-                Some((response, delay)) => {
+                Some((response, delay, line)) => {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
+                    }
+                    // In the books before the answer leaves.
+                    if let (Some(ledger), Some(line)) = (ledger, line) {
+                        let _ = ledger.send(line).await;
                     }
                     Reply::Message(response)
                 }
@@ -511,14 +598,22 @@ pub struct RunningSim {
     pub stats: Arc<SimStats>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    ledger_writer: Option<JoinHandle<()>>,
 }
 
+/// How long a stopping simulator waits for its ledger's last lines to be written.
+const LEDGER_DRAIN: Duration = Duration::from_secs(5);
+
 impl RunningSim {
-    /// Stops accepting, closes connections and waits for the accept loops to end.
+    /// Stops accepting, closes connections, waits for the accept loops to end and for the
+    /// ledger to be written out.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
+        }
+        if let Some(writer) = self.ledger_writer.take() {
+            let _ = tokio::time::timeout(LEDGER_DRAIN, writer).await;
         }
     }
 }
@@ -570,7 +665,15 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
     };
     let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
     let stats = Arc::new(SimStats::default());
+    let (ledger, ledger_writer) = match &config.ledger {
+        Some(path) => {
+            let (tx, writer) = start_ledger(path)?;
+            (Some(tx), Some(writer))
+        }
+        None => (None, None),
+    };
     let handler = Arc::new(SimHandler {
+        ledger,
         issuer: Issuer::new(config.seed, config.approval_rate, &config.name),
         seed: config.seed,
         latency: LatencyModel {
@@ -605,10 +708,26 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
         stats,
         shutdown,
         tasks,
+        ledger_writer,
     })
 }
 
-/// Runs the simulator until Ctrl-C.
+/// Until Ctrl-C or, on Unix, SIGTERM.
+async fn wait_for_stop() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+}
+
+/// Runs the simulator until Ctrl-C or SIGTERM.
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let config = SimConfig::try_from(args)?;
     let certificate = if config.identity.is_some() {
@@ -634,9 +753,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         "acquirer-sim {name}: listening on QUIC {}{tcp}; {settings}",
         sim.quic_addr
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    wait_for_stop().await?;
     sim.shutdown().await;
     Ok(())
 }

@@ -110,6 +110,10 @@ pub struct LoadArgs {
     /// cards; the run ends at the end of the file or after rate × duration rows.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Append one JSON line per answered request to this file: `terminal`, `stan`, `rrn`,
+    /// `mti` (the request's), `code`, `approval_code`.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 /// How requests are carried.
@@ -191,6 +195,9 @@ pub struct LoadConfig {
     /// A labeled file to replay instead of the card pool (`cards`, `bins`, `terminals` and
     /// `seed` then do not apply).
     pub data: Option<PathBuf>,
+    /// Append one JSON line per answered request here (`terminal`, `stan`, `rrn`, `mti`,
+    /// `code`, `approval_code`): the gateway's side of the books.
+    pub record: Option<PathBuf>,
 }
 
 impl LoadConfig {
@@ -212,6 +219,7 @@ impl LoadConfig {
             max_outstanding_per_connection: DEFAULT_MAX_OUTSTANDING,
             progress: false,
             data: None,
+            record: None,
         }
     }
 
@@ -373,10 +381,89 @@ impl Synthetic {
 struct Shared {
     tally: Mutex<Tally>,
     finished: Arc<AtomicU64>,
+    record: Option<Arc<Recorder>>,
+}
+
+/// The `--record` file: lines are formatted by the connection's task and written under a
+/// lock into one buffer, flushed at the end of the run.
+struct Recorder {
+    out: Mutex<std::io::BufWriter<std::fs::File>>,
+}
+
+/// One answered request in the `--record` file.
+#[derive(Serialize)]
+struct RecordLine<'a> {
+    terminal: &'a str,
+    stan: &'a str,
+    rrn: &'a str,
+    mti: String,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval_code: Option<&'a str>,
+}
+
+impl Recorder {
+    fn open(path: &std::path::Path) -> anyhow::Result<Recorder> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Recorder {
+            out: Mutex::new(std::io::BufWriter::new(file)),
+        })
+    }
+
+    fn write(&self, response: &Message) {
+        // The request's MTI: the response's minus 10 (0110 -> 0100).
+        let response_mti = response.mti();
+        let mti = response_mti.as_str();
+        let request_mti = match mti.as_bytes() {
+            [a, b, c, d] if (b'1'..=b'9').contains(c) && (c - b'0') % 2 == 1 => {
+                format!(
+                    "{}{}{}{}",
+                    *a as char,
+                    *b as char,
+                    (c - 1) as char,
+                    *d as char
+                )
+            }
+            _ => mti.to_string(),
+        };
+        let line = RecordLine {
+            terminal: response
+                .get_str(payswitch_protocol::fields::TERMINAL)
+                .unwrap_or(""),
+            stan: response
+                .get_str(payswitch_protocol::fields::STAN)
+                .unwrap_or(""),
+            rrn: response
+                .get_str(payswitch_protocol::fields::RRN)
+                .unwrap_or(""),
+            mti: request_mti,
+            code: response
+                .get_str(payswitch_protocol::fields::RESPONSE_CODE)
+                .unwrap_or(""),
+            approval_code: response.get_str(payswitch_protocol::fields::APPROVAL_CODE),
+        };
+        let Ok(mut text) = serde_json::to_vec(&line) else {
+            return;
+        };
+        text.push(b'\n');
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = std::io::Write::write_all(&mut *out, &text);
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut *self.out.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl Shared {
     fn answered(&self, intended: Instant, response: &Message, label: Option<Label>) {
+        if let Some(record) = &self.record {
+            record.write(response);
+        }
         self.lock().answered(intended.elapsed(), response, label);
         self.finished.fetch_add(1, Ordering::Relaxed);
     }
@@ -441,6 +528,10 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         links.push(link);
     }
     let total = source.total(&config);
+    let record = match &config.record {
+        Some(path) => Some(Arc::new(Recorder::open(path)?)),
+        None => None,
+    };
     let finished = Arc::new(AtomicU64::new(0));
     let progress = (config.progress && std::io::stderr().is_terminal())
         .then(|| spawn_progress(total, Arc::clone(&finished)));
@@ -457,6 +548,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         let shared = Arc::new(Shared {
             tally: Mutex::new(Tally::new()),
             finished: Arc::clone(&finished),
+            record: record.clone(),
         });
         let workload = source.workload(&config, c);
         let limits = Bounds::of(&config);
@@ -470,6 +562,9 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         ended = ended.max(connection_ended);
     }
     let elapsed = ended - t0;
+    if let Some(record) = &record {
+        record.flush().context("writing the --record file")?;
+    }
     if let Some((bar, ticker)) = progress {
         ticker.abort();
         bar.finish_and_clear();
@@ -883,6 +978,7 @@ pub async fn run_cli(args: LoadArgs) -> anyhow::Result<()> {
         max_outstanding_per_connection: args.max_outstanding,
         progress: !args.quiet,
         data: args.data,
+        record: args.record,
         ..LoadConfig::new(target, trust)
     };
     let report = run(config).await?;

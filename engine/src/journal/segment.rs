@@ -185,7 +185,8 @@ pub fn scan(
                     offset += size;
                 }
                 Err(error) => {
-                    if is_last && is_torn(rest, &error) {
+                    let next_seq = report.last_seq.map_or(*first_seq, |last| last + 1);
+                    if is_last && is_torn(rest, &error) && !intact_frame_after(rest, next_seq) {
                         report.torn_tail =
                             Some(cut(path, offset, rest.len(), repair).map_err(io_error(path))?);
                         break;
@@ -223,6 +224,19 @@ fn is_torn(rest: &[u8], error: &FrameError) -> bool {
         }
         FrameError::BadLength(_) => false,
     }
+}
+
+/// Whether an intact frame numbered `after_seq + 1` follows the failing frame at the
+/// start of `rest`: then the failure is damage in the middle (a flipped length, say), not a
+/// write cut short, and cutting there would throw intact records away.
+fn intact_frame_after(rest: &[u8], after_seq: u64) -> bool {
+    let wanted = (after_seq + 1).to_le_bytes();
+    // A frame's seq sits 8 bytes into it.
+    rest.windows(8)
+        .enumerate()
+        .skip(9)
+        .filter(|(_, w)| *w == wanted)
+        .any(|(at, _)| decode_frame(&rest[at - 8..]).is_ok_and(|(seq, _, _)| seq == after_seq + 1))
 }
 
 fn cut(path: &Path, offset: usize, bytes: usize, repair: bool) -> io::Result<TornTail> {

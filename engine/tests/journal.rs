@@ -1,0 +1,377 @@
+//! The journal on disk: round trip, torn tails, corruption, group commit order, and the
+//! `payswitch journal verify|export` commands.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use payswitch::journal::{
+    self, scan, FsyncPolicy, Journal, JournalConfig, Record, RecordKind, ScanError,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_payswitch");
+
+fn config(dir: &Path) -> JournalConfig {
+    JournalConfig {
+        dir: dir.to_owned(),
+        fsync: FsyncPolicy::Always,
+        ..JournalConfig::default()
+    }
+}
+
+fn record(kind: RecordKind, stan: u32, rrn: &str) -> Record {
+    Record {
+        kind,
+        time_ms: 1_764_000_000_000,
+        request_seq: 0,
+        request_back: 0,
+        mti: "0100".into(),
+        processing_code: "000000".into(),
+        transmission_time: "1125123045".into(),
+        stan: format!("{stan:06}"),
+        rrn: rrn.into(),
+        terminal: "TERM0001".into(),
+        merchant: "MERCHANT0000001".into(),
+        pan_masked: "411111******1111".into(),
+        pan_hash: 7,
+        amount_minor: 12_500,
+        currency: 840,
+        acquirer: String::new(),
+        link_stan: 0,
+        code: String::new(),
+        approval_code: String::new(),
+        decision: String::new(),
+        score: None,
+        private_data: String::new(),
+        duplicate: false,
+        switch_us: 0,
+        acquirer_us: 0,
+        attempt: 0,
+    }
+}
+
+fn read_all(dir: &Path) -> Vec<(u64, Record)> {
+    let mut out = Vec::new();
+    scan(dir, false, |seq, r| out.push((seq, r))).unwrap();
+    out
+}
+
+fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
+    journal::segment::list_segments(dir)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+fn verify(dir: &Path) -> (bool, String) {
+    let output = Command::new(BIN)
+        .args(["journal", "verify", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn records_round_trip_across_restarts_and_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Small segments: several per run.
+    cfg.segment_bytes = 2_000;
+    let mut written = Vec::new();
+    for run in 0..3u32 {
+        let next = scan(dir.path(), true, |_, _| {}).unwrap().next_seq();
+        let journal = Journal::start(&cfg, next).unwrap();
+        for i in 0..20u32 {
+            let mut response = record(RecordKind::Response, run * 100 + i, "533012000001");
+            response.code = "00".into();
+            response.approval_code = "A1B2C3".into();
+            response.score = Some(0.25);
+            response.request_back = 1;
+            let pair = [
+                record(RecordKind::Request, run * 100 + i, "533012000001"),
+                response,
+            ];
+            let first = journal.append(&pair).await.unwrap();
+            written.push((first, pair[0].clone()));
+            written.push((first + 1, pair[1].clone()));
+        }
+    }
+    assert!(segments(dir.path()).len() > 3, "rotation happened");
+    let read = read_all(dir.path());
+    assert_eq!(read, written);
+    assert_eq!(
+        read[1].1.request_of(read[1].0),
+        read[0].0,
+        "request_back links to the request"
+    );
+    let (ok, text) = verify(dir.path());
+    assert!(ok, "{text}");
+    assert!(text.contains("120 records"), "{text}");
+}
+
+#[tokio::test]
+async fn a_torn_final_record_is_reported_and_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::start(&config(dir.path()), 1).unwrap();
+    for i in 0..5 {
+        journal
+            .append(&[record(RecordKind::Request, i, "533012000001")])
+            .await
+            .unwrap();
+    }
+    drop(journal);
+    let segment = segments(dir.path()).pop().unwrap();
+    let intact = std::fs::metadata(&segment).unwrap().len();
+    // A crash in the middle of the sixth write: half a frame on disk.
+    let mut frame = Vec::new();
+    journal::record::encode_frame(&record(RecordKind::Request, 6, "533012000001"), &mut frame)
+        .unwrap();
+    journal::record::seal_frame(&mut frame, 6);
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend_from_slice(&frame[..frame.len() / 2]);
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let report = scan(dir.path(), false, |_, _| {}).unwrap();
+    assert_eq!(report.records, 5);
+    let torn = report.torn_tail.unwrap();
+    assert_eq!(torn.offset as u64, intact);
+    assert!(!torn.truncated);
+
+    let (ok, text) = verify(dir.path());
+    assert!(
+        ok,
+        "a torn tail is cut off and the journal is intact: {text}"
+    );
+    assert!(text.contains("torn final record"), "{text}");
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), intact);
+    // Appending goes on after the cut, with no gap in the sequence.
+    let next = scan(dir.path(), true, |_, _| {}).unwrap().next_seq();
+    assert_eq!(next, 6);
+    let journal = Journal::start(&config(dir.path()), next).unwrap();
+    assert_eq!(
+        journal
+            .append(&[record(RecordKind::Request, 6, "533012000001")])
+            .await
+            .unwrap(),
+        6
+    );
+    drop(journal);
+    assert_eq!(read_all(dir.path()).len(), 6);
+}
+
+#[tokio::test]
+async fn a_corrupt_record_in_the_middle_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::start(&config(dir.path()), 1).unwrap();
+    for i in 0..10 {
+        journal
+            .append(&[record(RecordKind::Request, i, "533012000001")])
+            .await
+            .unwrap();
+    }
+    drop(journal);
+    let segment = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // One bit flipped in the fourth record's body (every record here is the same size).
+    let frame_len = (bytes.len() - journal::segment::SEGMENT_HEADER) / 10;
+    let at = journal::segment::SEGMENT_HEADER + 3 * frame_len + frame_len / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let error = scan(dir.path(), true, |_, _| {}).unwrap_err();
+    assert!(
+        matches!(error, ScanError::Corrupt { offset, .. } if offset == journal::segment::SEGMENT_HEADER + 3 * frame_len),
+        "{error}"
+    );
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "nothing is cut when the damage is not at the tail"
+    );
+    let (ok, text) = verify(dir.path());
+    assert!(!ok, "{text}");
+    assert!(text.contains("corrupt record"), "{text}");
+}
+
+#[tokio::test]
+async fn a_damaged_length_in_the_last_segment_is_not_mistaken_for_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::start(&config(dir.path()), 1).unwrap();
+    for i in 0..10 {
+        journal
+            .append(&[record(RecordKind::Request, i, "533012000001")])
+            .await
+            .unwrap();
+    }
+    drop(journal);
+    let segment = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let frame_len = (bytes.len() - journal::segment::SEGMENT_HEADER) / 10;
+    // The fifth record's length now reaches past the end of the file, as a torn write's
+    // would; the five intact records after it say otherwise.
+    let at = journal::segment::SEGMENT_HEADER + 4 * frame_len;
+    bytes[at..at + 4].copy_from_slice(&7_000u32.to_le_bytes());
+    std::fs::write(&segment, &bytes).unwrap();
+    let error = scan(dir.path(), true, |_, _| {}).unwrap_err();
+    assert!(matches!(error, ScanError::Corrupt { .. }), "{error}");
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "nothing cut");
+}
+
+#[tokio::test]
+async fn a_missing_segment_breaks_the_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes = 500;
+    let journal = Journal::start(&cfg, 1).unwrap();
+    for i in 0..20 {
+        journal
+            .append(&[record(RecordKind::Request, i, "533012000001")])
+            .await
+            .unwrap();
+    }
+    drop(journal);
+    let all = segments(dir.path());
+    assert!(all.len() >= 3);
+    std::fs::remove_file(&all[1]).unwrap();
+    let error = scan(dir.path(), false, |_, _| {}).unwrap_err();
+    assert!(matches!(error, ScanError::Sequence { .. }), "{error}");
+}
+
+/// Many shards append concurrently; the journal numbers records in the order it writes
+/// them, each submission's records stay together and in order, and what each caller was
+/// told is what is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_keeps_order_across_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::start(&config(dir.path()), 1).unwrap();
+    const SHARDS: u32 = 8;
+    const PER_SHARD: u32 = 200;
+    let mut tasks = Vec::new();
+    for shard in 0..SHARDS {
+        let journal = journal.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut told = Vec::new();
+            for i in 0..PER_SHARD {
+                let stan = shard * 1_000 + i;
+                let mut forwarded = record(RecordKind::Forwarded, stan, "533012000001");
+                forwarded.request_back = 1;
+                let first = journal
+                    .append(&[record(RecordKind::Request, stan, "533012000001"), forwarded])
+                    .await
+                    .unwrap();
+                told.push((first, stan));
+            }
+            told
+        }));
+    }
+    let mut told = HashMap::new();
+    for task in tasks {
+        for (seq, stan) in task.await.unwrap() {
+            assert!(
+                told.insert(seq, stan).is_none(),
+                "a sequence number given twice"
+            );
+        }
+    }
+    let stats = Arc::clone(journal.stats());
+    drop(journal);
+    let read = read_all(dir.path());
+    assert_eq!(read.len() as u32, SHARDS * PER_SHARD * 2);
+    for (i, (seq, r)) in read.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1, "contiguous from 1");
+        let stan: u32 = r.stan.parse().unwrap();
+        match r.kind {
+            RecordKind::Request => assert_eq!(told[seq], stan, "seq {seq}"),
+            RecordKind::Forwarded => {
+                assert_eq!(r.request_of(*seq), seq - 1);
+                assert_eq!(read[i - 1].1.stan, r.stan, "a submission stays together");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Each shard's own records are in the order that shard appended them.
+    for shard in 0..SHARDS {
+        let stans: Vec<u32> = read
+            .iter()
+            .filter(|(_, r)| r.kind == RecordKind::Request)
+            .map(|(_, r)| r.stan.parse::<u32>().unwrap())
+            .filter(|s| s / 1_000 == shard)
+            .collect();
+        assert!(stans.windows(2).all(|w| w[0] < w[1]), "shard {shard}");
+    }
+    let commits = stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(commits >= 1 && commits <= u64::from(SHARDS * PER_SHARD));
+}
+
+#[tokio::test]
+async fn export_writes_jsonl_and_csv_without_a_full_pan() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::start(&config(dir.path()), 1).unwrap();
+    let mut response = record(RecordKind::Response, 1, "533012000001");
+    response.request_back = 1;
+    response.code = "00".into();
+    response.approval_code = "A1B2C3".into();
+    response.decision = "approve".into();
+    response.score = Some(0.5);
+    response.acquirer = "north".into();
+    journal
+        .append(&[record(RecordKind::Request, 1, "533012000001"), response])
+        .await
+        .unwrap();
+    drop(journal);
+    let jsonl = Command::new(BIN)
+        .args(["journal", "export", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(jsonl.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(jsonl.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let r = &lines[1];
+    for (key, value) in [
+        ("seq", serde_json::json!(2)),
+        ("kind", "response".into()),
+        ("mti", "0100".into()),
+        ("terminal", "TERM0001".into()),
+        ("stan", "000001".into()),
+        ("rrn", "533012000001".into()),
+        ("pan_masked", "411111******1111".into()),
+        ("amount_minor", 12_500.into()),
+        ("acquirer", "north".into()),
+        ("code", "00".into()),
+        ("approval_code", "A1B2C3".into()),
+        ("decision", "approve".into()),
+        ("score", 0.5.into()),
+        ("request_seq", 1.into()),
+    ] {
+        assert_eq!(r[key], value, "{key} in {r}");
+    }
+    assert!(lines[0]["code"].is_null());
+    let csv = Command::new(BIN)
+        .args([
+            "journal",
+            "export",
+            dir.path().to_str().unwrap(),
+            "--format",
+            "csv",
+        ])
+        .output()
+        .unwrap();
+    assert!(csv.status.success());
+    let text = String::from_utf8(csv.stdout).unwrap();
+    let mut rows = text.lines();
+    let header = rows.next().unwrap();
+    assert!(
+        header.starts_with("seq,kind,time_ms,request_seq,mti"),
+        "{header}"
+    );
+    assert_eq!(rows.count(), 2);
+    assert!(!text.contains("4111111111111111"));
+}
