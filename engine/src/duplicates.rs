@@ -247,13 +247,13 @@ impl DuplicateWindow {
         }
     }
 
-    /// The authorization a reversal refers to: by field 90 when it carries one, else the
-    /// latest authorization with the reversal's terminal and RRN.
+    /// The authorization a reversal refers to: the one field 90 names when it carries
+    /// one (nothing else: a wrong field 90 must not reverse some other transaction), else
+    /// the latest authorization with the reversal's terminal and RRN.
     pub fn find_original(&self, reversal: &Message) -> Option<Arc<Original>> {
-        if let Some(key) = DupKey::original_of(reversal) {
-            if let Some(original) = self.entries.get(&key) {
-                return Some(Arc::clone(original));
-            }
+        if reversal.has(fields::ORIGINAL_DATA) {
+            let key = DupKey::original_of(reversal)?;
+            return self.entries.get(&key).cloned();
         }
         let own = DupKey::of(reversal, true)?;
         let key = self.by_rrn.get(&own.terminal_rrn())?;

@@ -570,3 +570,188 @@ async fn graceful_shutdown_answers_requests_in_progress() {
         "a stopped switch accepts no connection"
     );
 }
+
+/// The journal's records, read back (the switch is still running: a record being
+/// written at the end is left out as a torn tail, not repaired).
+fn journal_records(config: &Config) -> Vec<(u64, payswitch::journal::Record)> {
+    let mut out = Vec::new();
+    payswitch::journal::scan(&config.journal.dir, false, |seq, r| out.push((seq, r))).unwrap();
+    out
+}
+
+async fn switch_with_journal(sim: &RunningSim, timeout_ms: u64) -> (Config, RunningSwitch) {
+    let config = config(vec![acquirer("north", sim, timeout_ms)], vec![]);
+    let switch = start_switch(&config, vec![trust(sim)]).await;
+    wait_links_up(&switch).await;
+    (config, switch)
+}
+
+#[tokio::test]
+async fn retransmissions_sequential_and_concurrent_get_the_original_answer_and_reach_the_acquirer_once(
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // Answers take 200 ms: concurrent retransmissions arrive while the original is out.
+    let sim = start_sim(SimConfig {
+        approval_rate: 1.0,
+        delay: Duration::from_millis(200),
+        ..SimConfig::default()
+    })
+    .await;
+    let (config, switch) = switch_with_journal(&sim, 2_000).await;
+    let conn = gateway(&switch).await;
+    let request = authorization(VISA_TEST_CARD, 41);
+    let concurrent = futures_join_all((0..5).map(|_| {
+        let (conn, request) = (conn.clone(), request.clone());
+        async move { transact(&conn, &request).await }
+    }))
+    .await;
+    let codes: Vec<_> = concurrent.iter().map(|r| r.get_str(39).unwrap()).collect();
+    assert_eq!(codes, vec!["00"; 5]);
+    let approvals: Vec<_> = concurrent.iter().map(|r| r.get(38).unwrap()).collect();
+    assert!(approvals.windows(2).all(|w| w[0] == w[1]), "one approval code");
+    let dups = concurrent
+        .iter()
+        .filter(|r| r.get_str(48).unwrap().ends_with(";dup=1"))
+        .count();
+    assert_eq!(dups, 4, "all but the original are marked dup=1");
+    // Sequential retransmissions, after the original completed.
+    for _ in 0..3 {
+        let again = transact(&conn, &request).await;
+        assert_eq!(again.get_str(39), Some("00"));
+        assert_eq!(again.get(38), concurrent[0].get(38));
+        assert!(again.get_str(48).unwrap().contains("dup=1"));
+        assert!(again.get_str(48).unwrap().contains("acquirer=north"));
+    }
+    assert_eq!(sim.stats.requests.load(Relaxed), 1, "the acquirer saw it once");
+    assert_eq!(switch.switch.stats.duplicates.load(Relaxed), 7);
+    // The same terminal, STAN and RRN at another transmission time is a new request.
+    let later = authorization_with(VISA_TEST_CARD, 41, &[(7, Some("1125123046"))]);
+    let fresh = transact(&conn, &later).await;
+    assert!(!fresh.get_str(48).unwrap().contains("dup=1"));
+    assert_eq!(sim.stats.requests.load(Relaxed), 2);
+    // In the journal: one request forwarded once, eight responses, seven marked duplicate.
+    let records = journal_records(&config);
+    let of_first: Vec<_> = records
+        .iter()
+        .filter(|(_, r)| r.stan == "000041" && r.transmission_time == "1125123045")
+        .collect();
+    let count = |kind| of_first.iter().filter(|(_, r)| r.kind == kind).count();
+    use payswitch::journal::RecordKind;
+    assert_eq!(count(RecordKind::Forwarded), 1);
+    assert_eq!(count(RecordKind::Response), 8);
+    assert_eq!(of_first.iter().filter(|(_, r)| r.duplicate).count(), 7);
+}
+
+/// Joins futures without a dependency on the `futures` crate.
+async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(tokio::spawn(f));
+    }
+    let mut out = Vec::new();
+    for h in set {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_slow_acquirer_gets_its_reversals_once_it_answers_each_acknowledged_once() {
+    use payswitch::journal::RecordKind;
+    use std::sync::atomic::Ordering::Relaxed;
+    let sim = start_sim(SimConfig {
+        approval_rate: 1.0,
+        latency_median: Duration::ZERO,
+        ..SimConfig::default()
+    })
+    .await;
+    let (config, switch) = switch_with_journal(&sim, 200).await;
+    sim.set_delay(Duration::from_millis(1_500));
+    let conn = gateway(&switch).await;
+    for stan in 50..55 {
+        let response = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
+        assert_eq!(response.get_str(39), Some("91"), "timeout");
+    }
+    assert_eq!(switch.switch.stats.reversals_queued.load(Relaxed), 5);
+    // Reversal attempts time out too while the acquirer is slow...
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(switch.switch.reversals.stats.acknowledged.load(Relaxed), 0);
+    // ...until it recovers.
+    sim.set_delay(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while switch.switch.reversals.stats.acknowledged.load(Relaxed) < 5 {
+        assert!(Instant::now() < deadline, "reversals not acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(switch.switch.reversals.stats.pending.load(Relaxed), 0);
+    assert!(sim.stats.reversals.load(Relaxed) >= 5);
+    let records = journal_records(&config);
+    for stan in 50..55 {
+        let stan = format!("{stan:06}");
+        let count = |kind| {
+            records
+                .iter()
+                .filter(|(_, r)| r.stan == stan && r.kind == kind)
+                .count()
+        };
+        assert_eq!(count(RecordKind::ReversalQueued), 1, "stan {stan}");
+        assert_eq!(count(RecordKind::ReversalAck), 1, "stan {stan}");
+        assert!(count(RecordKind::ReversalSent) >= 1, "stan {stan}");
+        let response = records
+            .iter()
+            .find(|(_, r)| r.stan == stan && r.kind == RecordKind::Response)
+            .unwrap();
+        assert_eq!(response.1.code, "91");
+        let ack = records
+            .iter()
+            .find(|(_, r)| r.stan == stan && r.kind == RecordKind::ReversalAck)
+            .unwrap();
+        assert_eq!(ack.1.code, "00");
+        assert_eq!(ack.1.acquirer, "north");
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_reversal_reaches_the_original_acquirer_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (sim, switch) = one_acquirer().await;
+    let conn = gateway(&switch).await;
+    let original = authorization(VISA_TEST_CARD, 60);
+    assert_eq!(transact(&conn, &original).await.get_str(39), Some("00"));
+    let reversal = |stan: u32, original_stan: &str| {
+        let base = authorization_with(VISA_TEST_CARD, stan, &[(37, Some("533000000060"))]);
+        let mut b = Message::builder(Mti::REVERSAL_REQUEST);
+        for n in base.field_numbers() {
+            b.set(n, base.get(n).unwrap()).unwrap();
+        }
+        b.set_str(90, &format!("0100{original_stan}1125123045{:022}", 0))
+            .unwrap();
+        b.build()
+    };
+    let first = reversal(61, "000060");
+    let answer = transact(&conn, &first).await;
+    assert_eq!(answer.mti().as_str(), "0410");
+    assert_eq!(answer.get_str(39), Some("00"));
+    assert_eq!(answer.get_str(48), Some("reversal=queued"));
+    // Retransmitted: the same answer, marked; a second reversal of the same original:
+    // nothing more reaches the acquirer.
+    let again = transact(&conn, &first).await;
+    assert_eq!(again.get_str(48), Some("reversal=queued;dup=1"));
+    let second = transact(&conn, &reversal(62, "000060")).await;
+    assert_eq!(second.get_str(48), Some("reversal=already_queued"));
+    // A reversal of something the switch never saw.
+    let unknown = transact(&conn, &reversal(63, "999999")).await;
+    assert_eq!(unknown.get_str(39), Some("25"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while switch.switch.reversals.stats.acknowledged.load(Relaxed) < 1 {
+        assert!(Instant::now() < deadline, "reversal not acknowledged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(sim.stats.reversals.load(Relaxed), 1);
+}

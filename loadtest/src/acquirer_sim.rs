@@ -474,6 +474,9 @@ struct SimHandler {
     latency: LatencyModel,
     stats: Arc<SimStats>,
     ledger: Option<mpsc::Sender<Vec<u8>>>,
+    /// Delay added on top of the latency model, microseconds; changed while running by
+    /// [`RunningSim::set_delay`] (an acquirer that slows down and recovers).
+    extra_delay_us: Arc<AtomicU64>,
 }
 
 /// Ledger lines waiting for the writer. The writer drains them as fast as the disk takes
@@ -548,7 +551,8 @@ impl SimHandler {
         self.stats.record(kind(request.mti()), code);
         let delay = self
             .latency
-            .sample(seeded_hash(self.seed, &[b"latency", frame]));
+            .sample(seeded_hash(self.seed, &[b"latency", frame]))
+            + Duration::from_micros(self.extra_delay_us.load(Ordering::Relaxed));
         let line = self
             .ledger
             .as_ref()
@@ -599,12 +603,19 @@ pub struct RunningSim {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     ledger_writer: Option<JoinHandle<()>>,
+    extra_delay_us: Arc<AtomicU64>,
 }
 
 /// How long a stopping simulator waits for its ledger's last lines to be written.
 const LEDGER_DRAIN: Duration = Duration::from_secs(5);
 
 impl RunningSim {
+    /// Adds `delay` to every answer from now on (on top of the configured latency).
+    pub fn set_delay(&self, delay: Duration) {
+        self.extra_delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
     /// Stops accepting, closes connections, waits for the accept loops to end and for the
     /// ledger to be written out.
     pub async fn shutdown(mut self) {
@@ -672,8 +683,10 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
         }
         None => (None, None),
     };
+    let extra_delay_us = Arc::new(AtomicU64::new(0));
     let handler = Arc::new(SimHandler {
         ledger,
+        extra_delay_us: Arc::clone(&extra_delay_us),
         issuer: Issuer::new(config.seed, config.approval_rate, &config.name),
         seed: config.seed,
         latency: LatencyModel {
@@ -709,6 +722,7 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
         shutdown,
         tasks,
         ledger_writer,
+        extra_delay_us,
     })
 }
 
