@@ -608,7 +608,10 @@ async fn retransmissions_sequential_and_concurrent_get_the_original_answer_and_r
     let codes: Vec<_> = concurrent.iter().map(|r| r.get_str(39).unwrap()).collect();
     assert_eq!(codes, vec!["00"; 5]);
     let approvals: Vec<_> = concurrent.iter().map(|r| r.get(38).unwrap()).collect();
-    assert!(approvals.windows(2).all(|w| w[0] == w[1]), "one approval code");
+    assert!(
+        approvals.windows(2).all(|w| w[0] == w[1]),
+        "one approval code"
+    );
     let dups = concurrent
         .iter()
         .filter(|r| r.get_str(48).unwrap().ends_with(";dup=1"))
@@ -622,7 +625,11 @@ async fn retransmissions_sequential_and_concurrent_get_the_original_answer_and_r
         assert!(again.get_str(48).unwrap().contains("dup=1"));
         assert!(again.get_str(48).unwrap().contains("acquirer=north"));
     }
-    assert_eq!(sim.stats.requests.load(Relaxed), 1, "the acquirer saw it once");
+    assert_eq!(
+        sim.stats.requests.load(Relaxed),
+        1,
+        "the acquirer saw it once"
+    );
     assert_eq!(switch.switch.stats.duplicates.load(Relaxed), 7);
     // The same terminal, STAN and RRN at another transmission time is a new request.
     let later = authorization_with(VISA_TEST_CARD, 41, &[(7, Some("1125123046"))]);
@@ -643,7 +650,9 @@ async fn retransmissions_sequential_and_concurrent_get_the_original_answer_and_r
 }
 
 /// Joins futures without a dependency on the `futures` crate.
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F: Send + 'static,
     F::Output: Send + 'static,

@@ -114,6 +114,10 @@ pub struct LoadArgs {
     /// `mti` (the request's), `code`, `approval_code`.
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// Retransmit requests left unanswered after --timeout (same message, reconnecting if
+    /// need be) until answered or this long has passed, as a gateway does: "30s".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retransmit_for: Option<Duration>,
 }
 
 /// How requests are carried.
@@ -198,6 +202,11 @@ pub struct LoadConfig {
     /// Append one JSON line per answered request here (`terminal`, `stan`, `rrn`, `mti`,
     /// `code`, `approval_code`): the gateway's side of the books.
     pub record: Option<PathBuf>,
+    /// Behave like a gateway that must get an answer: a request with no answer within
+    /// `request_timeout` is sent again — the same message, so the switch can recognise it
+    /// — on a new connection if need be, until answered or this long has passed since it
+    /// was first sent. QUIC per-stream mode only.
+    pub retransmit_for: Option<Duration>,
 }
 
 impl LoadConfig {
@@ -220,6 +229,7 @@ impl LoadConfig {
             progress: false,
             data: None,
             record: None,
+            retransmit_for: None,
         }
     }
 
@@ -242,6 +252,10 @@ impl LoadConfig {
             "max outstanding must be 1 to {MAX_OUTSTANDING_LIMIT}"
         );
         ensure!(!self.request_timeout.is_zero(), "timeout must be positive");
+        ensure!(
+            self.retransmit_for.is_none() || self.mode == Mode::QuicPerStream,
+            "retransmission needs QUIC with a stream per transaction (not --pipelined or --tcp)"
+        );
         Ok(())
     }
 
@@ -382,6 +396,8 @@ struct Shared {
     tally: Mutex<Tally>,
     finished: Arc<AtomicU64>,
     record: Option<Arc<Recorder>>,
+    /// Requests sent again for want of an answer.
+    retransmissions: AtomicU64,
 }
 
 /// The `--record` file: lines are formatted by the connection's task and written under a
@@ -549,6 +565,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
             tally: Mutex::new(Tally::new()),
             finished: Arc::clone(&finished),
             record: record.clone(),
+            retransmissions: AtomicU64::new(0),
         });
         let workload = source.workload(&config, c);
         let limits = Bounds::of(&config);
@@ -556,8 +573,10 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
     }
     let mut tally = Tally::new();
     let mut ended = t0;
+    let mut retransmissions = 0;
     while let Some(done) = drivers.join_next().await {
         let (shared, connection_ended) = done.context("a connection task failed")?;
+        retransmissions += shared.retransmissions.load(Ordering::Relaxed);
         tally.merge(&shared.lock());
         ended = ended.max(connection_ended);
     }
@@ -579,7 +598,9 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         sent: total,
         data: source.facts(&config, total),
     };
-    Ok(Report::new(facts, &tally))
+    let mut report = Report::new(facts, &tally);
+    report.retransmissions = retransmissions;
+    Ok(report)
 }
 
 /// The requests of a run: a synthetic card pool or a labeled file.
@@ -661,10 +682,13 @@ fn spawn_progress(
 }
 
 /// The per-connection bounds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Bounds {
     max_outstanding: usize,
     request_timeout: Duration,
+    retransmit_for: Option<Duration>,
+    target: SocketAddr,
+    server_name: String,
 }
 
 impl Bounds {
@@ -672,6 +696,47 @@ impl Bounds {
         Bounds {
             max_outstanding: config.max_outstanding_per_connection,
             request_timeout: config.request_timeout,
+            retransmit_for: config.retransmit_for,
+            target: config.target,
+            server_name: config.server_name.clone(),
+        }
+    }
+}
+
+/// A QUIC connection to the target that is replaced when it stops answering (for
+/// retransmissions: the switch may have restarted).
+struct Gateway {
+    endpoint: quinn::Endpoint,
+    target: SocketAddr,
+    server_name: String,
+    /// The connection and its generation, bumped at each replacement.
+    current: tokio::sync::Mutex<(u64, quinn::Connection)>,
+}
+
+/// Pause between failed reconnection attempts.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+impl Gateway {
+    async fn connection(&self) -> (u64, quinn::Connection) {
+        let current = self.current.lock().await;
+        (current.0, current.1.clone())
+    }
+
+    /// Replaces connection `generation` (if nobody has yet) with a new one.
+    async fn replace(&self, generation: u64) {
+        let mut current = self.current.lock().await;
+        if current.0 != generation {
+            return;
+        }
+        let connect = quic::connect(&self.endpoint, self.target, &self.server_name);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(connection)) => {
+                current
+                    .1
+                    .close(quinn::VarInt::from_u32(codes::DONE), b"replaced");
+                *current = (generation + 1, connection);
+            }
+            _ => tokio::time::sleep(RECONNECT_PAUSE).await,
         }
     }
 }
@@ -696,7 +761,15 @@ async fn drive(
             pipelined,
         } => {
             if !pipelined {
-                per_stream(&connection, workload, schedule, bounds, &shared).await;
+                let gateway = Arc::new(Gateway {
+                    endpoint: endpoint.clone(),
+                    target: bounds.target,
+                    server_name: bounds.server_name.clone(),
+                    current: tokio::sync::Mutex::new((0, connection.clone())),
+                });
+                per_stream(&gateway, workload, schedule, bounds.clone(), &shared).await;
+                let (_, last) = gateway.connection().await;
+                last.close(quinn::VarInt::from_u32(codes::DONE), b"done");
             } else if let Ok((send, recv)) = connection.open_bi().await {
                 pipeline(recv, send, workload, schedule, bounds, &shared).await;
             } else {
@@ -714,7 +787,7 @@ async fn drive(
 
 /// Sends each request on a stream of its own, on schedule, each in its own task.
 async fn per_stream(
-    connection: &quinn::Connection,
+    gateway: &Arc<Gateway>,
     mut workload: Workload,
     schedule: Schedule,
     bounds: Bounds,
@@ -735,14 +808,25 @@ async fn per_stream(
             shared.failed(Failure::Build);
             continue;
         };
-        let connection = connection.clone();
+        let gateway = Arc::clone(gateway);
         let shared = Arc::clone(shared);
+        let (request_timeout, retransmit_for) = (bounds.request_timeout, bounds.retransmit_for);
         tasks.spawn(async move {
-            let exchange = transaction(&connection, &request);
-            match tokio::time::timeout(bounds.request_timeout, exchange).await {
-                Ok(Ok(response)) => shared.answered(intended, &response, label),
-                Ok(Err(failure)) => shared.failed(failure),
-                Err(_) => shared.failed(Failure::Timeout),
+            let give_up = intended + retransmit_for.unwrap_or(Duration::ZERO);
+            loop {
+                let (generation, connection) = gateway.connection().await;
+                let exchange = transaction(&connection, &request);
+                let failure = match tokio::time::timeout(request_timeout, exchange).await {
+                    Ok(Ok(response)) => return shared.answered(intended, &response, label),
+                    Ok(Err(failure)) => failure,
+                    Err(_) => Failure::Timeout,
+                };
+                let retry = matches!(failure, Failure::Timeout | Failure::Transport);
+                if retransmit_for.is_none() || !retry || Instant::now() >= give_up {
+                    return shared.failed(failure);
+                }
+                shared.retransmissions.fetch_add(1, Ordering::Relaxed);
+                gateway.replace(generation).await;
             }
         });
     }
@@ -864,10 +948,11 @@ async fn pipeline<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let max_outstanding = bounds.max_outstanding;
     let pipe = Pipe {
         shared,
         bounds,
-        pending: Mutex::new(HashMap::with_capacity(bounds.max_outstanding)),
+        pending: Mutex::new(HashMap::with_capacity(max_outstanding)),
         writer_done: AtomicBool::new(false),
         broken: AtomicBool::new(false),
     };
@@ -979,6 +1064,7 @@ pub async fn run_cli(args: LoadArgs) -> anyhow::Result<()> {
         progress: !args.quiet,
         data: args.data,
         record: args.record,
+        retransmit_for: args.retransmit_for,
         ..LoadConfig::new(target, trust)
     };
     let report = run(config).await?;

@@ -159,6 +159,8 @@ impl Tally {
 pub struct Report {
     /// The target address.
     pub target: String,
+    /// Requests sent again for want of an answer (`--retransmit-for`).
+    pub retransmissions: u64,
     /// How requests were carried.
     pub mode: Mode,
     /// Connections used.
@@ -323,6 +325,7 @@ impl Report {
         };
         let elapsed_s = facts.elapsed.as_secs_f64();
         Report {
+            retransmissions: 0,
             target: facts.target,
             mode: facts.mode,
             connections: facts.connections,

@@ -1,0 +1,394 @@
+//! Nothing lost, nothing doubled: `kill -9` of the switch under load, five times, with a
+//! gateway that retransmits what went unanswered, checked against three sets of books —
+//! the load generator's record, the acquirer simulator's ledger, and the switch's journal.
+//! All separate processes on loopback.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_payswitch");
+
+/// Kills the process when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    /// SIGKILL: no drain, no flush, no goodbye.
+    fn kill_9(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    fn terminate(mut self) {
+        let pid = self.0.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "process {pid} did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts `payswitch ARGS` and reads stdout until a line contains `ready`.
+fn spawn(args: &[&str], ready: &str) -> (Running, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let mut lines = Vec::new();
+    let mut reader = BufReader::new(stdout);
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "payswitch {args:?} ended early: {lines:?}"
+        );
+        let done = line.contains(ready);
+        lines.push(line);
+        if done {
+            // Keep draining stdout so the process never blocks on a full pipe.
+            std::thread::spawn(move || for _ in reader.lines() {});
+            return (running, lines);
+        }
+    }
+}
+
+fn address_after(lines: &[String], marker: &str) -> SocketAddr {
+    lines
+        .iter()
+        .find_map(|l| {
+            let rest = &l[l.find(marker)? + marker.len()..];
+            rest.split(|c: char| c.is_whitespace() || c == ';')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {marker:?} in {lines:?}"))
+}
+
+struct Books {
+    dir: PathBuf,
+}
+
+impl Books {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.path("journal")
+    }
+
+    fn record(&self) -> PathBuf {
+        self.path("record.jsonl")
+    }
+}
+
+fn json_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn export(journal: &Path) -> Vec<Value> {
+    let output = Command::new(BIN)
+        .args(["journal", "export", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn start_switch(listen: &str, acquirer: &str, books: &Books) -> (Running, SocketAddr) {
+    let (switch, lines) = spawn(
+        &[
+            "serve",
+            "--listen",
+            listen,
+            "--acquirer",
+            acquirer,
+            "--acquirer-timeout-ms",
+            "1000",
+            "--shards",
+            "2",
+            "--journal",
+            books.journal().to_str().unwrap(),
+        ],
+        "acquirer acquirer-1",
+    );
+    (switch, address_after(&lines, "QUIC (ALPN iso8583) on "))
+}
+
+fn load_args(target: SocketAddr, books: &Books, rate: &str, duration: &str) -> Vec<String> {
+    [
+        "load",
+        "--target",
+        &target.to_string(),
+        "--rate",
+        rate,
+        "--duration",
+        duration,
+        "--connections",
+        "2",
+        "--timeout",
+        "1s",
+        "--retransmit-for",
+        "30s",
+        "--record",
+        books.record().to_str().unwrap(),
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Small loads until one is approved: the switch's link to the acquirer is up.
+fn wait_until_approving(target: SocketAddr, books: &Books) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let json = books.path("probe.json");
+        let mut args = load_args(target, books, "20", "100ms");
+        args.extend(["--json".into(), json.to_str().unwrap().into()]);
+        let status = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        if report["codes"]["00"].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the switch never approved: {report}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn kill_9_under_load_five_times_loses_nothing_and_authorizes_nothing_twice() {
+    let books = Books {
+        dir: tempfile::tempdir().unwrap().keep(),
+    };
+    let ledger = books.path("ledger.jsonl");
+    // Answers take 20-60 ms, so a kill always finds authorizations out at the acquirer.
+    let (sim, sim_lines) = spawn(
+        &[
+            "acquirer-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--approval-rate",
+            "0.9",
+            "--latency-us-median",
+            "30000",
+            "--latency-us-max",
+            "60000",
+            "--ledger",
+            ledger.to_str().unwrap(),
+        ],
+        "listening on",
+    );
+    let acquirer = address_after(&sim_lines, "QUIC ").to_string();
+    let (mut switch, target) = start_switch("127.0.0.1:0", &acquirer, &books);
+    wait_until_approving(target, &books);
+
+    let mut retransmissions = 0;
+    for round in 0..5u64 {
+        let json = books.path(&format!("load-{round}.json"));
+        let mut args = load_args(target, &books, "300", "3s");
+        args.extend(["--json".into(), json.to_str().unwrap().into()]);
+        let load = Running(
+            Command::new(BIN)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(600 + 350 * round));
+        switch.kill_9();
+        // Back at once on the same port, from the same journal; the load's
+        // retransmissions find it there.
+        (switch, _) = start_switch(&target.to_string(), &acquirer, &books);
+        let mut load = load;
+        let status = load.0.wait().unwrap();
+        assert!(status.success(), "round {round}: load failed");
+        let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(
+            report["errors"], 0,
+            "round {round}: every request answered in the end: {report}"
+        );
+        retransmissions += report["retransmissions"].as_u64().unwrap();
+    }
+    assert!(retransmissions > 0, "the kills left requests unanswered");
+
+    // Every reversal the switch owes is delivered and acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = export(&books.journal());
+        let of = |kind: &str| -> HashSet<u64> {
+            records
+                .iter()
+                .filter(|r| r["kind"] == kind)
+                .map(|r| r["request_seq"].as_u64().unwrap())
+                .collect()
+        };
+        let (queued, acked) = (of("reversal_queued"), of("reversal_ack"));
+        if queued.is_subset(&acked) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reversals not acknowledged: {:?}",
+            queued.difference(&acked).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    switch.terminate();
+    sim.terminate();
+
+    let verify = Command::new(BIN)
+        .args(["journal", "verify", books.journal().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+
+    let journal = export(&books.journal());
+    let record = json_lines(&books.record());
+    let ledger = json_lines(&ledger);
+    let s = |v: &Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+
+    // 1. Every answer the gateway recorded is in the journal with the same code, and no
+    //    request has two different outcomes there.
+    let mut journaled: HashMap<(String, String, String), HashSet<String>> = HashMap::new();
+    for r in journal.iter().filter(|r| r["kind"] == "response") {
+        journaled
+            .entry((s(r, "terminal"), s(r, "stan"), s(r, "rrn")))
+            .or_default()
+            .insert(s(r, "code"));
+    }
+    for line in &record {
+        let key = (s(line, "terminal"), s(line, "stan"), s(line, "rrn"));
+        let codes = journaled
+            .get(&key)
+            .unwrap_or_else(|| panic!("recorded answer not in the journal: {line}"));
+        assert!(
+            codes.contains(&s(line, "code")),
+            "{line} vs journal {codes:?}"
+        );
+        assert_eq!(codes.len(), 1, "two outcomes for {key:?}: {codes:?}");
+    }
+
+    // 2. Nothing reached the acquirer twice, so nothing was approved twice.
+    let mut authorizations: HashMap<String, &Value> = HashMap::new();
+    for line in ledger.iter().filter(|l| l["mti"] == "0100") {
+        let previous = authorizations.insert(s(line, "rrn"), line);
+        assert!(
+            previous.is_none(),
+            "RRN {} reached the acquirer twice",
+            s(line, "rrn")
+        );
+    }
+
+    // 3. Every approval the gateway did not get as an approval is reversed at the
+    //    acquirer (field 90 naming the STAN the acquirer saw) and acknowledged in the
+    //    journal; no approval the gateway got is reversed.
+    let delivered: HashMap<String, String> =
+        record.iter().map(|l| (s(l, "rrn"), s(l, "code"))).collect();
+    let reversed: HashMap<String, &Value> = ledger
+        .iter()
+        .filter(|l| l["mti"] == "0400" && l["code"] == "00")
+        .map(|l| (s(l, "rrn"), l))
+        .collect();
+    let acknowledged: HashSet<String> = journal
+        .iter()
+        .filter(|r| r["kind"] == "reversal_ack")
+        .map(|r| s(r, "rrn"))
+        .collect();
+    let mut owed = 0;
+    for (rrn, line) in &authorizations {
+        if line["code"] != "00" || delivered.get(rrn).map(String::as_str) == Some("00") {
+            continue;
+        }
+        owed += 1;
+        let reversal = reversed
+            .get(rrn)
+            .unwrap_or_else(|| panic!("approval {line} neither delivered nor reversed"));
+        assert_eq!(
+            &s(reversal, "original")[4..10],
+            s(line, "stan"),
+            "field 90 names the original as the acquirer saw it"
+        );
+        assert!(
+            acknowledged.contains(rrn),
+            "reversal of {rrn} not acknowledged"
+        );
+    }
+    for rrn in reversed.keys() {
+        assert_ne!(
+            delivered.get(rrn).map(String::as_str),
+            Some("00"),
+            "RRN {rrn} reversed although the gateway was told it was approved"
+        );
+    }
+    eprintln!(
+        "books: {} answers recorded ({retransmissions} retransmissions), {} authorizations and {} reversals at the acquirer, {owed} approvals owed a reversal, {} journal records",
+        record.len(),
+        authorizations.len(),
+        reversed.len(),
+        journal.len()
+    );
+    assert!(
+        owed > 0,
+        "the kills left approvals in doubt (else this test proves little)"
+    );
+    // No full PAN in any of the books.
+    for path in [books.record(), books.path("ledger.jsonl")] {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(!text.contains("\"pan\""));
+    }
+    let journal_text = serde_json::to_string(&journal).unwrap();
+    for r in &journal {
+        let masked = s(r, "pan_masked");
+        assert!(masked.contains("******"), "{masked}");
+    }
+    assert!(!journal_text.is_empty());
+}
