@@ -51,6 +51,15 @@ fn record(kind: RecordKind, stan: u32, rrn: &str) -> Record {
     }
 }
 
+/// Bytes of one frame of `record(kind, stan, rrn)` (the same for every STAN and kind here:
+/// fixed-width fields).
+fn frame_len() -> usize {
+    let mut frame = Vec::new();
+    journal::record::encode_frame(&record(RecordKind::Request, 1, "533012000001"), &mut frame)
+        .unwrap();
+    frame.len()
+}
+
 fn read_all(dir: &Path) -> Vec<(u64, Record)> {
     let mut out = Vec::new();
     scan(dir, false, |seq, r| out.push((seq, r))).unwrap();
@@ -125,14 +134,16 @@ async fn a_torn_final_record_is_reported_and_cut_off() {
     }
     drop(journal);
     let segment = segments(dir.path()).pop().unwrap();
-    let intact = std::fs::metadata(&segment).unwrap().len();
-    // A crash in the middle of the sixth write: half a frame on disk.
+    let intact = (journal::segment::SEGMENT_HEADER + 5 * frame_len()) as u64;
+    // A crash in the middle of the sixth write: half a frame on disk, over the zeroed
+    // runway.
     let mut frame = Vec::new();
     journal::record::encode_frame(&record(RecordKind::Request, 6, "533012000001"), &mut frame)
         .unwrap();
     journal::record::seal_frame(&mut frame, 6);
     let mut bytes = std::fs::read(&segment).unwrap();
-    bytes.extend_from_slice(&frame[..frame.len() / 2]);
+    let at = intact as usize;
+    bytes[at..at + frame.len() / 2].copy_from_slice(&frame[..frame.len() / 2]);
     std::fs::write(&segment, &bytes).unwrap();
 
     let report = scan(dir.path(), false, |_, _| {}).unwrap();
@@ -140,6 +151,7 @@ async fn a_torn_final_record_is_reported_and_cut_off() {
     let torn = report.torn_tail.unwrap();
     assert_eq!(torn.offset as u64, intact);
     assert!(!torn.truncated);
+    assert_eq!(torn.bytes, frame.len() / 2);
 
     let (ok, text) = verify(dir.path());
     assert!(
@@ -147,7 +159,11 @@ async fn a_torn_final_record_is_reported_and_cut_off() {
         "a torn tail is cut off and the journal is intact: {text}"
     );
     assert!(text.contains("torn final record"), "{text}");
-    assert_eq!(std::fs::metadata(&segment).unwrap().len(), intact);
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        intact,
+        "cut at the last intact record"
+    );
     // Appending goes on after the cut, with no gap in the sequence.
     let next = scan(dir.path(), true, |_, _| {}).unwrap().next_seq();
     assert_eq!(next, 6);
@@ -177,7 +193,7 @@ async fn a_corrupt_record_in_the_middle_is_an_error() {
     let segment = segments(dir.path()).pop().unwrap();
     let mut bytes = std::fs::read(&segment).unwrap();
     // One bit flipped in the fourth record's body (every record here is the same size).
-    let frame_len = (bytes.len() - journal::segment::SEGMENT_HEADER) / 10;
+    let frame_len = frame_len();
     let at = journal::segment::SEGMENT_HEADER + 3 * frame_len + frame_len / 2;
     bytes[at] ^= 0x10;
     std::fs::write(&segment, &bytes).unwrap();
@@ -210,7 +226,7 @@ async fn a_damaged_length_in_the_last_segment_is_not_mistaken_for_a_torn_tail() 
     drop(journal);
     let segment = segments(dir.path()).pop().unwrap();
     let mut bytes = std::fs::read(&segment).unwrap();
-    let frame_len = (bytes.len() - journal::segment::SEGMENT_HEADER) / 10;
+    let frame_len = frame_len();
     // The fifth record's length now reaches past the end of the file, as a torn write's
     // would; the five intact records after it say otherwise.
     let at = journal::segment::SEGMENT_HEADER + 4 * frame_len;

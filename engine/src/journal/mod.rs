@@ -10,6 +10,7 @@
 //! What the switch does with the records on start (in-doubt authorizations, the reversal
 //! queue, the duplicate window) lives in `crate::recovery`.
 
+pub mod bench;
 pub mod record;
 pub mod segment;
 pub mod writer;
@@ -210,6 +211,8 @@ pub enum JournalCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Measure append throughput and latency with group commit.
+    Bench(bench::BenchArgs),
     /// Write every record as JSON lines or CSV to standard output.
     Export {
         /// The journal directory.
@@ -252,6 +255,10 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        JournalCommand::Bench(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench::run_cli(args)),
         JournalCommand::Export { dir, format } => {
             anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
             let report = export(&dir, format, io::stdout().lock())?;

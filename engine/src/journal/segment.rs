@@ -184,11 +184,16 @@ pub fn scan(
                     visit(seq, record);
                     offset += size;
                 }
+                Err(_) if rest.iter().all(|b| *b == 0) => {
+                    // The zeroed runway past the last record: the segment's end.
+                    break;
+                }
                 Err(error) => {
                     let next_seq = report.last_seq.map_or(*first_seq, |last| last + 1);
                     if is_last && is_torn(rest, &error) && !intact_frame_after(rest, next_seq) {
+                        let torn_bytes = rest.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
                         report.torn_tail =
-                            Some(cut(path, offset, rest.len(), repair).map_err(io_error(path))?);
+                            Some(cut(path, offset, torn_bytes, repair).map_err(io_error(path))?);
                         break;
                     }
                     return Err(ScanError::Corrupt {
@@ -209,18 +214,16 @@ pub fn scan(
 }
 
 /// Whether the bytes from a failing frame to the end of the last segment look like a write
-/// cut short: a partial frame, a final frame whose bytes did not all reach the disk, or
-/// zeros the file system left past the last complete write.
+/// cut short: a partial frame at the end of the file, or a final frame whose bytes did not
+/// all reach the disk, followed by nothing but the zeroed runway.
 fn is_torn(rest: &[u8], error: &FrameError) -> bool {
-    if rest.iter().all(|b| *b == 0) {
-        return true;
-    }
     match error {
         FrameError::Truncated => true,
         FrameError::Checksum | FrameError::Body(_) => {
             let len =
                 u32::from_le_bytes(rest[0..4].try_into().expect("checked by decode")) as usize;
-            4 + len == rest.len()
+            rest.get(4 + len..)
+                .is_none_or(|after| after.iter().all(|b| *b == 0))
         }
         FrameError::BadLength(_) => false,
     }
@@ -263,7 +266,7 @@ pub fn create_segment(dir: &Path, first_seq: u64) -> io::Result<File> {
     let path = segment_path(dir, first_seq);
     let mut file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(&path)?;
     file.write_all(&segment_header(first_seq))?;
     file.sync_all()?;

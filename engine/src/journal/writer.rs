@@ -13,26 +13,33 @@
 //! later append fails, and the switch answers without authorizing anything.
 
 use std::fs::File;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
 use super::record::{encode_frame, seal_frame, Record};
 use super::segment::create_segment;
 
+/// Zeroed bytes the writer keeps ahead of its position in a segment. Overwriting blocks
+/// that already exist makes `fdatasync` a pure data flush; growing the file also commits
+/// the file system's metadata, which on the disks measured here costs 2-3× more per sync.
+/// So the file is grown in steps of this much zeros, paid for by one commit in ~9 000
+/// records (`bench/RESULTS.md`, journal).
+pub const RUNWAY_BYTES: u64 = 4 << 20;
+
 /// Submissions the writer takes into one write and sync. 4096 submissions of a few
 /// hundred bytes is about 1–2 MiB: one large sequential write.
 pub const MAX_BATCH_SUBMISSIONS: usize = 4096;
 
 /// When records are synced to the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
     /// `fdatasync` after every group commit, before any of its callers is answered:
@@ -157,6 +164,7 @@ impl Journal {
             config: config.clone(),
             file,
             segment_len: super::segment::SEGMENT_HEADER as u64,
+            zeroed_to: super::segment::SEGMENT_HEADER as u64,
             next_seq,
             stats: Arc::clone(&stats),
             failed: false,
@@ -193,7 +201,10 @@ impl Journal {
 struct Writer {
     config: JournalConfig,
     file: File,
+    /// Where the next write goes in the current segment.
     segment_len: u64,
+    /// The file's length: zeros from `segment_len` up to here.
+    zeroed_to: u64,
     next_seq: u64,
     stats: Arc<JournalStats>,
     failed: bool,
@@ -257,9 +268,16 @@ impl Writer {
             buf.extend_from_slice(frames);
         }
         let started = Instant::now();
+        let data_end = self.segment_len + buf.len() as u64;
+        if data_end > self.zeroed_to {
+            // Grow the file by the runway in the same write; the next commits overwrite.
+            // No further than the segment's size: the next segment has its own runway.
+            let grown = (data_end + RUNWAY_BYTES).min(self.config.segment_bytes.max(data_end));
+            buf.resize((grown - self.segment_len) as usize, 0);
+        }
         let written = self
             .file
-            .write_all(buf)
+            .write_all_at(buf, self.segment_len)
             .and_then(|()| match self.config.fsync {
                 FsyncPolicy::Always => self.file.sync_data(),
                 FsyncPolicy::Never => Ok(()),
@@ -272,11 +290,13 @@ impl Writer {
         }
         let elapsed = started.elapsed().as_nanos() as u64;
         self.next_seq = seq;
-        self.segment_len += buf.len() as u64;
+        self.zeroed_to = self.zeroed_to.max(self.segment_len + buf.len() as u64);
+        let records_bytes = data_end - self.segment_len;
+        self.segment_len = data_end;
         let stats = &self.stats;
         stats.records.fetch_add(records, Ordering::Relaxed);
         stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        stats.bytes.fetch_add(records_bytes, Ordering::Relaxed);
         stats.commit_ns.fetch_add(elapsed, Ordering::Relaxed);
         stats.last_seq.store(seq - 1, Ordering::Relaxed);
         if self.segment_len >= self.config.segment_bytes {
@@ -284,6 +304,7 @@ impl Writer {
                 Ok(file) => {
                     self.file = file;
                     self.segment_len = super::segment::SEGMENT_HEADER as u64;
+                    self.zeroed_to = self.segment_len;
                 }
                 // The records above are durable; keep appending to the old segment and
                 // try again after the next commit.
