@@ -66,6 +66,10 @@ pub struct DemoArgs {
     /// Run the switch without a journal (to measure what the journal costs).
     #[arg(long, conflicts_with = "journal")]
     pub no_journal: bool,
+    /// First send the same load through a second switch without a journal, to measure
+    /// what the journal costs in the same run.
+    #[arg(long, conflicts_with = "no_journal")]
+    pub compare_no_journal: bool,
     /// When journal records reach the disk: `always` or `never`.
     #[arg(long, value_enum, default_value = "always")]
     pub fsync: crate::journal::FsyncPolicy,
@@ -76,6 +80,8 @@ struct DemoReport {
     switch: Report,
     #[serde(skip_serializing_if = "Option::is_none")]
     direct: Option<Report>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    without_journal: Option<Report>,
 }
 
 /// Runs the demo and prints its report.
@@ -97,6 +103,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }),
         fsync: args.fsync,
         ..JournalConfig::default()
+    };
+    let unjournaled = if args.compare_no_journal {
+        let off = JournalConfig {
+            enabled: false,
+            ..journal.clone()
+        };
+        Some(start_switch(&north, &south, model.clone(), off).await?)
+    } else {
+        None
     };
     let running = start_switch(&north, &south, model, journal.clone()).await?;
     println!(
@@ -127,6 +142,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Some(report)
     } else {
         None
+    };
+
+    let without_journal = match unjournaled {
+        Some(other) => {
+            let target = other.quic_addr.context("the demo switch listens on QUIC")?;
+            let config = load_config(
+                &args,
+                target,
+                ClientTrust::Roots(vec![other.certificate.clone()]),
+                &replay.path,
+            );
+            println!("-- through a switch without a journal (baseline)");
+            let report = load::run(config).await?;
+            print!("{}", report.render());
+            println!();
+            other.shutdown().await;
+            Some(report)
+        }
+        None => None,
     };
 
     let target = running
@@ -171,10 +205,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             direct.achieved_tps
         );
     }
+    if let Some(off) = &without_journal {
+        println!(
+            "\njournal on vs off: p50 {} us vs {} us (+{} us), p99 {} us vs {} us (+{} us), TPS {:.0} vs {:.0}",
+            report.p50_us,
+            off.p50_us,
+            report.p50_us.saturating_sub(off.p50_us),
+            report.p99_us,
+            off.p99_us,
+            report.p99_us.saturating_sub(off.p99_us),
+            report.achieved_tps,
+            off.achieved_tps
+        );
+    }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&DemoReport {
             switch: report,
             direct,
+            without_journal,
         })?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
