@@ -122,40 +122,46 @@ impl StoreAndForward {
             return;
         };
         let mut backoff = RETRY_BACKOFF_START;
-        for attempt in 1u32.. {
+        let mut attempt = 0u32;
+        loop {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            let now = crate::switch::unix_now_ms();
-            let mut sent =
-                reversal
-                    .original
-                    .follow_up(RecordKind::ReversalSent, reversal.request_seq, now);
-            sent.acquirer = reversal.original.acquirer.clone();
-            sent.link_stan = reversal.original.link_stan;
-            sent.attempt = attempt;
-            if !self.journal_append(&[sent.clone()]).await {
-                return;
-            }
-            self.stats.sent.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
-            let answered = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                answered = link.call(&message) => answered,
-            };
-            if let Ok(answer) = answered {
-                let mut ack = sent;
-                ack.kind = RecordKind::ReversalAck;
-                ack.time_ms = crate::switch::unix_now_ms();
-                ack.code = answer
-                    .get_str(fields::RESPONSE_CODE)
-                    .unwrap_or("")
-                    .to_string();
-                ack.acquirer_us = started.elapsed().as_micros() as u64;
-                if self.journal_append(&[ack]).await {
-                    self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            // Only an attempt that can leave is journaled as sent.
+            if let Ok(reservation) = link.reserve() {
+                attempt += 1;
+                let now = crate::switch::unix_now_ms();
+                let mut sent = reversal.original.follow_up(
+                    RecordKind::ReversalSent,
+                    reversal.request_seq,
+                    now,
+                );
+                sent.acquirer = reversal.original.acquirer.clone();
+                sent.link_stan = reversal.original.link_stan;
+                sent.attempt = attempt;
+                if !self.journal_append(std::slice::from_ref(&sent)).await {
+                    return;
                 }
-                return;
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let answered = tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    answered = reservation.send(&message) => answered,
+                };
+                if let Ok(answer) = answered {
+                    let mut ack = sent;
+                    ack.kind = RecordKind::ReversalAck;
+                    ack.time_ms = crate::switch::unix_now_ms();
+                    ack.code = answer
+                        .get_str(fields::RESPONSE_CODE)
+                        .unwrap_or("")
+                        .to_string();
+                    ack.acquirer_us = started.elapsed().as_micros() as u64;
+                    if self.journal_append(&[ack]).await {
+                        self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,

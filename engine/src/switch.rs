@@ -926,23 +926,26 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     }
     // What the journal says is owed: in-doubt authorizations are queued for reversal
     // (durably, before delivery starts), then everything owed is delivered.
-    for pending in recovery.in_doubt {
-        let queued = pending.original.follow_up(
-            RecordKind::ReversalQueued,
-            pending.request_seq,
-            unix_now_ms(),
-        );
-        let queued = Record {
+    let queued: Vec<Record> = recovery
+        .in_doubt
+        .iter()
+        .map(|pending| Record {
             acquirer: pending.original.acquirer.clone(),
             link_stan: pending.original.link_stan,
-            ..queued
-        };
-        if let Some(journal) = &journal {
-            journal
-                .append(&[queued])
-                .await
-                .context("journaling the reversal of an in-doubt authorization")?;
-        }
+            ..pending.original.follow_up(
+                RecordKind::ReversalQueued,
+                pending.request_seq,
+                unix_now_ms(),
+            )
+        })
+        .collect();
+    if let (Some(journal), false) = (&journal, queued.is_empty()) {
+        journal
+            .append(&queued)
+            .await
+            .context("journaling the reversals of in-doubt authorizations")?;
+    }
+    for pending in recovery.in_doubt {
         reversals.push(pending);
     }
     for pending in recovery.pending {
