@@ -13,8 +13,11 @@
 //!
 //! Loading checks every byte before trusting it; scoring allocates nothing. The forest is
 //! evaluated in blocks of [`TREE_BLOCK`] trees walked in lock step for a fixed number of
-//! steps (leaves loop to themselves), so the walk has no data-dependent branch and the
-//! trees' loads overlap.
+//! steps, so the walk has no data-dependent branch and the trees' loads overlap. At load
+//! time each tree up to [`MAX_PERFECT_DEPTH`] deep is padded to a perfect tree laid out
+//! breadth first, so a step computes its child instead of loading it, and thresholds become
+//! integers ([`order_key`]) compared against the row's keys; deeper trees are walked node by
+//! node, leaves looping to themselves.
 
 use std::path::Path;
 
@@ -39,6 +42,15 @@ pub const MAX_TREES: usize = 4096;
 pub const MAX_DEPTH: usize = 32;
 /// Trees walked in lock step: 8 independent load chains keep a core's load ports busy.
 pub const TREE_BLOCK: usize = 8;
+/// Deepest tree laid out as a perfect tree: a block of 8 perfect trees of depth 9 takes
+/// 72 KiB, so even [`MAX_TREES`] of them stay under 40 MiB. Deeper trees are sparse and keep
+/// the node walk, which stores only the file's nodes.
+pub const MAX_PERFECT_DEPTH: u32 = 9;
+/// A row's keys padded to every value of a byte, so a perfect tree's split feature (a `u8`)
+/// indexes them without a bounds check; 1 KiB zeroed per score.
+const ROW_KEYS: usize = 1 << u8::BITS;
+// Perfect blocks store a split's feature in a byte.
+const _: () = assert!(FEATURE_COUNT <= ROW_KEYS);
 
 const HEADER_BYTES: usize = 12;
 
@@ -194,24 +206,71 @@ pub enum Params {
     Forest(ForestParams),
 }
 
-/// The evaluator's forest: leaves loop to themselves, trees grouped in blocks with the
-/// number of steps that reaches every leaf of the block.
+/// The evaluator's forest: blocks of [`TREE_BLOCK`] consecutive trees, each block's leaf
+/// values summed in tree order and the block sums added in block order (the sum is the same
+/// to the bit whichever way a block is walked).
 #[derive(Clone, Debug)]
 struct FlatForest {
-    /// The walk's view of the nodes: one 16-byte record each, so a step touches one cache
-    /// line instead of four arrays.
+    blocks: Vec<Block>,
+    /// The node walk's records, for blocks deeper than [`MAX_PERFECT_DEPTH`] (else empty).
     nodes: Vec<Node>,
+    /// The file's arrays, walked node by node for reason codes.
     feature: Vec<u16>,
     threshold: Vec<f32>,
     left: Vec<u32>,
     right: Vec<u32>,
     value: Vec<f32>,
     roots: Vec<u32>,
-    block_steps: Vec<u32>,
+    /// Deepest tree's depth in edges.
     max_depth: u32,
 }
 
-/// One node as the walk reads it: split feature and threshold, children `[left, right]`.
+/// Up to [`TREE_BLOCK`] consecutive trees walked in lock step.
+#[derive(Clone, Debug)]
+struct Block {
+    /// Trees in the block: [`TREE_BLOCK`] but in the last block.
+    trees: usize,
+    /// Steps each tree is walked: enough to reach every leaf of the block.
+    steps: u32,
+    layout: BlockLayout,
+}
+
+#[derive(Clone, Debug)]
+enum BlockLayout {
+    /// Trees of depth up to 7 (`--depth 8`, the default), padded to depth 7.
+    Perfect7(PerfectBlock<7, 256>),
+    /// Trees of depth 8 to [`MAX_PERFECT_DEPTH`], padded to depth 9.
+    Perfect9(PerfectBlock<9, 1024>),
+    /// Deeper trees: walk the file's nodes from these roots. Lanes past the block's trees
+    /// walk its first tree again and are not summed.
+    Nodes([u32; TREE_BLOCK]),
+}
+
+/// A block's trees padded to perfect trees of depth `DEPTH`, a leaf above the bottom
+/// repeated over its whole subtree. A step computes the child (`2j + 1` or `2j + 2`) instead
+/// of loading it, so it is two independent loads and an integer compare; with `DEPTH` a
+/// constant the walk unrolls and the compiler proves every index below `SPLITS`
+/// (`2^(DEPTH + 1)`): no bounds checks. Lanes past the block's trees are all-zero trees,
+/// summed as `+0.0`, which changes no sum of probabilities.
+#[derive(Clone, Debug)]
+struct PerfectBlock<const DEPTH: u32, const SPLITS: usize> {
+    lanes: Box<[PerfectTree<SPLITS>; TREE_BLOCK]>,
+}
+
+/// One perfect tree, positions breadth first (position `j` has children `2j + 1` and
+/// `2j + 2`). One record per tree puts all of a block's arrays at fixed offsets from one
+/// base address, which leaves the walk a register per lane.
+#[derive(Clone, Copy, Debug)]
+struct PerfectTree<const SPLITS: usize> {
+    /// Split feature at positions `0..2^DEPTH - 1`.
+    feature: [u8; SPLITS],
+    /// Split threshold's [`order_key`] at the same positions.
+    threshold: [u32; SPLITS],
+    /// Leaf value at the bottom row's positions, `2^DEPTH - 1..2^(DEPTH + 1) - 1`.
+    leaf: [f32; SPLITS],
+}
+
+/// One node as the node walk reads it: split feature and threshold, children `[left, right]`.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 struct Node {
@@ -359,17 +418,14 @@ impl Model {
         self.thresholds
     }
 
-    /// Worst-case cost: node visits (forest) or multiply-adds (logistic) per score.
+    /// Worst-case cost: node visits (forest: steps walked × trees, a tree padded to a
+    /// perfect tree counting its padded depth) or multiply-adds (logistic) per score.
     pub fn max_cost(&self) -> u64 {
         match &self.forest {
             Some(f) => f
-                .block_steps
+                .blocks
                 .iter()
-                .enumerate()
-                .map(|(b, &steps)| {
-                    let trees = (f.roots.len() - b * TREE_BLOCK).min(TREE_BLOCK);
-                    u64::from(steps) * trees as u64
-                })
+                .map(|b| u64::from(b.steps) * b.trees as u64)
                 .sum(),
             None => FEATURE_COUNT as u64,
         }
@@ -429,28 +485,12 @@ fn fold_logistic(p: &LogisticParams) -> ([f32; FEATURE_COUNT], f32) {
     (weights, bias)
 }
 
-/// Leaves become self loops that keep any non-NaN value on the left, so a walk of a fixed
-/// number of steps ends on the leaf whatever the tree's shape.
+/// Builds the evaluator's layout from validated parameters.
 fn flatten(p: &ForestParams) -> FlatForest {
     let n = p.feature.len();
-    let mut f = FlatForest {
-        nodes: Vec::new(),
-        feature: p.feature.clone(),
-        threshold: p.threshold.clone(),
-        left: p.left.clone(),
-        right: p.right.clone(),
-        value: p.value.clone(),
-        roots: p.roots.clone(),
-        block_steps: Vec::new(),
-        max_depth: 0,
-    };
     let mut depth = vec![0u32; n];
     for i in 0..n {
-        if p.feature[i] == LEAF {
-            f.feature[i] = 0;
-            f.threshold[i] = f32::INFINITY;
-            (f.left[i], f.right[i]) = (i as u32, i as u32);
-        } else {
+        if p.feature[i] != LEAF {
             // Validated: children after parents, so depth[i] is final here.
             for c in [p.left[i], p.right[i]] {
                 depth[c as usize] = depth[c as usize].max(depth[i] + 1);
@@ -462,48 +502,185 @@ fn flatten(p: &ForestParams) -> FlatForest {
         let end = p.roots.get(t + 1).map_or(n, |&r| r as usize);
         depth[start..end].iter().copied().max().unwrap_or(0)
     };
-    for block in (0..p.roots.len()).collect::<Vec<_>>().chunks(TREE_BLOCK) {
-        f.block_steps
-            .push(block.iter().map(|&t| tree_depth(t)).max().unwrap_or(0));
+    let mut blocks = Vec::new();
+    for (b, roots) in p.roots.chunks(TREE_BLOCK).enumerate() {
+        let first = b * TREE_BLOCK;
+        let block_depth = (first..first + roots.len())
+            .map(tree_depth)
+            .max()
+            .unwrap_or(0);
+        let (steps, layout) = if block_depth <= 7 {
+            (7, BlockLayout::Perfect7(PerfectBlock::new(p, roots)))
+        } else if block_depth <= MAX_PERFECT_DEPTH {
+            (9, BlockLayout::Perfect9(PerfectBlock::new(p, roots)))
+        } else {
+            let mut lanes = [roots[0]; TREE_BLOCK];
+            lanes[..roots.len()].copy_from_slice(roots);
+            (block_depth, BlockLayout::Nodes(lanes))
+        };
+        blocks.push(Block {
+            trees: roots.len(),
+            steps,
+            layout,
+        });
     }
-    f.max_depth = f.block_steps.iter().copied().max().unwrap_or(0);
-    f.nodes = (0..n)
+    let mut f = self_looped(p);
+    if blocks
+        .iter()
+        .any(|b| matches!(b.layout, BlockLayout::Nodes(_)))
+    {
+        f.nodes = node_records(&f);
+    }
+    f.blocks = blocks;
+    f.max_depth = (0..p.roots.len()).map(tree_depth).max().unwrap_or(0);
+    f
+}
+
+/// The file's arrays with leaves turned into self loops that keep any non-NaN value on the
+/// left, so a walk ends on the leaf whatever the tree's shape.
+fn self_looped(p: &ForestParams) -> FlatForest {
+    let mut f = FlatForest {
+        blocks: Vec::new(),
+        nodes: Vec::new(),
+        feature: p.feature.clone(),
+        threshold: p.threshold.clone(),
+        left: p.left.clone(),
+        right: p.right.clone(),
+        value: p.value.clone(),
+        roots: p.roots.clone(),
+        max_depth: 0,
+    };
+    for i in 0..p.feature.len() {
+        if p.feature[i] == LEAF {
+            f.feature[i] = 0;
+            f.threshold[i] = f32::INFINITY;
+            (f.left[i], f.right[i]) = (i as u32, i as u32);
+        }
+    }
+    f
+}
+
+/// The node walk's records, from the self-looped arrays.
+fn node_records(f: &FlatForest) -> Vec<Node> {
+    (0..f.feature.len())
         .map(|i| Node {
             threshold: f.threshold[i],
             feature: u32::from(f.feature[i]),
             child: [f.left[i], f.right[i]],
         })
-        .collect();
-    f
+        .collect()
+}
+
+/// Maps floats to integers in the same order: `key(a) <= key(b)` exactly when `a <= b` for
+/// non-NaN values (the two zeros are one key), and NaN above every number, so it goes right
+/// as `x <= t` sends it. A walk step then compares integers, which is a shorter dependency
+/// chain than a float compare.
+fn order_key(v: f32) -> u32 {
+    if v.is_nan() {
+        return u32::MAX;
+    }
+    // `-0.0 + 0.0` is `+0.0`: the zeros compare equal as floats.
+    let bits = (v + 0.0).to_bits();
+    if bits >> 31 == 1 {
+        // Negative: the magnitude bits grow as the value falls, so flip them all.
+        !bits
+    } else {
+        bits | (1 << 31)
+    }
+}
+
+impl<const DEPTH: u32, const SPLITS: usize> PerfectBlock<DEPTH, SPLITS> {
+    /// Lays out the trees at `roots`, none deeper than `DEPTH`.
+    fn new(p: &ForestParams, roots: &[u32]) -> Self {
+        const { assert!(SPLITS == 2 << DEPTH) };
+        let empty = PerfectTree {
+            feature: [0; SPLITS],
+            threshold: [0; SPLITS],
+            leaf: [0.0; SPLITS],
+        };
+        // Built on the heap: a block of depth 9 is 72 KiB.
+        let mut lanes: Box<[PerfectTree<SPLITS>; TREE_BLOCK]> = vec![empty; TREE_BLOCK]
+            .into_boxed_slice()
+            .try_into()
+            .expect("the vector has TREE_BLOCK elements");
+        let splits = (1usize << DEPTH) - 1;
+        // The file's node at each position of the perfect tree.
+        let mut origin = vec![0u32; 2 * splits + 1];
+        for (tree, &root) in lanes.iter_mut().zip(roots) {
+            origin[0] = root;
+            for j in 0..splits {
+                let i = origin[j] as usize;
+                if p.feature[i] == LEAF {
+                    // Both sides reach the same leaf: the split's outcome does not matter.
+                    origin[2 * j + 1] = i as u32;
+                    origin[2 * j + 2] = i as u32;
+                } else {
+                    // Validated below FEATURE_COUNT, which fits a byte (asserted at compile time).
+                    tree.feature[j] = p.feature[i] as u8;
+                    tree.threshold[j] = order_key(p.threshold[i]);
+                    origin[2 * j + 1] = p.left[i];
+                    origin[2 * j + 2] = p.right[i];
+                }
+            }
+            // No tree is deeper than DEPTH: the bottom row holds only leaves.
+            for (leaf, &i) in tree.leaf[splits..].iter_mut().zip(&origin[splits..]) {
+                debug_assert_eq!(p.feature[i as usize], LEAF);
+                *leaf = p.value[i as usize];
+            }
+        }
+        PerfectBlock { lanes }
+    }
+
+    /// Sum of the lanes' leaf values, in lane order. `x` holds the features' [`order_key`]s.
+    fn walk(&self, x: &[u32; ROW_KEYS]) -> f32 {
+        let mut at = [0usize; TREE_BLOCK];
+        for _ in 0..DEPTH {
+            for (tree, j) in self.lanes.iter().zip(&mut at) {
+                // `x > t` as keys, which is `!(x <= t)` as floats: NaN goes right.
+                let right = tree.threshold[*j] < x[usize::from(tree.feature[*j])];
+                *j = 2 * *j + 1 + usize::from(right);
+            }
+        }
+        self.lanes
+            .iter()
+            .zip(at)
+            .map(|(tree, j)| tree.leaf[j])
+            .sum::<f32>()
+    }
 }
 
 impl FlatForest {
     fn score(&self, x: &Features) -> f32 {
+        let mut keys = [0u32; ROW_KEYS];
+        for (key, &v) in keys.iter_mut().zip(x) {
+            *key = order_key(v);
+        }
         let mut sum = 0f32;
-        for (b, &steps) in self.block_steps.iter().enumerate() {
-            let roots = &self.roots[b * TREE_BLOCK..];
-            let mut at = [0u32; TREE_BLOCK];
-            let trees = roots.len().min(TREE_BLOCK);
-            at[..trees].copy_from_slice(&roots[..trees]);
-            // Unused lanes walk tree 0's root harmlessly and are not summed.
-            for lane in at.iter_mut().skip(trees) {
-                *lane = roots[0];
-            }
-            for _ in 0..steps {
-                for at in at.iter_mut() {
-                    let node = &self.nodes[*at as usize];
-                    // Not `x > t`: NaN must go right, as `x <= t` sends it in `attribute`.
-                    let left = x[node.feature as usize] <= node.threshold;
-                    let right = !left;
-                    *at = node.child[usize::from(right)];
-                }
-            }
-            sum += at[..trees]
-                .iter()
-                .map(|&i| self.value[i as usize])
-                .sum::<f32>();
+        for block in &self.blocks {
+            sum += match &block.layout {
+                BlockLayout::Perfect7(b) => b.walk(&keys),
+                BlockLayout::Perfect9(b) => b.walk(&keys),
+                BlockLayout::Nodes(roots) => self.walk_nodes(block, *roots, x),
+            };
         }
         sum / self.roots.len().max(1) as f32
+    }
+
+    /// Sum of the block's leaf values, in tree order, walking the file's nodes.
+    fn walk_nodes(&self, block: &Block, roots: [u32; TREE_BLOCK], x: &Features) -> f32 {
+        let mut at = roots;
+        for _ in 0..block.steps {
+            for at in at.iter_mut() {
+                let node = &self.nodes[*at as usize];
+                // Not `x > t`: NaN must go right, as `x <= t` sends it in `attribute`.
+                let left = x[node.feature as usize] <= node.threshold;
+                *at = node.child[usize::from(!left)];
+            }
+        }
+        at[..block.trees]
+            .iter()
+            .map(|&i| self.value[i as usize])
+            .sum::<f32>()
     }
 
     fn attribute(&self, x: &Features, out: &mut [f32; FEATURE_COUNT]) {
@@ -885,6 +1062,161 @@ mod tests {
             &Metadata::default(),
         );
         assert!(matches!(Model::load(&bytes), Err(ModelError::Invalid(_))));
+    }
+
+    /// splitmix64: seeded, so a failing case replays exactly.
+    struct SplitMix(u64);
+
+    impl SplitMix {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        /// Uniform in [0, 1).
+        fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32
+        }
+
+        /// Mostly values that thresholds also take, so rows land on thresholds exactly.
+        fn number(&mut self) -> f32 {
+            const SHARED: [f32; 9] = [
+                f32::NEG_INFINITY,
+                -1.5,
+                -0.0,
+                0.0,
+                1e-40,
+                0.25,
+                1.0,
+                3.0,
+                f32::INFINITY,
+            ];
+            match self.below(3) {
+                0 => self.unit() * 8.0 - 4.0,
+                _ => SHARED[self.below(SHARED.len())],
+            }
+        }
+    }
+
+    /// Appends a random tree (children after parents) and returns its root. The leftmost
+    /// path reaches `depth` when `full`, so a forest's depth is known.
+    fn random_tree(rng: &mut SplitMix, p: &mut ForestParams, depth: u32, full: bool) -> u32 {
+        let i = p.feature.len();
+        p.feature.push(LEAF);
+        p.threshold.push(0.0);
+        p.left.push(0);
+        p.right.push(0);
+        p.value.push(rng.unit());
+        if depth > 0 && (full || rng.below(4) != 0) {
+            p.feature[i] = rng.below(FEATURE_COUNT) as u16;
+            p.threshold[i] = rng.number();
+            p.left[i] = random_tree(rng, p, depth - 1, full);
+            p.right[i] = random_tree(rng, p, depth - 1, false);
+        }
+        i as u32
+    }
+
+    /// The forest's definition walked as plainly as possible: each tree from its root,
+    /// left when `x <= threshold`, leaf values summed per block of `TREE_BLOCK` trees.
+    fn reference_score(p: &ForestParams, x: &Features) -> f32 {
+        let leaf_value = |root: u32| {
+            let mut i = root as usize;
+            while p.feature[i] != LEAF {
+                let left = x[usize::from(p.feature[i])] <= p.threshold[i];
+                i = if left { p.left[i] } else { p.right[i] } as usize;
+            }
+            p.value[i]
+        };
+        let sum = p
+            .roots
+            .chunks(TREE_BLOCK)
+            .map(|block| block.iter().map(|&root| leaf_value(root)).sum::<f32>())
+            .fold(0f32, |sum, block| sum + block);
+        sum / p.roots.len() as f32
+    }
+
+    #[test]
+    fn forest_scores_match_a_plain_walk_bit_for_bit() {
+        let mut rng = SplitMix(3);
+        // Depths on both sides of each layout's limit: perfect 7, perfect 9, node walk.
+        for depth in [0, 1, 3, 6, 7, 8, 9, 10, 12] {
+            for _ in 0..4 {
+                let mut p = ForestParams {
+                    feature: Vec::new(),
+                    threshold: Vec::new(),
+                    left: Vec::new(),
+                    right: Vec::new(),
+                    value: Vec::new(),
+                    roots: Vec::new(),
+                };
+                // 1 to 20 trees: partial last blocks, blocks of mixed depths.
+                for t in 0..1 + rng.below(20) {
+                    let tree_depth = if t == 0 {
+                        depth
+                    } else {
+                        rng.below(depth as usize + 1) as u32
+                    };
+                    let root = random_tree(&mut rng, &mut p, tree_depth, t == 0);
+                    p.roots.push(root);
+                }
+                let thresholds = Thresholds {
+                    review: 0.5,
+                    decline: 0.9,
+                };
+                let m =
+                    Model::new(Params::Forest(p.clone()), thresholds, Metadata::default()).unwrap();
+                assert_eq!(m.depth(), depth);
+                for _ in 0..200 {
+                    let mut x = [0f32; FEATURE_COUNT];
+                    for v in &mut x {
+                        *v = if rng.below(20) == 0 {
+                            f32::NAN
+                        } else {
+                            rng.number()
+                        };
+                    }
+                    let (got, want) = (m.score(&x), reference_score(&p, &x));
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "depth {depth}, {x:?}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn order_key_orders_like_float_comparison() {
+        let values = [
+            f32::NEG_INFINITY,
+            f32::MIN,
+            -1.0,
+            -f32::MIN_POSITIVE,
+            -1e-45,
+            -0.0,
+            0.0,
+            1e-45,
+            f32::MIN_POSITIVE,
+            1.0,
+            f32::MAX,
+            f32::INFINITY,
+        ];
+        for a in values {
+            for b in values {
+                assert_eq!(order_key(a) <= order_key(b), a <= b, "{a} <= {b}");
+            }
+            // NaN goes right of every threshold, as `!(NaN <= t)`.
+            assert!(order_key(f32::NAN) > order_key(a));
+            assert!(order_key(-f32::NAN) > order_key(a));
+        }
     }
 
     proptest::proptest! {
