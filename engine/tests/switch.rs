@@ -650,11 +650,9 @@ async fn retransmissions_sequential_and_concurrent_get_the_original_answer_and_r
 }
 
 /// Joins futures without a dependency on the `futures` crate.
-async fn futures_join_all<F: std::future::Future>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<F::Output>
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let mut set = Vec::new();
