@@ -70,6 +70,10 @@ pub struct DemoArgs {
     /// what the journal costs in the same run.
     #[arg(long, conflicts_with = "no_journal")]
     pub compare_no_journal: bool,
+    /// First send the same load through a second switch without a fraud model, to measure
+    /// what scoring costs in the same run.
+    #[arg(long, conflicts_with = "compare_no_journal")]
+    pub compare_no_model: bool,
     /// When journal records reach the disk: `always` or `never`.
     #[arg(long, value_enum, default_value = "always")]
     pub fsync: crate::journal::FsyncPolicy,
@@ -80,8 +84,9 @@ struct DemoReport {
     switch: Report,
     #[serde(skip_serializing_if = "Option::is_none")]
     direct: Option<Report>,
+    /// The run through the switch without a journal or without a model.
     #[serde(skip_serializing_if = "Option::is_none")]
-    without_journal: Option<Report>,
+    baseline: Option<Report>,
 }
 
 /// Runs the demo and prints its report.
@@ -104,16 +109,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         fsync: args.fsync,
         ..JournalConfig::default()
     };
-    let unjournaled = if args.compare_no_journal {
+    let baseline = if args.compare_no_journal {
         let off = JournalConfig {
             enabled: false,
             ..journal.clone()
         };
-        Some(start_switch(&north, &south, model.clone(), off).await?)
+        let other = start_switch(&north, &south, Some(model.clone()), off).await?;
+        Some(("without a journal", "journal", other))
+    } else if args.compare_no_model {
+        let separate = JournalConfig {
+            dir: journal.dir.with_extension("baseline"),
+            ..journal.clone()
+        };
+        let other = start_switch(&north, &south, None, separate).await?;
+        Some(("without a fraud model", "scoring", other))
     } else {
         None
     };
-    let running = start_switch(&north, &south, model, journal.clone()).await?;
+    let running = start_switch(&north, &south, Some(model), journal.clone()).await?;
     println!(
         "payswitch demo: switch on {} (QUIC), acquirers north {} and south {}",
         running
@@ -144,8 +157,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         None
     };
 
-    let without_journal = match unjournaled {
-        Some(other) => {
+    let baseline = match baseline {
+        Some((without, what, other)) => {
             let target = other.quic_addr.context("the demo switch listens on QUIC")?;
             let config = load_config(
                 &args,
@@ -153,12 +166,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 ClientTrust::Roots(vec![other.certificate.clone()]),
                 &replay.path,
             );
-            println!("-- through a switch without a journal (baseline)");
+            println!("-- through a switch {without} (baseline)");
             let report = load::run(config).await?;
             print!("{}", report.render());
             println!();
             other.shutdown().await;
-            Some(report)
+            Some((what, report))
         }
         None => None,
     };
@@ -205,9 +218,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             direct.achieved_tps
         );
     }
-    if let Some(off) = &without_journal {
+    if let Some((what, off)) = &baseline {
         println!(
-            "\njournal on vs off: p50 {} us vs {} us (+{} us), p99 {} us vs {} us (+{} us), TPS {:.0} vs {:.0}",
+            "\n{what} on vs off: p50 {} us vs {} us (+{} us), p99 {} us vs {} us (+{} us), TPS {:.0} vs {:.0}",
             report.p50_us,
             off.p50_us,
             report.p50_us.saturating_sub(off.p50_us),
@@ -222,7 +235,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(&DemoReport {
             switch: report,
             direct,
-            without_journal,
+            baseline: baseline.map(|(_, report)| report),
         })?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -302,7 +315,7 @@ impl Drop for ReplayFile {
 async fn start_switch(
     north: &RunningSim,
     south: &RunningSim,
-    model: Model,
+    model: Option<Model>,
     journal: JournalConfig,
 ) -> anyhow::Result<RunningSwitch> {
     let acquirer = |name: &str, sim: &RunningSim| AcquirerConfig {
@@ -348,11 +361,13 @@ async fn start_switch(
         ],
     };
     let running = switch::start(&config, security).await?;
-    running
-        .switch
-        .scoring
-        .set_champion(Arc::new(model))
-        .map_err(anyhow::Error::msg)?;
+    if let Some(model) = model {
+        running
+            .switch
+            .scoring
+            .set_champion(Arc::new(model))
+            .map_err(anyhow::Error::msg)?;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !running.switch.links().iter().all(|link| link.is_up()) {
         anyhow::ensure!(
