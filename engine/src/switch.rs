@@ -374,6 +374,7 @@ impl Switch {
             approval_code: String::new(),
             decision: String::new(),
             score: None,
+            model: String::new(),
             private_data: String::new(),
             duplicate: false,
             switch_us: 0,
@@ -417,6 +418,9 @@ impl Switch {
             } => {
                 journal.request.decision = scoring.decision_str().to_string();
                 journal.request.score = scoring.score;
+                if let Some(model) = &scoring.model {
+                    journal.request.model = model.id().to_string();
+                }
                 let answer = self
                     .authorize(&r, &mut journal, &scoring, route, &original)
                     .await;

@@ -43,6 +43,7 @@ fn record(kind: RecordKind, stan: u32, rrn: &str) -> Record {
         approval_code: String::new(),
         decision: String::new(),
         score: None,
+        model: String::new(),
         private_data: String::new(),
         duplicate: false,
         switch_us: 0,

@@ -190,6 +190,27 @@ async fn a_model_from_one_population_catches_fraud_in_another_replayed_through_t
     let declined = rows_declined_example(&switch, &replay_data).await;
     assert!(declined.contains("decision=decline;score="), "{declined}");
     assert!(declined.contains(";reasons="), "{declined}");
+    // The journal keeps each response's decision, score and model.
+    let journal = switch.switch.journal().expect("journal on by default");
+    let model_id = switch.switch.scoring.champion().unwrap().id().to_string();
+    let mut responses = 0;
+    payswitch::journal::scan(journal.dir(), false, |_, r| {
+        if r.kind != payswitch::journal::RecordKind::Response {
+            return;
+        }
+        responses += 1;
+        assert_eq!(r.model, model_id);
+        assert!(r.score.is_some_and(|s| (0.0..=1.0).contains(&s)), "{r:?}");
+        let expected = if r.code == "59" {
+            "decline"
+        } else {
+            r.decision.as_str()
+        };
+        assert_eq!(r.decision, expected);
+        assert!(["approve", "review", "decline"].contains(&r.decision.as_str()));
+    })
+    .unwrap();
+    assert!(responses as u64 >= report.answered);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

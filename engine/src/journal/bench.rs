@@ -85,6 +85,7 @@ fn sample_record(i: u64) -> Record {
         approval_code: "A1B2C3".into(),
         decision: "approve".into(),
         score: Some(0.0123),
+        model: "forest-1a2b3c4d".into(),
         private_data: "decision=approve;score=0.0123;model=forest-1a2b3c4d;acquirer=north".into(),
         duplicate: false,
         switch_us: 40,

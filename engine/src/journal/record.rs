@@ -103,6 +103,8 @@ pub struct Record {
     pub decision: String,
     /// Fraud score of the champion, when scored.
     pub score: Option<f32>,
+    /// The champion model's id, when scored.
+    pub model: String,
     /// Field 48 as sent to the gateway (decision, score, model, rule, reasons, acquirer).
     pub private_data: String,
     /// A `response` to a retransmission, answered from the original.
@@ -117,7 +119,7 @@ pub struct Record {
 
 impl Record {
     /// A record of `kind` about the same request as `self`, with the step's own fields
-    /// cleared.
+    /// cleared (the request's identity and its fraud decision are kept).
     pub fn follow_up(&self, kind: RecordKind, request_seq: u64, time_ms: i64) -> Record {
         Record {
             kind,
@@ -128,8 +130,6 @@ impl Record {
             link_stan: 0,
             code: String::new(),
             approval_code: String::new(),
-            decision: String::new(),
-            score: None,
             private_data: String::new(),
             duplicate: false,
             switch_us: 0,
@@ -236,6 +236,7 @@ pub(crate) mod tests {
             approval_code: "A1B2C3".into(),
             decision: "approve".into(),
             score: Some(0.125),
+            model: "rf-0123abcd".into(),
             private_data: "decision=approve".into(),
             duplicate: false,
             switch_us: 17,

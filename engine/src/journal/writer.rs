@@ -141,6 +141,7 @@ struct Submission {
 pub struct Journal {
     queue: Sender<Submission>,
     stats: Arc<JournalStats>,
+    dir: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -172,7 +173,11 @@ impl Journal {
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || writer.run(submissions))?;
-        Ok(Journal { queue, stats })
+        Ok(Journal {
+            queue,
+            stats,
+            dir: Arc::new(config.dir.clone()),
+        })
     }
 
     /// Appends `records` in order, contiguously, and waits until they are durable (as the
@@ -190,6 +195,11 @@ impl Journal {
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         durable.await.unwrap_or(Err(JournalError::Failed))
+    }
+
+    /// The journal's directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// The writer's counters.
