@@ -156,8 +156,20 @@ impl Record {
 pub fn encode_frame(record: &Record, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER]);
-    let body = postcard::to_extend(record, std::mem::take(out))?;
-    *out = body;
+    let body_start = out.len();
+    match postcard::to_extend(record, std::mem::take(out)) {
+        Ok(written) => *out = written,
+        Err(e) => {
+            // `to_extend` consumed the buffer: what was in it before is gone too, so the
+            // caller's frames are dropped with this one (an encoding error is a bug).
+            return Err(e);
+        }
+    }
+    // Readers refuse bodies over MAX_RECORD_BODY as corruption: never write one.
+    if out.len() - body_start > MAX_RECORD_BODY {
+        out.truncate(start);
+        return Err(postcard::Error::SerializeBufferFull);
+    }
     let len =
         u32::try_from(out.len() - start - 4).map_err(|_| postcard::Error::SerializeBufferFull)?;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -254,6 +266,15 @@ pub(crate) mod tests {
         let (seq, back, size) = decode_frame(&buf).unwrap();
         assert_eq!((seq, size), (7, buf.len()));
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn a_record_too_big_to_read_back_is_never_written() {
+        let mut record = sample(RecordKind::Response);
+        record.private_data = "x".repeat(MAX_RECORD_BODY);
+        let mut buf = vec![1, 2, 3];
+        assert!(encode_frame(&record, &mut buf).is_err());
+        assert_eq!(buf, [1, 2, 3], "nothing half-written");
     }
 
     #[test]
