@@ -71,6 +71,8 @@ pub struct LinkStats {
     pub answered: AtomicU64,
     /// Requests that timed out.
     pub timeouts: AtomicU64,
+    /// Requests outstanding when the connection was lost.
+    pub lost: AtomicU64,
     /// Requests refused because the link was down or full.
     pub refused: AtomicU64,
     /// Frames from the acquirer that matched no outstanding request or did not decode.
@@ -89,6 +91,7 @@ pub struct AcquirerLink {
     next_stan: AtomicU32,
     in_flight: Semaphore,
     up: AtomicBool,
+    draining: AtomicBool,
     /// Counters.
     pub stats: LinkStats,
 }
@@ -119,6 +122,7 @@ impl AcquirerLink {
             next_stan: AtomicU32::new(0),
             in_flight: Semaphore::new(max_in_flight),
             up: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             stats: LinkStats::default(),
         });
         tokio::spawn(Arc::clone(&link).supervise(shutdown));
@@ -133,6 +137,26 @@ impl AcquirerLink {
     /// Whether a connection is established.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether an operator drained the acquirer: routes skip it; reversals still go.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Drains the acquirer (`true`) or puts it back in service (`false`).
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+        tracing::info!(acquirer = %self.config.name, draining, "acquirer drain changed by an operator");
+    }
+
+    /// `up`, `draining` or `down`.
+    pub fn state(&self) -> &'static str {
+        match (self.is_up(), self.is_draining()) {
+            (false, _) => "down",
+            (true, true) => "draining",
+            (true, false) => "up",
+        }
     }
 
     /// Requests outstanding now.
@@ -320,7 +344,10 @@ impl Reservation<'_> {
                 link.stats.answered.fetch_add(1, Ordering::Relaxed);
                 Ok(answer)
             }
-            Ok(Err(_)) => Err(LinkError::Lost),
+            Ok(Err(_)) => {
+                link.stats.lost.fetch_add(1, Ordering::Relaxed);
+                Err(LinkError::Lost)
+            }
             Err(_) => {
                 link.pending.remove(&stan.get());
                 link.stats.timeouts.fetch_add(1, Ordering::Relaxed);

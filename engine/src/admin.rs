@@ -1,14 +1,29 @@
-//! Admin HTTP: `/health`, and model deploy (`POST /api/models`). Mutating calls need the
-//! bearer token from the configuration; without a configured token they are refused.
+//! Admin HTTP, for operators (bind it to localhost unless a proxy guards it):
+//!
+//! - `GET /` — the live dashboard (one page, assets embedded).
+//! - `GET /health` — the process is alive; `GET /ready` — listeners up, an acquirer
+//!   connected, the configured model loaded (503 with the reasons otherwise).
+//! - `GET /metrics` — Prometheus text format.
+//! - `GET /api/stats` — percentiles per stage over the last 10 s and since start, TPS,
+//!   code mix, acquirers, models, journal, reversals, and the per-second series.
+//! - `GET /api/acquirers`; `POST /api/acquirers/{name}/drain|enable`.
+//! - `GET /api/routes`; `POST /api/routes/reload` (re-reads the config file's routes).
+//! - `GET /api/models`; `POST /api/models?role=champion|challenger` (deploy a model file);
+//!   `POST /api/models/promote?id=ID` (a challenger becomes champion).
+//!
+//! Mutating calls need the bearer token from the configuration; without a configured
+//! token they are refused.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use axum::body::Bytes;
+use axum::extract::Path;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
+use axum::response::{Html, IntoResponse};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use payswitch_models::model::Model;
 use serde::Deserialize;
@@ -25,6 +40,19 @@ pub const MAX_MODEL_BYTES: usize = 64 * 1024 * 1024;
 struct AdminState {
     switch: Arc<Switch>,
     token: Option<Arc<str>>,
+    /// What `/ready` checks and `/api/routes/reload` reads.
+    ready: Arc<Readiness>,
+}
+
+/// What readiness depends on besides the switch itself.
+#[derive(Debug)]
+pub struct Readiness {
+    /// A champion model is configured, so one must be loaded.
+    pub model_required: bool,
+    /// The configuration file, if the switch was started from one.
+    pub config_source: Option<std::path::PathBuf>,
+    /// Counters of the gateway listeners (streams served).
+    pub serve_stats: Arc<payswitch_net::ServeStats>,
 }
 
 /// Binds the admin listener and serves it until `shutdown`.
@@ -32,6 +60,7 @@ pub async fn start(
     addr: SocketAddr,
     switch: Arc<Switch>,
     token: Option<String>,
+    ready: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -41,12 +70,22 @@ pub async fn start(
     let state = AdminState {
         switch,
         token: token.map(Arc::from),
+        ready: Arc::new(ready),
     };
     // The admin listener starts after the gateway listeners are bound, so a 200 on
     // /health means they are up.
     let app = Router::new()
+        .route("/", get(dashboard))
         .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(readiness))
+        .route("/metrics", get(metrics))
+        .route("/api/stats", get(stats))
+        .route("/api/acquirers", get(acquirers))
+        .route("/api/acquirers/:name/:action", post(acquirer_action))
+        .route("/api/routes", get(routes))
+        .route("/api/routes/reload", post(reload_routes))
         .route("/api/models", get(models).post(deploy))
+        .route("/api/models/promote", post(promote))
         .layer(DefaultBodyLimit::max(MAX_MODEL_BYTES))
         .with_state(state);
     let task = tokio::spawn(async move {
@@ -137,7 +176,7 @@ async fn models(State(state): State<AdminState>) -> Json<serde_json::Value> {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     Json(serde_json::json!({
         "champion": scoring.champion().map(|m| m.id().to_owned()),
-        "challengers": scoring.challengers().iter().map(|m| m.id().to_owned()).collect::<Vec<_>>(),
+        "challengers": scoring.challengers().iter().map(|c| c.model.id().to_owned()).collect::<Vec<_>>(),
         "rules": scoring.rules().current().names().map(str::to_owned).collect::<Vec<_>>(),
         "decisions": {
             "approve": load(&stats.decisions[0]),
@@ -148,4 +187,152 @@ async fn models(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "challenger_scored": load(&stats.challenger_scored),
         "challenger_agreed": load(&stats.challenger_agreed),
     }))
+}
+
+/// The dashboard page: one file, no external assets (deployments are often offline).
+const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD_HTML)
+}
+
+/// `GET /ready`: 200 when the switch can authorize, 503 with the reasons when not.
+async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
+    let switch = &state.switch;
+    let mut reasons = Vec::new();
+    if !switch.links().iter().any(|l| l.is_up() && !l.is_draining()) {
+        reasons.push("no acquirer connected");
+    }
+    if state.ready.model_required && switch.scoring.champion().is_none() {
+        reasons.push("the configured model is not loaded");
+    }
+    if switch
+        .journal()
+        .is_some_and(|j| j.stats().failed.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        reasons.push("the journal has stopped after an I/O error");
+    }
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({ "ready": reasons.is_empty(), "reasons": reasons })),
+    )
+}
+
+/// `GET /api/stats`.
+async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(crate::stats::snapshot(
+        &state.switch,
+        &state.ready.serve_stats,
+    ))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::stats::prometheus(&state.switch, &state.ready.serve_stats),
+    )
+}
+
+/// `GET /api/acquirers`.
+async fn acquirers(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(crate::stats::acquirers(&state.switch))
+}
+
+/// `POST /api/acquirers/{name}/drain|enable`.
+async fn acquirer_action(
+    State(state): State<AdminState>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    authorized(&state, &headers)?;
+    let link = state
+        .switch
+        .links()
+        .iter()
+        .find(|l| l.name() == name)
+        .ok_or((StatusCode::NOT_FOUND, format!("no acquirer {name:?}\n")))?;
+    match action.as_str() {
+        "drain" => link.set_draining(true),
+        "enable" => link.set_draining(false),
+        other => return Err((StatusCode::NOT_FOUND, format!("unknown action {other:?}\n"))),
+    }
+    Ok(Json(
+        serde_json::json!({ "acquirer": name, "state": link.state() }),
+    ))
+}
+
+/// `GET /api/routes`.
+async fn routes(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "routes": &**state.switch.routes.load(),
+        "source": state.ready.config_source,
+    }))
+}
+
+/// `POST /api/routes/reload`: re-reads the routes of the configuration file and swaps
+/// them in whole, if they are valid and name only the acquirers already connected.
+async fn reload_routes(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    authorized(&state, &headers)?;
+    let Some(path) = state.ready.config_source.clone() else {
+        return Err((
+            StatusCode::CONFLICT,
+            "started without a configuration file: nothing to reload\n".into(),
+        ));
+    };
+    let config = crate::config::Config::from_file(&path).map_err(|e| {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("routes refused: {e}\n"),
+        )
+    })?;
+    let running: Vec<&str> = state.switch.links().iter().map(|l| l.name()).collect();
+    let configured: Vec<&str> = config.acquirers.iter().map(|a| a.name.as_str()).collect();
+    if running != configured {
+        return Err((
+            StatusCode::CONFLICT,
+            "the file's acquirers differ from the running ones: that needs a restart\n".into(),
+        ));
+    }
+    let router = crate::router::Router::from_config(&config).map_err(|e| {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("routes refused: {e}\n"),
+        )
+    })?;
+    state.switch.router.store(Arc::new(router));
+    state.switch.routes.store(Arc::new(config.routes.clone()));
+    tracing::info!(routes = config.routes.len(), file = %path.display(), "routes reloaded");
+    Ok(Json(serde_json::json!({ "reloaded": config.routes.len() })))
+}
+
+#[derive(Debug, Deserialize)]
+struct PromoteQuery {
+    id: String,
+}
+
+/// `POST /api/models/promote?id=ID`.
+async fn promote(
+    State(state): State<AdminState>,
+    Query(query): Query<PromoteQuery>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    authorized(&state, &headers)?;
+    state
+        .switch
+        .scoring
+        .promote(&query.id)
+        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e}\n")))?;
+    Ok(Json(serde_json::json!({ "champion": query.id })))
 }

@@ -89,6 +89,9 @@ pub struct Config {
     /// prints a warning when it is on.
     #[serde(default)]
     pub insecure_acquirers: bool,
+    /// The file this configuration was read from, for `POST /api/routes/reload`.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Listening addresses.
@@ -127,6 +130,8 @@ pub struct PipelineConfig {
     pub max_in_flight_per_stream: usize,
     /// Open gateway connections per listener.
     pub max_connections: usize,
+    /// Record latency histograms per stage (turn off only to measure what they cost).
+    pub metrics: bool,
 }
 
 impl Default for PipelineConfig {
@@ -141,6 +146,7 @@ impl Default for PipelineConfig {
             max_frame: limits.max_frame,
             max_in_flight_per_stream: limits.max_in_flight_per_stream,
             max_connections: limits.max_connections,
+            metrics: true,
         }
     }
 }
@@ -244,7 +250,7 @@ impl AcquirerConfig {
 }
 
 /// A routing rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// BIN prefixes (`"4"`, `"5100"`) or inclusive ranges of equal-length prefixes
@@ -273,7 +279,10 @@ impl Config {
             source: Box::new(source),
         })?;
         config.check()?;
-        Ok(config)
+        Ok(Config {
+            source: Some(path.to_owned()),
+            ..config
+        })
     }
 
     /// Checks that every acquirer has a CA to verify it with, unless the quick-start

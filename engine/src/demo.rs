@@ -74,6 +74,14 @@ pub struct DemoArgs {
     /// what scoring costs in the same run.
     #[arg(long, conflicts_with = "compare_no_journal")]
     pub compare_no_model: bool,
+    /// First send the same load through a second switch that records no latency
+    /// histograms, to measure what recording costs in the same run.
+    #[arg(long, conflicts_with_all = ["compare_no_journal", "compare_no_model"])]
+    pub compare_no_metrics: bool,
+    /// Serve the admin API and the live dashboard here while the demo runs
+    /// (e.g. 127.0.0.1:9583, then open http://127.0.0.1:9583/).
+    #[arg(long)]
+    pub admin: Option<std::net::SocketAddr>,
     /// When journal records reach the disk: `always` or `never`.
     #[arg(long, value_enum, default_value = "always")]
     pub fsync: crate::journal::FsyncPolicy,
@@ -114,19 +122,38 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             enabled: false,
             ..journal.clone()
         };
-        let other = start_switch(&north, &south, Some(model.clone()), off).await?;
+        let other = start_switch(&north, &south, Some(model.clone()), off, true, None).await?;
         Some(("without a journal", "journal", other))
     } else if args.compare_no_model {
         let separate = JournalConfig {
             dir: journal.dir.with_extension("baseline"),
             ..journal.clone()
         };
-        let other = start_switch(&north, &south, None, separate).await?;
+        let other = start_switch(&north, &south, None, separate, true, None).await?;
         Some(("without a fraud model", "scoring", other))
+    } else if args.compare_no_metrics {
+        let separate = JournalConfig {
+            dir: journal.dir.with_extension("baseline"),
+            ..journal.clone()
+        };
+        let other =
+            start_switch(&north, &south, Some(model.clone()), separate, false, None).await?;
+        Some(("without latency recording", "metrics", other))
     } else {
         None
     };
-    let running = start_switch(&north, &south, Some(model), journal.clone()).await?;
+    let running = start_switch(
+        &north,
+        &south,
+        Some(model),
+        journal.clone(),
+        true,
+        args.admin,
+    )
+    .await?;
+    if let Some(addr) = running.admin_addr {
+        println!("payswitch demo: live dashboard on http://{addr}/");
+    }
     println!(
         "payswitch demo: switch on {} (QUIC), acquirers north {} and south {}",
         running
@@ -317,6 +344,8 @@ async fn start_switch(
     south: &RunningSim,
     model: Option<Model>,
     journal: JournalConfig,
+    metrics: bool,
+    admin: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<RunningSwitch> {
     let acquirer = |name: &str, sim: &RunningSim| AcquirerConfig {
         name: name.into(),
@@ -336,10 +365,13 @@ async fn start_switch(
         listen: ListenConfig {
             quic: Some("127.0.0.1:0".parse()?),
             tcp: None,
-            admin: None,
+            admin,
         },
         tls: None,
-        pipeline: PipelineConfig::default(),
+        pipeline: PipelineConfig {
+            metrics,
+            ..PipelineConfig::default()
+        },
         scoring: ScoringConfig {
             // Replayed traffic carries its own timeline in field 7.
             event_time: EventTime::Transmission,
@@ -349,6 +381,7 @@ async fn start_switch(
         acquirers: vec![acquirer("north", north), acquirer("south", south)],
         routes: vec![route("4", "north"), route("510000-559999", "south")],
         insecure_acquirers: false,
+        source: None,
         admin_token: None,
     };
     // The simulators' self-signed certificates are the CAs: links are verified as in

@@ -116,11 +116,22 @@ impl Verdict {
     }
 }
 
+/// A model scored in shadow, with how often it agreed with the champion.
+#[derive(Debug)]
+pub struct Challenger {
+    /// The model.
+    pub model: Arc<Model>,
+    /// Authorizations it scored.
+    pub scored: AtomicU64,
+    /// Of those, decisions equal to the champion's.
+    pub agreed: AtomicU64,
+}
+
 /// Scoring shared by every shard.
 #[derive(Debug)]
 pub struct Scoring {
     champion: ArcSwapOption<Model>,
-    challengers: ArcSwap<Vec<Arc<Model>>>,
+    challengers: ArcSwap<Vec<Arc<Challenger>>>,
     rules: Arc<RuleSet>,
     merchants: Vec<Mutex<EntityVelocity>>,
     terminals: Vec<Mutex<EntityVelocity>>,
@@ -201,9 +212,30 @@ impl Scoring {
         self.admit(&model)?;
         tracing::info!(model = model.id(), "challenger model deployed");
         let mut next = (**self.challengers.load()).clone();
-        next.retain(|m| m.id() != model.id());
-        next.push(model);
+        next.retain(|c| c.model.id() != model.id());
+        next.push(Arc::new(Challenger {
+            model,
+            scored: AtomicU64::new(0),
+            agreed: AtomicU64::new(0),
+        }));
         self.challengers.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Makes the challenger `id` the champion; the champion it replaces is dropped.
+    pub fn promote(&self, id: &str) -> Result<(), String> {
+        let current = self.challengers.load_full();
+        let Some(challenger) = current.iter().find(|c| c.model.id() == id) else {
+            return Err(format!("no challenger {id:?}"));
+        };
+        self.set_champion(Arc::clone(&challenger.model))?;
+        let rest = current
+            .iter()
+            .filter(|c| c.model.id() != id)
+            .cloned()
+            .collect();
+        self.challengers.store(Arc::new(rest));
+        tracing::info!(model = id, "challenger promoted to champion");
         Ok(())
     }
 
@@ -212,8 +244,8 @@ impl Scoring {
         self.champion.load_full()
     }
 
-    /// The challengers.
-    pub fn challengers(&self) -> Arc<Vec<Arc<Model>>> {
+    /// The challengers and their agreement counts.
+    pub fn challengers(&self) -> Arc<Vec<Arc<Challenger>>> {
         self.challengers.load_full()
     }
 
@@ -321,10 +353,13 @@ impl Scoring {
     fn shadow(&self, features: &Features, champion_decision: Decision) {
         let challengers = self.challengers.load();
         for challenger in challengers.iter() {
-            let decision = challenger.decide(challenger.score(features));
+            let model = &challenger.model;
+            let decision = model.decide(model.score(features));
             self.stats.challenger_scored.fetch_add(1, Ordering::Relaxed);
+            challenger.scored.fetch_add(1, Ordering::Relaxed);
             if decision == champion_decision {
                 self.stats.challenger_agreed.fetch_add(1, Ordering::Relaxed);
+                challenger.agreed.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -100,6 +100,7 @@ impl ServeArgs {
                 acquirers: Vec::new(),
                 routes: Vec::new(),
                 insecure_acquirers: false,
+                source: None,
                 admin_token: None,
             },
         };

@@ -27,6 +27,7 @@ use crate::acquirer::{AcquirerLink, LinkError};
 use crate::config::Config;
 use crate::duplicates::{DupKey, DuplicateWindow, Forwarded, Original, Outcome};
 use crate::journal::{Journal, JournalError, PanKey, Record, RecordKind};
+use crate::metrics::{Metrics, Stage, Timings};
 use crate::reversals::{PendingReversal, StoreAndForward};
 use crate::router::{AcquirerIndex, Router};
 use crate::scoring::{Scoring, ShardScoring, Verdict};
@@ -71,7 +72,17 @@ struct ShardJob {
     kind: JobKind,
     key: DupKey,
     received_ms: i64,
-    reply: oneshot::Sender<ShardVerdict>,
+    /// When it was queued, if timings are recorded.
+    queued: Option<Instant>,
+    reply: oneshot::Sender<(ShardVerdict, ShardTimings)>,
+}
+
+/// The shard's part of a request's timings.
+#[derive(Debug, Default, Clone, Copy)]
+struct ShardTimings {
+    queue: Option<Duration>,
+    score: Option<Duration>,
+    route: Option<Duration>,
 }
 
 /// Counters of one shard, written only by the shard's task.
@@ -101,6 +112,10 @@ async fn run_shard(
     stats: Arc<ShardStats>,
 ) {
     while let Some(job) = jobs.recv().await {
+        let mut timings = ShardTimings {
+            queue: job.queued.map(|q| q.elapsed()),
+            ..ShardTimings::default()
+        };
         let verdict = if let Some(original) = window.get(&job.key, job.received_ms) {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
             ShardVerdict::Duplicate(original)
@@ -109,8 +124,14 @@ async fn run_shard(
             window.insert(job.key, job.received_ms, Arc::clone(&own));
             match job.kind {
                 JobKind::Authorization(auth, transaction) => {
+                    let started = job.queued.map(|_| Instant::now());
                     let scoring = scoring.decide(&mut state, &transaction);
+                    let scored = started.map(|_| Instant::now());
                     let route = router.load().route(&auth.pan, auth.currency, auth.mcc);
+                    if let (Some(started), Some(scored)) = (started, scored) {
+                        timings.score = Some(scored - started);
+                        timings.route = Some(scored.elapsed());
+                    }
                     stats.decided.fetch_add(1, Ordering::Relaxed);
                     ShardVerdict::Fresh {
                         scoring,
@@ -130,7 +151,7 @@ async fn run_shard(
         stats
             .window_evicted_early
             .store(window.evicted_early, Ordering::Relaxed);
-        let _ = job.reply.send(verdict);
+        let _ = job.reply.send((verdict, timings));
     }
 }
 
@@ -148,6 +169,12 @@ pub struct SwitchStats {
     pub duplicates: AtomicU64,
     /// Reversals queued because an acquirer's answer did not reach the gateway.
     pub reversals_queued: AtomicU64,
+    /// Uptime second (plus one) of the last overload log line.
+    shed_logged_s: AtomicU64,
+    /// Requests being handled now.
+    pub in_flight: std::sync::atomic::AtomicI64,
+    /// Response counts a second apart, for the last window's mix.
+    pub(crate) code_history: crate::stats::CodeHistory,
 }
 
 impl SwitchStats {
@@ -182,6 +209,12 @@ pub struct Switch {
     pan_key: PanKey,
     /// Reversals owed to acquirers.
     pub reversals: Arc<StoreAndForward>,
+    /// Latency histograms.
+    pub metrics: Arc<Metrics>,
+    /// The routing table, swapped whole on reload.
+    pub router: Arc<ArcSwap<Router>>,
+    /// The routes the table was built from, for `GET /api/routes`.
+    pub routes: ArcSwap<Vec<crate::config::RouteConfig>>,
     /// Counters.
     pub stats: SwitchStats,
     /// Per-shard counters.
@@ -203,6 +236,7 @@ struct InFlight {
     auth: Authorization,
     pan_hash: u128,
     received: Instant,
+    timings: Timings,
 }
 
 /// What the in-order part of handling a frame left to do.
@@ -214,7 +248,7 @@ enum Accepted {
     /// Validated, but refused before its shard (full queue): journaled, then answered.
     Refused(InFlight, ResponseCode),
     /// In the card's shard queue; the verdict, then the acquirer, are still to come.
-    Queued(InFlight, oneshot::Receiver<ShardVerdict>),
+    Queued(InFlight, oneshot::Receiver<(ShardVerdict, ShardTimings)>),
 }
 
 /// An answer to a validated request.
@@ -250,8 +284,11 @@ impl Handler for Switch {
         // Decoding, validation and the shard enqueue run here, in the order the stream's
         // frames were read: a card's transactions reach its shard — and its velocity
         // state — in the order the gateway sent them, however the tasks are scheduled.
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let accepted = self.accept(frame);
         async move {
+            // Counted down however the request ends (even if its task is dropped).
+            let _in_flight = InFlightGuard(&self.stats.in_flight);
             let (code, response) = match accepted {
                 Accepted::Close(code) => return Reply::Close(code),
                 Accepted::Done(code, response) => (code, response),
@@ -261,6 +298,14 @@ impl Handler for Switch {
             self.stats.count(&code);
             Reply::Message(response)
         }
+    }
+}
+
+struct InFlightGuard<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -279,13 +324,29 @@ impl Switch {
         &self.links
     }
 
+    /// Requests queued per shard now.
+    pub fn shard_queue_depths(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| s.max_capacity() - s.capacity())
+            .collect()
+    }
+
     /// The journal, when one is written.
     pub fn journal(&self) -> Option<&Journal> {
         self.journal.as_ref()
     }
 
     fn accept(&self, frame: Bytes) -> Accepted {
-        let (request, error) = match Message::decode_prefix(frame) {
+        let received = Instant::now();
+        let timed = self.metrics.enabled();
+        let decoded = Message::decode_prefix(frame);
+        let mut timings = Timings::default();
+        let decode_end = timed.then(Instant::now);
+        if let Some(end) = decode_end {
+            timings.set(Stage::Decode, end - received);
+        }
+        let (request, error) = match decoded {
             Ok(decoded) => decoded,
             // Not even an MTI and bitmap: nothing to answer.
             Err(_) => return Accepted::Close(codes::GARBAGE_FRAME),
@@ -305,15 +366,30 @@ impl Switch {
                 Accepted::Done(code, response)
             }
             Kind::Unsupported => done(refuse(&request, ResponseCode::InvalidTransaction)),
-            Kind::Authorization | Kind::Reversal => match validate::validate(&request) {
-                Ok(auth) => self.enqueue(request, auth, kind == Kind::Reversal),
-                Err(code) => done(refuse(&request, code)),
-            },
+            Kind::Authorization | Kind::Reversal => {
+                let validated = validate::validate(&request);
+                if let Some(start) = decode_end {
+                    timings.set(Stage::Validate, start.elapsed());
+                }
+                match validated {
+                    Ok(auth) => {
+                        self.enqueue(request, auth, kind == Kind::Reversal, received, timings)
+                    }
+                    Err(code) => done(refuse(&request, code)),
+                }
+            }
         }
     }
 
     /// Puts the request in its card's shard queue; a full queue is answered 91 now.
-    fn enqueue(&self, request: Message, auth: Authorization, reversal: bool) -> Accepted {
+    fn enqueue(
+        &self,
+        request: Message,
+        auth: Authorization,
+        reversal: bool,
+        received: Instant,
+        timings: Timings,
+    ) -> Accepted {
         let Some(key) = DupKey::of(&request, reversal) else {
             return Accepted::Done(
                 as_code(ResponseCode::FormatError),
@@ -331,7 +407,8 @@ impl Switch {
             request,
             auth,
             pan_hash,
-            received: Instant::now(),
+            received,
+            timings,
         };
         // `shards` is never empty (`start` makes at least one), so the modulo is defined.
         let shard = shard_of(pan_hash, self.shards.len());
@@ -340,10 +417,12 @@ impl Switch {
             kind,
             key,
             received_ms,
+            queued: self.metrics.enabled().then(Instant::now),
             reply,
         };
         if self.shards[shard].try_send(job).is_err() {
-            self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            self.log_shedding(shed);
             return Accepted::Refused(in_flight, ResponseCode::IssuerInoperative);
         }
         Accepted::Queued(in_flight, verdict)
@@ -395,22 +474,74 @@ impl Switch {
         let answer = Answer::new(code, String::new());
         let request = self.request_record(&r);
         let mut journal = RequestJournal::new(request);
-        self.finish(&r, &mut journal, answer, None).await
+        let answered = self.finish(&r, &mut journal, answer, None).await;
+        self.record_timings(&r, &journal, ShardTimings::default());
+        answered
     }
 
     async fn complete(
         &self,
         r: InFlight,
-        verdict: oneshot::Receiver<ShardVerdict>,
+        verdict: oneshot::Receiver<(ShardVerdict, ShardTimings)>,
     ) -> ([u8; 2], Message) {
-        let Ok(verdict) = verdict.await else {
+        let Ok((verdict, shard_timings)) = verdict.await else {
             return refuse(&r.request, ResponseCode::SystemMalfunction);
         };
         let mut journal = RequestJournal::new(self.request_record(&r));
-        match verdict {
-            ShardVerdict::Duplicate(original) => {
-                self.answer_duplicate(&r, journal, &original).await
+        let answered = self.complete_verdict(&r, &mut journal, verdict).await;
+        self.record_timings(&r, &journal, shard_timings);
+        answered
+    }
+
+    /// Records a finished request's timings.
+    fn record_timings(&self, r: &InFlight, journal: &RequestJournal, shard: ShardTimings) {
+        if !self.metrics.enabled() {
+            return;
+        }
+        let mut timings = r.timings;
+        for (stage, value) in [
+            (Stage::Queue, shard.queue),
+            (Stage::Score, shard.score),
+            (Stage::Route, shard.route),
+            (Stage::Journal, journal.journal_time),
+        ] {
+            if let Some(value) = value {
+                timings.set(stage, value);
             }
+        }
+        let total = r.received.elapsed();
+        timings.set(Stage::Total, total);
+        let acquirer = match journal.acquirer_time {
+            Some((index, elapsed)) => {
+                timings.set_acquirer(index, elapsed);
+                elapsed
+            }
+            None => Duration::ZERO,
+        };
+        timings.set(Stage::Switch, total.saturating_sub(acquirer));
+        self.metrics.record(&timings);
+    }
+
+    /// Logs the first request shed and then at most one line a second with the count.
+    fn log_shedding(&self, shed_before: u64) {
+        let now_s = self.metrics.uptime().as_secs();
+        let last = self.stats.shed_logged_s.swap(now_s + 1, Ordering::Relaxed);
+        if last != now_s + 1 {
+            tracing::warn!(
+                shed_total = shed_before + 1,
+                "overload: shard queue full, requests answered 91 at once"
+            );
+        }
+    }
+
+    async fn complete_verdict(
+        &self,
+        r: &InFlight,
+        journal: &mut RequestJournal,
+        verdict: ShardVerdict,
+    ) -> ([u8; 2], Message) {
+        match verdict {
+            ShardVerdict::Duplicate(original) => self.answer_duplicate(r, journal, &original).await,
             ShardVerdict::Fresh {
                 scoring,
                 route,
@@ -421,14 +552,12 @@ impl Switch {
                 if let Some(model) = &scoring.model {
                     journal.request.model = model.id().to_string();
                 }
-                let answer = self
-                    .authorize(&r, &mut journal, &scoring, route, &original)
-                    .await;
-                self.finish(&r, &mut journal, answer, Some(&original)).await
+                let answer = self.authorize(r, journal, &scoring, route, &original).await;
+                self.finish(r, journal, answer, Some(&original)).await
             }
             ShardVerdict::Reversal { own, original } => {
-                let answer = self.reverse(&r, &mut journal, original).await;
-                self.finish(&r, &mut journal, answer, Some(&own)).await
+                let answer = self.reverse(r, journal, original).await;
+                self.finish(r, journal, answer, Some(&own)).await
             }
         }
     }
@@ -501,6 +630,11 @@ impl Switch {
         };
         for &index in route.iter() {
             let link = &self.links[index];
+            // An acquirer drained by an operator takes no new authorizations (its
+            // reversals still go).
+            if link.is_draining() {
+                continue;
+            }
             // Nothing is sent by a refused reservation: the next acquirer may take it.
             let Ok(reservation) = link.reserve() else {
                 continue;
@@ -528,7 +662,9 @@ impl Switch {
             journal.acquirer = link.name().to_string();
             let sent = Instant::now();
             let result = reservation.send(&r.request).await;
-            journal.acquirer_us = sent.elapsed().as_micros() as u64;
+            let round_trip = sent.elapsed();
+            journal.acquirer_us = round_trip.as_micros() as u64;
+            journal.acquirer_time = Some((index, round_trip));
             match result {
                 Ok(answer) => return relay(&answer, with_acquirer(tags, link.name())),
                 Err(LinkError::Down | LinkError::Busy) => continue,
@@ -623,7 +759,7 @@ impl Switch {
     async fn answer_duplicate(
         &self,
         r: &InFlight,
-        mut journal: RequestJournal,
+        journal: &mut RequestJournal,
         original: &Original,
     ) -> ([u8; 2], Message) {
         self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -680,6 +816,10 @@ struct RequestJournal {
     failed: bool,
     acquirer: String,
     acquirer_us: u64,
+    /// The acquirer that answered (or timed out) and its round trip.
+    acquirer_time: Option<(AcquirerIndex, Duration)>,
+    /// Time spent waiting for this request's appends to be durable.
+    journal_time: Option<Duration>,
 }
 
 impl RequestJournal {
@@ -690,6 +830,8 @@ impl RequestJournal {
             failed: false,
             acquirer: String::new(),
             acquirer_us: 0,
+            acquirer_time: None,
+            journal_time: None,
         }
     }
 
@@ -720,7 +862,10 @@ impl RequestJournal {
             }
             records.insert(0, self.request.clone());
         }
-        match switch.journal_append(&records).await {
+        let started = Instant::now();
+        let appended = switch.journal_append(&records).await;
+        *self.journal_time.get_or_insert(Duration::ZERO) += started.elapsed();
+        match appended {
             Ok(first) => {
                 if with_request {
                     // Without a journal `first` is 0; keep a placeholder so the request is
@@ -899,6 +1044,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         ));
     }
     let shard_count = config.pipeline.shard_count().max(1);
+    let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
+    tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
     let (journal, pan_key, recovery) = open_journal(config)?;
     let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone());
     let mut recovered: Vec<RecoveredEntries> = (0..shard_count).map(|_| Vec::new()).collect();
@@ -962,9 +1109,16 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         journal,
         pan_key,
         reversals,
+        metrics,
+        router: Arc::clone(&table),
+        routes: ArcSwap::from_pointee(config.routes.clone()),
         stats: SwitchStats::default(),
         shard_stats,
     });
+    tokio::spawn(crate::stats::tick(
+        Arc::clone(&switch),
+        links_shutdown.clone(),
+    ));
     let limits = Limits {
         max_frame: config.pipeline.max_frame,
         max_in_flight_per_stream: config.pipeline.max_in_flight_per_stream,
@@ -1002,10 +1156,16 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     }
     let mut admin_addr = None;
     if let Some(addr) = config.listen.admin {
+        let ready = crate::admin::Readiness {
+            model_required: config.scoring.model.is_some(),
+            config_source: config.source.clone(),
+            serve_stats: Arc::clone(&serve_stats),
+        };
         let (bound, task) = crate::admin::start(
             addr,
             Arc::clone(&switch),
             config.admin_token.clone(),
+            ready,
             shutdown.child_token(),
         )
         .await?;

@@ -69,6 +69,7 @@ async fn start(sim: &RunningSim, scoring: ScoringConfig) -> RunningSwitch {
         }],
         routes: vec![],
         insecure_acquirers: false,
+        source: None,
         admin_token: Some(TOKEN.into()),
     };
     let security = Security {
@@ -424,7 +425,7 @@ async fn a_models_directory_deploys_what_is_dropped_in_and_ignores_broken_files(
         scoring
             .challengers()
             .iter()
-            .any(|m| m.id() == logistic.id())
+            .any(|c| c.model.id() == logistic.id())
     });
 
     // A corrupt champion is refused: the one in force stays.

@@ -85,6 +85,7 @@ fn config(acquirers: Vec<AcquirerConfig>, routes: Vec<RouteConfig>) -> Config {
         acquirers,
         routes,
         insecure_acquirers: false,
+        source: None,
         admin_token: None,
     }
 }

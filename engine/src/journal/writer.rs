@@ -142,6 +142,7 @@ pub struct Journal {
     queue: Sender<Submission>,
     stats: Arc<JournalStats>,
     dir: Arc<PathBuf>,
+    fsync: FsyncPolicy,
 }
 
 impl std::fmt::Debug for Journal {
@@ -177,6 +178,7 @@ impl Journal {
             queue,
             stats,
             dir: Arc::new(config.dir.clone()),
+            fsync: config.fsync,
         })
     }
 
@@ -195,6 +197,11 @@ impl Journal {
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         durable.await.unwrap_or(Err(JournalError::Failed))
+    }
+
+    /// The sync policy.
+    pub fn fsync(&self) -> FsyncPolicy {
+        self.fsync
     }
 
     /// The journal's directory.

@@ -1,0 +1,465 @@
+//! What operators see: the JSON of `/api/stats` and `/api/acquirers`, and the Prometheus
+//! text of `/metrics`, all read from the switch's counters and latency histograms.
+//!
+//! The Prometheus text format is written here rather than through a client library: the
+//! histograms are HdrHistograms recorded per thread and merged once a second, which
+//! no client library's histogram type models, and the format itself is a few lines per
+//! family (it is checked with the reference parser in `engine/tests/operators.rs`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use payswitch_net::ServeStats;
+use payswitch_protocol::ResponseCode;
+use serde_json::{json, Value};
+
+use crate::metrics::{Buckets, Stage, BUCKETS_S, WINDOW_SECONDS};
+use crate::switch::Switch;
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// Responses by code since start (codes seen only; the acquirers' own codes as `other`).
+fn codes(switch: &Switch) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (i, counter) in switch.stats.responses.iter().enumerate() {
+        let n = load(counter);
+        if n == 0 {
+            continue;
+        }
+        let code = ResponseCode::ALL
+            .get(i)
+            .map_or("other", |c| c.as_str())
+            .to_string();
+        out.insert(code, n);
+    }
+    out
+}
+
+/// Cumulative response counts about a second apart, to give the last window's code mix
+/// and TPS: at most `WINDOW_SECONDS + 2` entries.
+pub type CodeHistory = Mutex<Vec<(std::time::Instant, BTreeMap<String, u64>)>>;
+
+/// Takes a sample of the response counts; called once a second (see `tick`).
+fn sample_codes(switch: &Switch) {
+    let now = codes(switch);
+    let mut history = switch
+        .stats
+        .code_history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    history.push((std::time::Instant::now(), now));
+    let excess = history.len().saturating_sub(WINDOW_SECONDS + 1);
+    history.drain(..excess);
+}
+
+/// Once a second until `shutdown`: samples the response counts, so the last window's
+/// code mix and TPS do not depend on anyone polling.
+pub async fn tick(switch: std::sync::Arc<Switch>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => sample_codes(&switch),
+        }
+    }
+}
+
+/// Code counts over about the last `WINDOW_SECONDS`, and the seconds they cover.
+fn codes_window(
+    history: &CodeHistory,
+    now: &BTreeMap<String, u64>,
+) -> (BTreeMap<String, u64>, f64) {
+    let history = history.lock().unwrap_or_else(|e| e.into_inner());
+    let at = std::time::Instant::now();
+    let Some((since, base)) = history.first() else {
+        return (BTreeMap::new(), 0.0);
+    };
+    let seconds = at.duration_since(*since).as_secs_f64();
+    let mut window = BTreeMap::new();
+    for (code, n) in now {
+        let before = base.get(code).copied().unwrap_or(0);
+        if *n > before {
+            window.insert(code.clone(), n - before);
+        }
+    }
+    (window, seconds)
+}
+
+/// `/api/acquirers`: one object per acquirer.
+pub fn acquirers(switch: &Switch) -> Value {
+    let latency = switch.metrics.acquirer_percentiles();
+    let list: Vec<Value> = switch
+        .links()
+        .iter()
+        .enumerate()
+        .map(|(i, link)| {
+            let s = &link.stats;
+            let answered = load(&s.answered);
+            let failed = load(&s.timeouts) + load(&s.lost);
+            let p = latency.get(i).copied().unwrap_or_default();
+            json!({
+                "name": link.name(),
+                "state": link.state(),
+                "in_flight": link.in_flight(),
+                "answered": answered,
+                "timeouts": load(&s.timeouts),
+                "lost": load(&s.lost),
+                "refused": load(&s.refused),
+                "connects": load(&s.connects),
+                "success_rate": (answered + failed > 0).then(|| answered as f64 / (answered + failed) as f64),
+                "p50_us": p.p50_us,
+                "p99_us": p.p99_us,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+fn models(switch: &Switch) -> Value {
+    let scoring = &switch.scoring;
+    let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
+    json!({
+        "champion": scoring.champion().map(|m| json!({"id": m.id(), "kind": kind(&m)})),
+        "challengers": scoring.challengers().iter().map(|c| {
+            let (scored, agreed) = (load(&c.scored), load(&c.agreed));
+            json!({
+                "id": c.model.id(),
+                "kind": kind(&c.model),
+                "scored": scored,
+                "agreed": agreed,
+                "agreement": (scored > 0).then(|| agreed as f64 / scored as f64),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn journal(switch: &Switch) -> Value {
+    match switch.journal() {
+        None => json!({"enabled": false}),
+        Some(j) => {
+            let s = j.stats();
+            json!({
+                "enabled": true,
+                "fsync": j.fsync(),
+                "records": load(&s.records),
+                "commits": load(&s.commits),
+                "queued": load(&s.queued),
+                "last_seq": load(&s.last_seq),
+                "failed": s.failed.load(Ordering::Relaxed),
+            })
+        }
+    }
+}
+
+/// `/api/stats`.
+pub fn snapshot(switch: &Switch, _serve: &ServeStats) -> Value {
+    let codes = codes(switch);
+    let (codes_window, seconds) = codes_window(&switch.stats.code_history, &codes);
+    let window_total: u64 = codes_window.values().sum();
+    let tps = if seconds > 0.0 {
+        window_total as f64 / seconds
+    } else {
+        0.0
+    };
+    let approval_rate = (window_total > 0)
+        .then(|| codes_window.get("00").copied().unwrap_or(0) as f64 / window_total as f64);
+    let stages: Vec<Value> = switch
+        .metrics
+        .stage_percentiles()
+        .into_iter()
+        .map(|(stage, window, since)| {
+            json!({"stage": stage.as_str(), "window": window, "since_start": since})
+        })
+        .collect();
+    let series = switch.metrics.series();
+    let mut p99 = serde_json::Map::new();
+    for (i, stage) in Stage::ALL.iter().enumerate() {
+        p99.insert(
+            stage.as_str().into(),
+            series
+                .iter()
+                .map(|p| p.p99_us[i])
+                .collect::<Vec<_>>()
+                .into(),
+        );
+    }
+    let decisions = &switch.scoring.stats.decisions;
+    let windows = switch.shard_stats.iter().zip(switch.shard_queue_depths());
+    json!({
+        "uptime_s": switch.metrics.uptime().as_secs_f64(),
+        "window_s": WINDOW_SECONDS,
+        "tps": tps,
+        "approval_rate": approval_rate,
+        "in_flight": switch.stats.in_flight.load(Ordering::Relaxed).max(0),
+        "codes": codes,
+        "codes_window": codes_window,
+        "stages": stages,
+        "series": {
+            "t": series.iter().map(|p| p.t).collect::<Vec<_>>(),
+            "tps": series.iter().map(|p| p.count).collect::<Vec<_>>(),
+            "p99_us": p99,
+        },
+        "acquirers": acquirers(switch),
+        "decisions": {
+            "approve": load(&decisions[0]),
+            "review": load(&decisions[1]),
+            "decline": load(&decisions[2]),
+        },
+        "models": models(switch),
+        "journal": journal(switch),
+        "reversals": {
+            "pending": load(&switch.reversals.stats.pending),
+            "sent": load(&switch.reversals.stats.sent),
+            "acknowledged": load(&switch.reversals.stats.acknowledged),
+            "deferred": load(&switch.reversals.stats.deferred),
+        },
+        "duplicates": load(&switch.stats.duplicates),
+        "shed": load(&switch.stats.shed),
+        "shards": windows.map(|(s, depth)| json!({
+            "queue_depth": depth,
+            "duplicates_window": load(&s.window_len),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A label value with `\`, `"` and newlines escaped, as the text format requires.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, b: &Buckets) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, count) in BUCKETS_S.iter().zip(b.cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", b.count);
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {}", b.sum_s);
+    let _ = writeln!(out, "{name}_count{braces} {}", b.count);
+}
+
+/// `/metrics`: the Prometheus text format (version 0.0.4).
+pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let stage_buckets = switch.metrics.stage_buckets();
+
+    header(
+        &mut out,
+        "payswitch_authorization_duration_seconds",
+        "histogram",
+        "The switch's own time per request (end to end less the acquirer).",
+    );
+    histogram(
+        &mut out,
+        "payswitch_authorization_duration_seconds",
+        "",
+        &stage_buckets[Stage::Switch as usize],
+    );
+
+    header(
+        &mut out,
+        "payswitch_stage_duration_seconds",
+        "histogram",
+        "Time per request in each stage of the pipeline.",
+    );
+    for (stage, b) in Stage::ALL.iter().zip(&stage_buckets) {
+        histogram(
+            &mut out,
+            "payswitch_stage_duration_seconds",
+            &format!("stage=\"{}\"", stage.as_str()),
+            b,
+        );
+    }
+
+    header(
+        &mut out,
+        "payswitch_acquirer_duration_seconds",
+        "histogram",
+        "Round trip to each acquirer.",
+    );
+    for (link, b) in switch.links().iter().zip(switch.metrics.acquirer_buckets()) {
+        histogram(
+            &mut out,
+            "payswitch_acquirer_duration_seconds",
+            &format!("acquirer=\"{}\"", escape(link.name())),
+            &b,
+        );
+    }
+
+    header(
+        &mut out,
+        "payswitch_responses_total",
+        "counter",
+        "Responses sent to gateways, by response code.",
+    );
+    for (code, n) in codes(switch) {
+        let _ = writeln!(out, "payswitch_responses_total{{code=\"{code}\"}} {n}");
+    }
+
+    header(
+        &mut out,
+        "payswitch_decisions_total",
+        "counter",
+        "Fraud decisions of the champion model and rules.",
+    );
+    for (i, decision) in ["approve", "review", "decline"].iter().enumerate() {
+        let n = load(&switch.scoring.stats.decisions[i]);
+        let _ = writeln!(
+            out,
+            "payswitch_decisions_total{{decision=\"{decision}\"}} {n}"
+        );
+    }
+
+    header(
+        &mut out,
+        "payswitch_acquirer_requests_total",
+        "counter",
+        "Requests to acquirers by outcome: answered, timeout, lost (connection dropped), refused (down or full, not sent).",
+    );
+    for link in switch.links() {
+        let name = escape(link.name());
+        let s = &link.stats;
+        for (outcome, n) in [
+            ("answered", load(&s.answered)),
+            ("timeout", load(&s.timeouts)),
+            ("lost", load(&s.lost)),
+            ("refused", load(&s.refused)),
+        ] {
+            let _ = writeln!(
+                out,
+                "payswitch_acquirer_requests_total{{acquirer=\"{name}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+    }
+
+    header(
+        &mut out,
+        "payswitch_in_flight_requests",
+        "gauge",
+        "Requests being handled now.",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_in_flight_requests {}",
+        switch.stats.in_flight.load(Ordering::Relaxed).max(0)
+    );
+    header(
+        &mut out,
+        "payswitch_shard_queue_depth",
+        "gauge",
+        "Requests waiting in each shard's queue.",
+    );
+    for (i, depth) in switch.shard_queue_depths().iter().enumerate() {
+        let _ = writeln!(out, "payswitch_shard_queue_depth{{shard=\"{i}\"}} {depth}");
+    }
+    header(
+        &mut out,
+        "payswitch_acquirer_up",
+        "gauge",
+        "1 when the link to the acquirer is connected.",
+    );
+    for link in switch.links() {
+        let _ = writeln!(
+            out,
+            "payswitch_acquirer_up{{acquirer=\"{}\"}} {}",
+            escape(link.name()),
+            u8::from(link.is_up())
+        );
+    }
+    header(
+        &mut out,
+        "payswitch_acquirer_state",
+        "gauge",
+        "1 for the acquirer's current state: up, draining (by an operator) or down.",
+    );
+    for link in switch.links() {
+        for state in ["up", "draining", "down"] {
+            let _ = writeln!(
+                out,
+                "payswitch_acquirer_state{{acquirer=\"{}\",state=\"{state}\"}} {}",
+                escape(link.name()),
+                u8::from(link.state() == state)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "payswitch_model_info",
+        "gauge",
+        "The models loaded: the champion and the challengers scored in shadow.",
+    );
+    let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
+    if let Some(m) = switch.scoring.champion() {
+        let _ = writeln!(
+            out,
+            "payswitch_model_info{{role=\"champion\",id=\"{}\",kind=\"{}\"}} 1",
+            escape(m.id()),
+            kind(&m)
+        );
+    }
+    for c in switch.scoring.challengers().iter() {
+        let _ = writeln!(
+            out,
+            "payswitch_model_info{{role=\"challenger\",id=\"{}\",kind=\"{}\"}} 1",
+            escape(c.model.id()),
+            kind(&c.model)
+        );
+    }
+    let (queued, last_seq) = switch.journal().map_or((0, 0), |j| {
+        (load(&j.stats().queued), load(&j.stats().last_seq))
+    });
+    header(
+        &mut out,
+        "payswitch_journal_queued_appends",
+        "gauge",
+        "Journal appends waiting for the writer (its lag).",
+    );
+    let _ = writeln!(out, "payswitch_journal_queued_appends {queued}");
+    header(
+        &mut out,
+        "payswitch_journal_last_sequence",
+        "gauge",
+        "Sequence number of the last durable journal record.",
+    );
+    let _ = writeln!(out, "payswitch_journal_last_sequence {last_seq}");
+    header(
+        &mut out,
+        "payswitch_reversals_pending",
+        "gauge",
+        "Reversals queued for acquirers and not yet acknowledged.",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_reversals_pending {}",
+        load(&switch.reversals.stats.pending)
+    );
+    header(
+        &mut out,
+        "payswitch_gateway_connections_total",
+        "counter",
+        "Gateway connections accepted.",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_gateway_connections_total {}",
+        load(&serve.connections)
+    );
+    out
+}
