@@ -403,23 +403,25 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         &mut out,
         "payswitch_model_info",
         "gauge",
-        "The models loaded: the champion and the challengers scored in shadow.",
+        "The models loaded (id = kind and checksum; schema = feature schema version): the champion and the challengers scored in shadow.",
     );
     let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
     if let Some(m) = switch.scoring.champion() {
         let _ = writeln!(
             out,
-            "payswitch_model_info{{role=\"champion\",id=\"{}\",kind=\"{}\"}} 1",
+            "payswitch_model_info{{role=\"champion\",id=\"{}\",kind=\"{}\",schema=\"{}\"}} 1",
             escape(m.id()),
-            kind(&m)
+            kind(&m),
+            payswitch_models::features::SCHEMA_VERSION
         );
     }
     for c in switch.scoring.challengers().iter() {
         let _ = writeln!(
             out,
-            "payswitch_model_info{{role=\"challenger\",id=\"{}\",kind=\"{}\"}} 1",
+            "payswitch_model_info{{role=\"challenger\",id=\"{}\",kind=\"{}\",schema=\"{}\"}} 1",
             escape(c.model.id()),
-            kind(&c.model)
+            kind(&c.model),
+            payswitch_models::features::SCHEMA_VERSION
         );
     }
     let (queued, last_seq) = switch.journal().map_or((0, 0), |j| {

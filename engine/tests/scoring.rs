@@ -266,6 +266,28 @@ async fn twenty_hot_deploys_under_load_fail_nothing_and_the_last_one_wins() {
     let (status, text) = http(admin, "GET", "/api/models", None, b"");
     assert_eq!(status, 200);
     assert!(text.contains(&last_id), "{text}");
+
+    // A challenger deployed in shadow, then promoted: it decides from then on, and is no
+    // longer a challenger.
+    let challenger = models[0].clone(); // the last deploy (i = 19) was models[1]
+    let challenger_id = Model::load(&challenger).unwrap().id().to_owned();
+    assert_ne!(challenger_id, last_id);
+    let (status, text) = http(
+        admin,
+        "POST",
+        "/api/models?role=challenger",
+        Some(TOKEN),
+        &challenger,
+    );
+    assert_eq!(status, 200, "{text}");
+    let promote = format!("/api/models/promote?id={challenger_id}");
+    let (status, _) = http(admin, "POST", &promote, None, b"");
+    assert_eq!(status, 401, "promotion needs the token");
+    let (status, text) = http(admin, "POST", &promote, Some(TOKEN), b"");
+    assert_eq!(status, 200, "{text}");
+    let scoring = &switch.switch.scoring;
+    assert_eq!(scoring.champion().unwrap().id(), challenger_id);
+    assert!(scoring.challengers().is_empty());
 }
 
 #[test]
