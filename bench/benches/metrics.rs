@@ -10,7 +10,10 @@ use payswitch::metrics::{Metrics, Stage, Timings};
 fn timings(i: u64) -> Timings {
     let mut t = Timings::default();
     for (k, stage) in Stage::ALL.iter().enumerate() {
-        t.set(*stage, Duration::from_nanos(200 + (i * 7919 + k as u64 * 104_729) % 2_000_000));
+        t.set(
+            *stage,
+            Duration::from_nanos(200 + (i * 7919 + k as u64 * 104_729) % 2_000_000),
+        );
     }
     t.set_acquirer((i % 2) as usize, Duration::from_micros(500 + i % 700));
     t
