@@ -224,7 +224,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         let commits = stats.commits.load(Relaxed).max(1);
         println!(
-            "  journal   {} records in {} group commits ({:.1} records each, {:.0} us per write+sync), fsync {:?}: {}",
+            "  journal   {} records in {} group commits ({:.1} records each, {:.0} us per write+sync), fsync {:?}\n            check it: payswitch journal verify {}",
             stats.records.load(Relaxed),
             stats.commits.load(Relaxed),
             stats.records.load(Relaxed) as f64 / commits as f64,
