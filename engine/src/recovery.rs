@@ -158,7 +158,10 @@ pub fn recover(
         if life.reversal_queued.is_some() || in_doubt {
             original.claim_reversal();
         }
-        match (&life.response, in_doubt) {
+        // Forwarded without a recorded response — in doubt, or reversed already by a
+        // crash between queueing its reversal and journaling its 91 — is answered 91 to a
+        // retransmission: it must never be forwarded again.
+        match (&life.response, life.forwarded.is_some()) {
             (Some(response), _) => original.set_outcome(Outcome {
                 code: two(&response.code),
                 approval: response.approval_code.as_bytes().try_into().ok(),

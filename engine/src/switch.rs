@@ -857,8 +857,11 @@ impl RequestJournal {
         let with_request = self.request_seq == 0;
         if with_request {
             for (i, record) in records.iter_mut().enumerate() {
-                record.request_seq = 0;
-                record.request_back = u8::try_from(i + 1).unwrap_or(u8::MAX);
+                // This request's own follow-ups name it by distance; a record about
+                // another request (a reversal queued for the original) keeps its number.
+                if record.request_seq == 0 {
+                    record.request_back = u8::try_from(i + 1).unwrap_or(u8::MAX);
+                }
             }
             records.insert(0, self.request.clone());
         }

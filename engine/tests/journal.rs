@@ -403,3 +403,66 @@ fn reading_random_bytes_never_panics() {
         let _ = journal::record::decode_frame(&bytes[16..]);
     }
 }
+
+/// After a crash: a forwarded authorization without an outcome is in doubt (reversed),
+/// a queued reversal without its acknowledgement is queued again, and both are answered 91
+/// to a retransmission — even when the crash fell between queueing the reversal and
+/// journaling the 91.
+#[tokio::test]
+async fn recovery_finds_what_is_in_doubt_and_what_is_owed() {
+    use payswitch::duplicates::DupKey;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::start(&config(dir.path()), 1).unwrap();
+    let forwarded = |stan: u32| {
+        let mut r = record(RecordKind::Forwarded, stan, &format!("5330000000{stan:02}"));
+        r.request_back = 1;
+        r.acquirer = "north".into();
+        r.link_stan = 100 + stan;
+        r
+    };
+    let request = |stan: u32| record(RecordKind::Request, stan, &format!("5330000000{stan:02}"));
+    // 1: forwarded, then the crash.
+    journal.append(&[request(1), forwarded(1)]).await.unwrap();
+    // 2: forwarded and answered 00.
+    let first = journal.append(&[request(2), forwarded(2)]).await.unwrap();
+    let mut response = record(RecordKind::Response, 2, "533000000002");
+    response.request_seq = first;
+    response.code = "00".into();
+    response.approval_code = "A1B2C3".into();
+    journal.append(&[response]).await.unwrap();
+    // 3: timed out: reversal queued, then the crash before its 91 was journaled.
+    let third = journal.append(&[request(3), forwarded(3)]).await.unwrap();
+    let mut queued = forwarded(3);
+    queued.kind = RecordKind::ReversalQueued;
+    queued.request_back = 0;
+    queued.request_seq = third;
+    journal.append(&[queued]).await.unwrap();
+    drop(journal);
+
+    let recovery = payswitch::recovery::recover(dir.path(), &["north".to_string()], 0).unwrap();
+    let stans = |v: &[payswitch::reversals::PendingReversal]| {
+        v.iter()
+            .map(|p| p.original.stan.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(stans(&recovery.in_doubt), ["000001"]);
+    assert_eq!(stans(&recovery.pending), ["000003"]);
+    assert_eq!(recovery.in_doubt[0].original.link_stan, 101);
+    assert_eq!(recovery.pending[0].request_seq, third);
+    let outcome = |stan: u32| {
+        let key = DupKey::of_record(&request(stan)).unwrap();
+        let (_, _, _, original) = recovery
+            .recent
+            .iter()
+            .find(|(_, k, _, _)| *k == key)
+            .unwrap_or_else(|| panic!("{stan} not remembered"));
+        let outcome = original.outcome_now().unwrap();
+        (
+            String::from_utf8_lossy(&outcome.code).into_owned(),
+            original.reversal_claimed(),
+        )
+    };
+    assert_eq!(outcome(1), ("91".to_string(), true));
+    assert_eq!(outcome(2), ("00".to_string(), false));
+    assert_eq!(outcome(3), ("91".to_string(), true));
+}

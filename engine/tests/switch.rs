@@ -762,4 +762,19 @@ async fn a_gateway_reversal_reaches_the_original_acquirer_once() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sim.stats.reversals.load(Relaxed), 1);
+    // In the journal, the reversal belongs to the original authorization.
+    let dir = switch.switch.journal().unwrap().dir().to_owned();
+    let mut records = Vec::new();
+    payswitch::journal::scan(&dir, false, |seq, r| records.push((seq, r))).unwrap();
+    use payswitch::journal::RecordKind;
+    let original_seq = records
+        .iter()
+        .find(|(_, r)| r.kind == RecordKind::Request && r.stan == "000060")
+        .unwrap()
+        .0;
+    for kind in [RecordKind::ReversalQueued, RecordKind::ReversalAck] {
+        let (seq, r) = records.iter().find(|(_, r)| r.kind == kind).unwrap();
+        assert_eq!(r.request_of(*seq), original_seq, "{kind:?}");
+        assert_eq!((r.mti.as_str(), r.stan.as_str()), ("0100", "000060"));
+    }
 }
