@@ -17,7 +17,7 @@ use std::time::Duration;
 use payswitch_protocol::{fields, Message, Stan};
 use tokio::sync::Notify;
 
-use crate::journal::Record;
+use crate::journal::{Record, RecordKind};
 use crate::router::AcquirerIndex;
 
 /// What identifies one request among retransmissions.
@@ -92,6 +92,10 @@ pub struct Outcome {
 }
 
 /// Where an authorization was sent: what a reversal of it needs.
+///
+/// Kept for every forwarded request in the duplicate window, so it holds its text in
+/// fixed arrays (~170 bytes, no allocation of its own) rather than a journal `Record` (a
+/// dozen `String`s, ~700 bytes with their heap).
 #[derive(Debug, Clone)]
 pub struct Forwarded {
     /// The acquirer.
@@ -100,8 +104,117 @@ pub struct Forwarded {
     pub link_stan: Stan,
     /// Sequence number of the request's journal record.
     pub request_seq: u64,
-    /// The `forwarded` journal record: the request's identity, acquirer and link STAN.
-    pub record: Record,
+    acquirer_name: Arc<str>,
+    mti: Text<4>,
+    processing_code: Text<6>,
+    transmission_time: Text<10>,
+    stan: Text<6>,
+    rrn: Text<12>,
+    terminal: Text<8>,
+    merchant: Text<15>,
+    pan_masked: Text<19>,
+    pan_hash: u128,
+    amount_minor: u64,
+    currency: u16,
+    time_ms: i64,
+}
+
+/// Up to `N` bytes of ASCII text in place.
+#[derive(Clone, Copy)]
+struct Text<const N: usize> {
+    len: u8,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Text<N> {
+    /// `text`, cut at `N` bytes (the fields kept here have fixed or bounded lengths once
+    /// validated, so nothing is cut in practice).
+    fn new(text: &str) -> Text<N> {
+        let mut bytes = [0u8; N];
+        let mut len = text.len().min(N);
+        while !text.is_char_boundary(len) {
+            len -= 1;
+        }
+        bytes[..len].copy_from_slice(&text.as_bytes()[..len]);
+        Text {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for Text<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl Forwarded {
+    /// From the `forwarded` journal record of a request (acquirer name and link STAN set).
+    pub fn new(
+        acquirer: AcquirerIndex,
+        link_stan: Stan,
+        request_seq: u64,
+        r: &Record,
+    ) -> Forwarded {
+        Forwarded {
+            acquirer,
+            link_stan,
+            request_seq,
+            acquirer_name: Arc::from(r.acquirer.as_str()),
+            mti: Text::new(&r.mti),
+            processing_code: Text::new(&r.processing_code),
+            transmission_time: Text::new(&r.transmission_time),
+            stan: Text::new(&r.stan),
+            rrn: Text::new(&r.rrn),
+            terminal: Text::new(&r.terminal),
+            merchant: Text::new(&r.merchant),
+            pan_masked: Text::new(&r.pan_masked),
+            pan_hash: r.pan_hash,
+            amount_minor: r.amount_minor,
+            currency: r.currency,
+            time_ms: r.time_ms,
+        }
+    }
+
+    /// The `forwarded` journal record again: the original's identity, the acquirer and
+    /// the link STAN, naming the request by `request_seq`.
+    pub fn record(&self) -> Record {
+        let text = |t: &str| t.to_string();
+        Record {
+            kind: RecordKind::Forwarded,
+            time_ms: self.time_ms,
+            request_seq: self.request_seq,
+            request_back: 0,
+            mti: text(self.mti.as_str()),
+            processing_code: text(self.processing_code.as_str()),
+            transmission_time: text(self.transmission_time.as_str()),
+            stan: text(self.stan.as_str()),
+            rrn: text(self.rrn.as_str()),
+            terminal: text(self.terminal.as_str()),
+            merchant: text(self.merchant.as_str()),
+            pan_masked: text(self.pan_masked.as_str()),
+            pan_hash: self.pan_hash,
+            amount_minor: self.amount_minor,
+            currency: self.currency,
+            acquirer: text(&self.acquirer_name),
+            link_stan: self.link_stan.get(),
+            code: String::new(),
+            approval_code: String::new(),
+            decision: String::new(),
+            score: None,
+            model: String::new(),
+            private_data: String::new(),
+            duplicate: false,
+            switch_us: 0,
+            acquirer_us: 0,
+            attempt: 0,
+        }
+    }
 }
 
 /// A request the switch has accepted, shared between its shard's window and the task
@@ -334,6 +447,59 @@ mod tests {
                 &request(Mti::REVERSAL_REQUEST, "000007", "1125123045"),
                 true
             )
+        );
+    }
+
+    #[test]
+    fn forwarded_keeps_what_a_reversal_needs() {
+        let record = Record {
+            kind: RecordKind::Forwarded,
+            time_ms: 1_764_000_000_123,
+            request_seq: 0,
+            request_back: 1,
+            mti: "0100".into(),
+            processing_code: "000000".into(),
+            transmission_time: "1125123045".into(),
+            stan: "000007".into(),
+            rrn: "533012000007".into(),
+            terminal: "TERM0001".into(),
+            merchant: "MERCHANT0000001".into(),
+            pan_masked: "4111111******1111111".into(),
+            pan_hash: 42,
+            amount_minor: 12_500,
+            currency: 978,
+            acquirer: "north".into(),
+            link_stan: 123,
+            code: String::new(),
+            approval_code: String::new(),
+            decision: "approve".into(),
+            score: Some(0.1),
+            model: "rf".into(),
+            private_data: String::new(),
+            duplicate: false,
+            switch_us: 0,
+            acquirer_us: 0,
+            attempt: 0,
+        };
+        let forwarded = Forwarded::new(3, Stan::new(123).unwrap(), 77, &record);
+        let back = forwarded.record();
+        assert_eq!(
+            back,
+            Record {
+                request_seq: 77,
+                request_back: 0,
+                decision: String::new(),
+                score: None,
+                model: String::new(),
+                // A masked PAN is at most 19 characters.
+                pan_masked: "4111111******111111".into(),
+                ..record
+            }
+        );
+        assert!(
+            std::mem::size_of::<Forwarded>() <= 192,
+            "{}",
+            std::mem::size_of::<Forwarded>()
         );
     }
 

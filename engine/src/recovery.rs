@@ -147,12 +147,7 @@ pub fn recover(
                 index_of(&forwarded.acquirer),
                 Stan::new(forwarded.link_stan),
             ) {
-                original.set_forwarded(Forwarded {
-                    acquirer,
-                    link_stan,
-                    request_seq,
-                    record: forwarded.clone(),
-                });
+                original.set_forwarded(Forwarded::new(acquirer, link_stan, request_seq, forwarded));
             }
         }
         if life.reversal_queued.is_some() || in_doubt {

@@ -653,12 +653,12 @@ impl Switch {
             };
             forwarded.request_seq = request_seq;
             forwarded.request_back = 0;
-            original.set_forwarded(Forwarded {
-                acquirer: index,
-                link_stan: reservation.stan(),
+            original.set_forwarded(Forwarded::new(
+                index,
+                reservation.stan(),
                 request_seq,
-                record: forwarded,
-            });
+                &forwarded,
+            ));
             journal.acquirer = link.name().to_string();
             let sent = Instant::now();
             let result = reservation.send(&r.request).await;
@@ -689,17 +689,18 @@ impl Switch {
         if !original.claim_reversal() {
             return;
         }
-        let mut queued = forwarded.record.follow_up(
+        let record = forwarded.record();
+        let mut queued = record.follow_up(
             RecordKind::ReversalQueued,
             forwarded.request_seq,
             unix_now_ms(),
         );
-        queued.acquirer = forwarded.record.acquirer.clone();
-        queued.link_stan = forwarded.record.link_stan;
+        queued.acquirer = record.acquirer.clone();
+        queued.link_stan = record.link_stan;
         let pending = PendingReversal {
             request_seq: forwarded.request_seq,
             acquirer: forwarded.acquirer,
-            original: forwarded.record,
+            original: record,
         };
         if journal.append(self, vec![queued]).await.is_err() {
             tracing::error!(rrn = %pending.original.rrn, "reversal could not be journaled: delivering it from memory");
@@ -718,7 +719,7 @@ impl Switch {
             self.reversals.push(PendingReversal {
                 request_seq: forwarded.request_seq,
                 acquirer: forwarded.acquirer,
-                original: forwarded.record,
+                original: forwarded.record(),
             });
         }
     }

@@ -90,8 +90,9 @@ impl Default for JournalConfig {
             // Gateways retransmit within seconds to a few minutes; ten minutes covers
             // every retry schedule we know of.
             duplicate_window_s: 600,
-            // About 300 bytes each: 500 k ≈ 150 MiB, ten minutes at 830 TPS. Beyond that
-            // the oldest are forgotten first (counted) and the window is shorter.
+            // About 570 bytes each (measured: 160 000 forwarded requests grew the switch's
+            // RSS by 89 MB): 500 k ≈ 280 MiB, ten minutes at 830 TPS. Beyond that the
+            // oldest are forgotten first (counted) and the window is shorter.
             max_duplicates: 500_000,
         }
     }
