@@ -466,10 +466,12 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
     let sim = sim().await;
     let switch = start(&sim, &config(&sim)).await;
     let url = format!("http://{}/", switch.admin_addr.unwrap());
+    // The load outlasts both renderings (each takes a few seconds), even on a slow machine,
+    // so the last 10 s always hold traffic.
     let load = tokio::spawn(load::run(load_config(
         &switch,
         300.0,
-        Duration::from_secs(8),
+        Duration::from_secs(15),
     )));
     tokio::time::sleep(Duration::from_millis(2_500)).await;
 
