@@ -556,7 +556,7 @@ impl Switch {
                 self.finish(r, journal, answer, Some(&original)).await
             }
             ShardVerdict::Reversal { own, original } => {
-                let answer = self.reverse(r, journal, original).await;
+                let answer = self.reverse(journal, original).await;
                 self.finish(r, journal, answer, Some(&own)).await
             }
         }
@@ -578,10 +578,12 @@ impl Switch {
                 response.approval_code = String::from_utf8_lossy(approval).into_owned();
             }
             response.private_data = answer.private_data.clone();
-            response.switch_us =
-                (r.received.elapsed().as_micros() as u64).saturating_sub(journal.acquirer_us);
-            response.acquirer_us = journal.acquirer_us;
-            response.acquirer = journal.acquirer.clone();
+            let acquirer = journal.acquirer_time.unwrap_or_default();
+            response.switch_us = r.received.elapsed().saturating_sub(acquirer.1).as_micros() as u64;
+            if let Some((index, round_trip)) = journal.acquirer_time {
+                response.acquirer = self.links[index].name().to_string();
+                response.acquirer_us = round_trip.as_micros() as u64;
+            }
             if let Err(e) = self.append(journal, response).await {
                 if answer.code == *b"00" {
                     // Approved at the acquirer, but the approval cannot be made durable:
@@ -659,12 +661,9 @@ impl Switch {
                 request_seq,
                 &forwarded,
             ));
-            journal.acquirer = link.name().to_string();
             let sent = Instant::now();
             let result = reservation.send(&r.request).await;
-            let round_trip = sent.elapsed();
-            journal.acquirer_us = round_trip.as_micros() as u64;
-            journal.acquirer_time = Some((index, round_trip));
+            journal.acquirer_time = Some((index, sent.elapsed()));
             match result {
                 Ok(answer) => return relay(&answer, with_acquirer(tags, link.name())),
                 Err(LinkError::Down | LinkError::Busy) => continue,
@@ -729,7 +728,6 @@ impl Switch {
     /// it is durably queued.
     async fn reverse(
         &self,
-        _r: &InFlight,
         journal: &mut RequestJournal,
         original: Option<Arc<Original>>,
     ) -> Answer {
@@ -815,8 +813,6 @@ struct RequestJournal {
     request_seq: u64,
     /// Set when an append failed: nothing more is journaled for this request.
     failed: bool,
-    acquirer: String,
-    acquirer_us: u64,
     /// The acquirer that answered (or timed out) and its round trip.
     acquirer_time: Option<(AcquirerIndex, Duration)>,
     /// Time spent waiting for this request's appends to be durable.
@@ -829,8 +825,6 @@ impl RequestJournal {
             request,
             request_seq: 0,
             failed: false,
-            acquirer: String::new(),
-            acquirer_us: 0,
             acquirer_time: None,
             journal_time: None,
         }
