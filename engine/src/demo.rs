@@ -99,11 +99,15 @@ struct DemoReport {
 
 /// Runs the demo and prints its report.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let model = match &args.model {
-        Some(path) => {
-            Model::load_file(path).with_context(|| format!("loading {}", path.display()))?
+    let (model, challenger) = match &args.model {
+        Some(path) => (
+            Model::load_file(path).with_context(|| format!("loading {}", path.display()))?,
+            None,
+        ),
+        None => {
+            let (model, challenger) = train_default_models().await?;
+            (model, Some(challenger))
         }
-        None => train_default_model().await?,
     };
     let replay = ReplayFile::generate(&args)?;
     let latency = args.acquirer_latency_us.map(Duration::from_micros);
@@ -151,6 +155,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.admin,
     )
     .await?;
+    if let Some(challenger) = challenger {
+        running
+            .switch
+            .scoring
+            .add_challenger(Arc::new(challenger))
+            .map_err(anyhow::Error::msg)?;
+    }
     if let Some(addr) = running.admin_addr {
         println!("payswitch demo: live dashboard on http://{addr}/");
     }
@@ -216,6 +227,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let report = load::run(config).await?;
     print!("{}", report.render());
     print_switch_figures(&running, &north, &south);
+    for c in running.switch.scoring.challengers().iter() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (scored, agreed) = (c.scored.load(Relaxed), c.agreed.load(Relaxed));
+        println!(
+            "  shadow    challenger {} agreed with the champion on {agreed} of {scored} decisions ({:.2} %)",
+            c.model.id(),
+            100.0 * agreed as f64 / scored.max(1) as f64
+        );
+    }
     if let Some(stats) = running
         .switch
         .journal()
@@ -291,9 +311,11 @@ const TRAINING_ROWS: u64 = 100_000;
 /// second at start.
 const TRAINING_TREES: u16 = 50;
 
-async fn train_default_model() -> anyhow::Result<Model> {
+/// The champion (a forest) and a challenger to score in shadow (logistic regression),
+/// both trained on the same generated population.
+async fn train_default_models() -> anyhow::Result<(Model, Model)> {
     let started = Instant::now();
-    let model = tokio::task::spawn_blocking(|| -> anyhow::Result<Model> {
+    let (model, challenger) = tokio::task::spawn_blocking(|| -> anyhow::Result<(Model, Model)> {
         let rows = workload::generate(&GenConfig::new(TRAINING_ROWS, 1))?;
         let options = TrainOptions {
             kind: ModelKind::Forest,
@@ -302,7 +324,12 @@ async fn train_default_model() -> anyhow::Result<Model> {
             seed: 1,
             ..TrainOptions::default()
         };
-        Ok(train::train(&rows, &options)?)
+        let forest = train::train(&rows, &options)?;
+        let logistic = TrainOptions {
+            kind: ModelKind::Logistic,
+            ..options
+        };
+        Ok((forest, train::train(&rows, &logistic)?))
     })
     .await??;
     let m = &model.metadata().train_metrics;
@@ -313,7 +340,11 @@ async fn train_default_model() -> anyhow::Result<Model> {
         started.elapsed().as_secs_f64(),
         m.auc_roc,
     );
-    Ok(model)
+    println!(
+        "  and a challenger {} (logistic regression) to score in shadow",
+        challenger.id()
+    );
+    Ok((model, challenger))
 }
 
 /// The labeled traffic of the demo: another population (seed 2) than the model's, so the

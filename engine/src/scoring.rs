@@ -66,6 +66,10 @@ pub struct ScoringStats {
     pub challenger_scored: AtomicU64,
     /// Of those, agreements.
     pub challenger_agreed: AtomicU64,
+    /// Champion scores (model score, before rules), summed in millionths.
+    pub champion_score_micros: AtomicU64,
+    /// Champion scorings.
+    pub champion_scored: AtomicU64,
 }
 
 /// A decision with what explains it.
@@ -125,6 +129,15 @@ pub struct Challenger {
     pub scored: AtomicU64,
     /// Of those, decisions equal to the champion's.
     pub agreed: AtomicU64,
+    /// Its scores, summed in millionths.
+    pub score_micros: AtomicU64,
+    /// The champion's scores of the same transactions, summed in millionths.
+    pub champion_score_micros: AtomicU64,
+}
+
+/// A score in millionths, for summing in an atomic counter.
+fn micros(score: f32) -> u64 {
+    (f64::from(score.clamp(0.0, 1.0)) * 1e6) as u64
 }
 
 /// Scoring shared by every shard.
@@ -217,6 +230,8 @@ impl Scoring {
             model,
             scored: AtomicU64::new(0),
             agreed: AtomicU64::new(0),
+            score_micros: AtomicU64::new(0),
+            champion_score_micros: AtomicU64::new(0),
         }));
         self.challengers.store(Arc::new(next));
         Ok(())
@@ -325,7 +340,13 @@ impl Scoring {
             };
             name.to_owned()
         });
-        self.shadow(&shard.features, decision);
+        if let Some(score) = model_score {
+            self.stats.champion_scored.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .champion_score_micros
+                .fetch_add(micros(score), Ordering::Relaxed);
+        }
+        self.shadow(&shard.features, decision, model_score);
         let slot = match decision {
             Decision::Approve => 0,
             Decision::Review => 1,
@@ -350,13 +371,20 @@ impl Scoring {
         }
     }
 
-    fn shadow(&self, features: &Features, champion_decision: Decision) {
+    fn shadow(&self, features: &Features, champion_decision: Decision, champion: Option<f32>) {
         let challengers = self.challengers.load();
         for challenger in challengers.iter() {
             let model = &challenger.model;
-            let decision = model.decide(model.score(features));
+            let score = model.score(features);
+            let decision = model.decide(score);
             self.stats.challenger_scored.fetch_add(1, Ordering::Relaxed);
             challenger.scored.fetch_add(1, Ordering::Relaxed);
+            challenger
+                .score_micros
+                .fetch_add(micros(score), Ordering::Relaxed);
+            challenger
+                .champion_score_micros
+                .fetch_add(micros(champion.unwrap_or(0.0)), Ordering::Relaxed);
             if decision == champion_decision {
                 self.stats.challenger_agreed.fetch_add(1, Ordering::Relaxed);
                 challenger.agreed.fetch_add(1, Ordering::Relaxed);

@@ -123,8 +123,18 @@ pub fn acquirers(switch: &Switch) -> Value {
 fn models(switch: &Switch) -> Value {
     let scoring = &switch.scoring;
     let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
+    let mean = |micros: u64, n: u64| (n > 0).then(|| micros as f64 / 1e6 / n as f64);
+    let stats = &scoring.stats;
+    let champion_mean = mean(
+        load(&stats.champion_score_micros),
+        load(&stats.champion_scored),
+    );
     json!({
-        "champion": scoring.champion().map(|m| json!({"id": m.id(), "kind": kind(&m)})),
+        "champion": scoring.champion().map(|m| json!({
+            "id": m.id(),
+            "kind": kind(&m),
+            "mean_score": champion_mean,
+        })),
         "challengers": scoring.challengers().iter().map(|c| {
             let (scored, agreed) = (load(&c.scored), load(&c.agreed));
             json!({
@@ -133,6 +143,8 @@ fn models(switch: &Switch) -> Value {
                 "scored": scored,
                 "agreed": agreed,
                 "agreement": (scored > 0).then(|| agreed as f64 / scored as f64),
+                "mean_score": mean(load(&c.score_micros), scored),
+                "champion_mean_score": mean(load(&c.champion_score_micros), scored),
             })
         }).collect::<Vec<_>>(),
     })
