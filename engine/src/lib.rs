@@ -8,7 +8,12 @@
 //!   queues), forwarding, and [`switch::start`] which runs it all.
 //! - [`acquirer`]: long-lived pipelined QUIC links to acquirers, with the switch's own STAN
 //!   per link, timeouts and reconnects.
-//! - [`admin`]: the admin HTTP listener.
+//! - [`scoring`], [`rules`]: features, models, challengers and the risk team's rules.
+//! - [`journal`]: checksummed segments, group commit, verify and export;
+//!   [`duplicates`]: each shard's window of recent requests; [`reversals`]: the
+//!   store-and-forward queue; [`recovery`]: what the journal says at start.
+//! - [`metrics`]: latency histograms per stage; [`stats`]: `/api/stats` and `/metrics`;
+//!   [`admin`]: the admin HTTP listener and the dashboard.
 //! - [`serve`], [`demo`], [`iso`]: the `payswitch serve`, `demo` and `iso` subcommands.
 //!
 //! The wire format lives in `payswitch-protocol` (sans-IO), sockets in `payswitch-net`.

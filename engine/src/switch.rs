@@ -391,10 +391,8 @@ impl Switch {
         timings: Timings,
     ) -> Accepted {
         let Some(key) = DupKey::of(&request, reversal) else {
-            return Accepted::Done(
-                as_code(ResponseCode::FormatError),
-                refuse(&request, ResponseCode::FormatError).1,
-            );
+            let (code, response) = refuse(&request, ResponseCode::FormatError);
+            return Accepted::Done(code, response);
         };
         let received_ms = unix_now_ms();
         let pan_hash = self.pan_key.hash(auth.pan.expose());
