@@ -189,7 +189,6 @@ impl Forwarded {
             kind: RecordKind::Forwarded,
             time_ms: self.time_ms,
             request_seq: self.request_seq,
-            request_back: 0,
             mti: text(self.mti.as_str()),
             processing_code: text(self.processing_code.as_str()),
             transmission_time: text(self.transmission_time.as_str()),
@@ -203,16 +202,7 @@ impl Forwarded {
             currency: self.currency,
             acquirer: text(&self.acquirer_name),
             link_stan: self.link_stan.get(),
-            code: String::new(),
-            approval_code: String::new(),
-            decision: String::new(),
-            score: None,
-            model: String::new(),
-            private_data: String::new(),
-            duplicate: false,
-            switch_us: 0,
-            acquirer_us: 0,
-            attempt: 0,
+            ..Record::default()
         }
     }
 }

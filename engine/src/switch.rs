@@ -432,8 +432,6 @@ impl Switch {
         Record {
             kind: RecordKind::Request,
             time_ms: unix_now_ms(),
-            request_seq: 0,
-            request_back: 0,
             mti: r.request.mti().as_str().to_string(),
             processing_code: text(fields::PROCESSING_CODE),
             transmission_time: text(fields::TRANSMISSION_TIME),
@@ -445,18 +443,7 @@ impl Switch {
             pan_hash: r.pan_hash,
             amount_minor: r.auth.amount.get(),
             currency: r.auth.currency.get(),
-            acquirer: String::new(),
-            link_stan: 0,
-            code: String::new(),
-            approval_code: String::new(),
-            decision: String::new(),
-            score: None,
-            model: String::new(),
-            private_data: String::new(),
-            duplicate: false,
-            switch_us: 0,
-            acquirer_us: 0,
-            attempt: 0,
+            ..Record::default()
         }
     }
 

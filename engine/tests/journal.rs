@@ -24,8 +24,6 @@ fn record(kind: RecordKind, stan: u32, rrn: &str) -> Record {
     Record {
         kind,
         time_ms: 1_764_000_000_000,
-        request_seq: 0,
-        request_back: 0,
         mti: "0100".into(),
         processing_code: "000000".into(),
         transmission_time: "1125123045".into(),
@@ -37,18 +35,7 @@ fn record(kind: RecordKind, stan: u32, rrn: &str) -> Record {
         pan_hash: 7,
         amount_minor: 12_500,
         currency: 840,
-        acquirer: String::new(),
-        link_stan: 0,
-        code: String::new(),
-        approval_code: String::new(),
-        decision: String::new(),
-        score: None,
-        model: String::new(),
-        private_data: String::new(),
-        duplicate: false,
-        switch_us: 0,
-        acquirer_us: 0,
-        attempt: 0,
+        ..Record::default()
     }
 }
 

@@ -20,10 +20,11 @@ pub const FRAME_HEADER: usize = 16;
 pub const MAX_RECORD_BODY: usize = 8 * 1024;
 
 /// Which step of an authorization a record describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordKind {
     /// A request that passed validation, as received.
+    #[default]
     Request,
     /// Sent to an acquirer (durable before it is sent).
     Forwarded,
@@ -53,8 +54,8 @@ impl RecordKind {
 
 /// One journal record. Every record repeats the identity of the request it belongs to
 /// (MTI, terminal, STAN, RRN, transmission time, masked PAN, amount), so each can be read
-/// on its own in an export.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// on its own in an export. `Default` is an empty request record, to fill in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// What step this is.
     pub kind: RecordKind,
