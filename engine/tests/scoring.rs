@@ -57,6 +57,8 @@ async fn start(sim: &RunningSim, scoring: ScoringConfig) -> RunningSwitch {
         // under the system's temporary directory).
         journal: payswitch::journal::JournalConfig {
             dir: tempfile::tempdir().unwrap().keep(),
+            // Small segments keep the zeroed runway (and what the tests leave behind) small.
+            segment_bytes: 1 << 20,
             ..Default::default()
         },
         acquirers: vec![AcquirerConfig {
