@@ -94,8 +94,9 @@ pub struct Outcome {
 /// Where an authorization was sent: what a reversal of it needs.
 ///
 /// Kept for every forwarded request in the duplicate window, so it holds its text in
-/// fixed arrays (~170 bytes, no allocation of its own) rather than a journal `Record` (a
-/// dozen `String`s, ~700 bytes with their heap).
+/// fixed arrays (under 192 bytes, no allocation of its own) rather than a journal
+/// `Record` (a dozen `String`s, ~700 bytes with their heap); the acquirer's name comes from
+/// its index when a reversal needs it.
 #[derive(Debug, Clone)]
 pub struct Forwarded {
     /// The acquirer.
@@ -104,7 +105,6 @@ pub struct Forwarded {
     pub link_stan: Stan,
     /// Sequence number of the request's journal record.
     pub request_seq: u64,
-    acquirer_name: Arc<str>,
     mti: Text<4>,
     processing_code: Text<6>,
     transmission_time: Text<10>,
@@ -154,7 +154,7 @@ impl<const N: usize> std::fmt::Debug for Text<N> {
 }
 
 impl Forwarded {
-    /// From the `forwarded` journal record of a request (acquirer name and link STAN set).
+    /// From the `forwarded` journal record of a request.
     pub fn new(
         acquirer: AcquirerIndex,
         link_stan: Stan,
@@ -165,7 +165,6 @@ impl Forwarded {
             acquirer,
             link_stan,
             request_seq,
-            acquirer_name: Arc::from(r.acquirer.as_str()),
             mti: Text::new(&r.mti),
             processing_code: Text::new(&r.processing_code),
             transmission_time: Text::new(&r.transmission_time),
@@ -181,9 +180,10 @@ impl Forwarded {
         }
     }
 
-    /// The `forwarded` journal record again: the original's identity, the acquirer and
-    /// the link STAN, naming the request by `request_seq`.
-    pub fn record(&self) -> Record {
+    /// The `forwarded` journal record again: the original's identity, the acquirer (whose
+    /// name the caller has from `acquirer`) and the link STAN, naming the request by
+    /// `request_seq`.
+    pub fn record(&self, acquirer_name: &str) -> Record {
         let text = |t: &str| t.to_string();
         Record {
             kind: RecordKind::Forwarded,
@@ -200,7 +200,7 @@ impl Forwarded {
             pan_hash: self.pan_hash,
             amount_minor: self.amount_minor,
             currency: self.currency,
-            acquirer: text(&self.acquirer_name),
+            acquirer: text(acquirer_name),
             link_stan: self.link_stan.get(),
             ..Record::default()
         }
@@ -472,7 +472,7 @@ mod tests {
             attempt: 0,
         };
         let forwarded = Forwarded::new(3, Stan::new(123).unwrap(), 77, &record);
-        let back = forwarded.record();
+        let back = forwarded.record("north");
         assert_eq!(
             back,
             Record {

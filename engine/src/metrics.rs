@@ -332,22 +332,26 @@ impl Metrics {
         self.started.elapsed()
     }
 
-    fn slot(&self) -> Arc<Slot> {
+    /// Runs `f` on this thread's histograms, registering them the first time.
+    fn with_slot(&self, f: impl FnOnce(&mut Set)) {
         SLOTS.with(|slots| {
             let mut slots = slots.borrow_mut();
-            if let Some((_, slot)) = slots.iter().find(|(id, _)| *id == self.id) {
-                return Arc::clone(slot);
-            }
-            let slot = Arc::new(Slot {
-                set: Mutex::new(Set::new(self.acquirers)),
-            });
-            self.slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Arc::clone(&slot));
-            slots.push((self.id, Arc::clone(&slot)));
-            slot
-        })
+            let slot = match slots.iter().find(|(id, _)| *id == self.id) {
+                Some((_, slot)) => slot,
+                None => {
+                    let slot = Arc::new(Slot {
+                        set: Mutex::new(Set::new(self.acquirers)),
+                    });
+                    self.slots
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Arc::clone(&slot));
+                    slots.push((self.id, slot));
+                    &slots.last().expect("just pushed").1
+                }
+            };
+            f(&mut slot.set.lock().unwrap_or_else(|e| e.into_inner()));
+        });
     }
 
     /// Records one request's timings.
@@ -355,18 +359,18 @@ impl Metrics {
         if !self.enabled {
             return;
         }
-        let slot = self.slot();
-        let mut set = slot.set.lock().unwrap_or_else(|e| e.into_inner());
-        for (stage, ns) in timings.ns.iter().enumerate() {
-            if let Some(ns) = ns {
-                set.stages[stage].record(*ns);
+        self.with_slot(|set| {
+            for (stage, ns) in timings.ns.iter().enumerate() {
+                if let Some(ns) = ns {
+                    set.stages[stage].record(*ns);
+                }
             }
-        }
-        if let Some((index, ns)) = timings.acquirer {
-            if let Some(h) = set.acquirers.get_mut(index) {
-                h.record(ns);
+            if let Some((index, ns)) = timings.acquirer {
+                if let Some(h) = set.acquirers.get_mut(index) {
+                    h.record(ns);
+                }
             }
-        }
+        });
     }
 
     /// Takes what every thread recorded since the last call into the window, the

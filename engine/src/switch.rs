@@ -673,7 +673,7 @@ impl Switch {
         if !original.claim_reversal() {
             return;
         }
-        let record = forwarded.record();
+        let record = forwarded.record(self.links[forwarded.acquirer].name());
         let mut queued = record.follow_up(
             RecordKind::ReversalQueued,
             forwarded.request_seq,
@@ -703,7 +703,7 @@ impl Switch {
             self.reversals.push(PendingReversal {
                 request_seq: forwarded.request_seq,
                 acquirer: forwarded.acquirer,
-                original: forwarded.record(),
+                original: forwarded.record(self.links[forwarded.acquirer].name()),
             });
         }
     }
