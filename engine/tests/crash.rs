@@ -380,15 +380,24 @@ fn kill_9_under_load_five_times_loses_nothing_and_authorizes_nothing_twice() {
         owed > 0,
         "the kills left approvals in doubt (else this test proves little)"
     );
-    // No full PAN in any of the books.
-    for path in [books.record(), books.path("ledger.jsonl")] {
-        let text = std::fs::read_to_string(path).unwrap();
-        assert!(!text.contains("\"pan\""));
+    // No full PAN in any of the books: no run of 13 or more digits (a PAN's shortest) in
+    // any value but those that are long numbers by nature — field 90 (42 digits), the
+    // journal's hex PAN hash and its millisecond times.
+    let long_digit_run = |text: &str| {
+        text.split(|c: char| !c.is_ascii_digit())
+            .any(|run| run.len() >= 13)
+    };
+    for line in record.iter().chain(&ledger).chain(&journal) {
+        for (key, value) in line.as_object().unwrap() {
+            if ["original", "pan_hash", "time_ms"].contains(&key.as_str()) {
+                continue;
+            }
+            let text = value.to_string();
+            assert!(!long_digit_run(&text), "{key}: {text}");
+        }
     }
-    let journal_text = serde_json::to_string(&journal).unwrap();
     for r in &journal {
         let masked = s(r, "pan_masked");
         assert!(masked.contains("******"), "{masked}");
     }
-    assert!(!journal_text.is_empty());
 }
