@@ -6,63 +6,28 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig};
-use payswitch::switch::{self, RunningSwitch, Security};
+use payswitch::config::Config;
+use payswitch::switch::RunningSwitch;
 use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
 use payswitch_loadtest::load::{self, LoadConfig};
-use payswitch_net::{ClientTrust, TlsIdentity};
+use payswitch_net::ClientTrust;
 use serde_json::Value;
+
+mod support;
 
 const TOKEN: &str = "operator-secret";
 
 fn config(sim: &RunningSim) -> Config {
     Config {
-        listen: ListenConfig {
-            quic: Some("127.0.0.1:0".parse().unwrap()),
-            tcp: None,
-            admin: Some("127.0.0.1:0".parse().unwrap()),
-        },
-        tls: None,
-        pipeline: PipelineConfig {
-            shards: 2,
-            ..PipelineConfig::default()
-        },
-        scoring: Default::default(),
-        journal: payswitch::journal::JournalConfig {
-            dir: tempfile::tempdir().unwrap().keep(),
-            // Small segments keep the zeroed runway (and what the tests leave behind) small.
-            segment_bytes: 1 << 20,
-            ..Default::default()
-        },
-        acquirers: vec![AcquirerConfig {
-            name: "north".into(),
-            address: sim.quic_addr,
-            server_name: "localhost".into(),
-            ca: None,
-            timeout_ms: 2_000,
-            max_in_flight: 4_096,
-        }],
-        routes: vec![],
-        insecure_acquirers: false,
-        source: None,
         admin_token: Some(TOKEN.into()),
+        ..support::config(vec![support::acquirer("north", sim, 2_000)], vec![])
     }
 }
 
 async fn start(sim: &RunningSim, config: &Config) -> RunningSwitch {
-    let security = Security {
-        identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
-        acquirer_trust: vec![ClientTrust::Roots(vec![sim.certificate.clone()])],
-    };
-    let running = switch::start(config, security).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !running.switch.links().iter().all(|l| l.is_up()) {
-        assert!(Instant::now() < deadline, "link did not come up");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    running
+    support::in_front_of(sim, config.clone()).await
 }
 
 async fn sim() -> RunningSim {

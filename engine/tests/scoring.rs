@@ -9,15 +9,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, ScoringConfig};
+use payswitch::config::{Config, ScoringConfig};
 use payswitch::scoring::EventTime;
-use payswitch::switch::{self, RunningSwitch, Security};
+use payswitch::switch::RunningSwitch;
 use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
 use payswitch_loadtest::load::{self, LoadConfig, Mode, Report};
 use payswitch_loadtest::workload::{self, GenConfig};
 use payswitch_models::model::{Model, ModelKind};
 use payswitch_models::train::{self, TrainOptions};
-use payswitch_net::{ClientTrust, TlsIdentity};
+use payswitch_net::ClientTrust;
+
+mod support;
 
 const TOKEN: &str = "test-admin-token";
 
@@ -42,49 +44,11 @@ fn train_model(data: &Path, kind: ModelKind, trees: u16, seed: u64) -> Model {
 
 async fn start(sim: &RunningSim, scoring: ScoringConfig) -> RunningSwitch {
     let config = Config {
-        listen: ListenConfig {
-            quic: Some("127.0.0.1:0".parse().unwrap()),
-            tcp: None,
-            admin: Some("127.0.0.1:0".parse().unwrap()),
-        },
-        tls: None,
-        pipeline: PipelineConfig {
-            shards: 2,
-            ..PipelineConfig::default()
-        },
         scoring,
-        // Each switch its own journal, as in production (kept for a failing test's autopsy
-        // under the system's temporary directory).
-        journal: payswitch::journal::JournalConfig {
-            dir: tempfile::tempdir().unwrap().keep(),
-            // Small segments keep the zeroed runway (and what the tests leave behind) small.
-            segment_bytes: 1 << 20,
-            ..Default::default()
-        },
-        acquirers: vec![AcquirerConfig {
-            name: "north".into(),
-            address: sim.quic_addr,
-            server_name: "localhost".into(),
-            ca: None,
-            timeout_ms: 2_000,
-            max_in_flight: 4_096,
-        }],
-        routes: vec![],
-        insecure_acquirers: false,
-        source: None,
         admin_token: Some(TOKEN.into()),
+        ..support::config(vec![support::acquirer("north", sim, 2_000)], vec![])
     };
-    let security = Security {
-        identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
-        acquirer_trust: vec![ClientTrust::Roots(vec![sim.certificate.clone()])],
-    };
-    let running = switch::start(&config, security).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !running.switch.links().iter().all(|l| l.is_up()) {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    running
+    support::in_front_of(sim, config).await
 }
 
 fn replay(switch: &RunningSwitch, data: &Path, rate: f64, duration: Duration) -> LoadConfig {

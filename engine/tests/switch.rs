@@ -5,10 +5,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig};
-use payswitch::switch::{self, RunningSwitch, Security};
+use payswitch::config::{Config, RouteConfig};
+use payswitch::switch::RunningSwitch;
 use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
-use payswitch_net::{framed, quic, ClientTrust, FrameReader, TlsIdentity};
+use payswitch_net::{framed, quic, ClientTrust, FrameReader};
+use support::{acquirer, config, start_switch, trust, wait_links_up};
+
+mod support;
 use payswitch_protocol::{Message, Mti};
 use tokio::io::AsyncWriteExt;
 
@@ -52,54 +55,6 @@ fn authorization_with(pan: &str, stan: u32, changes: &[(u8, Option<&str>)]) -> M
     b.build()
 }
 
-fn acquirer(name: &str, sim: &RunningSim, timeout_ms: u64) -> AcquirerConfig {
-    AcquirerConfig {
-        name: name.into(),
-        address: sim.quic_addr,
-        server_name: "localhost".into(),
-        ca: None,
-        timeout_ms,
-        max_in_flight: 1024,
-    }
-}
-
-fn config(acquirers: Vec<AcquirerConfig>, routes: Vec<RouteConfig>) -> Config {
-    Config {
-        listen: ListenConfig {
-            quic: Some("127.0.0.1:0".parse().unwrap()),
-            tcp: Some("127.0.0.1:0".parse().unwrap()),
-            admin: Some("127.0.0.1:0".parse().unwrap()),
-        },
-        tls: None,
-        pipeline: PipelineConfig {
-            shards: 2,
-            ..PipelineConfig::default()
-        },
-        scoring: Default::default(),
-        // Each switch its own journal, as in production (kept for a failing test's autopsy
-        // under the system's temporary directory).
-        journal: payswitch::journal::JournalConfig {
-            dir: tempfile::tempdir().unwrap().keep(),
-            // Small segments keep the zeroed runway (and what the tests leave behind) small.
-            segment_bytes: 1 << 20,
-            ..Default::default()
-        },
-        acquirers,
-        routes,
-        insecure_acquirers: false,
-        source: None,
-        admin_token: None,
-    }
-}
-
-async fn start_switch(config: &Config, trust: Vec<ClientTrust>) -> RunningSwitch {
-    let security = Security {
-        identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
-        acquirer_trust: trust,
-    };
-    switch::start(config, security).await.unwrap()
-}
-
 async fn start_sim(config: SimConfig) -> RunningSim {
     acquirer_sim::start(config).await.unwrap()
 }
@@ -108,19 +63,6 @@ fn sim_config() -> SimConfig {
     SimConfig {
         approval_rate: 1.0,
         ..SimConfig::default()
-    }
-}
-
-fn trust(sim: &RunningSim) -> ClientTrust {
-    ClientTrust::Roots(vec![sim.certificate.clone()])
-}
-
-/// Waits until every acquirer link of the switch is up (they connect in the background).
-async fn wait_links_up(switch: &RunningSwitch) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !switch.switch.links().iter().all(|l| l.is_up()) {
-        assert!(Instant::now() < deadline, "acquirer links did not come up");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

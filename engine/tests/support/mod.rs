@@ -1,0 +1,84 @@
+//! What the in-process switch tests share: a loopback configuration, and starting a switch
+//! in front of simulated acquirers.
+
+// Each test binary uses a part of this.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig};
+use payswitch::switch::{self, RunningSwitch, Security};
+use payswitch_loadtest::acquirer_sim::RunningSim;
+use payswitch_net::{ClientTrust, TlsIdentity};
+
+/// An acquirer at `sim`, answered within `timeout_ms`.
+pub fn acquirer(name: &str, sim: &RunningSim, timeout_ms: u64) -> AcquirerConfig {
+    AcquirerConfig {
+        name: name.into(),
+        address: sim.quic_addr,
+        server_name: "localhost".into(),
+        ca: None,
+        timeout_ms,
+        max_in_flight: 1024,
+    }
+}
+
+/// QUIC, TCP and admin on ephemeral loopback ports, two shards, no model, no admin token.
+pub fn config(acquirers: Vec<AcquirerConfig>, routes: Vec<RouteConfig>) -> Config {
+    Config {
+        listen: ListenConfig {
+            quic: Some("127.0.0.1:0".parse().unwrap()),
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            admin: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        tls: None,
+        pipeline: PipelineConfig {
+            shards: 2,
+            ..PipelineConfig::default()
+        },
+        scoring: Default::default(),
+        // Each switch its own journal, as in production (kept for a failing test's autopsy
+        // under the system's temporary directory).
+        journal: payswitch::journal::JournalConfig {
+            dir: tempfile::tempdir().unwrap().keep(),
+            // Small segments keep the zeroed runway (and what the tests leave behind) small.
+            segment_bytes: 1 << 20,
+            ..Default::default()
+        },
+        acquirers,
+        routes,
+        insecure_acquirers: false,
+        source: None,
+        admin_token: None,
+    }
+}
+
+/// How the switch trusts a simulator: its self-signed certificate.
+pub fn trust(sim: &RunningSim) -> ClientTrust {
+    ClientTrust::Roots(vec![sim.certificate.clone()])
+}
+
+/// Starts the switch; its acquirer links connect in the background.
+pub async fn start_switch(config: &Config, trust: Vec<ClientTrust>) -> RunningSwitch {
+    let security = Security {
+        identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
+        acquirer_trust: trust,
+    };
+    switch::start(config, security).await.unwrap()
+}
+
+/// Waits until every acquirer link of the switch is up.
+pub async fn wait_links_up(switch: &RunningSwitch) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !switch.switch.links().iter().all(|l| l.is_up()) {
+        assert!(Instant::now() < deadline, "acquirer links did not come up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A switch in front of the one simulator `sim` (acquirer "north"), links up.
+pub async fn in_front_of(sim: &RunningSim, config: Config) -> RunningSwitch {
+    let switch = start_switch(&config, vec![trust(sim)]).await;
+    wait_links_up(&switch).await;
+    switch
+}
