@@ -383,7 +383,7 @@ impl Metrics {
             second.add(&set);
             set.reset();
         }
-        let mut collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
+        let mut collected = self.collected();
         collected.since_start.add(&second);
         let mut p99_us = [0.0; STAGES];
         for (p, s) in p99_us.iter_mut().zip(&second.stages) {
@@ -415,13 +415,23 @@ impl Metrics {
         }
     }
 
-    /// Percentiles per stage over the last `WINDOW_SECONDS` and since start.
-    pub fn stage_percentiles(&self) -> Vec<(Stage, Percentiles, Percentiles)> {
-        let collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
+    fn collected(&self) -> std::sync::MutexGuard<'_, Collected> {
+        self.collected.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last `WINDOW_SECONDS` merged.
+    fn window(&self, collected: &Collected) -> Set {
         let mut window = Set::new(self.acquirers);
         for second in &collected.seconds {
             window.add(second);
         }
+        window
+    }
+
+    /// Percentiles per stage over the last `WINDOW_SECONDS` and since start.
+    pub fn stage_percentiles(&self) -> Vec<(Stage, Percentiles, Percentiles)> {
+        let collected = self.collected();
+        let window = self.window(&collected);
         Stage::ALL
             .iter()
             .map(|&stage| {
@@ -436,12 +446,8 @@ impl Metrics {
 
     /// Percentiles per acquirer over the last `WINDOW_SECONDS`.
     pub fn acquirer_percentiles(&self) -> Vec<Percentiles> {
-        let collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
-        let mut window = Set::new(self.acquirers);
-        for second in &collected.seconds {
-            window.add(second);
-        }
-        window
+        let collected = self.collected();
+        self.window(&collected)
             .acquirers
             .iter()
             .map(|s| Percentiles::of(&s.histogram))
@@ -450,14 +456,12 @@ impl Metrics {
 
     /// The per-second points, oldest first.
     pub fn series(&self) -> Vec<Point> {
-        let collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
-        collected.series.iter().cloned().collect()
+        self.collected().series.iter().cloned().collect()
     }
 
     /// Since-start buckets per stage, in `Stage::ALL` order.
     pub fn stage_buckets(&self) -> Vec<Buckets> {
-        let collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
-        collected
+        self.collected()
             .since_start
             .stages
             .iter()
@@ -467,8 +471,7 @@ impl Metrics {
 
     /// Since-start buckets per acquirer.
     pub fn acquirer_buckets(&self) -> Vec<Buckets> {
-        let collected = self.collected.lock().unwrap_or_else(|e| e.into_inner());
-        collected
+        self.collected()
             .since_start
             .acquirers
             .iter()
