@@ -2,10 +2,12 @@
 //!
 //! Per request, on the ingress task of its stream: decode → validate → the card's shard
 //! (a bounded queue; full → 91 at once), which answers retransmissions from its duplicate
-//! window and otherwise decides and picks the route → journal the request and where it
-//! goes (durable before it is sent) → the route's first healthy acquirer → journal the
-//! response (durable before it is sent) → response (MTI + 10, echoed fields, 39, 38, 48).
-//! An acquirer that does not answer in time gets a reversal (`crate::reversals`).
+//! window and otherwise decides and picks the route (`crate::shard`) → the request's
+//! [`Lifecycle`] (`crate::lifecycle`), whose steps this module carries out: journal the
+//! request and where it goes (durable before it is sent) → the route's first healthy
+//! acquirer → journal the response (durable before it is sent) → response (MTI + 10,
+//! echoed fields, 39, 38, 48). An acquirer that does not answer in time gets a reversal
+//! (`crate::reversals`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,59 +19,31 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use payswitch_net::serve::{self, Handler, Limits, Reply, ServeStats};
 use payswitch_net::{codes, quic, ClientTrust, TlsIdentity};
-use payswitch_protocol::{fields, Message, ResponseCode};
+use payswitch_protocol::{Message, ResponseCode};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::acquirer::{AcquirerLink, LinkError};
+use crate::acquirer::{AcquirerLink, LinkError, Reservation};
 use crate::config::Config;
-use crate::duplicates::{DupKey, DuplicateWindow, Forwarded, Original, Outcome};
+use crate::duplicates::{DupKey, DuplicateWindow, Original};
 use crate::journal::{Journal, JournalError, PanKey, Record, RecordKind};
+use crate::lifecycle::{self, Event, Lifecycle, Now, ShardVerdict, Step};
 use crate::metrics::{Metrics, Stage, Timings};
-use crate::reversals::{PendingReversal, StoreAndForward};
-use crate::router::{AcquirerIndex, Router};
-use crate::scoring::{Scoring, ShardScoring, Verdict};
+use crate::reversals::StoreAndForward;
+use crate::router::Router;
+use crate::scoring::Scoring;
+use crate::shard::{Shard, ShardRequest, ShardTimings};
 use crate::validate::{self, Authorization, Kind};
-use payswitch_models::features::Transaction;
-use payswitch_models::model::{Decision, Model};
+use payswitch_models::model::Model;
+
+pub use crate::shard::ShardStats;
 
 use crate::rules::RuleSet;
 
-/// What a shard answers for one request.
-#[derive(Debug)]
-enum ShardVerdict {
-    /// A new authorization: decide it and send it on.
-    Fresh {
-        /// The fraud decision and what explains it.
-        scoring: Verdict,
-        /// Acquirers to try, in order; `None`: no route (92).
-        route: Option<Arc<[AcquirerIndex]>>,
-        /// Where its outcome goes, for retransmissions and reversals.
-        original: Arc<Original>,
-    },
-    /// A retransmission of a request seen within the window.
-    Duplicate(Arc<Original>),
-    /// A new reversal from the gateway.
-    Reversal {
-        /// The reversal's own entry, for its retransmissions.
-        own: Arc<Original>,
-        /// The authorization it reverses, if the switch knows it.
-        original: Option<Arc<Original>>,
-    },
-}
-
-// One job per request, moved once: boxing the transaction would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
-enum JobKind {
-    Authorization(Authorization, Transaction),
-    /// The reversal request itself: its field 90 names the original.
-    Reversal(Message),
-}
-
 struct ShardJob {
-    kind: JobKind,
+    request: ShardRequest,
     key: DupKey,
     received_ms: i64,
     /// When it was queued, if timings are recorded.
@@ -77,80 +51,27 @@ struct ShardJob {
     reply: oneshot::Sender<(ShardVerdict, ShardTimings)>,
 }
 
-/// The shard's part of a request's timings.
-#[derive(Debug, Default, Clone, Copy)]
-struct ShardTimings {
-    queue: Option<Duration>,
-    score: Option<Duration>,
-    route: Option<Duration>,
-}
-
-/// Counters of one shard, written only by the shard's task.
-#[derive(Debug, Default)]
-pub struct ShardStats {
-    /// Authorizations decided.
-    pub decided: AtomicU64,
-    /// Retransmissions answered from the window.
-    pub duplicates: AtomicU64,
-    /// Requests remembered in the duplicate window now.
-    pub window_len: AtomicU64,
-    /// Window entries dropped before their time because the window was full.
-    pub window_evicted_early: AtomicU64,
-}
-
 /// What a shard starts with: its share of the journal's recent requests.
 pub type RecoveredEntries = Vec<(DupKey, i64, Arc<Original>)>;
 
-/// A shard: owns the state of the cards that hash to it (velocity, the duplicate window),
-/// so that state needs no lock. Reached through a bounded queue.
+/// Runs a shard behind its bounded queue.
 async fn run_shard(
     mut jobs: mpsc::Receiver<ShardJob>,
     router: Arc<ArcSwap<Router>>,
     scoring: Arc<Scoring>,
-    mut state: ShardScoring,
-    mut window: DuplicateWindow,
-    stats: Arc<ShardStats>,
+    mut shard: Shard,
 ) {
     while let Some(job) = jobs.recv().await {
-        let mut timings = ShardTimings {
-            queue: job.queued.map(|q| q.elapsed()),
-            ..ShardTimings::default()
-        };
-        let verdict = if let Some(original) = window.get(&job.key, job.received_ms) {
-            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            ShardVerdict::Duplicate(original)
-        } else {
-            let own = Arc::new(Original::new());
-            window.insert(job.key, job.received_ms, Arc::clone(&own));
-            match job.kind {
-                JobKind::Authorization(auth, transaction) => {
-                    let started = job.queued.map(|_| Instant::now());
-                    let scoring = scoring.decide(&mut state, &transaction);
-                    let scored = started.map(|_| Instant::now());
-                    let route = router.load().route(&auth.pan, auth.currency, auth.mcc);
-                    if let (Some(started), Some(scored)) = (started, scored) {
-                        timings.score = Some(scored - started);
-                        timings.route = Some(scored.elapsed());
-                    }
-                    stats.decided.fetch_add(1, Ordering::Relaxed);
-                    ShardVerdict::Fresh {
-                        scoring,
-                        route,
-                        original: own,
-                    }
-                }
-                JobKind::Reversal(request) => ShardVerdict::Reversal {
-                    own,
-                    original: window.find_original(&request),
-                },
-            }
-        };
-        stats
-            .window_len
-            .store(window.len() as u64, Ordering::Relaxed);
-        stats
-            .window_evicted_early
-            .store(window.evicted_early, Ordering::Relaxed);
+        let queue = job.queued.map(|q| q.elapsed());
+        let (verdict, mut timings) = shard.decide(
+            job.request,
+            job.key,
+            job.received_ms,
+            &router.load(),
+            &scoring,
+            job.queued.is_some(),
+        );
+        timings.queue = queue;
         let _ = job.reply.send((verdict, timings));
     }
 }
@@ -185,19 +106,22 @@ impl SwitchStats {
         self.responses[slot].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Responses with `code` so far.
-    pub fn responses_with(&self, code: ResponseCode) -> u64 {
-        let slot = ResponseCode::ALL
-            .iter()
-            .position(|k| *k == code)
-            .unwrap_or(0);
-        self.responses[slot].load(Ordering::Relaxed)
+    fn add(&self, counts: lifecycle::Counts) {
+        if counts.journal_refused {
+            self.journal_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        if counts.duplicate {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        if counts.reversals_queued > 0 {
+            self.reversals_queued
+                .fetch_add(u64::from(counts.reversals_queued), Ordering::Relaxed);
+        }
     }
 }
 
-/// How long a retransmission waits for its original's answer: longer than any acquirer
-/// timeout, so it only runs out if the original's task is gone.
-const DUPLICATE_WAIT: Duration = Duration::from_secs(30);
+/// How long a retransmission waits for its original's answer.
+const DUPLICATE_WAIT: Duration = Duration::from_millis(lifecycle::DUPLICATE_WAIT_MS);
 
 /// The ingress handler shared by every gateway stream.
 pub struct Switch {
@@ -205,6 +129,8 @@ pub struct Switch {
     /// Models, rules and their counters.
     pub scoring: Arc<Scoring>,
     links: Vec<Arc<AcquirerLink>>,
+    /// The acquirers' names, by index (as lifecycles name them).
+    acquirer_names: Vec<String>,
     journal: Option<Journal>,
     pan_key: PanKey,
     /// Reversals owed to acquirers.
@@ -236,6 +162,7 @@ struct InFlight {
     auth: Authorization,
     pan_hash: u128,
     received: Instant,
+    received_at: Now,
     timings: Timings,
 }
 
@@ -249,31 +176,6 @@ enum Accepted {
     Refused(InFlight, ResponseCode),
     /// In the card's shard queue; the verdict, then the acquirer, are still to come.
     Queued(InFlight, oneshot::Receiver<(ShardVerdict, ShardTimings)>),
-}
-
-/// An answer to a validated request.
-struct Answer {
-    code: [u8; 2],
-    approval: Option<[u8; 6]>,
-    private_data: String,
-}
-
-impl Answer {
-    fn new(code: ResponseCode, private_data: String) -> Answer {
-        Answer {
-            code: as_code(code),
-            approval: None,
-            private_data,
-        }
-    }
-
-    fn outcome(&self) -> Outcome {
-        Outcome {
-            code: self.code,
-            approval: self.approval,
-            private_data: self.private_data.clone(),
-        }
-    }
 }
 
 impl Handler for Switch {
@@ -292,8 +194,21 @@ impl Handler for Switch {
             let (code, response) = match accepted {
                 Accepted::Close(code) => return Reply::Close(code),
                 Accepted::Done(code, response) => (code, response),
-                Accepted::Refused(request, code) => self.refused(request, code).await,
-                Accepted::Queued(request, verdict) => self.complete(request, verdict).await,
+                Accepted::Refused(r, code) => {
+                    let record = self.request_record(&r);
+                    let life = Lifecycle::refused(r.request.clone(), record, r.received_at, code);
+                    self.drive(r, life, ShardTimings::default()).await
+                }
+                Accepted::Queued(r, verdict) => {
+                    let Ok((verdict, shard_timings)) = verdict.await else {
+                        let (code, response) = refuse(&r.request, ResponseCode::SystemMalfunction);
+                        self.stats.count(&code);
+                        return Reply::Message(response);
+                    };
+                    let record = self.request_record(&r);
+                    let life = Lifecycle::new(r.request.clone(), record, r.received_at, verdict);
+                    self.drive(r, life, shard_timings).await
+                }
             };
             self.stats.count(&code);
             Reply::Message(response)
@@ -309,13 +224,12 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-fn as_code(code: ResponseCode) -> [u8; 2] {
-    let s = code.as_str().as_bytes();
-    [s[0], s[1]]
-}
-
-fn code_str(code: &[u8; 2]) -> String {
-    String::from_utf8_lossy(code).into_owned()
+/// The switch's clock, as lifecycles take it.
+pub fn now() -> Now {
+    let unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    Now { unix_us }
 }
 
 impl Switch {
@@ -394,25 +308,30 @@ impl Switch {
             let (code, response) = refuse(&request, ResponseCode::FormatError);
             return Accepted::Done(code, response);
         };
-        let received_ms = unix_now_ms();
+        let received_at = now();
+        let received_ms = received_at.unix_ms();
         let pan_hash = self.pan_key.hash(auth.pan.expose());
-        let kind = if reversal {
-            JobKind::Reversal(request.clone())
+        let shard_request = if reversal {
+            ShardRequest::Reversal(request.clone())
         } else {
-            JobKind::Authorization(auth, self.scoring.transaction(&request, &auth, received_ms))
+            ShardRequest::Authorization(
+                auth,
+                self.scoring.transaction(&request, &auth, received_ms),
+            )
         };
         let in_flight = InFlight {
             request,
             auth,
             pan_hash,
             received,
+            received_at,
             timings,
         };
         // `shards` is never empty (`start` makes at least one), so the modulo is defined.
         let shard = shard_of(pan_hash, self.shards.len());
         let (reply, verdict) = oneshot::channel();
         let job = ShardJob {
-            kind,
+            request: shard_request,
             key,
             received_ms,
             queued: self.metrics.enabled().then(Instant::now),
@@ -428,23 +347,7 @@ impl Switch {
 
     /// The journal record of a validated request.
     fn request_record(&self, r: &InFlight) -> Record {
-        let text = |n| r.request.get_str(n).unwrap_or("").to_string();
-        Record {
-            kind: RecordKind::Request,
-            time_ms: unix_now_ms(),
-            mti: r.request.mti().as_str().to_string(),
-            processing_code: text(fields::PROCESSING_CODE),
-            transmission_time: text(fields::TRANSMISSION_TIME),
-            stan: text(fields::STAN),
-            rrn: text(fields::RRN),
-            terminal: text(fields::TERMINAL),
-            merchant: text(fields::MERCHANT),
-            pan_masked: r.auth.pan.to_string(),
-            pan_hash: r.pan_hash,
-            amount_minor: r.auth.amount.get(),
-            currency: r.auth.currency.get(),
-            ..Record::default()
-        }
+        Lifecycle::request_record(&r.request, &r.auth, r.pan_hash, now())
     }
 
     async fn journal_append(&self, records: &[Record]) -> Result<u64, JournalError> {
@@ -454,32 +357,70 @@ impl Switch {
         }
     }
 
-    /// A request refused before its shard: journaled with its answer, then answered.
-    async fn refused(&self, r: InFlight, code: ResponseCode) -> ([u8; 2], Message) {
-        let answer = Answer::new(code, String::new());
-        let request = self.request_record(&r);
-        let mut journal = RequestJournal::new(request);
-        let answered = self.finish(&r, &mut journal, answer, None).await;
-        self.record_timings(&r, &journal, ShardTimings::default());
-        answered
-    }
-
-    async fn complete(
+    /// Carries out a request's lifecycle: journal appends, acquirer reservations and
+    /// sends, reversals and waits for originals, until its reply.
+    async fn drive(
         &self,
         r: InFlight,
-        verdict: oneshot::Receiver<(ShardVerdict, ShardTimings)>,
+        mut life: Lifecycle,
+        shard: ShardTimings,
     ) -> ([u8; 2], Message) {
-        let Ok((verdict, shard_timings)) = verdict.await else {
-            return refuse(&r.request, ResponseCode::SystemMalfunction);
+        let names = &self.acquirer_names;
+        let mut reservation: Option<Reservation<'_>> = None;
+        let mut step = life.start(now(), names);
+        let reply = loop {
+            let event = match step {
+                Step::Reply(reply) => break reply,
+                Step::Append(records) => Event::Durable(self.journal_append(&records).await),
+                Step::Reserve(index) => {
+                    let link = &self.links[index];
+                    // An acquirer drained by an operator takes no new authorizations (its
+                    // reversals still go). Nothing is sent by a refused reservation.
+                    let reserved = if link.is_draining() {
+                        Err(LinkError::Busy)
+                    } else {
+                        link.reserve()
+                    };
+                    match reserved {
+                        Ok(reserved) => {
+                            let stan = reserved.stan();
+                            reservation = Some(reserved);
+                            Event::Reserved(stan)
+                        }
+                        Err(_) => Event::Unavailable,
+                    }
+                }
+                Step::Send { stan, .. } => {
+                    let reserved = reservation
+                        .take()
+                        .expect("a Send step follows its reservation");
+                    assert_eq!(reserved.stan(), stan, "sent with the STAN reserved");
+                    match reserved.send(life.request()).await {
+                        Ok(answer) => Event::Answered(answer),
+                        Err(LinkError::Down | LinkError::Busy) => Event::NotSent,
+                        Err(e) => {
+                            debug_assert!(e.maybe_delivered());
+                            Event::NoAnswer
+                        }
+                    }
+                }
+                Step::QueueReversal(pending) => {
+                    self.reversals.push(pending);
+                    Event::Queued
+                }
+                Step::AwaitOriginal(original) => {
+                    Event::Original(original.outcome(DUPLICATE_WAIT).await.cloned())
+                }
+            };
+            step = life.handle(event, now(), names);
         };
-        let mut journal = RequestJournal::new(self.request_record(&r));
-        let answered = self.complete_verdict(&r, &mut journal, verdict).await;
-        self.record_timings(&r, &journal, shard_timings);
-        answered
+        self.stats.add(life.counts());
+        self.record_timings(&r, &life, shard);
+        (reply.code, reply.response)
     }
 
     /// Records a finished request's timings.
-    fn record_timings(&self, r: &InFlight, journal: &RequestJournal, shard: ShardTimings) {
+    fn record_timings(&self, r: &InFlight, life: &Lifecycle, shard: ShardTimings) {
         if !self.metrics.enabled() {
             return;
         }
@@ -488,7 +429,10 @@ impl Switch {
             (Stage::Queue, shard.queue),
             (Stage::Score, shard.score),
             (Stage::Route, shard.route),
-            (Stage::Journal, journal.journal_time),
+            (
+                Stage::Journal,
+                Some(Duration::from_micros(life.journal_us())),
+            ),
         ] {
             if let Some(value) = value {
                 timings.set(stage, value);
@@ -496,8 +440,9 @@ impl Switch {
         }
         let total = r.received.elapsed();
         timings.set(Stage::Total, total);
-        let acquirer = match journal.acquirer_time {
-            Some((index, elapsed)) => {
+        let acquirer = match life.acquirer() {
+            Some((index, us)) => {
+                let elapsed = Duration::from_micros(us);
                 timings.set_acquirer(index, elapsed);
                 elapsed
             }
@@ -518,378 +463,11 @@ impl Switch {
             );
         }
     }
-
-    async fn complete_verdict(
-        &self,
-        r: &InFlight,
-        journal: &mut RequestJournal,
-        verdict: ShardVerdict,
-    ) -> ([u8; 2], Message) {
-        match verdict {
-            ShardVerdict::Duplicate(original) => self.answer_duplicate(r, journal, &original).await,
-            ShardVerdict::Fresh {
-                scoring,
-                route,
-                original,
-            } => {
-                journal.request.decision = scoring.decision_str().to_string();
-                journal.request.score = scoring.score;
-                if let Some(model) = &scoring.model {
-                    journal.request.model = model.id().to_string();
-                }
-                let answer = self.authorize(r, journal, &scoring, route, &original).await;
-                self.finish(r, journal, answer, Some(&original)).await
-            }
-            ShardVerdict::Reversal { own, original } => {
-                let answer = self.reverse(journal, original).await;
-                self.finish(r, journal, answer, Some(&own)).await
-            }
-        }
-    }
-
-    /// Journals the response (with the request, if it is not journaled yet), records the
-    /// outcome for retransmissions, and builds the response.
-    async fn finish(
-        &self,
-        r: &InFlight,
-        journal: &mut RequestJournal,
-        mut answer: Answer,
-        original: Option<&Arc<Original>>,
-    ) -> ([u8; 2], Message) {
-        if !journal.failed {
-            let mut response = journal.follow_up(RecordKind::Response);
-            response.code = code_str(&answer.code);
-            if let Some(approval) = &answer.approval {
-                response.approval_code = String::from_utf8_lossy(approval).into_owned();
-            }
-            response.private_data = answer.private_data.clone();
-            let acquirer = journal.acquirer_time.unwrap_or_default();
-            response.switch_us = r.received.elapsed().saturating_sub(acquirer.1).as_micros() as u64;
-            if let Some((index, round_trip)) = journal.acquirer_time {
-                response.acquirer = self.links[index].name().to_string();
-                response.acquirer_us = round_trip.as_micros() as u64;
-            }
-            if let Err(e) = self.append(journal, response).await {
-                if answer.code == *b"00" {
-                    // Approved at the acquirer, but the approval cannot be made durable:
-                    // the gateway is told it failed, and the acquirer gets a reversal.
-                    if let Some(original) = original {
-                        self.reverse_unjournaled(original);
-                    }
-                }
-                answer = Answer::new(journal_refusal(e), String::new());
-                self.stats.journal_refused.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if let Some(original) = original {
-            original.set_outcome(answer.outcome());
-        }
-        let approval = answer.approval.as_ref().map(|a| &a[..]);
-        (
-            answer.code,
-            validate::respond(&r.request, &answer.code, approval, &answer.private_data),
-        )
-    }
-
-    /// Appends `record` (after the request record if that is not journaled yet).
-    async fn append(
-        &self,
-        journal: &mut RequestJournal,
-        record: Record,
-    ) -> Result<u64, JournalError> {
-        journal.append(self, vec![record]).await
-    }
-
-    async fn authorize(
-        &self,
-        r: &InFlight,
-        journal: &mut RequestJournal,
-        scoring: &Verdict,
-        route: Option<Arc<[AcquirerIndex]>>,
-        original: &Arc<Original>,
-    ) -> Answer {
-        let tags = scoring.tags();
-        if scoring.decision == Decision::Decline {
-            return Answer::new(ResponseCode::SuspectedFraud, tags);
-        }
-        let Some(route) = route else {
-            return Answer::new(ResponseCode::NoRoute, tags);
-        };
-        for &index in route.iter() {
-            let link = &self.links[index];
-            // An acquirer drained by an operator takes no new authorizations (its
-            // reversals still go).
-            if link.is_draining() {
-                continue;
-            }
-            // Nothing is sent by a refused reservation: the next acquirer may take it.
-            let Ok(reservation) = link.reserve() else {
-                continue;
-            };
-            let mut forwarded = journal.follow_up(RecordKind::Forwarded);
-            forwarded.acquirer = link.name().to_string();
-            forwarded.link_stan = reservation.stan().get();
-            // Durable before it leaves: after a crash, the journal knows it may have been
-            // authorized and reverses it.
-            let request_seq = match journal.append(self, vec![forwarded.clone()]).await {
-                Ok(_) => journal.request_seq,
-                Err(e) => {
-                    self.stats.journal_refused.fetch_add(1, Ordering::Relaxed);
-                    return Answer::new(journal_refusal(e), tags);
-                }
-            };
-            forwarded.request_seq = request_seq;
-            forwarded.request_back = 0;
-            original.set_forwarded(Forwarded::new(
-                index,
-                reservation.stan(),
-                request_seq,
-                &forwarded,
-            ));
-            let sent = Instant::now();
-            let result = reservation.send(&r.request).await;
-            journal.acquirer_time = Some((index, sent.elapsed()));
-            match result {
-                Ok(answer) => return relay(&answer, with_acquirer(tags, link.name())),
-                Err(LinkError::Down | LinkError::Busy) => continue,
-                // It may have been authorized there: never send it elsewhere; reverse it.
-                Err(e) => {
-                    debug_assert!(e.maybe_delivered());
-                    let tags = with_acquirer(tags, link.name());
-                    self.queue_reversal(journal, original).await;
-                    return Answer::new(ResponseCode::IssuerInoperative, tags);
-                }
-            }
-        }
-        Answer::new(ResponseCode::IssuerInoperative, tags)
-    }
-
-    /// Journals a reversal of `original` as queued and starts delivering it, unless one is
-    /// already under way.
-    async fn queue_reversal(&self, journal: &mut RequestJournal, original: &Arc<Original>) {
-        let Some(forwarded) = original.forwarded() else {
-            return;
-        };
-        if !original.claim_reversal() {
-            return;
-        }
-        let record = forwarded.record(self.links[forwarded.acquirer].name());
-        let mut queued = record.follow_up(
-            RecordKind::ReversalQueued,
-            forwarded.request_seq,
-            unix_now_ms(),
-        );
-        queued.acquirer = record.acquirer.clone();
-        queued.link_stan = record.link_stan;
-        let pending = PendingReversal {
-            request_seq: forwarded.request_seq,
-            acquirer: forwarded.acquirer,
-            original: record,
-        };
-        if journal.append(self, vec![queued]).await.is_err() {
-            tracing::error!(rrn = %pending.original.rrn, "reversal could not be journaled: delivering it from memory");
-        }
-        self.stats.reversals_queued.fetch_add(1, Ordering::Relaxed);
-        self.reversals.push(pending);
-    }
-
-    /// A reversal for an approval that could not be journaled (the journal has stopped).
-    fn reverse_unjournaled(&self, original: &Arc<Original>) {
-        let Some(forwarded) = original.forwarded() else {
-            return;
-        };
-        if original.claim_reversal() {
-            self.stats.reversals_queued.fetch_add(1, Ordering::Relaxed);
-            self.reversals.push(PendingReversal {
-                request_seq: forwarded.request_seq,
-                acquirer: forwarded.acquirer,
-                original: forwarded.record(self.links[forwarded.acquirer].name()),
-            });
-        }
-    }
-
-    /// A gateway's 0400/0420: the original's acquirer gets a reversal through the
-    /// store-and-forward queue (at most once per original); the gateway is answered once
-    /// it is durably queued.
-    async fn reverse(
-        &self,
-        journal: &mut RequestJournal,
-        original: Option<Arc<Original>>,
-    ) -> Answer {
-        let Some(original) = original else {
-            return Answer::new(ResponseCode::UnableToLocateOriginal, String::new());
-        };
-        if original.forwarded().is_none() {
-            // Declined or refused by the switch itself: nothing was authorized.
-            return Answer::new(ResponseCode::Approved, "reversal=nothing_to_reverse".into());
-        }
-        if let Some(outcome) = original.outcome_now() {
-            if outcome.code != *b"00" && outcome.code != *b"91" {
-                // Declined by the acquirer: nothing to reverse there.
-                return Answer::new(ResponseCode::Approved, "reversal=nothing_to_reverse".into());
-            }
-        }
-        let queued_before = !original.reversal_claimed();
-        self.queue_reversal(journal, &original).await;
-        let tag = if queued_before {
-            "reversal=queued"
-        } else {
-            "reversal=already_queued"
-        };
-        Answer::new(ResponseCode::Approved, tag.into())
-    }
-
-    /// A retransmission: the original's answer, marked `dup=1`, journaled as such.
-    async fn answer_duplicate(
-        &self,
-        r: &InFlight,
-        journal: &mut RequestJournal,
-        original: &Original,
-    ) -> ([u8; 2], Message) {
-        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-        let outcome = match original.outcome(DUPLICATE_WAIT).await {
-            Some(outcome) => outcome.clone(),
-            None => Outcome {
-                code: as_code(ResponseCode::DuplicateTransmission),
-                approval: None,
-                private_data: String::new(),
-            },
-        };
-        let private_data = if outcome.private_data.is_empty() {
-            "dup=1".to_string()
-        } else {
-            format!("{};dup=1", outcome.private_data)
-        };
-        let mut response = journal.follow_up(RecordKind::Response);
-        response.duplicate = true;
-        response.code = code_str(&outcome.code);
-        if let Some(approval) = &outcome.approval {
-            response.approval_code = String::from_utf8_lossy(approval).into_owned();
-        }
-        response.private_data = private_data.clone();
-        response.switch_us = r.received.elapsed().as_micros() as u64;
-        if let Err(e) = journal.append(self, vec![response]).await {
-            self.stats.journal_refused.fetch_add(1, Ordering::Relaxed);
-            let code = as_code(journal_refusal(e));
-            return (code, validate::respond(&r.request, &code, None, ""));
-        }
-        let approval = outcome.approval.as_ref().map(|a| &a[..]);
-        (
-            outcome.code,
-            validate::respond(&r.request, &outcome.code, approval, &private_data),
-        )
-    }
-}
-
-/// The code for a request the journal could not take: 91 while the disk is behind (try
-/// again), 96 once the journal has stopped.
-fn journal_refusal(e: JournalError) -> ResponseCode {
-    match e {
-        JournalError::Overloaded => ResponseCode::IssuerInoperative,
-        JournalError::Failed | JournalError::Encode => ResponseCode::SystemMalfunction,
-    }
-}
-
-/// The journal records of one request, appended as it goes: the request record goes out
-/// with the first of its follow-ups, so the common paths cost one group commit each.
-struct RequestJournal {
-    request: Record,
-    /// Sequence number of the request record once journaled; 0 before.
-    request_seq: u64,
-    /// Set when an append failed: nothing more is journaled for this request.
-    failed: bool,
-    /// The acquirer that answered (or timed out) and its round trip.
-    acquirer_time: Option<(AcquirerIndex, Duration)>,
-    /// Time spent waiting for this request's appends to be durable.
-    journal_time: Option<Duration>,
-}
-
-impl RequestJournal {
-    fn new(request: Record) -> RequestJournal {
-        RequestJournal {
-            request,
-            request_seq: 0,
-            failed: false,
-            acquirer_time: None,
-            journal_time: None,
-        }
-    }
-
-    /// A follow-up record of the request.
-    fn follow_up(&self, kind: RecordKind) -> Record {
-        let mut record = self
-            .request
-            .follow_up(kind, self.request_seq, unix_now_ms());
-        if self.request_seq == 0 {
-            record.request_back = 1;
-        }
-        record
-    }
-
-    async fn append(
-        &mut self,
-        switch: &Switch,
-        mut records: Vec<Record>,
-    ) -> Result<u64, JournalError> {
-        if self.failed {
-            return Err(JournalError::Failed);
-        }
-        let with_request = self.request_seq == 0;
-        if with_request {
-            for (i, record) in records.iter_mut().enumerate() {
-                // This request's own follow-ups name it by distance; a record about
-                // another request (a reversal queued for the original) keeps its number.
-                if record.request_seq == 0 {
-                    record.request_back = u8::try_from(i + 1).unwrap_or(u8::MAX);
-                }
-            }
-            records.insert(0, self.request.clone());
-        }
-        let started = Instant::now();
-        let appended = switch.journal_append(&records).await;
-        *self.journal_time.get_or_insert(Duration::ZERO) += started.elapsed();
-        match appended {
-            Ok(first) => {
-                if with_request {
-                    // Without a journal `first` is 0; keep a placeholder so the request is
-                    // not "journaled" again.
-                    self.request_seq = first.max(1);
-                }
-                Ok(first)
-            }
-            Err(e) => {
-                self.failed = true;
-                Err(e)
-            }
-        }
-    }
 }
 
 fn refuse(request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
-    let code = as_code(code);
+    let code = lifecycle::as_code(code);
     (code, validate::respond(request, &code, None, ""))
-}
-
-fn relay(answer: &Message, tags: String) -> Answer {
-    let Some(code) = validate::acquirer_code(answer) else {
-        return Answer::new(ResponseCode::SystemMalfunction, tags);
-    };
-    let approval = (code == *b"00")
-        .then(|| validate::acquirer_approval_code(answer))
-        .flatten()
-        .and_then(|a| <[u8; 6]>::try_from(a).ok());
-    Answer {
-        code,
-        approval,
-        private_data: tags,
-    }
-}
-
-/// Field 48's tags with the acquirer that took the request, appended in place.
-fn with_acquirer(mut tags: String, acquirer: &str) -> String {
-    tags.push_str(";acquirer=");
-    tags.push_str(acquirer);
-    tags
 }
 
 /// The shard a card's keyed hash belongs to.
@@ -1051,9 +629,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
             rx,
             Arc::clone(&table),
             Arc::clone(&scoring),
-            ShardScoring::new(cards_per_shard),
-            duplicates,
-            Arc::clone(&stats),
+            Shard::new(cards_per_shard, duplicates, Arc::clone(&stats)),
         ));
         shards.push(tx);
         shard_stats.push(stats);
@@ -1085,10 +661,12 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     for pending in recovery.pending {
         reversals.push(pending);
     }
+    let acquirer_names = links.iter().map(|l| l.name().to_string()).collect();
     let switch = Arc::new(Switch {
         shards,
         scoring,
         links,
+        acquirer_names,
         journal,
         pan_key,
         reversals,

@@ -1,0 +1,841 @@
+//! The life of one request, as a state machine that performs no I/O and reads no clock.
+//!
+//! A [`Lifecycle`] is made when a validated request has its shard's verdict (or was
+//! refused before its shard). The driver then alternates: the lifecycle says what to do
+//! next ([`Step`]), the driver does it and hands back what happened ([`Event`]) with the
+//! time, until the step is [`Step::Reply`]. Every step is answered by exactly one event;
+//! the lifecycle asserts that it got the kind of event its step asked for.
+//!
+//! What the lifecycle decides, and nothing else does:
+//! - **durable before it leaves**: a request is sent to an acquirer only once its
+//!   `forwarded` record (with the STAN it carries there) is durable;
+//! - **durable before the answer**: the gateway hears an answer only once its `response`
+//!   record is durable (or the journal has failed, in which case nothing is authorized);
+//! - **never twice**: an acquirer that may have received a request (timeout, lost
+//!   connection) is never followed by another; the request is reversed instead, and one
+//!   original is reversed at most once, whoever asks first (a timeout or the gateway's
+//!   own 0400);
+//! - **retransmissions** are answered from their original, waiting for it if it is out.
+//!
+//! Two drivers carry the steps out: the switch's async one (`crate::switch`) over real
+//! sockets, the journal writer and tokio timers, and the simulator's (`crate::sim`) on a
+//! simulated clock, network and disk.
+
+use std::sync::Arc;
+
+use payswitch_protocol::{fields, Message, ResponseCode, Stan};
+
+use crate::duplicates::{Forwarded, Original, Outcome};
+use crate::journal::{JournalError, Record, RecordKind};
+use crate::reversals::PendingReversal;
+use crate::router::AcquirerIndex;
+use crate::scoring::Verdict;
+use crate::validate::{self, Authorization};
+use payswitch_models::model::Decision;
+
+/// The time as the driver reads it: Unix microseconds (the switch's clock, or the
+/// simulator's). Durations between two readings are taken saturating at zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Now {
+    /// Microseconds since the Unix epoch.
+    pub unix_us: i64,
+}
+
+impl Now {
+    /// Milliseconds since the Unix epoch, as journal records keep them.
+    pub fn unix_ms(self) -> i64 {
+        self.unix_us.div_euclid(1000)
+    }
+
+    fn since(self, earlier: Now) -> u64 {
+        u64::try_from(self.unix_us.saturating_sub(earlier.unix_us)).unwrap_or(0)
+    }
+}
+
+/// What a shard answers for one request.
+#[derive(Debug)]
+pub enum ShardVerdict {
+    /// A new authorization: decide it and send it on.
+    Fresh {
+        /// The fraud decision and what explains it.
+        scoring: Verdict,
+        /// Acquirers to try, in order; `None`: no route (92).
+        route: Option<Arc<[AcquirerIndex]>>,
+        /// Where its outcome goes, for retransmissions and reversals.
+        original: Arc<Original>,
+    },
+    /// A retransmission of a request seen within the window.
+    Duplicate(Arc<Original>),
+    /// A new reversal from the gateway.
+    Reversal {
+        /// The reversal's own entry, for its retransmissions.
+        own: Arc<Original>,
+        /// The authorization it reverses, if the switch knows it.
+        original: Option<Arc<Original>>,
+    },
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Step {
+    /// Append these records contiguously and wait until they are durable; answer
+    /// [`Event::Durable`].
+    Append(Vec<Record>),
+    /// Take a place and a STAN on this acquirer's link, sending nothing; answer
+    /// [`Event::Reserved`], or [`Event::Unavailable`] when the acquirer is drained, down
+    /// or at its in-flight limit.
+    Reserve(AcquirerIndex),
+    /// Send the request on the place reserved, with the reserved STAN in field 11, and
+    /// wait for the answer (up to the link's timeout); answer [`Event::Answered`],
+    /// [`Event::NotSent`] or [`Event::NoAnswer`].
+    Send {
+        /// The acquirer reserved.
+        acquirer: AcquirerIndex,
+        /// The STAN reserved.
+        stan: Stan,
+    },
+    /// Hand this reversal, already journaled as queued (or not journaled when the
+    /// journal has failed), to the store-and-forward queue; answer [`Event::Queued`].
+    QueueReversal(PendingReversal),
+    /// Wait for this original's outcome (up to [`DUPLICATE_WAIT_MS`]); answer
+    /// [`Event::Original`].
+    AwaitOriginal(Arc<Original>),
+    /// Send this answer to the gateway. The lifecycle is over.
+    Reply(Reply),
+}
+
+/// What happened, in answer to the last [`Step`].
+// Moved once per step: boxing the acquirer's answer would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Event {
+    /// The appended records are durable; the first one's sequence number (0 without a
+    /// journal). Or why they are not.
+    Durable(Result<u64, JournalError>),
+    /// A place on the link, and the STAN the request will carry there.
+    Reserved(Stan),
+    /// No place on that acquirer: drained, down or full. Nothing was sent.
+    Unavailable,
+    /// The acquirer's answer.
+    Answered(Message),
+    /// The link went down before the request left: nothing was sent.
+    NotSent,
+    /// Sent, and no answer in time (or the connection was lost): the acquirer may have
+    /// authorized it.
+    NoAnswer,
+    /// The reversal is in the store-and-forward queue.
+    Queued,
+    /// The original's outcome, or `None` if it did not come within the wait.
+    Original(Option<Outcome>),
+}
+
+impl Event {
+    fn name(&self) -> &'static str {
+        match self {
+            Event::Durable(_) => "Durable",
+            Event::Reserved(_) => "Reserved",
+            Event::Unavailable => "Unavailable",
+            Event::Answered(_) => "Answered",
+            Event::NotSent => "NotSent",
+            Event::NoAnswer => "NoAnswer",
+            Event::Queued => "Queued",
+            Event::Original(_) => "Original",
+        }
+    }
+}
+
+/// The answer for the gateway.
+#[derive(Debug)]
+pub struct Reply {
+    /// Response code (39).
+    pub code: [u8; 2],
+    /// The response message.
+    pub response: Message,
+}
+
+/// How long a retransmission waits for its original's answer: longer than any acquirer
+/// timeout, so it only runs out if the original's task is gone.
+pub const DUPLICATE_WAIT_MS: u64 = 30_000;
+
+/// What one request added to the switch's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    /// Answered without authorizing because the journal could not take it.
+    pub journal_refused: bool,
+    /// A retransmission answered from its original.
+    pub duplicate: bool,
+    /// Reversals this request queued (0 or 1).
+    pub reversals_queued: u8,
+}
+
+/// An answer on its way: code, approval and field 48.
+#[derive(Debug, Clone)]
+struct Answer {
+    code: [u8; 2],
+    approval: Option<[u8; 6]>,
+    private_data: String,
+}
+
+impl Answer {
+    fn new(code: ResponseCode, private_data: String) -> Answer {
+        Answer {
+            code: as_code(code),
+            approval: None,
+            private_data,
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        Outcome {
+            code: self.code,
+            approval: self.approval,
+            private_data: self.private_data.clone(),
+        }
+    }
+
+    fn approved(&self) -> bool {
+        self.code == *b"00"
+    }
+}
+
+/// Where an authorization is on its route.
+#[derive(Debug)]
+struct Routing {
+    tags: String,
+    route: Arc<[AcquirerIndex]>,
+    /// Position in `route` of the acquirer being tried.
+    position: usize,
+    original: Arc<Original>,
+}
+
+impl Routing {
+    fn acquirer(&self) -> AcquirerIndex {
+        self.route[self.position]
+    }
+}
+
+/// What the lifecycle waits for.
+#[derive(Debug)]
+enum State {
+    /// The shard's verdict is in; nothing asked yet.
+    Start(ShardVerdict),
+    /// Refused before its shard (full queue): answer with this code.
+    Refused(ResponseCode),
+    /// [`Step::Reserve`] sent for `routing.acquirer()`.
+    Reserving(Routing),
+    /// [`Step::Append`] of the `forwarded` record sent.
+    JournalingForward {
+        routing: Routing,
+        stan: Stan,
+        forwarded: Record,
+    },
+    /// [`Step::Send`] sent; `since`: when.
+    Sending { routing: Routing, since: Now },
+    /// [`Step::Append`] of a `reversal_queued` record sent; then queue it and answer.
+    JournalingReversal {
+        pending: PendingReversal,
+        then: Answer,
+        original: Option<Arc<Original>>,
+    },
+    /// [`Step::QueueReversal`] sent; then answer.
+    QueueingReversal {
+        then: Answer,
+        original: Option<Arc<Original>>,
+    },
+    /// [`Step::Append`] of the `response` record sent.
+    JournalingResponse {
+        answer: Answer,
+        original: Option<Arc<Original>>,
+    },
+    /// The journal refused the response of an approval: its reversal was handed over
+    /// ([`Step::QueueReversal`]); then answer this.
+    QueueingUnjournaled(Answer),
+    /// [`Step::AwaitOriginal`] sent.
+    AwaitingOriginal,
+    /// [`Step::Append`] of a duplicate's `response` record sent.
+    JournalingDuplicate(Outcome),
+    /// Replied.
+    Done,
+}
+
+/// One request's life, from the shard's verdict to the reply.
+#[derive(Debug)]
+pub struct Lifecycle {
+    request: Message,
+    /// The request's journal record; it goes out with the first of its follow-ups, so the
+    /// common paths cost one group commit each.
+    record: Record,
+    /// Sequence number of the request record once journaled; 0 before.
+    request_seq: u64,
+    /// An append failed: nothing more is journaled for this request.
+    journal_failed: bool,
+    received: Now,
+    /// When the outstanding append was asked for.
+    append_since: Option<Now>,
+    journal_us: u64,
+    /// The acquirer that answered (or did not) and its round trip.
+    acquirer: Option<(AcquirerIndex, u64)>,
+    counts: Counts,
+    state: State,
+}
+
+impl Lifecycle {
+    /// The record of a validated request.
+    pub fn request_record(
+        request: &Message,
+        auth: &Authorization,
+        pan_hash: u128,
+        now: Now,
+    ) -> Record {
+        let text = |n| request.get_str(n).unwrap_or("").to_string();
+        Record {
+            kind: RecordKind::Request,
+            time_ms: now.unix_ms(),
+            mti: request.mti().as_str().to_string(),
+            processing_code: text(fields::PROCESSING_CODE),
+            transmission_time: text(fields::TRANSMISSION_TIME),
+            stan: text(fields::STAN),
+            rrn: text(fields::RRN),
+            terminal: text(fields::TERMINAL),
+            merchant: text(fields::MERCHANT),
+            pan_masked: auth.pan.to_string(),
+            pan_hash,
+            amount_minor: auth.amount.get(),
+            currency: auth.currency.get(),
+            ..Record::default()
+        }
+    }
+
+    /// A request with its shard's verdict. `record` is its [`Lifecycle::request_record`];
+    /// `received`: when the switch read it.
+    pub fn new(request: Message, record: Record, received: Now, verdict: ShardVerdict) -> Self {
+        Lifecycle::with_state(request, record, received, State::Start(verdict))
+    }
+
+    /// A request refused before its shard (its queue was full): journaled with its
+    /// answer, `code`, then answered.
+    pub fn refused(request: Message, record: Record, received: Now, code: ResponseCode) -> Self {
+        Lifecycle::with_state(request, record, received, State::Refused(code))
+    }
+
+    fn with_state(request: Message, record: Record, received: Now, state: State) -> Self {
+        Lifecycle {
+            request,
+            record,
+            request_seq: 0,
+            journal_failed: false,
+            received,
+            append_since: None,
+            journal_us: 0,
+            acquirer: None,
+            counts: Counts::default(),
+            state,
+        }
+    }
+
+    /// The request.
+    pub fn request(&self) -> &Message {
+        &self.request
+    }
+
+    /// The first step. `acquirers` are the acquirers' names, by index.
+    pub fn start(&mut self, now: Now, acquirers: &[String]) -> Step {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Start(verdict) => self.on_verdict(verdict, now, acquirers),
+            State::Refused(code) => {
+                self.finish(Answer::new(code, String::new()), None, now, acquirers)
+            }
+            state => panic!("lifecycle started twice (in {state:?})"),
+        }
+    }
+
+    /// What happened in answer to the last step; returns the next step.
+    ///
+    /// # Panics
+    /// When `event` does not answer the last step: a driver bug.
+    pub fn handle(&mut self, event: Event, now: Now, acquirers: &[String]) -> Step {
+        if let Event::Durable(_) = &event {
+            let since = self
+                .append_since
+                .take()
+                .expect("Durable answers an Append step");
+            self.journal_us = self.journal_us.saturating_add(now.since(since));
+        }
+        match (std::mem::replace(&mut self.state, State::Done), event) {
+            (State::Reserving(routing), Event::Unavailable) => {
+                self.next_acquirer(routing, now, acquirers)
+            }
+            (State::Reserving(routing), Event::Reserved(stan)) => {
+                let mut forwarded = self.follow_up(RecordKind::Forwarded, now);
+                forwarded.acquirer = acquirers[routing.acquirer()].clone();
+                forwarded.link_stan = stan.get();
+                let step = self.append(vec![forwarded.clone()], now);
+                self.state = State::JournalingForward {
+                    routing,
+                    stan,
+                    forwarded,
+                };
+                step
+            }
+            (
+                State::JournalingForward {
+                    routing,
+                    stan,
+                    mut forwarded,
+                },
+                Event::Durable(durable),
+            ) => {
+                if let Err(e) = self.durable(durable) {
+                    // Not durable, so not sent: nothing to reverse.
+                    self.counts.journal_refused = true;
+                    let answer = Answer::new(journal_refusal(e), routing.tags);
+                    return self.finish(answer, Some(routing.original), now, acquirers);
+                }
+                assert!(
+                    self.request_seq > 0,
+                    "the request record is durable before its forwarded record is used"
+                );
+                forwarded.request_seq = self.request_seq;
+                forwarded.request_back = 0;
+                let acquirer = routing.acquirer();
+                routing.original.set_forwarded(Forwarded::new(
+                    acquirer,
+                    stan,
+                    self.request_seq,
+                    &forwarded,
+                ));
+                self.state = State::Sending {
+                    routing,
+                    since: now,
+                };
+                Step::Send { acquirer, stan }
+            }
+            (State::Sending { routing, since }, event) => {
+                let acquirer = routing.acquirer();
+                self.acquirer = Some((acquirer, now.since(since)));
+                match event {
+                    Event::Answered(answer) => {
+                        let tags = with_acquirer(routing.tags, &acquirers[acquirer]);
+                        let answer = relay(&answer, tags);
+                        self.finish(answer, Some(routing.original), now, acquirers)
+                    }
+                    Event::NotSent => self.next_acquirer(routing, now, acquirers),
+                    Event::NoAnswer => {
+                        // It may have been authorized there: never sent elsewhere; reversed.
+                        let tags = with_acquirer(routing.tags, &acquirers[acquirer]);
+                        let answer = Answer::new(ResponseCode::IssuerInoperative, tags);
+                        self.reverse_then(routing.original, answer, None, now, acquirers)
+                    }
+                    event => unexpected("Send", &event),
+                }
+            }
+            (
+                State::JournalingReversal {
+                    pending,
+                    then,
+                    original,
+                },
+                Event::Durable(durable),
+            ) => {
+                if self.durable(durable).is_err() {
+                    tracing::error!(rrn = %pending.original.rrn, "reversal could not be journaled: delivering it from memory");
+                }
+                self.counts.reversals_queued += 1;
+                self.state = State::QueueingReversal { then, original };
+                Step::QueueReversal(pending)
+            }
+            (State::QueueingReversal { then, original }, Event::Queued) => {
+                self.finish(then, original, now, acquirers)
+            }
+            (State::JournalingResponse { answer, original }, Event::Durable(durable)) => {
+                match self.durable(durable) {
+                    Ok(()) => self.reply(answer, original.as_ref()),
+                    Err(e) => {
+                        self.counts.journal_refused = true;
+                        let refusal = Answer::new(journal_refusal(e), String::new());
+                        // Approved at the acquirer, but the approval cannot be made durable:
+                        // the gateway is told it failed, and the acquirer gets a reversal.
+                        if answer.approved() {
+                            if let Some(pending) =
+                                original.as_ref().and_then(|o| claim(o, acquirers))
+                            {
+                                self.counts.reversals_queued += 1;
+                                self.state = State::QueueingUnjournaled(refusal.clone());
+                                if let Some(original) = &original {
+                                    original.set_outcome(refusal.outcome());
+                                }
+                                return Step::QueueReversal(pending);
+                            }
+                        }
+                        self.reply(refusal, original.as_ref())
+                    }
+                }
+            }
+            (State::QueueingUnjournaled(answer), Event::Queued) => self.reply(answer, None),
+            (State::AwaitingOriginal, Event::Original(outcome)) => {
+                let outcome = outcome.unwrap_or(Outcome {
+                    code: as_code(ResponseCode::DuplicateTransmission),
+                    approval: None,
+                    private_data: String::new(),
+                });
+                let private_data = if outcome.private_data.is_empty() {
+                    "dup=1".to_string()
+                } else {
+                    format!("{};dup=1", outcome.private_data)
+                };
+                let mut response = self.follow_up(RecordKind::Response, now);
+                response.duplicate = true;
+                response.code = code_str(&outcome.code);
+                if let Some(approval) = &outcome.approval {
+                    response.approval_code = String::from_utf8_lossy(approval).into_owned();
+                }
+                response.private_data = private_data.clone();
+                response.switch_us = now.since(self.received);
+                let step = self.append(vec![response], now);
+                self.state = State::JournalingDuplicate(Outcome {
+                    private_data,
+                    ..outcome
+                });
+                step
+            }
+            (State::JournalingDuplicate(outcome), Event::Durable(durable)) => {
+                match self.durable(durable) {
+                    Ok(()) => {
+                        let approval = outcome.approval.as_ref().map(|a| &a[..]);
+                        let response = validate::respond(
+                            &self.request,
+                            &outcome.code,
+                            approval,
+                            &outcome.private_data,
+                        );
+                        self.state = State::Done;
+                        Step::Reply(Reply {
+                            code: outcome.code,
+                            response,
+                        })
+                    }
+                    Err(e) => {
+                        self.counts.journal_refused = true;
+                        self.reply(Answer::new(journal_refusal(e), String::new()), None)
+                    }
+                }
+            }
+            (state, event) => unexpected(state_name(&state), &event),
+        }
+    }
+
+    /// What this request added to the counters (read once it replied).
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Time spent waiting for appends to be durable, microseconds.
+    pub fn journal_us(&self) -> u64 {
+        self.journal_us
+    }
+
+    /// The acquirer sent to last, and its round trip in microseconds.
+    pub fn acquirer(&self) -> Option<(AcquirerIndex, u64)> {
+        self.acquirer
+    }
+
+    /// When the switch read the request.
+    pub fn received(&self) -> Now {
+        self.received
+    }
+
+    fn on_verdict(&mut self, verdict: ShardVerdict, now: Now, acquirers: &[String]) -> Step {
+        match verdict {
+            ShardVerdict::Duplicate(original) => {
+                self.counts.duplicate = true;
+                self.state = State::AwaitingOriginal;
+                Step::AwaitOriginal(original)
+            }
+            ShardVerdict::Fresh {
+                scoring,
+                route,
+                original,
+            } => {
+                self.record.decision = scoring.decision_str().to_string();
+                self.record.score = scoring.score;
+                if let Some(model) = &scoring.model {
+                    self.record.model = model.id().to_string();
+                }
+                let tags = scoring.tags();
+                if scoring.decision == Decision::Decline {
+                    let answer = Answer::new(ResponseCode::SuspectedFraud, tags);
+                    return self.finish(answer, Some(original), now, acquirers);
+                }
+                let Some(route) = route else {
+                    let answer = Answer::new(ResponseCode::NoRoute, tags);
+                    return self.finish(answer, Some(original), now, acquirers);
+                };
+                let routing = Routing {
+                    tags,
+                    route,
+                    position: 0,
+                    original,
+                };
+                self.try_acquirer(routing)
+            }
+            ShardVerdict::Reversal { own, original } => {
+                self.on_gateway_reversal(own, original, now, acquirers)
+            }
+        }
+    }
+
+    /// A gateway's 0400/0420: the original's acquirer gets a reversal through the
+    /// store-and-forward queue (at most once per original); the gateway is answered once
+    /// it is durably queued.
+    fn on_gateway_reversal(
+        &mut self,
+        own: Arc<Original>,
+        original: Option<Arc<Original>>,
+        now: Now,
+        acquirers: &[String],
+    ) -> Step {
+        let nothing = || Answer::new(ResponseCode::Approved, "reversal=nothing_to_reverse".into());
+        let Some(original) = original else {
+            let answer = Answer::new(ResponseCode::UnableToLocateOriginal, String::new());
+            return self.finish(answer, Some(own), now, acquirers);
+        };
+        if original.forwarded().is_none() {
+            // Declined or refused by the switch itself: nothing was authorized.
+            return self.finish(nothing(), Some(own), now, acquirers);
+        }
+        if let Some(outcome) = original.outcome_now() {
+            if outcome.code != *b"00" && outcome.code != *b"91" {
+                // Declined by the acquirer: nothing to reverse there.
+                return self.finish(nothing(), Some(own), now, acquirers);
+            }
+        }
+        let tag = if original.reversal_claimed() {
+            "reversal=already_queued"
+        } else {
+            "reversal=queued"
+        };
+        let answer = Answer::new(ResponseCode::Approved, tag.into());
+        self.reverse_then(original, answer, Some(own), now, acquirers)
+    }
+
+    fn try_acquirer(&mut self, routing: Routing) -> Step {
+        let acquirer = routing.acquirer();
+        self.state = State::Reserving(routing);
+        Step::Reserve(acquirer)
+    }
+
+    fn next_acquirer(&mut self, mut routing: Routing, now: Now, acquirers: &[String]) -> Step {
+        routing.position += 1;
+        if routing.position < routing.route.len() {
+            return self.try_acquirer(routing);
+        }
+        let answer = Answer::new(ResponseCode::IssuerInoperative, routing.tags);
+        self.finish(answer, Some(routing.original), now, acquirers)
+    }
+
+    /// Journals a reversal of `original` as queued and hands it to the queue, unless one
+    /// is already under way (or it was never forwarded); then answers `then`, recording
+    /// it on `answered` (or on `original` when `answered` is `None`).
+    fn reverse_then(
+        &mut self,
+        original: Arc<Original>,
+        then: Answer,
+        answered: Option<Arc<Original>>,
+        now: Now,
+        acquirers: &[String],
+    ) -> Step {
+        let answered = answered.or_else(|| Some(Arc::clone(&original)));
+        let Some(pending) = claim(&original, acquirers) else {
+            return self.finish(then, answered, now, acquirers);
+        };
+        if self.journal_failed {
+            // The journal has stopped: the reversal goes from memory.
+            self.counts.reversals_queued += 1;
+            self.state = State::QueueingReversal {
+                then,
+                original: answered,
+            };
+            return Step::QueueReversal(pending);
+        }
+        let mut queued = pending.original.follow_up(
+            RecordKind::ReversalQueued,
+            pending.request_seq,
+            now.unix_ms(),
+        );
+        queued.acquirer = pending.original.acquirer.clone();
+        queued.link_stan = pending.original.link_stan;
+        let step = self.append(vec![queued], now);
+        self.state = State::JournalingReversal {
+            pending,
+            then,
+            original: answered,
+        };
+        step
+    }
+
+    /// Journals the response (with the request, if it is not journaled yet), then
+    /// answers; or answers at once when the journal has failed for this request.
+    fn finish(
+        &mut self,
+        answer: Answer,
+        original: Option<Arc<Original>>,
+        now: Now,
+        acquirers: &[String],
+    ) -> Step {
+        if self.journal_failed {
+            return self.reply(answer, original.as_ref());
+        }
+        let mut response = self.follow_up(RecordKind::Response, now);
+        response.code = code_str(&answer.code);
+        if let Some(approval) = &answer.approval {
+            response.approval_code = String::from_utf8_lossy(approval).into_owned();
+        }
+        response.private_data = answer.private_data.clone();
+        let acquirer_us = self.acquirer.map_or(0, |(_, us)| us);
+        response.switch_us = now.since(self.received).saturating_sub(acquirer_us);
+        if let Some((acquirer, round_trip)) = self.acquirer {
+            response.acquirer = acquirers[acquirer].clone();
+            response.acquirer_us = round_trip;
+        }
+        let step = self.append(vec![response], now);
+        self.state = State::JournalingResponse { answer, original };
+        step
+    }
+
+    /// Records the outcome for retransmissions and builds the reply.
+    fn reply(&mut self, answer: Answer, original: Option<&Arc<Original>>) -> Step {
+        if let Some(original) = original {
+            original.set_outcome(answer.outcome());
+        }
+        let approval = answer.approval.as_ref().map(|a| &a[..]);
+        let response =
+            validate::respond(&self.request, &answer.code, approval, &answer.private_data);
+        self.state = State::Done;
+        Step::Reply(Reply {
+            code: answer.code,
+            response,
+        })
+    }
+
+    /// A follow-up record of the request.
+    fn follow_up(&self, kind: RecordKind, now: Now) -> Record {
+        let mut record = self.record.follow_up(kind, self.request_seq, now.unix_ms());
+        if self.request_seq == 0 {
+            record.request_back = 1;
+        }
+        record
+    }
+
+    /// Asks for `records` to be appended, after the request record if that is not
+    /// journaled yet.
+    fn append(&mut self, mut records: Vec<Record>, now: Now) -> Step {
+        debug_assert!(!self.journal_failed, "nothing is appended after a failure");
+        if self.request_seq == 0 {
+            for (i, record) in records.iter_mut().enumerate() {
+                // This request's own follow-ups name it by distance; a record about
+                // another request (a reversal queued for the original) keeps its number.
+                if record.request_seq == 0 {
+                    record.request_back = u8::try_from(i + 1).unwrap_or(u8::MAX);
+                }
+            }
+            records.insert(0, self.record.clone());
+        }
+        self.append_since = Some(now);
+        Step::Append(records)
+    }
+
+    /// Takes an append's result: the request's sequence number the first time.
+    fn durable(&mut self, durable: Result<u64, JournalError>) -> Result<(), JournalError> {
+        match durable {
+            Ok(first) => {
+                if self.request_seq == 0 {
+                    // Without a journal `first` is 0; keep a placeholder so the request
+                    // is not journaled again.
+                    self.request_seq = first.max(1);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.journal_failed = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The reversal of `original`, if it was forwarded and nobody has taken on its reversal.
+fn claim(original: &Original, acquirers: &[String]) -> Option<PendingReversal> {
+    let forwarded = original.forwarded()?;
+    if !original.claim_reversal() {
+        return None;
+    }
+    Some(PendingReversal {
+        request_seq: forwarded.request_seq,
+        acquirer: forwarded.acquirer,
+        original: forwarded.record(&acquirers[forwarded.acquirer]),
+    })
+}
+
+fn relay(answer: &Message, tags: String) -> Answer {
+    let Some(code) = validate::acquirer_code(answer) else {
+        return Answer::new(ResponseCode::SystemMalfunction, tags);
+    };
+    let approval = (code == *b"00")
+        .then(|| validate::acquirer_approval_code(answer))
+        .flatten()
+        .and_then(|a| <[u8; 6]>::try_from(a).ok());
+    Answer {
+        code,
+        approval,
+        private_data: tags,
+    }
+}
+
+/// Field 48's tags with the acquirer that took the request, appended in place.
+fn with_acquirer(mut tags: String, acquirer: &str) -> String {
+    tags.push_str(";acquirer=");
+    tags.push_str(acquirer);
+    tags
+}
+
+/// The code for a request the journal could not take: 91 while the disk is behind (try
+/// again), 96 once the journal has stopped.
+pub fn journal_refusal(e: JournalError) -> ResponseCode {
+    match e {
+        JournalError::Overloaded => ResponseCode::IssuerInoperative,
+        JournalError::Failed | JournalError::Encode => ResponseCode::SystemMalfunction,
+    }
+}
+
+/// A response code as its two bytes.
+pub fn as_code(code: ResponseCode) -> [u8; 2] {
+    let s = code.as_str().as_bytes();
+    [s[0], s[1]]
+}
+
+fn code_str(code: &[u8; 2]) -> String {
+    String::from_utf8_lossy(code).into_owned()
+}
+
+fn state_name(state: &State) -> &'static str {
+    match state {
+        State::Start(_) => "Start",
+        State::Refused(_) => "Refused",
+        State::Reserving(_) => "Reserve",
+        State::JournalingForward { .. } => "Append(forwarded)",
+        State::Sending { .. } => "Send",
+        State::JournalingReversal { .. } => "Append(reversal_queued)",
+        State::QueueingReversal { .. } | State::QueueingUnjournaled(_) => "QueueReversal",
+        State::JournalingResponse { .. } => "Append(response)",
+        State::AwaitingOriginal => "AwaitOriginal",
+        State::JournalingDuplicate(_) => "Append(duplicate response)",
+        State::Done => "Reply",
+    }
+}
+
+fn unexpected(step: &str, event: &Event) -> ! {
+    panic!(
+        "lifecycle: event {} does not answer step {step}",
+        event.name()
+    )
+}

@@ -1,0 +1,128 @@
+//! A shard: the owner of the state of the cards that hash to it (velocity, the duplicate
+//! window), so that state needs no lock. It decides, for each request, whether it is a
+//! retransmission, a new authorization (scored and routed) or a gateway's reversal.
+//!
+//! [`Shard::decide`] performs no I/O; the switch runs each shard as a task behind a
+//! bounded queue, the simulator calls it directly.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use payswitch_models::features::Transaction;
+use payswitch_protocol::Message;
+
+use crate::duplicates::{DupKey, DuplicateWindow, Original};
+use crate::lifecycle::ShardVerdict;
+use crate::router::Router;
+use crate::scoring::{Scoring, ShardScoring};
+use crate::validate::Authorization;
+
+/// What a shard is asked to decide.
+// One per request, moved once: boxing the transaction would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum ShardRequest {
+    /// An 0100/0200 with its model input.
+    Authorization(Authorization, Transaction),
+    /// The reversal request itself: its field 90 names the original.
+    Reversal(Message),
+}
+
+/// The shard's part of a request's timings (only taken when metrics are on).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardTimings {
+    /// Waiting in the shard's queue.
+    pub queue: Option<Duration>,
+    /// Features, model and rules.
+    pub score: Option<Duration>,
+    /// Choosing the acquirers.
+    pub route: Option<Duration>,
+}
+
+/// Counters of one shard, written only by the shard.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Authorizations decided.
+    pub decided: AtomicU64,
+    /// Retransmissions answered from the window.
+    pub duplicates: AtomicU64,
+    /// Requests remembered in the duplicate window now.
+    pub window_len: AtomicU64,
+    /// Window entries dropped before their time because the window was full.
+    pub window_evicted_early: AtomicU64,
+}
+
+/// One shard's state.
+#[derive(Debug)]
+pub struct Shard {
+    scoring: ShardScoring,
+    window: DuplicateWindow,
+    stats: Arc<ShardStats>,
+}
+
+impl Shard {
+    /// A shard with velocity state for `max_cards` cards and `window` of recent requests.
+    pub fn new(max_cards: usize, window: DuplicateWindow, stats: Arc<ShardStats>) -> Shard {
+        Shard {
+            scoring: ShardScoring::new(max_cards),
+            window,
+            stats,
+        }
+    }
+
+    /// Requests remembered in the duplicate window.
+    pub fn window_len(&self) -> usize {
+        self.window.len()
+    }
+
+    /// Decides `request` (key `key`, received at `received_ms` on the switch's clock).
+    /// `timed`: take the score and route timings.
+    pub fn decide(
+        &mut self,
+        request: ShardRequest,
+        key: DupKey,
+        received_ms: i64,
+        router: &Router,
+        scoring: &Scoring,
+        timed: bool,
+    ) -> (ShardVerdict, ShardTimings) {
+        let mut timings = ShardTimings::default();
+        let verdict = if let Some(original) = self.window.get(&key, received_ms) {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            ShardVerdict::Duplicate(original)
+        } else {
+            let own = Arc::new(Original::new());
+            self.window.insert(key, received_ms, Arc::clone(&own));
+            match request {
+                ShardRequest::Authorization(auth, transaction) => {
+                    let started = timed.then(Instant::now);
+                    let verdict = scoring.decide(&mut self.scoring, &transaction);
+                    let scored = started.map(|_| Instant::now());
+                    let route = router.route(&auth.pan, auth.currency, auth.mcc);
+                    if let (Some(started), Some(scored)) = (started, scored) {
+                        timings.score = Some(scored - started);
+                        timings.route = Some(scored.elapsed());
+                    }
+                    self.stats.decided.fetch_add(1, Ordering::Relaxed);
+                    ShardVerdict::Fresh {
+                        scoring: verdict,
+                        route,
+                        original: own,
+                    }
+                }
+                ShardRequest::Reversal(request) => ShardVerdict::Reversal {
+                    own,
+                    original: self.window.find_original(&request),
+                },
+            }
+        };
+        self.stats
+            .window_len
+            .store(self.window.len() as u64, Ordering::Relaxed);
+        self.stats
+            .window_evicted_early
+            .store(self.window.evicted_early, Ordering::Relaxed);
+        (verdict, timings)
+    }
+}
