@@ -66,11 +66,34 @@ pub fn recover(
     acquirers: &[String],
     window_start_ms: i64,
 ) -> Result<Recovery, ScanError> {
-    let mut lives: HashMap<u64, Life> = HashMap::new();
-    let report = scan(dir, true, |seq, record| {
+    let mut replay = Replay::new(window_start_ms);
+    let report = scan(dir, true, |seq, record| replay.record(seq, record))?;
+    Ok(replay.finish(report, acquirers))
+}
+
+/// The replay of a journal, record by record, in sequence order: what each request's
+/// records say about it. Performs no I/O: `recover` feeds it from the segment files,
+/// the simulator from its simulated disk.
+#[derive(Debug)]
+pub struct Replay {
+    lives: HashMap<u64, Life>,
+    window_start_ms: i64,
+}
+
+impl Replay {
+    /// A replay remembering requests at or after `window_start_ms`.
+    pub fn new(window_start_ms: i64) -> Replay {
+        Replay {
+            lives: HashMap::new(),
+            window_start_ms,
+        }
+    }
+
+    /// Takes the next record, numbered `seq`.
+    pub fn record(&mut self, seq: u64, record: Record) {
         let request_seq = record.request_of(seq);
         if record.kind == RecordKind::Request {
-            lives.insert(
+            self.lives.insert(
                 request_seq,
                 Life {
                     request: record,
@@ -82,7 +105,7 @@ pub fn recover(
             );
             return;
         }
-        let life = lives.entry(request_seq).or_insert_with(|| Life {
+        let life = self.lives.entry(request_seq).or_insert_with(|| Life {
             request: record.clone(),
             forwarded: None,
             response: None,
@@ -99,85 +122,107 @@ pub fn recover(
             }
             RecordKind::ReversalAck => life.reversal_acked = true,
         }
-        if life.done() && life.request.time_ms < window_start_ms {
-            lives.remove(&request_seq);
+        if life.done() && life.request.time_ms < self.window_start_ms {
+            self.lives.remove(&request_seq);
         }
-    })?;
-    let mut recovery = Recovery {
-        report,
-        ..Recovery::default()
-    };
-    let index_of = |name: &str| acquirers.iter().position(|a| a == name);
-    let mut lives: Vec<(u64, Life)> = lives.into_iter().collect();
-    lives.sort_by_key(|(seq, _)| *seq);
-    for (request_seq, life) in lives {
-        let in_doubt =
-            life.forwarded.is_some() && life.response.is_none() && life.reversal_queued.is_none();
-        let reversal_from = match (&life.reversal_queued, in_doubt) {
-            (Some(queued), _) if !life.reversal_acked => Some((queued, false)),
-            (None, true) => life.forwarded.as_ref().map(|f| (f, true)),
-            _ => None,
-        };
-        if let Some((record, doubt)) = reversal_from {
-            match index_of(&record.acquirer) {
-                Some(acquirer) => {
-                    let pending = PendingReversal {
-                        request_seq,
-                        acquirer,
-                        original: record.clone(),
-                    };
-                    if doubt {
-                        recovery.in_doubt.push(pending);
-                    } else {
-                        recovery.pending.push(pending);
-                    }
-                }
-                None => recovery.unknown_acquirers += 1,
-            }
-        }
-        if life.request.time_ms < window_start_ms {
-            continue;
-        }
-        let Some(key) = DupKey::of_record(&life.request) else {
-            continue;
-        };
-        let original = Original::new();
-        if let Some(forwarded) = &life.forwarded {
-            if let (Some(acquirer), Some(link_stan)) = (
-                index_of(&forwarded.acquirer),
-                Stan::new(forwarded.link_stan),
-            ) {
-                original.set_forwarded(Forwarded::new(acquirer, link_stan, request_seq, forwarded));
-            }
-        }
-        if life.reversal_queued.is_some() || in_doubt {
-            original.claim_reversal();
-        }
-        // Forwarded without a recorded response — in doubt, or reversed already by a
-        // crash between queueing its reversal and journaling its 91 — is answered 91 to a
-        // retransmission: it must never be forwarded again.
-        match (&life.response, life.forwarded.is_some()) {
-            (Some(response), _) => original.set_outcome(Outcome {
-                code: two(&response.code),
-                approval: response.approval_code.as_bytes().try_into().ok(),
-                private_data: response.private_data.clone(),
-            }),
-            (None, true) => original.set_outcome(Outcome {
-                code: two(ResponseCode::IssuerInoperative.as_str()),
-                approval: None,
-                private_data: IN_DOUBT_TAGS.to_string(),
-            }),
-            // Reversal records alone (the request record was older than the replay keeps).
-            (None, false) => continue,
-        }
-        recovery.recent.push((
-            life.request.pan_hash,
-            key,
-            life.request.time_ms,
-            Arc::new(original),
-        ));
     }
-    Ok(recovery)
+
+    /// Requests whose story is still needed now (for a memory bound).
+    pub fn len(&self) -> usize {
+        self.lives.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.lives.is_empty()
+    }
+
+    /// What the switch owes and remembers, given the scan's `report` and the configured
+    /// `acquirers`.
+    pub fn finish(self, report: ScanReport, acquirers: &[String]) -> Recovery {
+        let window_start_ms = self.window_start_ms;
+        let mut recovery = Recovery {
+            report,
+            ..Recovery::default()
+        };
+        let index_of = |name: &str| acquirers.iter().position(|a| a == name);
+        let mut lives: Vec<(u64, Life)> = self.lives.into_iter().collect();
+        lives.sort_by_key(|(seq, _)| *seq);
+        for (request_seq, life) in lives {
+            let in_doubt = life.forwarded.is_some()
+                && life.response.is_none()
+                && life.reversal_queued.is_none();
+            let reversal_from = match (&life.reversal_queued, in_doubt) {
+                (Some(queued), _) if !life.reversal_acked => Some((queued, false)),
+                (None, true) => life.forwarded.as_ref().map(|f| (f, true)),
+                _ => None,
+            };
+            if let Some((record, doubt)) = reversal_from {
+                match index_of(&record.acquirer) {
+                    Some(acquirer) => {
+                        let pending = PendingReversal {
+                            request_seq,
+                            acquirer,
+                            original: record.clone(),
+                        };
+                        if doubt {
+                            recovery.in_doubt.push(pending);
+                        } else {
+                            recovery.pending.push(pending);
+                        }
+                    }
+                    None => recovery.unknown_acquirers += 1,
+                }
+            }
+            if life.request.time_ms < window_start_ms {
+                continue;
+            }
+            let Some(key) = DupKey::of_record(&life.request) else {
+                continue;
+            };
+            let original = Original::new();
+            if let Some(forwarded) = &life.forwarded {
+                if let (Some(acquirer), Some(link_stan)) = (
+                    index_of(&forwarded.acquirer),
+                    Stan::new(forwarded.link_stan),
+                ) {
+                    original.set_forwarded(Forwarded::new(
+                        acquirer,
+                        link_stan,
+                        request_seq,
+                        forwarded,
+                    ));
+                }
+            }
+            if life.reversal_queued.is_some() || in_doubt {
+                original.claim_reversal();
+            }
+            // Forwarded without a recorded response — in doubt, or reversed already by a
+            // crash between queueing its reversal and journaling its 91 — is answered 91 to a
+            // retransmission: it must never be forwarded again.
+            match (&life.response, life.forwarded.is_some()) {
+                (Some(response), _) => original.set_outcome(Outcome {
+                    code: two(&response.code),
+                    approval: response.approval_code.as_bytes().try_into().ok(),
+                    private_data: response.private_data.clone(),
+                }),
+                (None, true) => original.set_outcome(Outcome {
+                    code: two(ResponseCode::IssuerInoperative.as_str()),
+                    approval: None,
+                    private_data: IN_DOUBT_TAGS.to_string(),
+                }),
+                // Reversal records alone (the request record was older than the replay keeps).
+                (None, false) => continue,
+            }
+            recovery.recent.push((
+                life.request.pan_hash,
+                key,
+                life.request.time_ms,
+                Arc::new(original),
+            ));
+        }
+        recovery
+    }
 }
 
 /// `record` naming its request by sequence number rather than by distance.

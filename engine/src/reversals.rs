@@ -15,15 +15,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use payswitch_loadtest::utc::UtcDateTime;
-use payswitch_protocol::{fields, Message, Mti};
+use payswitch_protocol::{fields, Message, Mti, Stan};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::acquirer::AcquirerLink;
-use crate::journal::{Journal, Record, RecordKind};
+use crate::journal::{Journal, JournalError, Record, RecordKind};
+use crate::lifecycle::Now;
 use crate::router::AcquirerIndex;
 
 /// Reversals being delivered at once. Each is a task holding one message; 100 k is far
@@ -31,11 +32,11 @@ use crate::router::AcquirerIndex;
 /// MiB. Past it a reversal stays queued in the journal only and is sent after a restart.
 pub const MAX_PENDING_REVERSALS: usize = 100_000;
 
-/// First wait before resending a reversal.
-const RETRY_BACKOFF_START: Duration = Duration::from_millis(200);
+/// First wait before resending a reversal, milliseconds.
+const RETRY_BACKOFF_START_MS: u64 = 200;
 /// Longest wait between attempts: an acquirer that comes back gets its reversals within
 /// this.
-const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
+const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
 
 /// A reversal to deliver.
 #[derive(Debug, Clone)]
@@ -117,79 +118,266 @@ impl StoreAndForward {
 
     async fn deliver(&self, reversal: PendingReversal) {
         let link = &self.links[reversal.acquirer];
-        let Some(message) = reversal_message(&reversal.original, UtcDateTime::now()) else {
-            tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal from the journal record");
+        let Some(mut delivery) = Delivery::new(reversal, crate::switch::now()) else {
             return;
         };
-        let mut backoff = RETRY_BACKOFF_START;
-        let mut attempt = 0u32;
+        let mut reservation = None;
+        let mut step = delivery.start();
         loop {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            // Only an attempt that can leave is journaled as sent.
-            if let Ok(reservation) = link.reserve() {
-                attempt += 1;
-                let now = crate::switch::unix_now_ms();
-                let mut sent = reversal.original.follow_up(
-                    RecordKind::ReversalSent,
-                    reversal.request_seq,
-                    now,
-                );
-                sent.acquirer = reversal.original.acquirer.clone();
-                sent.link_stan = reversal.original.link_stan;
-                sent.attempt = attempt;
-                if !self.journal_append(std::slice::from_ref(&sent)).await {
-                    return;
-                }
-                self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                let started = Instant::now();
-                let answered = tokio::select! {
-                    _ = self.shutdown.cancelled() => return,
-                    answered = reservation.send(&message) => answered,
-                };
-                if let Ok(answer) = answered {
-                    let mut ack = sent;
-                    ack.kind = RecordKind::ReversalAck;
-                    ack.time_ms = crate::switch::unix_now_ms();
-                    ack.code = answer
-                        .get_str(fields::RESPONSE_CODE)
-                        .unwrap_or("")
-                        .to_string();
-                    ack.acquirer_us = started.elapsed().as_micros() as u64;
-                    if self.journal_append(&[ack]).await {
+            let event = match step {
+                DeliveryStep::Done(outcome) => {
+                    if outcome == Delivered::Acknowledged {
                         self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
                     }
                     return;
                 }
-            }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                DeliveryStep::Reserve(_) => match link.reserve() {
+                    Ok(reserved) => {
+                        let stan = reserved.stan();
+                        reservation = Some(reserved);
+                        DeliveryEvent::Reserved(stan)
+                    }
+                    Err(_) => DeliveryEvent::Unavailable,
+                },
+                DeliveryStep::Append(records) => {
+                    DeliveryEvent::Durable(self.journal_append(&records).await)
+                }
+                DeliveryStep::Send { .. } => {
+                    let reserved = reservation
+                        .take()
+                        .expect("a Send step follows its reservation");
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    let answered = tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        answered = reserved.send(delivery.message()) => answered,
+                    };
+                    match answered {
+                        Ok(answer) => DeliveryEvent::Answered(answer),
+                        Err(_) => DeliveryEvent::NoAnswer,
+                    }
+                }
+                DeliveryStep::Sleep(wait_ms) => {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
+                    }
+                    DeliveryEvent::Woke
+                }
+            };
+            step = delivery.handle(event, crate::switch::now());
         }
     }
 
-    /// Journals `records`; `false` when the journal has stopped (the reversal stays queued
-    /// in the journal and is retried after a restart).
-    async fn journal_append(&self, records: &[Record]) -> bool {
-        let Some(journal) = &self.journal else {
-            return true;
-        };
-        match journal.append(records).await {
-            Ok(_) => true,
-            Err(crate::journal::JournalError::Overloaded) => {
-                // The disk is behind: the next attempt tries again.
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "reversal not journaled: left for the next start");
-                false
-            }
+    async fn journal_append(&self, records: &[Record]) -> Result<u64, JournalError> {
+        match &self.journal {
+            Some(journal) => journal.append(records).await,
+            None => Ok(0),
         }
     }
 }
+
+/// What a [`Delivery`] asks its driver to do next.
+#[derive(Debug)]
+pub enum DeliveryStep {
+    /// Take a place and a STAN on the acquirer's link; answer
+    /// [`DeliveryEvent::Reserved`] or [`DeliveryEvent::Unavailable`].
+    Reserve(AcquirerIndex),
+    /// Append these records and wait until durable; answer [`DeliveryEvent::Durable`].
+    Append(Vec<Record>),
+    /// Send [`Delivery::message`] on the place reserved and wait for the answer; answer
+    /// [`DeliveryEvent::Answered`] or [`DeliveryEvent::NoAnswer`].
+    Send {
+        /// The acquirer.
+        acquirer: AcquirerIndex,
+        /// The STAN reserved.
+        stan: Stan,
+    },
+    /// Wait this many milliseconds; answer [`DeliveryEvent::Woke`].
+    Sleep(u64),
+    /// The delivery is over.
+    Done(Delivered),
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The acquirer answered and the answer is journaled.
+    Acknowledged,
+    /// The journal stopped: the reversal stays queued in the journal for the next start.
+    LeftForRestart,
+}
+
+/// What happened, in answer to the last [`DeliveryStep`].
+// Moved once per step: boxing the acquirer's answer would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum DeliveryEvent {
+    /// A place on the link.
+    Reserved(Stan),
+    /// The link is down or full: nothing was sent.
+    Unavailable,
+    /// The appended records are durable (or why not).
+    Durable(Result<u64, JournalError>),
+    /// The acquirer's 0410.
+    Answered(Message),
+    /// No answer in time, or nothing sent.
+    NoAnswer,
+    /// The wait is over.
+    Woke,
+}
+
+#[derive(Debug)]
+enum DeliveryState {
+    Idle,
+    Reserving,
+    JournalingAttempt { stan: Stan, sent: Record },
+    Sending { sent: Record, since: Now },
+    JournalingAck,
+    Sleeping,
+    Done,
+}
+
+/// One reversal's delivery, as a state machine that performs no I/O and reads no clock:
+/// reserve a place on the acquirer's link, journal the attempt, send, and journal the
+/// acknowledgement; back off and try again while the acquirer does not answer.
+#[derive(Debug)]
+pub struct Delivery {
+    reversal: PendingReversal,
+    message: Message,
+    attempt: u32,
+    backoff_ms: u64,
+    state: DeliveryState,
+}
+
+impl Delivery {
+    /// The delivery of `reversal`, its 0400 stamped `now`; `None` when the journal record
+    /// cannot make a reversal (logged).
+    pub fn new(reversal: PendingReversal, now: Now) -> Option<Delivery> {
+        let stamped =
+            UtcDateTime::from_unix_seconds(u64::try_from(now.unix_ms() / 1000).unwrap_or(0));
+        let Some(message) = reversal_message(&reversal.original, stamped) else {
+            tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal from the journal record");
+            return None;
+        };
+        Some(Delivery {
+            reversal,
+            message,
+            attempt: 0,
+            backoff_ms: RETRY_BACKOFF_START_MS,
+            state: DeliveryState::Idle,
+        })
+    }
+
+    /// The reversal being delivered.
+    pub fn reversal(&self) -> &PendingReversal {
+        &self.reversal
+    }
+
+    /// The 0400 sent (the link puts its own STAN in field 11).
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Attempts sent so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The first step.
+    pub fn start(&mut self) -> DeliveryStep {
+        assert!(
+            matches!(self.state, DeliveryState::Idle),
+            "delivery started twice"
+        );
+        self.reserve()
+    }
+
+    fn reserve(&mut self) -> DeliveryStep {
+        self.state = DeliveryState::Reserving;
+        DeliveryStep::Reserve(self.reversal.acquirer)
+    }
+
+    fn back_off(&mut self) -> DeliveryStep {
+        let wait = self.backoff_ms;
+        self.backoff_ms = (self.backoff_ms * 2).min(RETRY_BACKOFF_MAX_MS);
+        self.state = DeliveryState::Sleeping;
+        DeliveryStep::Sleep(wait)
+    }
+
+    /// What happened in answer to the last step; returns the next.
+    ///
+    /// # Panics
+    /// When `event` does not answer the last step: a driver bug.
+    pub fn handle(&mut self, event: DeliveryEvent, now: Now) -> DeliveryStep {
+        let reversal = &self.reversal;
+        match (
+            std::mem::replace(&mut self.state, DeliveryState::Done),
+            event,
+        ) {
+            (DeliveryState::Reserving, DeliveryEvent::Unavailable) => self.back_off(),
+            (DeliveryState::Reserving, DeliveryEvent::Reserved(stan)) => {
+                // Only an attempt that can leave is journaled as sent.
+                self.attempt += 1;
+                let mut sent = reversal.original.follow_up(
+                    RecordKind::ReversalSent,
+                    reversal.request_seq,
+                    now.unix_ms(),
+                );
+                sent.acquirer = reversal.original.acquirer.clone();
+                sent.link_stan = reversal.original.link_stan;
+                sent.attempt = self.attempt;
+                self.state = DeliveryState::JournalingAttempt {
+                    stan,
+                    sent: sent.clone(),
+                };
+                DeliveryStep::Append(vec![sent])
+            }
+            (DeliveryState::JournalingAttempt { stan, sent }, DeliveryEvent::Durable(durable)) => {
+                match durable {
+                    // The disk is behind: the attempt goes, and the next one is journaled.
+                    Ok(_) | Err(JournalError::Overloaded) => {
+                        self.state = DeliveryState::Sending { sent, since: now };
+                        DeliveryStep::Send {
+                            acquirer: reversal.acquirer,
+                            stan,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, rrn = %reversal.original.rrn, "reversal not journaled: left for the next start");
+                        DeliveryStep::Done(Delivered::LeftForRestart)
+                    }
+                }
+            }
+            (DeliveryState::Sending { .. }, DeliveryEvent::NoAnswer) => self.back_off(),
+            (DeliveryState::Sending { sent, since }, DeliveryEvent::Answered(answer)) => {
+                let mut ack = sent;
+                ack.kind = RecordKind::ReversalAck;
+                ack.time_ms = now.unix_ms();
+                ack.code = answer
+                    .get_str(fields::RESPONSE_CODE)
+                    .unwrap_or("")
+                    .to_string();
+                ack.acquirer_us = u64::try_from(now.unix_us - since.unix_us).unwrap_or(0);
+                self.state = DeliveryState::JournalingAck;
+                DeliveryStep::Append(vec![ack])
+            }
+            (DeliveryState::JournalingAck, DeliveryEvent::Durable(durable)) => match durable {
+                Ok(_) => DeliveryStep::Done(Delivered::Acknowledged),
+                Err(e) => {
+                    tracing::error!(error = %e, rrn = %reversal.original.rrn, "reversal acknowledgement not journaled: sent again after the next start");
+                    DeliveryStep::Done(Delivered::LeftForRestart)
+                }
+            },
+            (DeliveryState::Sleeping, DeliveryEvent::Woke) => self.reserve(),
+            (state, event) => panic!("reversal delivery: {event:?} does not answer {state:?}"),
+        }
+    }
+}
+
+impl StoreAndForward {}
 
 /// The 0400 reversing the forwarded original `original`, sent at `now`.
 pub fn reversal_message(original: &Record, now: UtcDateTime) -> Option<Message> {
