@@ -150,67 +150,141 @@ pub fn scan(
         let is_last = index == last_index;
         let data = fs::read(path).map_err(io_error(path))?;
         report.segments += 1;
-        if data.len() < SEGMENT_HEADER {
-            // A crash right after the segment was created: it holds nothing.
-            if is_last {
-                report.torn_tail = Some(cut(path, 0, data.len(), repair).map_err(io_error(path))?);
-                break;
-            }
-            return Err(ScanError::BadHeader { path: path.clone() });
-        }
-        if data[..6] != SEGMENT_MAGIC[..]
-            || data[6..8] != SEGMENT_VERSION.to_le_bytes()
-            || data[8..16] != first_seq.to_le_bytes()
-        {
-            return Err(ScanError::BadHeader { path: path.clone() });
-        }
-        let mut offset = SEGMENT_HEADER;
-        while offset < data.len() {
-            let rest = &data[offset..];
-            match decode_frame(rest) {
-                Ok((seq, record, size)) => {
-                    let expected = report.last_seq.map_or(*first_seq, |last| last + 1);
-                    if seq != expected || (offset == SEGMENT_HEADER && seq != *first_seq) {
-                        return Err(ScanError::Sequence {
-                            path: path.clone(),
-                            offset,
-                            expected,
-                            found: seq,
-                        });
-                    }
-                    report.first_seq.get_or_insert(seq);
-                    report.last_seq = Some(seq);
-                    report.records += 1;
-                    visit(seq, record);
-                    offset += size;
-                }
-                Err(_) if rest.iter().all(|b| *b == 0) => {
-                    // The zeroed runway past the last record: the segment's end.
-                    break;
-                }
-                Err(error) => {
-                    let next_seq = report.last_seq.map_or(*first_seq, |last| last + 1);
-                    if is_last && is_torn(rest, &error) && !intact_frame_after(rest, next_seq) {
-                        let torn_bytes = rest.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
-                        report.torn_tail =
-                            Some(cut(path, offset, torn_bytes, repair).map_err(io_error(path))?);
-                        break;
-                    }
-                    return Err(ScanError::Corrupt {
+        let end =
+            scan_segment(&data, *first_seq, is_last, &mut report, &mut visit).map_err(|error| {
+                match error {
+                    SegmentError::BadHeader => ScanError::BadHeader { path: path.clone() },
+                    SegmentError::Sequence {
+                        offset,
+                        expected,
+                        found,
+                    } => ScanError::Sequence {
                         path: path.clone(),
                         offset,
-                        reason: match error {
-                            FrameError::Truncated => "cut short".into(),
-                            FrameError::BadLength(n) => format!("impossible length {n}"),
-                            FrameError::Checksum => "checksum mismatch".into(),
-                            FrameError::Body(e) => format!("undecodable body: {e}"),
-                        },
-                    });
+                        expected,
+                        found,
+                    },
+                    SegmentError::Corrupt { offset, reason } => ScanError::Corrupt {
+                        path: path.clone(),
+                        offset,
+                        reason,
+                    },
                 }
-            }
+            })?;
+        if let SegmentEnd::Torn { offset, bytes } = end {
+            report.torn_tail = Some(cut(path, offset, bytes, repair).map_err(io_error(path))?);
+            break;
         }
     }
     Ok(report)
+}
+
+/// How one segment's bytes end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentEnd {
+    /// At the last intact record (or in the zeroed runway after it).
+    Complete,
+    /// With a write cut short by a crash, from `offset` on (`bytes` of it not zero).
+    Torn {
+        /// Where the intact records end.
+        offset: usize,
+        /// Bytes after them up to the last non-zero one.
+        bytes: usize,
+    },
+}
+
+/// What is wrong with a segment's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentError {
+    /// Not a segment of this format, or not the one its name says.
+    BadHeader,
+    /// A record out of sequence.
+    Sequence {
+        /// Where.
+        offset: usize,
+        /// The number it should have had.
+        expected: u64,
+        /// The number it had.
+        found: u64,
+    },
+    /// Damage that is not a torn tail.
+    Corrupt {
+        /// Where.
+        offset: usize,
+        /// What.
+        reason: String,
+    },
+}
+
+/// Reads one segment's bytes (`data`, named for `first_seq`), checking its header and
+/// every frame's checksum and sequence number against `report`, which it updates; calls
+/// `visit` for each record. Only the last segment (`is_last`) may end torn. Performs no
+/// I/O: `scan` gives it files, the simulator its simulated disk.
+pub fn scan_segment(
+    data: &[u8],
+    first_seq: u64,
+    is_last: bool,
+    report: &mut ScanReport,
+    visit: &mut impl FnMut(u64, Record),
+) -> Result<SegmentEnd, SegmentError> {
+    if data.len() < SEGMENT_HEADER {
+        // A crash right after the segment was created: it holds nothing.
+        if is_last {
+            return Ok(SegmentEnd::Torn {
+                offset: 0,
+                bytes: data.len(),
+            });
+        }
+        return Err(SegmentError::BadHeader);
+    }
+    if data[..6] != SEGMENT_MAGIC[..]
+        || data[6..8] != SEGMENT_VERSION.to_le_bytes()
+        || data[8..16] != first_seq.to_le_bytes()
+    {
+        return Err(SegmentError::BadHeader);
+    }
+    let mut offset = SEGMENT_HEADER;
+    while offset < data.len() {
+        let rest = &data[offset..];
+        match decode_frame(rest) {
+            Ok((seq, record, size)) => {
+                let expected = report.last_seq.map_or(first_seq, |last| last + 1);
+                if seq != expected || (offset == SEGMENT_HEADER && seq != first_seq) {
+                    return Err(SegmentError::Sequence {
+                        offset,
+                        expected,
+                        found: seq,
+                    });
+                }
+                report.first_seq.get_or_insert(seq);
+                report.last_seq = Some(seq);
+                report.records += 1;
+                visit(seq, record);
+                offset += size;
+            }
+            Err(_) if rest.iter().all(|b| *b == 0) => {
+                // The zeroed runway past the last record: the segment's end.
+                break;
+            }
+            Err(error) => {
+                let next_seq = report.last_seq.map_or(first_seq, |last| last + 1);
+                if is_last && is_torn(rest, &error) && !intact_frame_after(rest, next_seq) {
+                    let bytes = rest.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+                    return Ok(SegmentEnd::Torn { offset, bytes });
+                }
+                return Err(SegmentError::Corrupt {
+                    offset,
+                    reason: match error {
+                        FrameError::Truncated => "cut short".into(),
+                        FrameError::BadLength(n) => format!("impossible length {n}"),
+                        FrameError::Checksum => "checksum mismatch".into(),
+                        FrameError::Body(e) => format!("undecodable body: {e}"),
+                    },
+                });
+            }
+        }
+    }
+    Ok(SegmentEnd::Complete)
 }
 
 /// Whether the bytes from a failing frame to the end of the last segment look like a write
