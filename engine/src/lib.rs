@@ -23,6 +23,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod duplicates;
+pub mod ingress;
 pub mod iso;
 pub mod journal;
 pub mod lifecycle;

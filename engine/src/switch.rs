@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acquirer::{AcquirerLink, LinkError, Reservation};
 use crate::config::Config;
 use crate::duplicates::{DupKey, DuplicateWindow, Original};
+use crate::ingress::{self, Admission};
 use crate::journal::{Journal, JournalError, PanKey, Record, RecordKind};
 use crate::lifecycle::{self, Event, Lifecycle, Now, ShardVerdict, Step};
 use crate::metrics::{Metrics, Stage, Timings};
@@ -35,7 +36,7 @@ use crate::reversals::StoreAndForward;
 use crate::router::Router;
 use crate::scoring::Scoring;
 use crate::shard::{Shard, ShardRequest, ShardTimings};
-use crate::validate::{self, Authorization, Kind};
+use crate::validate::{self, Authorization};
 use payswitch_models::model::Model;
 
 pub use crate::shard::ShardStats;
@@ -260,38 +261,20 @@ impl Switch {
         if let Some(end) = decode_end {
             timings.set(Stage::Decode, end - received);
         }
-        let (request, error) = match decoded {
-            Ok(decoded) => decoded,
-            // Not even an MTI and bitmap: nothing to answer.
-            Err(_) => return Accepted::Close(codes::GARBAGE_FRAME),
-        };
-        let done = |(code, response): ([u8; 2], Message)| Accepted::Done(code, response);
-        if error.is_some() {
-            return done(refuse(&request, ResponseCode::FormatError));
-        }
-        let kind = validate::classify(request.mti());
-        match kind {
-            Kind::Network => {
-                let response = validate::respond_network(&request);
-                let code = response
-                    .get(payswitch_protocol::fields::RESPONSE_CODE)
-                    .and_then(|c| c.try_into().ok())
-                    .unwrap_or(*b"96");
-                Accepted::Done(code, response)
+        let admission = ingress::admit(decoded, || {
+            if let Some(start) = decode_end {
+                timings.set(Stage::Validate, start.elapsed());
             }
-            Kind::Unsupported => done(refuse(&request, ResponseCode::InvalidTransaction)),
-            Kind::Authorization | Kind::Reversal => {
-                let validated = validate::validate(&request);
-                if let Some(start) = decode_end {
-                    timings.set(Stage::Validate, start.elapsed());
-                }
-                match validated {
-                    Ok(auth) => {
-                        self.enqueue(request, auth, kind == Kind::Reversal, received, timings)
-                    }
-                    Err(code) => done(refuse(&request, code)),
-                }
-            }
+        });
+        match admission {
+            Admission::Close => Accepted::Close(codes::GARBAGE_FRAME),
+            Admission::Answer(code, response) => Accepted::Done(code, response),
+            Admission::Admit {
+                request,
+                auth,
+                reversal,
+                key,
+            } => self.enqueue(request, auth, reversal, key, received, timings),
         }
     }
 
@@ -301,13 +284,10 @@ impl Switch {
         request: Message,
         auth: Authorization,
         reversal: bool,
+        key: DupKey,
         received: Instant,
         timings: Timings,
     ) -> Accepted {
-        let Some(key) = DupKey::of(&request, reversal) else {
-            let (code, response) = refuse(&request, ResponseCode::FormatError);
-            return Accepted::Done(code, response);
-        };
         let received_at = now();
         let received_ms = received_at.unix_ms();
         let pan_hash = self.pan_key.hash(auth.pan.expose());
