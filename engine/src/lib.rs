@@ -37,6 +37,7 @@ pub mod rules;
 pub mod scoring;
 pub mod serve;
 pub mod shard;
+pub mod sim;
 pub mod stats;
 pub mod switch;
 pub mod validate;

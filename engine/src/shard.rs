@@ -71,6 +71,11 @@ impl Shard {
         }
     }
 
+    /// Puts a request the journal says was seen at `at_ms` back in the window.
+    pub fn remember(&mut self, key: DupKey, at_ms: i64, original: Arc<Original>) {
+        self.window.insert(key, at_ms, original);
+    }
+
     /// Requests remembered in the duplicate window.
     pub fn window_len(&self) -> usize {
         self.window.len()

@@ -1,0 +1,993 @@
+//! The switch node in the simulator: a second driver for the same state machines the
+//! switch runs (`crate::switch` is the first), over simulated streams, shards, a
+//! group-committing journal on the simulated disk, and acquirer links.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use payswitch_protocol::{fields, Message, Stan};
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::disk::Disk;
+use super::peers::{RequestId, Time, MS, SECOND};
+use super::Env;
+use crate::config::Config;
+use crate::duplicates::{DuplicateWindow, Original};
+use crate::ingress::{self, Admission};
+use crate::journal::{JournalError, PanKey, Record, RecordKind};
+use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
+use crate::recovery::Replay;
+use crate::reversals::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
+use crate::router::Router;
+use crate::rules::RuleSet;
+use crate::scoring::{EventTime, Scoring};
+use crate::shard::{Shard, ShardRequest, ShardStats};
+
+/// A bug planted in this driver, to show that the invariants catch what it breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// Tells a lifecycle its records are durable as soon as they are written, before the
+    /// group commit syncs them: a crash can then forget a request that was sent.
+    DurableBeforeSync,
+}
+
+/// The node's sizes and costs.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeConfig {
+    /// Gateways (one pipelined stream each).
+    pub gateways: usize,
+    /// Acquirers.
+    pub acquirers: usize,
+    /// Shards.
+    pub shards: usize,
+    /// Requests a stream may have in progress before the switch stops reading it.
+    pub stream_limit: usize,
+    /// Requests waiting for one shard; beyond it 91 at once.
+    pub shard_queue: usize,
+    /// Journal submissions waiting for the sync; beyond it 91.
+    pub journal_queue: usize,
+    /// Acquirer timeout.
+    pub timeout: Time,
+    /// Requests outstanding per acquirer link.
+    pub max_in_flight: usize,
+    /// Duplicate window, milliseconds.
+    pub window_ms: i64,
+    /// Requests remembered per shard.
+    pub window_capacity: usize,
+    /// CPU time to read, decode and validate a frame.
+    pub ingress_cost: Time,
+    /// A shard's time for one decision.
+    pub shard_cost: Time,
+}
+
+/// Who waits for a journal sync or an acquirer's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    /// A request's lifecycle.
+    Life(u64),
+    /// A reversal's delivery.
+    Delivery(u64),
+}
+
+/// The node's own events, each for one incarnation (`epoch`) of the node.
+// Simulator events, moved once each: boxing the answers would only cost allocations.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum NodeEvent {
+    /// The CPU is done reading a frame.
+    Ingress {
+        epoch: u32,
+        request: RequestId,
+        gateway: usize,
+        sent_at: Time,
+    },
+    /// A shard finished its current job.
+    ShardReady { epoch: u32, shard: usize },
+    /// A group commit reached the disk.
+    Synced {
+        epoch: u32,
+        point: usize,
+        batch: Vec<(Owner, u64)>,
+    },
+    /// An acquirer's answer reaches the switch on connection `connection`.
+    FromAcquirer {
+        epoch: u32,
+        acquirer: usize,
+        connection: u64,
+        answer: Message,
+    },
+    /// A request's timeout at its acquirer.
+    Timeout {
+        epoch: u32,
+        acquirer: usize,
+        stan: u32,
+        owner: Owner,
+    },
+    /// A reversal delivery's back-off is over.
+    Wake { epoch: u32, delivery: u64 },
+    /// A retransmission gave up waiting for its original.
+    WaitExpired { epoch: u32, life: u64 },
+    /// The switch notices an acquirer's connection is gone.
+    LinkDown(usize),
+    /// The switch reconnects to an acquirer.
+    LinkUp(usize),
+}
+
+struct Live {
+    life: Lifecycle,
+    gateway: usize,
+    request: RequestId,
+    sent_at: Time,
+    reservation: Option<(usize, Stan)>,
+    original: Option<Arc<Original>>,
+}
+
+struct LiveDelivery {
+    delivery: Delivery,
+    reservation: Option<(usize, Stan)>,
+}
+
+struct Job {
+    request: ShardRequest,
+    key: crate::duplicates::DupKey,
+    received_ms: i64,
+    message: Message,
+    record: Record,
+    gateway: usize,
+    id: RequestId,
+    sent_at: Time,
+    received: Now,
+}
+
+struct SimShard {
+    shard: Shard,
+    queue: VecDeque<Job>,
+    busy: bool,
+}
+
+#[derive(Default)]
+struct Link {
+    up: bool,
+    connection: u64,
+    in_flight: usize,
+    next_stan: u32,
+    outstanding: BTreeMap<u32, Owner>,
+}
+
+impl Link {
+    /// The same STAN sequence as `crate::acquirer`'s links: 1..=999 999 in turn.
+    fn allocate_stan(&mut self) -> Stan {
+        let n = self.next_stan % Stan::MAX + 1;
+        self.next_stan = self.next_stan.wrapping_add(1);
+        Stan::new(n).expect("1..=999999 by construction")
+    }
+}
+
+#[derive(Default)]
+struct Stream {
+    in_progress: usize,
+    backlog: VecDeque<(RequestId, Time)>,
+}
+
+#[derive(Default)]
+struct JournalState {
+    pending: Vec<(Owner, u64)>,
+    syncing: bool,
+}
+
+/// The switch: state that survives a crash (the disk) and state that does not.
+pub struct Node {
+    config: NodeConfig,
+    bug: Option<Bug>,
+    /// Incarnation: events of an earlier one are ignored.
+    epoch: u32,
+    up: bool,
+    disk: Disk,
+    pan_key: PanKey,
+    router: Router,
+    names: Vec<String>,
+    scoring: Arc<Scoring>,
+    shards: Vec<SimShard>,
+    lives: BTreeMap<u64, Live>,
+    deliveries: BTreeMap<u64, LiveDelivery>,
+    next_id: u64,
+    links: Vec<Link>,
+    streams: Vec<Stream>,
+    cpu_free: Time,
+    journal: JournalState,
+    waiting: Vec<u64>,
+}
+
+/// Unix microseconds of simulated time `at`.
+fn now_of(at: Time) -> Now {
+    Now {
+        unix_us: super::EPOCH_S * 1_000_000 + at as i64,
+    }
+}
+
+impl Node {
+    /// A node that has never run, on an empty disk.
+    pub fn new(config: NodeConfig, rng: &mut StdRng, bug: Option<Bug>) -> Node {
+        let names: Vec<String> = (0..config.acquirers).map(|i| format!("acq{i}")).collect();
+        let mut toml = String::from("[listen]\ntcp = \"127.0.0.1:0\"\n");
+        for name in &names {
+            toml.push_str(&format!(
+                "[[acquirers]]\nname = \"{name}\"\naddress = \"127.0.0.1:9\"\n"
+            ));
+        }
+        // Visa-like cards to the first acquirer, others to the last; each falls back to
+        // the other.
+        let last = &names[names.len() - 1];
+        toml.push_str(&format!(
+            "[[routes]]\nbins = [\"4\"]\nacquirers = [\"{}\", \"{last}\"]\n[[routes]]\nbins = [\"5\"]\nacquirers = [\"{last}\", \"{}\"]\n",
+            names[0], names[0]
+        ));
+        let parsed: Config = toml::from_str(&toml).expect("the simulator's configuration parses");
+        let router = Router::from_config(&parsed).expect("the simulator's routes resolve");
+        Node {
+            config,
+            bug,
+            epoch: 0,
+            up: false,
+            disk: Disk::new(),
+            pan_key: PanKey::from_bytes(rng.gen()),
+            router,
+            names,
+            scoring: Arc::new(new_scoring()),
+            shards: Vec::new(),
+            lives: BTreeMap::new(),
+            deliveries: BTreeMap::new(),
+            next_id: 0,
+            links: Vec::new(),
+            streams: Vec::new(),
+            cpu_free: 0,
+            journal: JournalState::default(),
+            waiting: Vec::new(),
+        }
+    }
+
+    /// Whether the node is running.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Reversals being delivered.
+    pub fn deliveries(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// Checks the node's memory against its bounds; the first one exceeded, if any.
+    pub fn check_bounds(&self) -> Option<String> {
+        let c = &self.config;
+        let requests = c.gateways * c.stream_limit;
+        if self.lives.len() > requests {
+            return Some(format!(
+                "{} requests in progress, above {} streams x {} each",
+                self.lives.len(),
+                c.gateways,
+                c.stream_limit
+            ));
+        }
+        if self.deliveries.len() > crate::reversals::MAX_PENDING_REVERSALS {
+            return Some(format!("{} reversals in delivery", self.deliveries.len()));
+        }
+        if self.journal.pending.len() > c.journal_queue {
+            return Some(format!(
+                "{} journal submissions waiting",
+                self.journal.pending.len()
+            ));
+        }
+        for (i, shard) in self.shards.iter().enumerate() {
+            if shard.shard.window_len() > c.window_capacity {
+                return Some(format!(
+                    "shard {i} remembers {} requests",
+                    shard.shard.window_len()
+                ));
+            }
+            if shard.queue.len() > c.shard_queue {
+                return Some(format!("shard {i} has {} queued", shard.queue.len()));
+            }
+        }
+        for (i, link) in self.links.iter().enumerate() {
+            if link.in_flight > c.max_in_flight {
+                return Some(format!("acquirer {i}: {} in flight", link.in_flight));
+            }
+        }
+        None
+    }
+
+    /// Starts (or restarts) the node from its disk, as `crate::switch::start` does.
+    pub fn start(&mut self, env: &mut Env) {
+        self.epoch += 1;
+        self.up = true;
+        let now = now_of(env.now);
+        let mut replay = Replay::new(now.unix_ms() - self.config.window_ms);
+        let report = match self.disk.replay(|seq, record| replay.record(seq, record)) {
+            Ok(report) => report,
+            Err(e) => {
+                env.violate(
+                    "journal contiguous",
+                    format!("the journal does not read back: {e:?}"),
+                );
+                return;
+            }
+        };
+        let recovery = replay.finish(report, &self.names);
+        self.scoring = Arc::new(new_scoring());
+        self.shards = (0..self.config.shards)
+            .map(|_| SimShard {
+                shard: Shard::new(
+                    10_000,
+                    DuplicateWindow::new(
+                        std::time::Duration::from_millis(self.config.window_ms as u64),
+                        self.config.window_capacity,
+                    ),
+                    Arc::new(ShardStats::default()),
+                ),
+                queue: VecDeque::new(),
+                busy: false,
+            })
+            .collect();
+        for (pan_hash, key, at_ms, original) in recovery.recent {
+            let shard = crate::switch::shard_of(pan_hash, self.config.shards);
+            self.shards[shard].shard.remember(key, at_ms, original);
+        }
+        self.lives.clear();
+        self.deliveries.clear();
+        self.waiting.clear();
+        self.journal = JournalState::default();
+        self.links = (0..self.config.acquirers)
+            .map(|_| Link::default())
+            .collect();
+        self.streams = (0..self.config.gateways)
+            .map(|_| Stream::default())
+            .collect();
+        self.cpu_free = env.now;
+        // In-doubt authorizations are queued for reversal durably before anything else.
+        let queued: Vec<Record> = recovery
+            .in_doubt
+            .iter()
+            .map(|pending| Record {
+                acquirer: pending.original.acquirer.clone(),
+                link_stan: pending.original.link_stan,
+                ..pending.original.follow_up(
+                    RecordKind::ReversalQueued,
+                    pending.request_seq,
+                    now.unix_ms(),
+                )
+            })
+            .collect();
+        if !queued.is_empty() {
+            self.disk.write(&queued);
+            let point = self.disk.written();
+            self.disk.synced_to(point);
+        }
+        for pending in recovery.in_doubt.into_iter().chain(recovery.pending) {
+            self.start_delivery(pending, env);
+        }
+        for acquirer in 0..self.config.acquirers {
+            let after = env.rng.gen_range(50 * MS..2 * SECOND);
+            env.schedule(after, super::Event::Node(NodeEvent::LinkUp(acquirer)));
+        }
+    }
+
+    /// The node dies: everything but the disk is gone, and of the disk what was synced
+    /// (and perhaps some of what was not, possibly torn).
+    pub fn crash(&mut self, env: &mut Env) {
+        self.up = false;
+        self.epoch += 1;
+        if self.disk.crash(&mut env.rng) {
+            env.counts.torn_writes += 1;
+        }
+        self.lives.clear();
+        self.deliveries.clear();
+        self.waiting.clear();
+        self.shards.clear();
+        self.links.clear();
+        self.streams.clear();
+        self.journal = JournalState::default();
+    }
+
+    /// A transmission of `request` reaches the switch.
+    pub fn receive(&mut self, env: &mut Env, request: RequestId, sent_at: Time) {
+        if !self.up {
+            return; // Refused: the gateway retransmits after its timer.
+        }
+        let gateway = env.gateways.requests[request].gateway;
+        let stream = &mut self.streams[gateway];
+        if stream.in_progress >= self.config.stream_limit {
+            stream.backlog.push_back((request, sent_at));
+            return;
+        }
+        self.read(env, gateway, request, sent_at);
+    }
+
+    fn read(&mut self, env: &mut Env, gateway: usize, request: RequestId, sent_at: Time) {
+        self.streams[gateway].in_progress += 1;
+        self.cpu_free = self.cpu_free.max(env.now) + self.config.ingress_cost;
+        let after = self.cpu_free - env.now;
+        let epoch = self.epoch;
+        env.schedule(
+            after,
+            super::Event::Node(NodeEvent::Ingress {
+                epoch,
+                request,
+                gateway,
+                sent_at,
+            }),
+        );
+    }
+
+    /// One of the node's own events.
+    pub fn handle(&mut self, env: &mut Env, event: NodeEvent) {
+        if !self.up {
+            return;
+        }
+        match event {
+            NodeEvent::Ingress {
+                epoch,
+                request,
+                gateway,
+                sent_at,
+            } if epoch == self.epoch => self.ingress(env, request, gateway, sent_at),
+            NodeEvent::ShardReady { epoch, shard } if epoch == self.epoch => {
+                self.shard_ready(env, shard)
+            }
+            NodeEvent::Synced {
+                epoch,
+                point,
+                batch,
+            } if epoch == self.epoch => {
+                self.disk.synced_to(point);
+                self.journal.syncing = false;
+                for (owner, first) in batch {
+                    if self.bug != Some(Bug::DurableBeforeSync) {
+                        self.resume(env, owner, Resumed::Durable(Ok(first)));
+                    }
+                }
+                if !self.journal.pending.is_empty() {
+                    self.start_sync(env);
+                }
+            }
+            NodeEvent::FromAcquirer {
+                epoch,
+                acquirer,
+                connection,
+                answer,
+            } if epoch == self.epoch => {
+                let link = &mut self.links[acquirer];
+                if !link.up || link.connection != connection {
+                    return; // The connection it came on is gone.
+                }
+                let stan = answer
+                    .get(fields::STAN)
+                    .and_then(|s| Stan::parse(s).ok())
+                    .map(|s| s.get());
+                match stan.and_then(|s| link.outstanding.remove(&s)) {
+                    Some(owner) => {
+                        link.in_flight -= 1;
+                        self.resume(env, owner, Resumed::Answered(answer));
+                    }
+                    // After its timeout: matched to nothing, as the real link does.
+                    None => env.counts.late_answers += 1,
+                }
+            }
+            NodeEvent::Timeout {
+                epoch,
+                acquirer,
+                stan,
+                owner,
+            } if epoch == self.epoch => {
+                let link = &mut self.links[acquirer];
+                if link.outstanding.get(&stan) == Some(&owner) {
+                    link.outstanding.remove(&stan);
+                    link.in_flight -= 1;
+                    self.resume(env, owner, Resumed::NoAnswer);
+                }
+            }
+            NodeEvent::Wake { epoch, delivery } if epoch == self.epoch => {
+                self.resume(env, Owner::Delivery(delivery), Resumed::Woke);
+            }
+            NodeEvent::WaitExpired { epoch, life } if epoch == self.epoch => {
+                if let Some(position) = self.waiting.iter().position(|w| *w == life) {
+                    self.waiting.remove(position);
+                    self.resume(env, Owner::Life(life), Resumed::Original(None));
+                }
+            }
+            NodeEvent::LinkDown(acquirer) => {
+                let link = &mut self.links[acquirer];
+                if !link.up {
+                    return;
+                }
+                link.up = false;
+                link.connection += 1;
+                let lost: Vec<Owner> = std::mem::take(&mut link.outstanding)
+                    .into_values()
+                    .collect();
+                link.in_flight -= lost.len();
+                for owner in lost {
+                    self.resume(env, owner, Resumed::NoAnswer);
+                }
+            }
+            NodeEvent::LinkUp(acquirer) => {
+                let link = &mut self.links[acquirer];
+                if !link.up {
+                    link.up = true;
+                    link.connection += 1;
+                }
+            }
+            _ => {} // An earlier incarnation's.
+        }
+    }
+
+    fn ingress(&mut self, env: &mut Env, id: RequestId, gateway: usize, sent_at: Time) {
+        let frame: Bytes = env.gateways.requests[id].frame.clone();
+        let received = now_of(env.now);
+        match ingress::admit(Message::decode_prefix(frame), || {}) {
+            Admission::Close => {
+                env.violate(
+                    "answered",
+                    format!("request {id}: the switch could not read the simulator's frame"),
+                );
+            }
+            Admission::Answer(code, response) => {
+                let reply = lifecycle::Reply { code, response };
+                self.replied(env, gateway, id, sent_at, &reply);
+            }
+            Admission::Admit {
+                request,
+                auth,
+                reversal,
+                key,
+            } => {
+                let pan_hash = self.pan_key.hash(auth.pan.expose());
+                let received_ms = received.unix_ms();
+                let shard_request = if reversal {
+                    ShardRequest::Reversal(request.clone())
+                } else {
+                    ShardRequest::Authorization(
+                        auth,
+                        self.scoring.transaction(&request, &auth, received_ms),
+                    )
+                };
+                let record = Lifecycle::request_record(&request, &auth, pan_hash, received);
+                let job = Job {
+                    request: shard_request,
+                    key,
+                    received_ms,
+                    message: request,
+                    record,
+                    gateway,
+                    id,
+                    sent_at,
+                    received,
+                };
+                let index = crate::switch::shard_of(pan_hash, self.shards.len());
+                let shard = &mut self.shards[index];
+                if shard.queue.len() >= self.config.shard_queue {
+                    let life = Lifecycle::refused(
+                        job.message,
+                        job.record,
+                        received,
+                        payswitch_protocol::ResponseCode::IssuerInoperative,
+                    );
+                    self.begin(env, life, gateway, id, sent_at);
+                    return;
+                }
+                shard.queue.push_back(job);
+                if !shard.busy {
+                    shard.busy = true;
+                    let epoch = self.epoch;
+                    env.schedule(
+                        self.config.shard_cost,
+                        super::Event::Node(NodeEvent::ShardReady {
+                            epoch,
+                            shard: index,
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    fn shard_ready(&mut self, env: &mut Env, index: usize) {
+        let shard = &mut self.shards[index];
+        let Some(job) = shard.queue.pop_front() else {
+            shard.busy = false;
+            return;
+        };
+        let (verdict, _) = shard.shard.decide(
+            job.request,
+            job.key,
+            job.received_ms,
+            &self.router,
+            &self.scoring,
+            false,
+        );
+        if shard.queue.is_empty() {
+            shard.busy = false;
+        } else {
+            let epoch = self.epoch;
+            env.schedule(
+                self.config.shard_cost,
+                super::Event::Node(NodeEvent::ShardReady {
+                    epoch,
+                    shard: index,
+                }),
+            );
+        }
+        let life = Lifecycle::new(job.message, job.record, job.received, verdict);
+        self.begin(env, life, job.gateway, job.id, job.sent_at);
+    }
+
+    fn begin(
+        &mut self,
+        env: &mut Env,
+        mut life: Lifecycle,
+        gateway: usize,
+        id: RequestId,
+        sent_at: Time,
+    ) {
+        self.next_id += 1;
+        let life_id = self.next_id;
+        let step = life.start(now_of(env.now), &self.names);
+        let live = Live {
+            life,
+            gateway,
+            request: id,
+            sent_at,
+            reservation: None,
+            original: None,
+        };
+        self.pump_life(env, life_id, live, step);
+    }
+
+    /// Carries out a lifecycle's steps until one has to wait; keeps it if it waits.
+    fn pump_life(&mut self, env: &mut Env, id: u64, mut live: Live, mut step: Step) {
+        loop {
+            let event = match step {
+                Step::Reply(reply) => {
+                    self.replied(env, live.gateway, live.request, live.sent_at, &reply);
+                    self.wake_waiters(env);
+                    return;
+                }
+                Step::Append(records) => match self.append(env, Owner::Life(id), &records) {
+                    Some(durable) => Event::Durable(durable),
+                    None => break,
+                },
+                Step::Reserve(acquirer) => match self.reserve(acquirer) {
+                    Some(stan) => {
+                        live.reservation = Some((acquirer, stan));
+                        Event::Reserved(stan)
+                    }
+                    None => Event::Unavailable,
+                },
+                Step::Send { acquirer, stan } => {
+                    let reserved = live.reservation.take();
+                    assert_eq!(
+                        reserved,
+                        Some((acquirer, stan)),
+                        "sent with the STAN reserved"
+                    );
+                    if self.send(env, Owner::Life(id), acquirer, stan, live.life.request()) {
+                        break;
+                    }
+                    Event::NotSent
+                }
+                Step::QueueReversal(pending) => {
+                    self.start_delivery(pending, env);
+                    Event::Queued
+                }
+                Step::AwaitOriginal(original) => match original.outcome_now() {
+                    Some(outcome) => Event::Original(Some(outcome.clone())),
+                    None => {
+                        live.original = Some(original);
+                        self.waiting.push(id);
+                        let epoch = self.epoch;
+                        env.schedule(
+                            lifecycle::DUPLICATE_WAIT_MS * MS,
+                            super::Event::Node(NodeEvent::WaitExpired { epoch, life: id }),
+                        );
+                        break;
+                    }
+                },
+            };
+            step = live.life.handle(event, now_of(env.now), &self.names);
+        }
+        self.lives.insert(id, live);
+    }
+
+    /// Lifecycles waiting for an original that now has its outcome get it.
+    fn wake_waiters(&mut self, env: &mut Env) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let ready: Vec<u64> = self
+            .waiting
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.lives
+                    .get(id)
+                    .and_then(|l| l.original.as_ref())
+                    .is_some_and(|o| o.outcome_now().is_some())
+            })
+            .collect();
+        self.waiting.retain(|id| !ready.contains(id));
+        for id in ready {
+            let outcome = self.lives[&id]
+                .original
+                .as_ref()
+                .and_then(|o| o.outcome_now().cloned());
+            self.resume(env, Owner::Life(id), Resumed::Original(outcome));
+        }
+    }
+
+    /// A request's reply: the stream reads on, and the answer goes back over the network.
+    fn replied(
+        &mut self,
+        env: &mut Env,
+        gateway: usize,
+        id: RequestId,
+        sent_at: Time,
+        reply: &lifecycle::Reply,
+    ) {
+        let waited = env.now - sent_at;
+        if waited > super::GATEWAY_DEADLINE {
+            env.violate(
+                "answered",
+                format!(
+                    "request {id} answered {:.1}s after the gateway sent it (deadline {}s)",
+                    waited as f64 / SECOND as f64,
+                    super::GATEWAY_DEADLINE / SECOND
+                ),
+            );
+        }
+        let stream = &mut self.streams[gateway];
+        stream.in_progress -= 1;
+        if let Some((next, next_sent)) = stream.backlog.pop_front() {
+            self.read(env, gateway, next, next_sent);
+        }
+        let answer = super::peers::Answer {
+            code: reply.code,
+            tags: reply
+                .response
+                .get_str(fields::PRIVATE_DATA)
+                .unwrap_or("")
+                .to_string(),
+        };
+        env.answer_gateway(id, answer);
+    }
+
+    /// Appends for `owner`: `Some` when the answer is immediate (the queue is full, or
+    /// the planted bug), `None` when it comes with the next sync.
+    fn append(
+        &mut self,
+        env: &mut Env,
+        owner: Owner,
+        records: &[Record],
+    ) -> Option<Result<u64, JournalError>> {
+        if self.journal.pending.len() >= self.config.journal_queue {
+            return Some(Err(JournalError::Overloaded));
+        }
+        let first = self.disk.write(records);
+        self.journal.pending.push((owner, first));
+        if !self.journal.syncing {
+            self.start_sync(env);
+        }
+        (self.bug == Some(Bug::DurableBeforeSync)).then_some(Ok(first))
+    }
+
+    fn start_sync(&mut self, env: &mut Env) {
+        let batch = std::mem::take(&mut self.journal.pending);
+        let point = self.disk.written();
+        self.journal.syncing = true;
+        let latency = if env.rng.gen_bool(0.02) {
+            env.rng.gen_range(20 * MS..120 * MS)
+        } else {
+            env.rng.gen_range(100..2 * MS)
+        };
+        let epoch = self.epoch;
+        env.schedule(
+            latency,
+            super::Event::Node(NodeEvent::Synced {
+                epoch,
+                point,
+                batch,
+            }),
+        );
+    }
+
+    fn reserve(&mut self, acquirer: usize) -> Option<Stan> {
+        let link = &mut self.links[acquirer];
+        if !link.up || link.in_flight >= self.config.max_in_flight {
+            return None;
+        }
+        link.in_flight += 1;
+        Some(link.allocate_stan())
+    }
+
+    /// Sends `message` with `stan` on the link; `false` when the link is down (nothing
+    /// sent, the place given back).
+    fn send(
+        &mut self,
+        env: &mut Env,
+        owner: Owner,
+        acquirer: usize,
+        stan: Stan,
+        message: &Message,
+    ) -> bool {
+        let link = &mut self.links[acquirer];
+        if !link.up {
+            link.in_flight -= 1;
+            return false;
+        }
+        let mut builder = message.to_builder();
+        builder
+            .set(fields::STAN, &stan.to_digits())
+            .expect("a STAN fits field 11");
+        let previous = link.outstanding.insert(stan.get(), owner);
+        assert!(previous.is_none(), "switch STAN reused while outstanding");
+        let connection = link.connection;
+        let epoch = self.epoch;
+        env.send_acquirer(acquirer, builder.build(), epoch, connection);
+        env.schedule(
+            self.config.timeout,
+            super::Event::Node(NodeEvent::Timeout {
+                epoch,
+                acquirer,
+                stan: stan.get(),
+                owner,
+            }),
+        );
+        true
+    }
+
+    fn start_delivery(&mut self, pending: PendingReversal, env: &mut Env) {
+        if self.deliveries.len() >= crate::reversals::MAX_PENDING_REVERSALS {
+            return; // Left in the journal for the next start, as the switch does.
+        }
+        let Some(mut delivery) = Delivery::new(pending, now_of(env.now)) else {
+            env.violate(
+                "reversals converge",
+                "a queued reversal cannot be built".into(),
+            );
+            return;
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        let step = delivery.start();
+        self.pump_delivery(
+            env,
+            id,
+            LiveDelivery {
+                delivery,
+                reservation: None,
+            },
+            step,
+        );
+    }
+
+    fn pump_delivery(
+        &mut self,
+        env: &mut Env,
+        id: u64,
+        mut live: LiveDelivery,
+        mut step: DeliveryStep,
+    ) {
+        loop {
+            let event = match step {
+                DeliveryStep::Done(done) => {
+                    if done == Delivered::Acknowledged {
+                        env.counts.reversals_acknowledged += 1;
+                    }
+                    return;
+                }
+                DeliveryStep::Reserve(acquirer) => match self.reserve(acquirer) {
+                    Some(stan) => {
+                        live.reservation = Some((acquirer, stan));
+                        DeliveryEvent::Reserved(stan)
+                    }
+                    None => DeliveryEvent::Unavailable,
+                },
+                DeliveryStep::Append(records) => {
+                    match self.append(env, Owner::Delivery(id), &records) {
+                        Some(durable) => DeliveryEvent::Durable(durable),
+                        None => break,
+                    }
+                }
+                DeliveryStep::Send { acquirer, stan } => {
+                    let reserved = live.reservation.take();
+                    assert_eq!(
+                        reserved,
+                        Some((acquirer, stan)),
+                        "sent with the STAN reserved"
+                    );
+                    if self.send(
+                        env,
+                        Owner::Delivery(id),
+                        acquirer,
+                        stan,
+                        live.delivery.message(),
+                    ) {
+                        break;
+                    }
+                    DeliveryEvent::NoAnswer
+                }
+                DeliveryStep::Sleep(ms) => {
+                    let epoch = self.epoch;
+                    env.schedule(
+                        ms * MS,
+                        super::Event::Node(NodeEvent::Wake {
+                            epoch,
+                            delivery: id,
+                        }),
+                    );
+                    break;
+                }
+            };
+            step = live.delivery.handle(event, now_of(env.now));
+        }
+        self.deliveries.insert(id, live);
+    }
+
+    /// Hands `what` to the lifecycle or delivery `owner` that waits for it.
+    fn resume(&mut self, env: &mut Env, owner: Owner, what: Resumed) {
+        let now = now_of(env.now);
+        match owner {
+            Owner::Life(id) => {
+                let Some(mut live) = self.lives.remove(&id) else {
+                    return;
+                };
+                let event = match what {
+                    Resumed::Durable(durable) => Event::Durable(durable),
+                    Resumed::Answered(answer) => Event::Answered(answer),
+                    Resumed::NoAnswer => Event::NoAnswer,
+                    Resumed::Original(outcome) => Event::Original(outcome),
+                    Resumed::Woke => unreachable!("lifecycles do not sleep"),
+                };
+                let step = live.life.handle(event, now, &self.names);
+                self.pump_life(env, id, live, step);
+            }
+            Owner::Delivery(id) => {
+                let Some(mut live) = self.deliveries.remove(&id) else {
+                    return;
+                };
+                let event = match what {
+                    Resumed::Durable(durable) => DeliveryEvent::Durable(durable),
+                    Resumed::Answered(answer) => DeliveryEvent::Answered(answer),
+                    Resumed::NoAnswer => DeliveryEvent::NoAnswer,
+                    Resumed::Woke => DeliveryEvent::Woke,
+                    Resumed::Original(_) => unreachable!("deliveries wait for no original"),
+                };
+                let step = live.delivery.handle(event, now);
+                self.pump_delivery(env, id, live, step);
+            }
+        }
+    }
+}
+
+/// What a waiting lifecycle or delivery is handed.
+#[allow(clippy::large_enum_variant)]
+enum Resumed {
+    Durable(Result<u64, JournalError>),
+    Answered(Message),
+    NoAnswer,
+    Original(Option<crate::duplicates::Outcome>),
+    Woke,
+}
+
+fn new_scoring() -> Scoring {
+    let rules = RuleSet::load(None, crate::scoring::rule_variables())
+        .expect("no rules file: nothing to fail");
+    // A budget no simulated scoring exceeds: the decision must not depend on how fast
+    // the machine running the simulator is.
+    Scoring::new(
+        Arc::new(rules),
+        std::time::Duration::from_secs(3600),
+        EventTime::Clock,
+        10_000,
+    )
+}
