@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use payswitch_loadtest::utc::UtcDateTime;
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{fields, Message, Mti};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -117,7 +117,10 @@ impl StoreAndForward {
 
     async fn deliver(&self, reversal: PendingReversal) {
         let link = &self.links[reversal.acquirer];
-        let Some(message) = reversal_message(&reversal.original, UtcDateTime::now()) else {
+        let Some(message) = reversal_message(
+            &reversal.original,
+            UtcDateTime::from_system_time(std::time::SystemTime::now()),
+        ) else {
             tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal from the journal record");
             return;
         };
