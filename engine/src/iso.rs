@@ -1,4 +1,4 @@
-//! `payswitch iso decode|encode`: ISO 8583 messages as hex lines <-> JSON lines.
+//! ISO 8583 messages as hex lines <-> JSON lines: what `payswitch iso decode|encode` runs.
 //!
 //! Tooling for gateway teams: it prints the messages it is given, PAN included — that is
 //! its job. Its *errors* never carry field data: every reason comes from the codec's typed
@@ -10,7 +10,6 @@
 //! fields (PIN block, ICC data, MACs) as lowercase hex. Bitmaps are implied by the fields.
 
 use std::io::{self, BufRead, Write};
-use std::process::ExitCode;
 
 use bytes::Bytes;
 use payswitch_protocol::spec::{self, Encoding};
@@ -26,15 +25,6 @@ const MAX_LINE_BYTES: usize = 512 * 1024;
 /// Longest JSON field key taken as a number and named in errors. Field numbers have at most
 /// three digits; a longer key is not echoed, since it could be a PAN pasted in the wrong place.
 const MAX_FIELD_KEY_DIGITS: usize = 3;
-
-/// The `iso` subcommands.
-#[derive(clap::Subcommand, Debug)]
-pub enum IsoCommand {
-    /// Hex messages (one per line, no frame header) on stdin to JSON lines on stdout.
-    Decode,
-    /// JSON lines on stdin to hex messages on stdout.
-    Encode,
-}
 
 /// Why a hex string could not be read. Says where, never which character.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -330,25 +320,6 @@ pub fn run_lines(
                 // Nothing useful is left to do if stderr itself is gone.
                 let _ = writeln!(errors, "line {line_number}: {error}");
             }
-        }
-    }
-}
-
-/// Runs an `iso` subcommand over stdin/stdout.
-pub fn run(command: IsoCommand) -> ExitCode {
-    let convert = match command {
-        IsoCommand::Decode => decode_line,
-        IsoCommand::Encode => encode_line,
-    };
-    let mut input = io::stdin().lock();
-    let mut output = io::stdout().lock();
-    let mut errors = io::stderr().lock();
-    match run_lines(&mut input, &mut output, &mut errors, convert) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(error) => {
-            let _ = writeln!(errors, "error: {error}");
-            ExitCode::FAILURE
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The payswitch engine: the switch between gateways and acquirers, and its binary.
+//! The payswitch engine: the switch between gateways and acquirers, as a library.
 //!
 //! Read in this order:
 //! - [`config`]: the TOML configuration (listeners, TLS, pipeline limits, acquirers, routes).
@@ -14,28 +14,27 @@
 //!   store-and-forward queue; [`recovery`]: what the journal says at start.
 //! - [`metrics`]: latency histograms per stage; [`stats`]: `/api/stats` and `/metrics`;
 //!   [`admin`]: the admin HTTP listener and the dashboard.
-//! - [`serve`], [`demo`], [`iso`]: the `payswitch serve`, `demo` and `iso` subcommands.
+//! - [`iso`]: ISO 8583 messages as JSON lines and back (`payswitch iso`).
 //!
-//! The wire format lives in `payswitch-protocol` (sans-IO), sockets in `payswitch-net`.
+//! The wire format and its UTC time live in `payswitch-protocol` (sans-IO), sockets in
+//! `payswitch-net`. The `payswitch` binary is the `payswitch-cli` crate: argument parsing,
+//! logging set-up and the runner of every subcommand (`serve`, `demo`, `model`, `journal`,
+//! …) over this library; nothing here knows about the command line or the load tools.
 
 pub mod acquirer;
 pub mod admin;
 pub mod config;
-pub mod demo;
 pub mod duplicates;
 pub mod ingress;
 pub mod iso;
 pub mod journal;
 pub mod lifecycle;
-pub mod logging;
 pub mod metrics;
-pub mod model_cli;
 pub mod recovery;
 pub mod reversals;
 pub mod router;
 pub mod rules;
 pub mod scoring;
-pub mod serve;
 pub mod shard;
 pub mod sim;
 pub mod stats;

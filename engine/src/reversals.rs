@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use payswitch_loadtest::utc::UtcDateTime;
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{fields, Message, Mti, Stan};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -256,8 +256,7 @@ impl Delivery {
     /// The delivery of `reversal`, its 0400 stamped `now`; `None` when the journal record
     /// cannot make a reversal (logged).
     pub fn new(reversal: PendingReversal, now: Now) -> Option<Delivery> {
-        let stamped =
-            UtcDateTime::from_unix_seconds(u64::try_from(now.unix_ms() / 1000).unwrap_or(0));
+        let stamped = UtcDateTime::from_unix_ms(u64::try_from(now.unix_ms()).unwrap_or(0));
         let Some(message) = reversal_message(&reversal.original, stamped) else {
             tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal from the journal record");
             return None;

@@ -16,7 +16,7 @@ use payswitch_models::features::{
     self, CardVelocity, EntityVelocity, Features, Transaction, FEATURE_NAMES,
 };
 use payswitch_models::model::{Decision, Model};
-use payswitch_protocol::{fields, Message};
+use payswitch_protocol::{fields, Message, TransmissionTime};
 
 use crate::rules::{Action, RuleSet};
 use crate::validate::Authorization;
@@ -285,8 +285,8 @@ impl Scoring {
             EventTime::Clock => now_ms,
             EventTime::Transmission => request
                 .get(fields::TRANSMISSION_TIME)
-                .and_then(|raw| transmission_time_ms(raw, now_ms))
-                .unwrap_or(now_ms),
+                .and_then(|raw| TransmissionTime::parse(raw).ok())
+                .map_or(now_ms, |sent| sent.unix_ms_nearest(now_ms)),
         };
         let merchant = request.get(fields::MERCHANT).unwrap_or_default();
         Transaction {
@@ -500,36 +500,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Field 7 (MMDDhhmmss, UTC) as Unix ms, taking the year that puts it nearest `now_ms`.
-fn transmission_time_ms(raw: &[u8], now_ms: i64) -> Option<i64> {
-    if raw.len() != 10 || !raw.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let pair = |i: usize| i64::from(raw[i] - b'0') * 10 + i64::from(raw[i + 1] - b'0');
-    let (month, day, hour, minute, second) = (pair(0), pair(2), pair(4), pair(6), pair(8));
-    let now_days = now_ms.div_euclid(86_400_000);
-    let year = year_of_days(now_days);
-    [year - 1, year, year + 1]
-        .into_iter()
-        .map(|y| {
-            let days = payswitch_models::data::days_from_civil(y, month, day);
-            ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000
-        })
-        .min_by_key(|t| (t - now_ms).abs())
-}
-
-fn year_of_days(days: i64) -> i64 {
-    // Civil-from-days (Howard Hinnant), year only.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    yoe + era * 400 + i64::from(month <= 2)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,23 +509,5 @@ mod tests {
         let text = include_str!("../../config/rules.example.toml");
         let rules = crate::rules::Rules::parse(text, rule_variables()).unwrap();
         assert_eq!(rules.names().count(), 3);
-    }
-
-    #[test]
-    fn transmission_time_takes_the_nearest_year() {
-        let now = payswitch_models::data::parse_rfc3339_utc_ms("2026-11-25T13:45:00Z").unwrap();
-        let t = transmission_time_ms(b"1125123045", now).unwrap();
-        assert_eq!(
-            Some(t),
-            payswitch_models::data::parse_rfc3339_utc_ms("2026-11-25T12:30:45Z")
-        );
-        let new_year =
-            payswitch_models::data::parse_rfc3339_utc_ms("2027-01-01T00:00:10Z").unwrap();
-        let t = transmission_time_ms(b"1231235959", new_year).unwrap();
-        assert_eq!(
-            Some(t),
-            payswitch_models::data::parse_rfc3339_utc_ms("2026-12-31T23:59:59Z")
-        );
-        assert_eq!(transmission_time_ms(b"11251230", now), None);
     }
 }

@@ -1,7 +1,8 @@
 //! What the switch accepts, and how it answers: pure functions over messages.
 
 use payswitch_protocol::{
-    fields, AmountMinor, CurrencyCode, Mcc, Message, Mti, Pan, ResponseCode, Rrn, Stan, ValueError,
+    fields, AmountMinor, CurrencyCode, Mcc, Message, Mti, Pan, ResponseCode, Rrn, Stan,
+    TransmissionTime, ValueError,
 };
 
 /// What a request asks of the switch, by its MTI.
@@ -48,19 +49,6 @@ fn digits(raw: &[u8], len: usize) -> bool {
     raw.len() == len && raw.iter().all(u8::is_ascii_digit)
 }
 
-/// MMDDhhmmss with plausible ranges.
-fn transmission_time_ok(raw: &[u8]) -> bool {
-    if !digits(raw, 10) {
-        return false;
-    }
-    let pair = |i: usize| u32::from(raw[i] - b'0') * 10 + u32::from(raw[i + 1] - b'0');
-    (1..=12).contains(&pair(0))
-        && (1..=31).contains(&pair(2))
-        && pair(4) <= 23
-        && pair(6) <= 59
-        && pair(8) <= 59
-}
-
 /// Checks a request's required fields: 30 for a missing or malformed one, 14 for a PAN
 /// that fails only the Luhn check. Format errors win over Luhn: a request with both is 30.
 pub fn validate(msg: &Message) -> Result<Authorization, ResponseCode> {
@@ -72,7 +60,7 @@ pub fn validate(msg: &Message) -> Result<Authorization, ResponseCode> {
     }
     let field = |n| msg.get(n).unwrap_or_default();
     if !digits(field(fields::PROCESSING_CODE), 6)
-        || !transmission_time_ok(field(fields::TRANSMISSION_TIME))
+        || TransmissionTime::parse(field(fields::TRANSMISSION_TIME)).is_err()
     {
         return Err(FORMAT);
     }

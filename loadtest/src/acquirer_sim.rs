@@ -11,12 +11,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use payswitch_net::serve::{serve_quic, serve_tcp};
 use payswitch_net::{codes, quic, Handler, Limits, Reply, ServeStats, TlsIdentity};
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{
     fields, AmountMinor, CurrencyCode, DecodeError, Message, Mti, Pan, ResponseCode, Rrn, Stan,
 };
@@ -30,7 +31,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cards::log_normal;
-use crate::utc::UtcDateTime;
 
 /// Command-line arguments of `payswitch acquirer-sim`.
 #[derive(clap::Args, Debug, Clone)]
@@ -547,7 +547,11 @@ fn start_ledger(path: &std::path::Path) -> anyhow::Result<(mpsc::Sender<Vec<u8>>
 impl SimHandler {
     fn answer(&self, frame: &Bytes) -> Option<(Message, Duration, Option<Vec<u8>>)> {
         let (request, error) = Message::decode_prefix(frame.clone()).ok()?;
-        let (response, code) = self.issuer.respond(&request, error, UtcDateTime::now())?;
+        let (response, code) = self.issuer.respond(
+            &request,
+            error,
+            UtcDateTime::from_system_time(SystemTime::now()),
+        )?;
         self.stats.record(kind(request.mti()), code);
         let delay = self
             .latency

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context};
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{fields, EncodeError, Message, Mti, Pan, Stan};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-use crate::utc::UtcDateTime;
 
 /// Default BINs: one Visa-like, one Mastercard-like, so a switch can route by BIN between
 /// two acquirers.
@@ -110,7 +109,7 @@ impl CardPool {
             .map(|i| {
                 let raw = pan_with_bin(bins[i % bins.len()].as_ref(), &mut rng);
                 let pan = Pan::parse(raw.as_bytes()).context("generated PAN")?;
-                let year = now.year + rng.gen_range(1..=EXPIRY_YEARS_AHEAD);
+                let year = now.year() + rng.gen_range(1..=EXPIRY_YEARS_AHEAD);
                 let month = rng.gen_range(1..=12u32);
                 let expiry = format!("{:02}{month:02}", year % 100);
                 Ok(Card { pan, expiry })
@@ -482,7 +481,7 @@ mod tests {
             let yy: u32 = card.expiry[..2].parse().unwrap();
             let mm: u32 = card.expiry[2..].parse().unwrap();
             assert!((1..=12).contains(&mm));
-            assert!(2000 + yy > now().year, "expiry {} not ahead", card.expiry);
+            assert!(2000 + yy > now().year(), "expiry {} not ahead", card.expiry);
         }
     }
 

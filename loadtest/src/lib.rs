@@ -11,12 +11,10 @@
 //!   With `--data` it replays a labeled file and reports fraud caught and legitimate declined.
 //! - [`workload`]: `payswitch gen-data`, a seeded population and a time-ordered stream of
 //!   labeled transactions with fraud scenarios, in the `payswitch_models::data` format.
-//! - [`utc`]: calendar fields from Unix seconds, for field 7 and expiry months.
 //!
 //! Full PANs exist here only to go on the wire; anything printed shows them masked.
 
 pub mod acquirer_sim;
 pub mod cards;
 pub mod load;
-pub mod utc;
 pub mod workload;

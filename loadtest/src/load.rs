@@ -28,13 +28,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context};
 use bytes::BytesMut;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use payswitch_net::framed::write_message;
 use payswitch_net::{codes, quic, ClientTrust, FrameReader};
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{fields, Message, Stan, DEFAULT_MAX_FRAME};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -51,7 +52,6 @@ pub use report::{LabelReport, Report};
 use crate::cards::{
     authorization, sample_amount_minor, CardPool, RrnGenerator, StanCounter, Terminal, DEFAULT_BINS,
 };
-use crate::utc::UtcDateTime;
 
 /// Command-line arguments of `payswitch load`.
 #[derive(clap::Args, Debug, Clone)]
@@ -384,7 +384,15 @@ impl Synthetic {
         let (terminal, stans) = &mut self.terminals[index];
         let stan = stans.next_stan();
         let rrn = self.rrns.next_rrn();
-        let request = authorization(card, amount, terminal, stan, &rrn, UtcDateTime::now()).ok()?;
+        let request = authorization(
+            card,
+            amount,
+            terminal,
+            stan,
+            &rrn,
+            UtcDateTime::from_system_time(SystemTime::now()),
+        )
+        .ok()?;
         let key = key_of(&request)?;
         Some((request, key))
     }
@@ -617,7 +625,7 @@ impl Source {
                 config.cards,
                 &config.bins,
                 config.seed,
-                UtcDateTime::now(),
+                UtcDateTime::from_system_time(SystemTime::now()),
             )?)),
         })
     }

@@ -17,10 +17,10 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Context};
 use payswitch_models::data::{parse_rfc3339_utc_ms, write_all, LabeledTransaction};
+use payswitch_protocol::time::UtcDateTime;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::utc::UtcDateTime;
 pub use population::{Population, COUNTRIES};
 pub use scenarios::Scenario;
 
@@ -204,12 +204,12 @@ pub fn rfc3339_ms(ms: i64) -> String {
     let t = UtcDateTime::from_unix_seconds(ms / 1000);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year,
-        t.month,
-        t.day,
-        t.hour,
-        t.minute,
-        t.second,
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
         ms % 1000
     )
 }

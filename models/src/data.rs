@@ -201,19 +201,9 @@ pub fn parse_rfc3339_utc_ms(text: &str) -> Option<i64> {
         .chain(std::iter::repeat(b'0'))
         .take(3)
         .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
-    let days = days_from_civil(year, month, day);
+    // Month and day are range-checked above.
+    let days = payswitch_protocol::time::days_from_civil(year, month as u32, day as u32);
     Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

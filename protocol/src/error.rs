@@ -130,6 +130,12 @@ pub enum ValueError {
     /// A PAN whose Luhn check digit is wrong.
     #[error("PAN fails the Luhn check")]
     Luhn,
+    /// A part of the value outside its range (a month 13, an hour 24).
+    #[error("out of range at offset {offset}")]
+    OutOfRange {
+        /// Offset of the part's first character.
+        offset: usize,
+    },
 }
 
 /// Why a frame could not be taken from a byte stream.

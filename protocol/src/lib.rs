@@ -10,17 +10,21 @@
 //! - [`types`]: newtypes for what the switch reads — [`Pan`] (Luhn-checked, never printed in
 //!   full), [`Stan`], [`Rrn`], [`AmountMinor`], [`CurrencyCode`], [`Mcc`], [`Mti`] — and the
 //!   [`ResponseCode`]s of the wire contract.
+//! - [`time`]: UTC calendar time — [`UtcDateTime`] from Unix time, field 7
+//!   ([`TransmissionTime`]) and the year it belongs to. The caller passes the time in.
 //! - [`error`]: typed errors that name the field and the reason, never its data.
 
 pub mod error;
 pub mod framing;
 pub mod message;
 pub mod spec;
+pub mod time;
 pub mod types;
 
 pub use error::{DecodeError, EncodeError, FieldError, FrameError, ValueError};
 pub use framing::{encode_frame, FrameDecoder, DEFAULT_MAX_FRAME};
 pub use message::{Message, MessageBuilder};
+pub use time::{TransmissionTime, UtcDateTime};
 pub use types::{AmountMinor, CurrencyCode, Mcc, Mti, Pan, ResponseCode, Rrn, Stan};
 
 /// Field numbers of the data elements the switch reads or writes, by name.

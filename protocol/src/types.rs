@@ -5,7 +5,11 @@ use std::fmt;
 
 use crate::error::ValueError;
 
-fn check_digits(raw: &[u8], expected: &'static str, len: usize) -> Result<(), ValueError> {
+pub(crate) fn check_digits(
+    raw: &[u8],
+    expected: &'static str,
+    len: usize,
+) -> Result<(), ValueError> {
     if raw.len() != len {
         return Err(ValueError::Length {
             expected,

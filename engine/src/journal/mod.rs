@@ -10,7 +10,6 @@
 //! What the switch does with the records on start (in-doubt authorizations, the reversal
 //! queue, the duplicate window) lives in `crate::recovery`.
 
-pub mod bench;
 pub mod record;
 pub mod segment;
 pub mod writer;
@@ -87,7 +86,7 @@ impl PanKey {
 }
 
 /// Export formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
     /// One JSON object per line.
     Jsonl,
@@ -201,79 +200,4 @@ pub fn export(dir: &Path, format: ExportFormat, out: impl Write) -> anyhow::Resu
         Sink::Jsonl(out) => out.flush()?,
     }
     Ok(report)
-}
-
-/// `payswitch journal …`.
-#[derive(Debug, clap::Subcommand)]
-pub enum JournalCommand {
-    /// Check every record's checksum and the sequence; cut off a torn final record (a
-    /// crash mid-write). Exit 0 only when the journal is intact (after such a cut).
-    Verify {
-        /// The journal directory.
-        dir: std::path::PathBuf,
-        /// Report a torn tail without cutting it off.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Measure append throughput and latency with group commit.
-    Bench(bench::BenchArgs),
-    /// Write every record as JSON lines or CSV to standard output.
-    Export {
-        /// The journal directory.
-        dir: std::path::PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "jsonl")]
-        format: ExportFormat,
-    },
-}
-
-/// Runs a `journal` subcommand.
-pub fn run(command: JournalCommand) -> anyhow::Result<()> {
-    match command {
-        JournalCommand::Verify { dir, dry_run } => {
-            anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
-            let report = scan(&dir, !dry_run, |_, _| {})?;
-            if let Some(torn) = &report.torn_tail {
-                eprintln!(
-                    "torn final record: {} bytes at byte {} of {} ({})",
-                    torn.bytes,
-                    torn.offset,
-                    torn.path.display(),
-                    if torn.truncated {
-                        "cut off"
-                    } else {
-                        "left in place: --dry-run"
-                    }
-                );
-            }
-            println!(
-                "journal intact: {} records in {} segments, sequence {}..={}",
-                report.records,
-                report.segments,
-                report.first_seq.unwrap_or(0),
-                report.last_seq.unwrap_or(0),
-            );
-            anyhow::ensure!(
-                report.torn_tail.as_ref().is_none_or(|t| t.truncated),
-                "torn final record not cut off (--dry-run)"
-            );
-            Ok(())
-        }
-        JournalCommand::Bench(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(bench::run_cli(args)),
-        JournalCommand::Export { dir, format } => {
-            anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
-            let report = export(&dir, format, io::stdout().lock())?;
-            if let Some(torn) = &report.torn_tail {
-                eprintln!(
-                    "warning: torn final record in {} left out ({} bytes)",
-                    torn.path.display(),
-                    torn.bytes
-                );
-            }
-            Ok(())
-        }
-    }
 }

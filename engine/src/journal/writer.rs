@@ -39,7 +39,7 @@ pub const RUNWAY_BYTES: u64 = 4 << 20;
 pub const MAX_BATCH_SUBMISSIONS: usize = 4096;
 
 /// When records are synced to the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
     /// `fdatasync` after every group commit, before any of its callers is answered:

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{fields, Message, Mti};
 use rand::Rng;
 
@@ -113,24 +114,9 @@ fn luhn_complete(body: &str) -> String {
     format!("{body}{}", (10 - sum % 10) % 10)
 }
 
-/// MMDDhhmmss for Unix seconds (UTC).
-pub fn transmission_time(unix_s: i64) -> String {
-    let days = unix_s.div_euclid(86_400);
-    let secs = unix_s.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant), month and day only.
-    let z = days + 719_468;
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    format!(
-        "{month:02}{day:02}{:02}{:02}{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+/// Field 7 (MMDDhhmmss, UTC) for Unix seconds.
+fn transmission_time(unix_s: i64) -> String {
+    UtcDateTime::from_unix_seconds(u64::try_from(unix_s).unwrap_or(0)).transmission_time()
 }
 
 fn encode(message: &Message) -> Bytes {

@@ -2,13 +2,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::time::SystemTime;
 
 use anyhow::{ensure, Context};
 use payswitch_models::data::{read_all, LabeledTransaction};
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{Message, Stan};
 
 use crate::cards::{labeled_authorization, StanCounter};
-use crate::utc::UtcDateTime;
 
 /// Largest data file read. The file is loaded whole (about 250 bytes of memory per row
 /// against about 100 in the file): 256 MiB is some 2.5 million rows and 600 MiB of memory,
@@ -70,8 +71,8 @@ impl DataSet {
     }
 
     pub(crate) fn from_rows(rows: Vec<LabeledTransaction>) -> anyhow::Result<DataSet> {
-        let now = UtcDateTime::now();
-        let expiry = format!("{:02}12", (now.year + EXPIRY_YEARS_AHEAD) % 100);
+        let now = UtcDateTime::from_system_time(SystemTime::now());
+        let expiry = format!("{:02}12", (now.year() + EXPIRY_YEARS_AHEAD) % 100);
         let mut stans: HashMap<String, StanCounter> = HashMap::new();
         let mut scenarios: Vec<String> = Vec::new();
         let mut out = Vec::with_capacity(rows.len());

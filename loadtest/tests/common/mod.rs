@@ -3,16 +3,16 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
 use payswitch_loadtest::cards::{
     authorization, pan_with_bin, Card, RrnGenerator, Terminal, DEFAULT_BINS,
 };
-use payswitch_loadtest::utc::UtcDateTime;
 use payswitch_net::framed::write_message;
 use payswitch_net::{quic, ClientTrust, FrameReader};
+use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{Message, Pan, Stan};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -75,12 +75,18 @@ pub fn card(seed: u64, expiry: &str) -> Card {
 
 /// An expiry a few years ahead.
 pub fn future_expiry() -> String {
-    format!("{:02}12", (UtcDateTime::now().year + 3) % 100)
+    format!(
+        "{:02}12",
+        (UtcDateTime::from_system_time(SystemTime::now()).year() + 3) % 100
+    )
 }
 
 /// December of last year: expired.
 pub fn past_expiry() -> String {
-    format!("{:02}12", (UtcDateTime::now().year - 1) % 100)
+    format!(
+        "{:02}12",
+        (UtcDateTime::from_system_time(SystemTime::now()).year() - 1) % 100
+    )
 }
 
 /// A 0100 of `card` for `amount_minor` from terminal 1.
@@ -92,7 +98,7 @@ pub fn request(card: &Card, amount_minor: u64, stan: u32) -> Message {
         &Terminal::synthetic(1),
         Stan::new(stan).unwrap(),
         &rrn,
-        UtcDateTime::now(),
+        UtcDateTime::from_system_time(SystemTime::now()),
     )
     .unwrap()
 }

@@ -20,12 +20,14 @@ use payswitch_loadtest::workload::{self, GenConfig};
 use payswitch_models::model::{Model, ModelKind};
 use payswitch_models::train::{self, TrainOptions};
 
-use crate::config::{
+use payswitch::config::{
     AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig, ScoringConfig,
 };
-use crate::journal::JournalConfig;
-use crate::scoring::EventTime;
-use crate::switch::{self, RunningSwitch, Security};
+use payswitch::journal::JournalConfig;
+use payswitch::scoring::EventTime;
+use payswitch::switch::{self, RunningSwitch, Security};
+
+use crate::journal::FsyncArg;
 
 /// Arguments of `payswitch demo`.
 #[derive(clap::Args, Debug, Clone)]
@@ -84,7 +86,7 @@ pub struct DemoArgs {
     pub admin: Option<std::net::SocketAddr>,
     /// When journal records reach the disk: `always` or `never`.
     #[arg(long, value_enum, default_value = "always")]
-    pub fsync: crate::journal::FsyncPolicy,
+    pub fsync: FsyncArg,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,7 +120,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         dir: args.journal.clone().unwrap_or_else(|| {
             std::env::temp_dir().join(format!("payswitch-demo-journal-{}", std::process::id()))
         }),
-        fsync: args.fsync,
+        fsync: args.fsync.into(),
         ..JournalConfig::default()
     };
     let baseline = if args.compare_no_journal {

@@ -1,4 +1,24 @@
 //! `payswitch`: the switch and its tools in one binary.
+//!
+//! The binary is thin: each module parses one subcommand's arguments and runs it over the
+//! libraries — the switch (`payswitch`), the models (`payswitch_models`) and the load tools
+//! (`payswitch_loadtest`).
+//!
+//! - [`serve`]: `payswitch serve`, flags and config file to a running switch.
+//! - [`demo`]: `payswitch demo`, simulated acquirers, the switch and a load in one process.
+//! - [`model`]: `payswitch model train|eval|inspect|bench|deploy`.
+//! - [`journal`]: `payswitch journal verify|export|bench`.
+//! - [`iso`]: `payswitch iso decode|encode`.
+//! - [`logging`]: the `tracing` subscriber.
+//!
+//! `acquirer-sim`, `load` and `gen-data` take their arguments from `payswitch_loadtest`.
+
+mod demo;
+mod iso;
+mod journal;
+mod logging;
+mod model;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -16,9 +36,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the switch.
-    Serve(payswitch::serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Two simulated acquirers, the switch and a load, in one process: the first command to try.
-    Demo(payswitch::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Run a simulated acquirer/issuer.
     AcquirerSim(payswitch_loadtest::acquirer_sim::SimArgs),
     /// Send an open-loop load of authorizations and report latency and response codes.
@@ -27,24 +47,24 @@ enum Command {
     GenData(payswitch_loadtest::workload::GenDataArgs),
     /// Fraud models: train, evaluate, inspect, benchmark.
     #[command(subcommand)]
-    Model(payswitch::model_cli::ModelCommand),
+    Model(model::ModelCommand),
     /// ISO 8583 tooling: hex <-> JSON, one message per line.
     #[command(subcommand)]
-    Iso(payswitch::iso::IsoCommand),
+    Iso(iso::IsoCommand),
     /// The journal: verify checksums and sequence, export records.
     #[command(subcommand)]
-    Journal(payswitch::journal::JournalCommand),
+    Journal(journal::JournalCommand),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Iso(command) => payswitch::iso::run(command),
+        Command::Iso(command) => iso::run(command),
         Command::GenData(args) => report(payswitch_loadtest::workload::run(args)),
-        Command::Model(command) => report(payswitch::model_cli::run(command)),
-        Command::Journal(command) => report(payswitch::journal::run(command)),
+        Command::Model(command) => report(model::run(command)),
+        Command::Journal(command) => report(journal::run(command)),
         command => {
-            payswitch::logging::init();
+            logging::init();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -57,8 +77,8 @@ fn main() -> std::process::ExitCode {
             };
             let result = runtime.block_on(async move {
                 match command {
-                    Command::Serve(args) => payswitch::serve::run(args).await,
-                    Command::Demo(args) => payswitch::demo::run(args).await,
+                    Command::Serve(args) => serve::run(args).await,
+                    Command::Demo(args) => demo::run(args).await,
                     Command::AcquirerSim(args) => payswitch_loadtest::acquirer_sim::run(args).await,
                     Command::Load(args) => payswitch_loadtest::load::run_cli(args).await,
                     Command::Iso(_)

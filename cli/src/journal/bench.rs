@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::{FsyncPolicy, Journal, JournalConfig, Record, RecordKind};
+use payswitch::journal::{FsyncPolicy, Journal, JournalConfig, Record, RecordKind};
+
+use super::FsyncArg;
 
 /// Arguments of `payswitch journal bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -28,7 +30,7 @@ pub struct BenchArgs {
     pub duration: Duration,
     /// Sync policy.
     #[arg(long, value_enum, default_value = "always")]
-    pub fsync: FsyncPolicy,
+    pub fsync: FsyncArg,
     /// Group-commit window, microseconds.
     #[arg(long, default_value_t = 0)]
     pub group_commit_window_us: u64,
@@ -101,7 +103,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .tempdir_in(&args.dir)?;
     let config = JournalConfig {
         dir: dir.path().to_owned(),
-        fsync: args.fsync,
+        fsync: args.fsync.into(),
         group_commit_window_us: args.group_commit_window_us,
         ..JournalConfig::default()
     };
@@ -140,7 +142,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let records = stats.records.load(Relaxed);
     let commits = stats.commits.load(Relaxed).max(1);
     Ok(BenchReport {
-        fsync: args.fsync,
+        fsync: args.fsync.into(),
         group_commit_window_us: args.group_commit_window_us,
         appenders: args.appenders,
         records_per_s: records as f64 / elapsed,

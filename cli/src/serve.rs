@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, TlsConfig};
-use crate::switch::{self, Security};
+use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, TlsConfig};
+use payswitch::switch::{self, Security};
+
+use crate::journal::FsyncArg;
 
 /// Arguments of `payswitch serve`.
 #[derive(clap::Args, Debug, Clone)]
@@ -67,7 +69,7 @@ pub struct ServeArgs {
     /// When journal records reach the disk: `always` (fdatasync per group commit) or
     /// `never` (survives a crash of the switch, not of the machine).
     #[arg(long, value_enum)]
-    pub fsync: Option<crate::journal::FsyncPolicy>,
+    pub fsync: Option<FsyncArg>,
     /// Group-commit window, microseconds.
     #[arg(long)]
     pub group_commit_window_us: Option<u64>,
@@ -134,8 +136,8 @@ impl ServeArgs {
         }
         if let Some(event_time) = self.event_time {
             config.scoring.event_time = match event_time {
-                EventTimeArg::Clock => crate::scoring::EventTime::Clock,
-                EventTimeArg::Transmission => crate::scoring::EventTime::Transmission,
+                EventTimeArg::Clock => payswitch::scoring::EventTime::Clock,
+                EventTimeArg::Transmission => payswitch::scoring::EventTime::Transmission,
             };
         }
         if let Some(dir) = &self.journal {
@@ -145,7 +147,7 @@ impl ServeArgs {
             config.journal.enabled = false;
         }
         if let Some(fsync) = self.fsync {
-            config.journal.fsync = fsync;
+            config.journal.fsync = fsync.into();
         }
         if let Some(window) = self.group_commit_window_us {
             config.journal.group_commit_window_us = window;

@@ -1,4 +1,4 @@
-//! `payswitch model train|eval|inspect|bench`: the thin I/O shell around
+//! `payswitch model train|eval|inspect|bench|deploy`: the thin I/O shell around
 //! `payswitch_models` (which reads no file and no clock itself).
 
 use std::path::{Path, PathBuf};
