@@ -9,6 +9,7 @@
 //! - [`model`]: `payswitch model train|eval|inspect|bench|deploy`.
 //! - [`journal`]: `payswitch journal verify|export|bench`.
 //! - [`iso`]: `payswitch iso decode|encode`.
+//! - [`sim`]: `payswitch sim`, the deterministic simulator.
 //! - [`logging`]: the `tracing` subscriber.
 //!
 //! `acquirer-sim`, `load` and `gen-data` take their arguments from `payswitch_loadtest`.
@@ -19,6 +20,7 @@ mod journal;
 mod logging;
 mod model;
 mod serve;
+mod sim;
 
 use clap::{Parser, Subcommand};
 
@@ -54,6 +56,8 @@ enum Command {
     /// The journal: verify checksums and sequence, export records.
     #[command(subcommand)]
     Journal(journal::JournalCommand),
+    /// The deterministic simulator: the switch's own code under faults, replayed by seed.
+    Sim(sim::SimArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::GenData(args) => report(payswitch_loadtest::workload::run(args)),
         Command::Model(command) => report(model::run(command)),
         Command::Journal(command) => report(journal::run(command)),
+        Command::Sim(args) => report(sim::run(args)),
         command => {
             logging::init();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -84,7 +89,8 @@ fn main() -> std::process::ExitCode {
                     Command::Iso(_)
                     | Command::GenData(_)
                     | Command::Model(_)
-                    | Command::Journal(_) => {
+                    | Command::Journal(_)
+                    | Command::Sim(_) => {
                         unreachable!("handled above")
                     }
                 }

@@ -145,6 +145,8 @@ pub struct Counts {
     pub late_answers: u64,
     /// Reversals acknowledged.
     pub reversals_acknowledged: u64,
+    /// Reversals an acquirer received for an original it had reversed already.
+    pub repeated_reversals: u64,
 }
 
 /// An invariant that did not hold.
@@ -181,7 +183,7 @@ impl fmt::Display for Report {
         let c = &self.counts;
         write!(
             f,
-            "seed={} authorizations={} approved={} simulated={:.1}s events={} faults: crashes={} torn_writes={} dropped={} duplicated={} acquirer_faults={} overload_bursts={} late_answers={} retransmissions={} gateway_reversals={} reversals_acknowledged={} invariant: ",
+            "seed={} authorizations={} approved={} simulated={:.1}s events={} faults: crashes={} torn_writes={} dropped={} duplicated={} acquirer_faults={} overload_bursts={} late_answers={} retransmissions={} gateway_reversals={} reversals_acknowledged={} repeated_reversals={} invariant: ",
             self.seed,
             self.authorizations,
             c.approved,
@@ -197,6 +199,7 @@ impl fmt::Display for Report {
             c.retransmissions,
             c.gateway_reversals,
             c.reversals_acknowledged,
+            c.repeated_reversals,
         )?;
         match &self.violation {
             None => write!(f, "none broken"),
@@ -332,6 +335,7 @@ pub fn run(options: Options) -> Report {
     };
     let mut node = Node::new(config, &mut env.rng, options.bug);
     env.run(&mut node);
+    env.counts.repeated_reversals = env.acquirers.iter().map(|a| a.repeated_reversals).sum();
     Report {
         seed: options.seed,
         authorizations: env.generated,
@@ -652,6 +656,10 @@ impl Env {
             }
             Event::AcquirerMode(acquirer, mode) => {
                 let before = self.acquirers[acquirer].mode;
+                if self.healed.is_some() && !matches!(before, Mode::Silent | Mode::Down) {
+                    // Healed: no new fault starts, and a slow acquirer stays slow.
+                    return;
+                }
                 self.acquirers[acquirer].mode = mode;
                 if mode == Mode::Down && before != Mode::Down {
                     // The switch notices a vanished acquirer when its connection times out.
@@ -709,8 +717,10 @@ impl Env {
             Event::Heal => {
                 self.healed = Some(self.now);
                 self.overloaded = false;
+                // Silent and vanished acquirers come back. A slow one stays slow: it
+                // answers again, only late, and what it is owed must still get through.
                 for acquirer in 0..self.acquirers.len() {
-                    if self.acquirers[acquirer].mode != Mode::Normal {
+                    if matches!(self.acquirers[acquirer].mode, Mode::Silent | Mode::Down) {
                         self.handle(node, Event::AcquirerMode(acquirer, Mode::Normal));
                     }
                 }
@@ -751,9 +761,10 @@ impl Env {
         }
         if node.deliveries() > 0 {
             let detail = format!(
-                "{} reversals still unacknowledged {}s after every acquirer answers again",
+                "{} reversals still unacknowledged {}s after every acquirer answers again; {}",
                 node.deliveries(),
-                SETTLE / SECOND
+                SETTLE / SECOND,
+                node.first_delivery()
             );
             self.violate("reversals converge", detail);
             return;

@@ -258,6 +258,24 @@ impl Node {
         self.deliveries.len()
     }
 
+    /// A line about the first reversal still being delivered.
+    pub fn first_delivery(&self) -> String {
+        let Some(live) = self.deliveries.values().next() else {
+            return String::new();
+        };
+        let reversal = live.delivery.reversal();
+        let link = &self.links[reversal.acquirer];
+        format!(
+            "first: acquirer {} (link {}, {} in flight of {}), RRN {}, {} attempts",
+            reversal.acquirer,
+            if link.up { "up" } else { "down" },
+            link.in_flight,
+            self.config.max_in_flight,
+            reversal.original.rrn,
+            live.delivery.attempts()
+        )
+    }
+
     /// Checks the node's memory against its bounds; the first one exceeded, if any.
     pub fn check_bounds(&self) -> Option<String> {
         let c = &self.config;
