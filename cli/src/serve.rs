@@ -57,7 +57,11 @@ pub struct ServeArgs {
     /// A directory watched for `champion.pswm` / `challenger-*.pswm` to deploy.
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
-    /// The time velocity windows use: `clock` or `transmission` (field 7, for replays).
+    /// The time velocity windows use [default: transmission]: field 7, when the gateway
+    /// sent the request (never taken as more than 5 minutes ahead of the switch's clock;
+    /// the clock when field 7 is missing or unparseable), so `load --data` replays a file
+    /// on its own timeline as in training. `clock`: the switch's clock, for gateways whose
+    /// clocks are not trusted.
     #[arg(long, value_enum)]
     pub event_time: Option<EventTimeArg>,
     /// Journal directory (default `journal` under the working directory).
@@ -80,7 +84,7 @@ pub struct ServeArgs {
 pub enum EventTimeArg {
     /// The switch's clock.
     Clock,
-    /// Field 7 of the request.
+    /// Field 7 of the request, held at most 5 minutes ahead of the switch's clock.
     Transmission,
 }
 

@@ -361,3 +361,41 @@ fn model_deploy_reaches_a_running_switch_only_with_the_token() {
     let id = stdout.split_whitespace().nth(1).unwrap();
     assert!(listing.contains(id), "{listing}");
 }
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_escapes() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--acquirer",
+            "127.0.0.1:9",
+        ])
+        .current_dir(cwd.path())
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut running = Running(child);
+    // Up once the listener is announced; the start-up warnings are logged by then.
+    let up = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("QUIC (ALPN iso8583) on"));
+    assert!(up, "serve ended before listening");
+    running.0.kill().unwrap();
+    running.0.wait().unwrap();
+    let mut logs = String::new();
+    stderr.read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("self-signed"), "no start-up warning: {logs}");
+    assert!(
+        !logs.contains("\x1b["),
+        "colour escapes in piped logs: {logs:?}"
+    );
+}

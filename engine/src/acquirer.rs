@@ -164,11 +164,6 @@ impl AcquirerLink {
         self.pending.len()
     }
 
-    /// Sends `request` with the link's own STAN in field 11 and waits for the answer.
-    pub async fn call(&self, request: &Message) -> Result<Message, LinkError> {
-        self.reserve()?.send(request).await
-    }
-
     /// Takes a place on the link and a STAN for one request, without sending anything:
     /// `Down` or `Busy` when there is none. The caller can journal where the request is
     /// going, with its STAN, before it leaves.

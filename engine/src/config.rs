@@ -179,8 +179,9 @@ pub struct ScoringConfig {
     /// worst case exceeds it is refused at load; a scoring that exceeds it is counted and
     /// decided by the rules alone.
     pub budget_us: u64,
-    /// The time velocity windows use: `clock` (production) or `transmission` (field 7, for
-    /// replaying labeled files).
+    /// The time velocity windows use: `transmission` (field 7, the default; never more than
+    /// five minutes ahead of the switch's clock, the clock when field 7 is unusable) or
+    /// `clock` (the switch's clock, where gateways' clocks are not trusted).
     pub event_time: crate::scoring::EventTime,
     /// Cards whose velocity is kept, over all shards (least recently seen evicted).
     pub max_cards: usize,
@@ -196,7 +197,7 @@ impl Default for ScoringConfig {
             rules: None,
             models_dir: None,
             budget_us: 1_000,
-            event_time: crate::scoring::EventTime::Clock,
+            event_time: crate::scoring::EventTime::default(),
             // About 0.8 KiB a card: 1 M cards ≈ 0.8 GiB, the working set of a large issuer
             // portfolio's active day on one node.
             max_cards: 1_000_000,
@@ -413,6 +414,15 @@ mod tests {
         let config = parse(text).unwrap();
         assert_eq!(config.acquirers.len(), 2);
         assert_eq!(config.routes.len(), 2);
+    }
+
+    #[test]
+    fn event_time_is_field_7_unless_the_clock_is_asked_for() {
+        use crate::scoring::EventTime;
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(config.scoring.event_time, EventTime::Transmission);
+        let clock = parse(&format!("{EXAMPLE}\n[scoring]\nevent_time = \"clock\"\n")).unwrap();
+        assert_eq!(clock.scoring.event_time, EventTime::Clock);
     }
 
     #[test]

@@ -100,22 +100,10 @@ impl Timings {
         self.ns[stage as usize] = Some(elapsed.as_nanos().min(u128::from(MAX_NS)) as u64);
     }
 
-    /// Adds `elapsed` to `stage` (a stage met more than once, as journal appends are).
-    pub fn add(&mut self, stage: Stage, elapsed: Duration) {
-        let ns = elapsed.as_nanos().min(u128::from(MAX_NS)) as u64;
-        let slot = &mut self.ns[stage as usize];
-        *slot = Some(slot.unwrap_or(0).saturating_add(ns).min(MAX_NS));
-    }
-
     /// Records the acquirer `index`'s round trip (also the `acquirer` stage).
     pub fn set_acquirer(&mut self, index: usize, elapsed: Duration) {
         self.set(Stage::Acquirer, elapsed);
         self.acquirer = Some((index, self.ns[Stage::Acquirer as usize].unwrap_or(0)));
-    }
-
-    /// The recorded value of `stage`.
-    pub fn get(&self, stage: Stage) -> Option<Duration> {
-        self.ns[stage as usize].map(Duration::from_nanos)
     }
 }
 

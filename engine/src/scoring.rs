@@ -45,15 +45,32 @@ pub const MESSAGE_VARIABLES: [&str; 7] = [
 ];
 
 /// Which clock gives a transaction its time for the velocity windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventTime {
-    /// The switch's clock: what production uses; a gateway cannot move its own windows.
+    /// The switch's clock, for operators who do not trust their gateways' clocks: no
+    /// gateway can move a card's windows. A labeled file replayed through the switch then
+    /// has its days pass in seconds, and its cards look like bursts to the model.
     Clock,
-    /// Field 7 (transmission date and time, with the year from the clock): for replaying a
-    /// labeled file, so features see the file's own timeline as in training.
+    /// Field 7 (transmission date and time), the default: when the gateway sent it, the
+    /// timeline the model was trained on, live or replayed. Never later than the switch's
+    /// clock plus [`MAX_EVENT_TIME_AHEAD_MS`]; a missing or unparseable field 7 takes the
+    /// switch's clock.
+    #[default]
     Transmission,
 }
+
+/// How far ahead of the switch's clock a transaction's field 7 time is believed: gateways'
+/// clocks drift by seconds to a minute or two, and five minutes honours that. Beyond it the
+/// time is held at the clock plus this much, so a gateway cannot push a card's windows
+/// into the future (its transaction would count in the card's windows until then).
+pub const MAX_EVENT_TIME_AHEAD_MS: i64 = 5 * 60 * 1000;
+
+/// Field 7 has no year. It is read in the latest year that puts it at most this far ahead
+/// of the switch's clock: a day covers any gateway clock error (a wrong time zone included,
+/// at most 14 h), which [`MAX_EVENT_TIME_AHEAD_MS`] then holds back; a date further ahead is
+/// last year's (31 December seen on 1 January, or a file replayed months later).
+const FIELD_7_YEAR_LOOKAHEAD_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// Counters of scoring.
 #[derive(Debug, Default)]
@@ -281,13 +298,7 @@ impl Scoring {
                     })
                 })
         };
-        let timestamp_ms = match self.event_time {
-            EventTime::Clock => now_ms,
-            EventTime::Transmission => request
-                .get(fields::TRANSMISSION_TIME)
-                .and_then(|raw| TransmissionTime::parse(raw).ok())
-                .map_or(now_ms, |sent| sent.unix_ms_nearest(now_ms)),
-        };
+        let timestamp_ms = event_time_ms(self.event_time, request, now_ms);
         let merchant = request.get(fields::MERCHANT).unwrap_or_default();
         Transaction {
             timestamp_ms,
@@ -500,6 +511,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The time of `request` for the velocity windows, Unix ms, by `source`; `now_ms` is the
+/// switch's clock.
+fn event_time_ms(source: EventTime, request: &Message, now_ms: i64) -> i64 {
+    match source {
+        EventTime::Clock => now_ms,
+        EventTime::Transmission => request
+            .get(fields::TRANSMISSION_TIME)
+            .and_then(|raw| transmission_time_ms(raw, now_ms))
+            .map_or(now_ms, |t| {
+                t.min(now_ms.saturating_add(MAX_EVENT_TIME_AHEAD_MS))
+            }),
+    }
+}
+
+/// Field 7 (MMDDhhmmss, UTC) as Unix ms, in the latest year that puts it at most
+/// [`FIELD_7_YEAR_LOOKAHEAD_MS`] ahead of `now_ms`; `None` when it is not a date and time
+/// (29 February only in a leap year).
+fn transmission_time_ms(raw: &[u8], now_ms: i64) -> Option<i64> {
+    TransmissionTime::parse(raw)
+        .ok()?
+        .unix_ms_latest_until(now_ms.saturating_add(FIELD_7_YEAR_LOOKAHEAD_MS))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,5 +543,65 @@ mod tests {
         let text = include_str!("../../config/rules.example.toml");
         let rules = crate::rules::Rules::parse(text, rule_variables()).unwrap();
         assert_eq!(rules.names().count(), 3);
+    }
+
+    fn utc(text: &str) -> i64 {
+        payswitch_models::data::parse_rfc3339_utc_ms(text).unwrap()
+    }
+
+    #[test]
+    fn transmission_time_takes_the_latest_year_not_ahead_of_the_clock() {
+        let now = utc("2026-11-25T13:45:00Z");
+        let t = transmission_time_ms(b"1125123045", now);
+        assert_eq!(t, Some(utc("2026-11-25T12:30:45Z")));
+        let new_year = utc("2027-01-01T00:00:10Z");
+        let t = transmission_time_ms(b"1231235959", new_year);
+        assert_eq!(t, Some(utc("2026-12-31T23:59:59Z")));
+        // A date months ahead is last year's: a file replayed later keeps its timeline.
+        let t = transmission_time_ms(b"0701080000", utc("2027-03-01T00:00:00Z"));
+        assert_eq!(t, Some(utc("2026-07-01T08:00:00Z")));
+        // Hours ahead (a gateway's clock off) stays in this year, for the guard to hold.
+        let t = transmission_time_ms(b"1125200000", now);
+        assert_eq!(t, Some(utc("2026-11-25T20:00:00Z")));
+        // 29 February: the latest leap year.
+        let t = transmission_time_ms(b"0229120000", now);
+        assert_eq!(t, Some(utc("2024-02-29T12:00:00Z")));
+        for bad in [
+            &b"11251230"[..],
+            b"1325123045",
+            b"0000123045",
+            b"1125243045",
+            b"0231000000",
+        ] {
+            assert_eq!(transmission_time_ms(bad, now), None, "{bad:?}");
+        }
+    }
+
+    fn with_field_7(value: Option<&str>) -> Message {
+        let mut builder = Message::builder(payswitch_protocol::Mti::AUTHORIZATION_REQUEST);
+        builder.set_str(fields::STAN, "000001").unwrap();
+        if let Some(value) = value {
+            builder.set_str(fields::TRANSMISSION_TIME, value).unwrap();
+        }
+        builder.build()
+    }
+
+    #[test]
+    fn event_time_is_field_7_never_far_ahead_of_the_clock() {
+        let now = utc("2026-11-25T13:45:00Z");
+        let at =
+            |value: Option<&str>| event_time_ms(EventTime::Transmission, &with_field_7(value), now);
+        assert_eq!(EventTime::default(), EventTime::Transmission);
+        // The gateway's time, earlier or a little ahead.
+        assert_eq!(at(Some("1120080000")), utc("2026-11-20T08:00:00Z"));
+        assert_eq!(at(Some("1125134700")), utc("2026-11-25T13:47:00Z"));
+        // Further ahead: held at the clock plus the allowed skew.
+        assert_eq!(at(Some("1125180000")), now + MAX_EVENT_TIME_AHEAD_MS);
+        // Missing or not a time: the clock.
+        assert_eq!(at(None), now);
+        assert_eq!(at(Some("1199999999")), now);
+        // `clock` ignores field 7.
+        let clock = event_time_ms(EventTime::Clock, &with_field_7(Some("1120080000")), now);
+        assert_eq!(clock, now);
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use payswitch::journal::{self, scan, Journal, RecordKind, ScanError};
+use payswitch::journal::{self, scan, Journal, Record, RecordKind, ScanError};
 
 #[path = "support/journal.rs"]
 mod journal_support;
@@ -118,21 +118,98 @@ async fn group_commit_keeps_order_across_shards() {
 fn reading_random_bytes_never_panics() {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (mut clean, mut torn, mut refused) = (0, 0, 0);
     for case in 0..300 {
         let dir = tempfile::tempdir().unwrap();
         let path = journal::segment::segment_path(dir.path(), 1);
         let mut bytes = journal::segment::segment_header(1).to_vec();
-        let len = rng.gen_range(0..4_000);
+        // Intact records first, so the damage after them is met past real frames.
+        let intact: Vec<(u64, Record)> = (1..=rng.gen_range(0..4u32))
+            .map(|i| (u64::from(i), record(RecordKind::Request, i, "533012000001")))
+            .collect();
+        for (seq, r) in &intact {
+            let start = bytes.len();
+            journal::record::encode_frame(r, &mut bytes).unwrap();
+            journal::record::seal_frame(&mut bytes[start..], *seq);
+        }
+        let damage_at = bytes.len();
+        // Mostly long runs of noise; every fourth a few bytes, as a write cut short leaves.
+        let len = if case % 4 == 3 {
+            rng.gen_range(0..16)
+        } else {
+            rng.gen_range(0..4_000)
+        };
         bytes.extend((0..len).map(|_| rng.gen::<u8>()));
-        if case % 3 == 0 && bytes.len() >= 20 {
-            // A plausible length up front, so decoding goes past the header checks.
+        if case % 3 == 0 && bytes.len() >= damage_at + 4 {
+            // A plausible length up front, so decoding goes past the length check.
             let claimed = rng.gen_range(12..300u32);
-            bytes[16..20].copy_from_slice(&claimed.to_le_bytes());
+            bytes[damage_at..damage_at + 4].copy_from_slice(&claimed.to_le_bytes());
+        }
+        if case % 5 == 0 {
+            // The zeroed runway a segment is preallocated with.
+            bytes.resize(bytes.len() + rng.gen_range(0..512), 0);
         }
         std::fs::write(&path, &bytes).unwrap();
-        let _ = scan(dir.path(), case % 2 == 0, |_, _| {});
-        let _ = journal::record::decode_frame(&bytes[16..]);
+        let repair = case % 2 == 0;
+        let mut delivered = Vec::new();
+        let result = scan(dir.path(), repair, |seq, r| delivered.push((seq, r)));
+
+        // Only records that passed their checksum reach the visitor: the intact ones, in
+        // order, and nothing made of the random bytes.
+        assert_eq!(delivered, intact, "case {case}");
+        match result {
+            Ok(report) => {
+                assert_eq!(report.records, intact.len() as u64, "case {case}");
+                assert_eq!(report.last_seq, intact.last().map(|(s, _)| *s));
+                match report.torn_tail {
+                    // A torn tail starts where the intact records end and is cut off
+                    // when repairing; reading again finds the same records, untorn.
+                    Some(tail) => {
+                        torn += 1;
+                        assert_eq!(tail.offset, damage_at, "case {case}");
+                        assert!(tail.bytes <= bytes.len() - damage_at, "case {case}");
+                        assert_eq!(tail.truncated, repair);
+                        let on_disk = std::fs::metadata(&path).unwrap().len() as usize;
+                        if repair {
+                            assert_eq!(on_disk, damage_at, "case {case}");
+                            let mut again = Vec::new();
+                            let report = scan(dir.path(), false, |s, r| again.push((s, r)));
+                            assert!(report.unwrap().torn_tail.is_none(), "case {case}");
+                            assert_eq!(again, intact, "case {case}");
+                        } else {
+                            assert_eq!(on_disk, bytes.len(), "case {case}");
+                        }
+                    }
+                    // No tail: nothing but the zeroed runway followed the records.
+                    None => {
+                        clean += 1;
+                        assert!(bytes[damage_at..].iter().all(|b| *b == 0), "case {case}");
+                    }
+                }
+            }
+            // Damage that is not a write cut short is refused where it starts, and the
+            // file is left as it was, even when asked to repair.
+            Err(error) => {
+                refused += 1;
+                assert!(
+                    matches!(error, ScanError::Corrupt { offset, .. } if offset == damage_at),
+                    "case {case}: {error}"
+                );
+                assert_eq!(std::fs::read(&path).unwrap(), bytes, "case {case}");
+            }
+        }
+        // The frame decoder alone: the first intact frame decodes, the damage does not.
+        if let Some((seq, r)) = intact.first() {
+            let decoded = journal::record::decode_frame(&bytes[16..]).unwrap();
+            assert_eq!(decoded, (*seq, r.clone(), frame_len()));
+        }
+        assert!(journal::record::decode_frame(&bytes[damage_at..]).is_err());
     }
+    // The seed reaches every outcome.
+    assert!(
+        clean > 0 && torn > 0 && refused > 0,
+        "{clean} {torn} {refused}"
+    );
 }
 
 /// After a crash: a forwarded authorization without an outcome is in doubt (reversed),

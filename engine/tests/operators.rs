@@ -89,13 +89,19 @@ fn json(body: &str) -> Value {
 /// `/metrics` through Prometheus's reference parser (Python `prometheus_client`).
 fn parse_prometheus(text: &str) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/prom_parse.py");
-    let mut child = Command::new("python3")
+    let python = support::python::interpreter();
+    let mut child = Command::new(&python)
         .arg(script)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("python3");
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (scripts/test installs it)",
+                python.display()
+            )
+        });
     child
         .stdin
         .take()
@@ -105,7 +111,7 @@ fn parse_prometheus(text: &str) -> Value {
     let output = child.wait_with_output().unwrap();
     assert!(
         output.status.success(),
-        "the reference parser refused /metrics (is prometheus_client installed? pip install prometheus_client): {}",
+        "the reference parser refused /metrics (is prometheus_client installed? scripts/test installs it): {}",
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
@@ -429,7 +435,7 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
                 .output()
                 .is_ok_and(|o| o.status.success())
         })
-        .expect("headless Chromium is needed (apt-get install chromium)");
+        .expect("headless Chromium is needed (scripts/test installs it: apt-get install chromium)");
     let sim = sim().await;
     let switch = start(&sim, &config(&sim)).await;
     let url = format!("http://{}/", switch.admin_addr.unwrap());

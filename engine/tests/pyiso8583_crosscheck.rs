@@ -4,7 +4,7 @@
 //! Both directions: messages pyiso8583 encodes decode here to the same fields and re-encode
 //! byte for byte; messages encoded here decode in pyiso8583 to the same fields. The Python
 //! side is `pyiso8583_crosscheck.py` beside this file. These tests need python3 with
-//! pyiso8583 (`pip install pyiso8583`) and fail, rather than skip, without it.
+//! pyiso8583 (`scripts/test` installs it) and fail, rather than skip, without it.
 //!
 //! Field 65 is not compared: see the note in the Python script.
 
@@ -16,6 +16,9 @@ use payswitch::iso::{decode_line, message_from_json, message_to_json};
 use payswitch_protocol::spec::{self, Encoding, LengthPrefix};
 use payswitch_protocol::{Message, Mti};
 use serde_json::Value;
+
+#[path = "support/python.rs"]
+mod python;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pyiso8583_crosscheck.py");
 
@@ -32,12 +35,12 @@ const PYTHON_MESSAGES: usize = 400;
 const RUST_SEED: u64 = 0x1987_0100;
 const RUST_MESSAGES: usize = 300;
 
-const INSTALL_HINT: &str = "this test needs python3 with pyiso8583: `pip install pyiso8583` \
-     (set PYTHON to use another interpreter)";
+const INSTALL_HINT: &str = "this test needs python3 with pyiso8583: `scripts/test` installs it \
+     in .venv (set PYTHON to use another interpreter)";
 
 /// Runs the Python side with `args`, feeding `stdin`; returns its stdout.
 fn python(args: &[&str], stdin: &str) -> String {
-    let interpreter = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let interpreter = python::interpreter().display().to_string();
     let mut child = match Command::new(&interpreter)
         .arg(SCRIPT)
         .args(args)

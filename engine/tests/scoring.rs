@@ -66,10 +66,11 @@ fn replay(switch: &RunningSwitch, data: &Path, rate: f64, duration: Duration) ->
     config
 }
 
+/// The default event time (field 7): a replayed file is scored on its own timeline, as a
+/// risk analyst following the README's tour runs it.
 fn scoring_with(model: &Path) -> ScoringConfig {
     ScoringConfig {
         model: Some(model.to_owned()),
-        event_time: EventTime::Transmission,
         ..ScoringConfig::default()
     }
 }

@@ -465,19 +465,53 @@ async fn routes_by_bin_between_two_acquirers() {
 
 #[tokio::test]
 async fn admin_health_answers_once_listeners_are_up() {
-    let (_sim, switch) = one_acquirer().await;
+    let (sim, switch) = one_acquirer().await;
     let addr = switch.admin_addr.unwrap();
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut body)
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&body);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // One HTTP/1.1 exchange: the status and the body.
+    let get = |path: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut bytes)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("a header and a body");
+        let status: u16 = head[9..12].parse().unwrap();
+        (status, body.to_string())
+    };
+    let ready = |body: &str| -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+
+    // Alive, and ready: the acquirer is connected, no model is configured, the journal writes.
+    assert_eq!(get("/health").await, (200, "ok\n".to_string()));
+    let (status, body) = get("/ready").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        ready(&body),
+        serde_json::json!({"ready": true, "reasons": []})
+    );
+
+    // The only acquirer gone: still alive, no longer ready, and /ready says why.
+    sim.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = get("/ready").await;
+        if status != 200 {
+            break (status, body);
+        }
+        assert!(Instant::now() < deadline, "still ready without an acquirer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        ready(&body),
+        serde_json::json!({"ready": false, "reasons": ["no acquirer connected"]})
+    );
+    assert_eq!(get("/health").await, (200, "ok\n".to_string()));
 }
 
 #[tokio::test]

@@ -235,15 +235,17 @@ fn card_features(tx: &Transaction, card: &CardState, out: &mut Features) {
     let mut merchants = [0u32; crate::velocity::CARD_EVENTS];
     let mut countries = [0u32; crate::velocity::CARD_EVENTS];
     let mut in_day = 0;
+    let mut nearest_ms: Option<u64> = None;
     for e in card.events.iter_newest_first() {
-        let age = now - e.time_ms;
+        let apart_ms = now.abs_diff(e.time_ms);
+        nearest_ms = Some(nearest_ms.map_or(apart_ms, |n| n.min(apart_ms)));
         for (w, window) in [MINUTE_MS, HOUR_MS, DAY_MS].into_iter().enumerate() {
-            if age < window {
+            if within(apart_ms, window) {
                 counts[w] += 1;
                 sums[w] = sums[w].saturating_add(e.amount_minor);
             }
         }
-        if age < DAY_MS {
+        if within(apart_ms, DAY_MS) {
             merchants[in_day] = e.merchant;
             countries[in_day] = u32::from(e.country);
             in_day += 1;
@@ -253,9 +255,7 @@ fn card_features(tx: &Transaction, card: &CardState, out: &mut Features) {
         out[7 + 2 * w] = counts[w] as f32;
         out[8 + 2 * w] = ln1p(sums[w] as f64);
     }
-    out[13] = card.events.newest().map_or(NO_HISTORY_SECS.ln_1p(), |e| {
-        ln1p(((now - e.time_ms).max(0) as f64) / 1000.0)
-    });
+    out[13] = nearest_ms.map_or(NO_HISTORY_SECS.ln_1p(), |ms| ln1p(ms as f64 / 1000.0));
     out[14] = distinct(&mut merchants[..in_day]) as f32;
     out[15] = distinct(&mut countries[..in_day]) as f32;
     out[16] = if new {
@@ -263,6 +263,18 @@ fn card_features(tx: &Transaction, card: &CardState, out: &mut Features) {
     } else {
         ln1p(tx.amount_minor as f64) - ln1p(f64::from(card.mean_amount_minor))
     };
+}
+
+/// Whether an event `apart_ms` from the transaction falls in its `window_ms`, on either
+/// side. Requests from several gateways interleave, so a ring holds events in arrival
+/// order, not time order: a transaction may arrive after one stamped later than itself, or
+/// carry a time far older than the card's recent events. Counting by distance in time
+/// keeps both right: two transactions a second apart see each other once, whichever
+/// arrives first, and an old one neither sees nor joins the card's recent windows. Data in
+/// time order, as training reads it, has every event at or before the transaction, where
+/// this is the usual `now - time < window`.
+fn within(apart_ms: u64, window_ms: i64) -> bool {
+    apart_ms < window_ms.unsigned_abs()
 }
 
 /// Distinct values in a small slice (sorts it in place; no allocation).
@@ -297,9 +309,9 @@ fn entity_features(tx: &Transaction, entity: &mut EntityState) -> [f32; 3] {
     let mut cards = [0u32; crate::velocity::ENTITY_EVENTS];
     let (mut count_1m, mut count_1h) = (0u32, 0usize);
     for e in entity.events.iter_newest_first() {
-        let age = now - e.time_ms;
-        count_1m += u32::from(age < MINUTE_MS);
-        if age < HOUR_MS {
+        let apart_ms = now.abs_diff(e.time_ms);
+        count_1m += u32::from(within(apart_ms, MINUTE_MS));
+        if within(apart_ms, HOUR_MS) {
             cards[count_1h] = e.card;
             count_1h += 1;
         }
@@ -467,6 +479,54 @@ mod tests {
         assert_eq!(f(&out, "hour_of_day"), 13.0);
         ex.extract(&tx(13 * HOUR_MS + 6, 1, 100_000), &mut out);
         assert!(f(&out, "amount_vs_card_mean_log") > 6.0);
+    }
+
+    #[test]
+    fn interleaved_gateways_count_each_pair_once_whichever_arrives_first() {
+        let mut ex = FeatureExtractor::new(10, 10);
+        let mut out = [0.0; FEATURE_COUNT];
+        let t0 = 1_000_000_000;
+        // Stamped 10 s and 9 s: the later one arrives first.
+        ex.extract(&tx(t0 + 10_000, 1, 100), &mut out);
+        assert_eq!(f(&out, "card_count_1m"), 0.0);
+        ex.extract(&tx(t0 + 9_000, 1, 200), &mut out);
+        assert_eq!(f(&out, "card_count_1m"), 1.0, "sees the one a second later");
+        assert_eq!(f(&out, "card_amount_1m_log"), (100f64).ln_1p() as f32);
+        assert_eq!(f(&out, "card_secs_since_last_log"), 1f32.ln_1p());
+        assert_eq!(f(&out, "merchant_count_1m"), 1.0);
+        assert_eq!(f(&out, "terminal_distinct_cards_1h"), 1.0);
+        // 70 s on: both are more than a minute before it, and still in the hour.
+        ex.extract(&tx(t0 + 79_000, 1, 100), &mut out);
+        assert_eq!(f(&out, "card_count_1m"), 0.0);
+        assert_eq!(f(&out, "card_count_1h"), 2.0);
+        assert_eq!(f(&out, "card_secs_since_last_log"), 69f32.ln_1p());
+    }
+
+    #[test]
+    fn a_much_older_timestamp_neither_sees_nor_joins_recent_windows() {
+        let mut ex = FeatureExtractor::new(10, 10);
+        let mut out = [0.0; FEATURE_COUNT];
+        let now = 10 * DAY_MS;
+        ex.extract(&tx(now, 1, 100), &mut out);
+        ex.extract(&tx(now + 1_000, 1, 100), &mut out);
+        // A transaction stamped two days earlier arrives last.
+        ex.extract(&tx(now - 2 * DAY_MS, 1, 5_000), &mut out);
+        for window in ["card_count_1m", "card_count_1h", "card_count_24h"] {
+            assert_eq!(f(&out, window), 0.0, "{window}");
+        }
+        assert_eq!(f(&out, "card_distinct_merchants_24h"), 0.0);
+        assert_eq!(f(&out, "merchant_count_1h"), 0.0);
+        assert_eq!(
+            f(&out, "card_secs_since_last_log"),
+            (2.0 * 86_400f32).ln_1p()
+        );
+        // The next one, back on the recent timeline, sees the recent two and not the old one.
+        ex.extract(&tx(now + 2_000, 1, 100), &mut out);
+        assert_eq!(f(&out, "card_count_1m"), 2.0);
+        assert_eq!(f(&out, "card_count_24h"), 2.0);
+        assert_eq!(f(&out, "card_amount_24h_log"), (200f64).ln_1p() as f32);
+        assert_eq!(f(&out, "merchant_count_1m"), 2.0);
+        assert_eq!(f(&out, "card_secs_since_last_log"), 1f32.ln_1p());
     }
 
     #[test]

@@ -149,16 +149,16 @@ impl TransmissionTime {
         })
     }
 
-    /// Unix milliseconds of this time in the year (the reference's, or the one before or
-    /// after) that puts it nearest `reference_ms`: a request sent on 31 December and read
-    /// on 1 January belongs to the year before. On a tie the earlier year wins.
-    pub fn unix_ms_nearest(&self, reference_ms: i64) -> i64 {
-        let (year, _, _) = civil_from_days(reference_ms.div_euclid(MS_PER_DAY));
-        [year - 1, year, year + 1]
-            .into_iter()
+    /// Unix milliseconds of this time in the latest year (from four years back, so that
+    /// 29 February finds its leap year, to next year) in which it is a real date and falls
+    /// at or before `limit_ms`; `None` when no such year has this date (31 April).
+    pub fn unix_ms_latest_until(&self, limit_ms: i64) -> Option<i64> {
+        let (year, _, _) = civil_from_days(limit_ms.div_euclid(MS_PER_DAY));
+        (year - 4..=year + 1)
+            .rev()
+            .filter(|&y| self.day <= days_in_month(y, self.month))
             .map(|y| self.unix_ms_in(y))
-            .min_by_key(|t| (t - reference_ms).abs())
-            .expect("three candidate years")
+            .find(|&t| t <= limit_ms)
     }
 
     fn unix_ms_in(&self, year: i64) -> i64 {
@@ -166,6 +166,17 @@ impl TransmissionTime {
         let of_day =
             (i64::from(self.hour) * 60 + i64::from(self.minute)) * 60 + i64::from(self.second);
         (days * 86_400 + of_day) * 1000
+    }
+}
+
+/// Days in `month` (1..=12) of `year`.
+pub fn days_in_month(year: i64, month: u32) -> u32 {
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
     }
 }
 
@@ -283,24 +294,38 @@ mod tests {
     }
 
     #[test]
-    fn transmission_time_takes_the_nearest_year() {
+    fn transmission_time_takes_the_latest_year_up_to_the_limit() {
         let t = TransmissionTime::parse(b"1125123045").unwrap();
         let now_ms = 1_795_614_300_000; // 2026-11-25T13:45:00Z
-        assert_eq!(t.unix_ms_nearest(now_ms), NOV_25_2026 as i64 * 1000);
+        assert_eq!(
+            t.unix_ms_latest_until(now_ms),
+            Some(NOV_25_2026 as i64 * 1000)
+        );
         // Sent just before New Year, read just after: the year before.
         let new_year_ms = 1_798_761_610_000; // 2027-01-01T00:00:10Z
         let t = TransmissionTime::parse(b"1231235959").unwrap();
-        assert_eq!(t.unix_ms_nearest(new_year_ms), 1_798_761_599_000); // 2026-12-31T23:59:59Z
-                                                                       // And the other way round: the year after.
+        assert_eq!(t.unix_ms_latest_until(new_year_ms), Some(1_798_761_599_000));
+        // Past the limit in this year: last year's.
         let t = TransmissionTime::parse(b"0101000005").unwrap();
-        assert_eq!(t.unix_ms_nearest(1_798_761_590_000), 1_798_761_605_000);
+        assert_eq!(
+            t.unix_ms_latest_until(1_798_761_600_000 + 4_000), // 2027-01-01T00:00:04Z
+            Some(1_767_225_605_000)                            // 2026-01-01T00:00:05Z
+        );
+        // 29 February: the latest leap year; 31 April: none.
+        let t = TransmissionTime::parse(b"0229120000").unwrap();
+        assert_eq!(t.unix_ms_latest_until(now_ms), Some(1_709_208_000_000)); // 2024-02-29T12:00Z
+        let t = TransmissionTime::parse(b"0431120000").unwrap();
+        assert_eq!(t.unix_ms_latest_until(now_ms), None);
     }
 
     #[test]
     fn transmission_time_is_formatted_and_parsed_alike() {
         let sent = UtcDateTime::from_unix_seconds(NOV_25_2026);
         let read = TransmissionTime::parse(sent.transmission_time().as_bytes()).unwrap();
-        assert_eq!(read.unix_ms_nearest(sent.unix_ms()), sent.unix_ms());
+        assert_eq!(
+            read.unix_ms_latest_until(sent.unix_ms()),
+            Some(sent.unix_ms())
+        );
     }
 
     #[test]

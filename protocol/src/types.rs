@@ -156,16 +156,6 @@ impl Pan {
         &self.digits[..6]
     }
 
-    /// A stable 64-bit hash of the digits (FNV-1a), for sharding. Not a secret: use a keyed
-    /// hash wherever the value leaves the process.
-    pub fn shard_hash(&self) -> u64 {
-        self.expose()
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
-    }
-
     /// First 6 and last 4 digits, the middle as `*`: `411111******1111`.
     pub fn masked(&self) -> String {
         mask_pan(self.expose())

@@ -11,6 +11,8 @@ use payswitch::switch::{self, RunningSwitch, Security};
 use payswitch_loadtest::acquirer_sim::RunningSim;
 use payswitch_net::{ClientTrust, TlsIdentity};
 
+pub mod python;
+
 /// An acquirer at `sim`, answered within `timeout_ms`.
 pub fn acquirer(name: &str, sim: &RunningSim, timeout_ms: u64) -> AcquirerConfig {
     AcquirerConfig {
