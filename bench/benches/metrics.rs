@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use payswitch::metrics::{Metrics, Stage, Timings};
+use payswitch::ops::metrics::{Metrics, Stage, Timings};
 
 fn timings(i: u64) -> Timings {
     let mut t = Timings::default();

@@ -343,7 +343,7 @@ impl Config {
         if p.max_frame < 64 || p.max_frame > usize::from(u16::MAX) {
             return invalid("pipeline.max_frame must be within 64..=65535".into());
         }
-        crate::router::Router::from_config(self).map(|_| ())
+        crate::routing::Router::from_config(self).map(|_| ())
     }
 }
 

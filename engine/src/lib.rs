@@ -1,42 +1,49 @@
 //! The payswitch engine: the switch between gateways and acquirers, as a library.
 //!
-//! Read in this order:
-//! - [`config`]: the TOML configuration (listeners, TLS, pipeline limits, acquirers, routes).
-//! - [`validate`]: what a request must carry (30/14/12) and how responses are built — pure.
-//! - [`router`]: BIN / currency / MCC rules to an ordered acquirer list — pure.
-//! - [`switch`]: the ingress handler, the shards (one owner per card's state, bounded
-//!   queues), forwarding, and [`switch::start`] which runs it all.
+//! The modules follow a request through the pipeline (`docs/architecture.md` tells the
+//! whole story):
+//! - [`ingress`]: a frame from a gateway's stream: decode, validate ([`ingress::validate`]),
+//!   the duplicate key ([`ingress::admit`], pure), and the async handler that puts the
+//!   request in its card's shard and carries out its lifecycle ([`ingress::handler`]).
+//! - [`shard`]: the owner of a card's state: the duplicate window ([`shard::duplicates`])
+//!   and velocity; decides retransmission, new authorization or reversal — pure.
+//! - [`scoring`]: features, models, challengers and the risk team's rules
+//!   ([`scoring::rules`]).
+//! - [`routing`]: BIN / currency / MCC rules to an ordered acquirer list — pure.
+//! - [`lifecycle`]: one request from the shard's verdict to the reply, as a state machine
+//!   with no I/O and no clock: journal before send, timeout → reversal, retransmission
+//!   answered from its original.
+//! - [`journal`]: checksummed segments, group commit, verify and export; and
+//!   [`journal::recovery`], what the journal says at start.
 //! - [`acquirer`]: long-lived pipelined QUIC links to acquirers, with the switch's own STAN
 //!   per link, timeouts and reconnects.
-//! - [`scoring`], [`rules`]: features, models, challengers and the risk team's rules.
-//! - [`journal`]: checksummed segments, group commit, verify and export;
-//!   [`duplicates`]: each shard's window of recent requests; [`reversals`]: the
-//!   store-and-forward queue; [`recovery`]: what the journal says at start.
-//! - [`metrics`]: latency histograms per stage; [`stats`]: `/api/stats` and `/metrics`;
-//!   [`admin`]: the admin HTTP listener and the dashboard.
-//! - [`iso`]: ISO 8583 messages as JSON lines and back (`payswitch iso`).
+//! - [`reversal`]: the store-and-forward queue of reversals, each delivered by a pure
+//!   state machine ([`reversal::Delivery`]).
+//! - [`ops`]: latency histograms ([`ops::metrics`]), the counters and snapshots operators
+//!   read ([`ops::stats`]), the admin HTTP listener and dashboard ([`ops::admin`]).
+//! - [`switch`]: wires them together and runs them ([`switch::start`]).
+//! - [`sim`]: the deterministic simulator, driving the same pure parts on a simulated
+//!   clock, network and disk.
+//! - [`config`], [`clock`], [`iso`]: the configuration, the switch's clock, and ISO 8583
+//!   messages as JSON lines and back (`payswitch iso`).
 //!
 //! The wire format and its UTC time live in `payswitch-protocol` (sans-IO), sockets in
 //! `payswitch-net`. The `payswitch` binary is the `payswitch-cli` crate: argument parsing,
 //! logging set-up and the runner of every subcommand (`serve`, `demo`, `model`, `journal`,
-//! …) over this library; nothing here knows about the command line or the load tools.
+//! `sim`, …) over this library; nothing here knows about the command line or the load
+//! tools.
 
 pub mod acquirer;
-pub mod admin;
+pub mod clock;
 pub mod config;
-pub mod duplicates;
 pub mod ingress;
 pub mod iso;
 pub mod journal;
 pub mod lifecycle;
-pub mod metrics;
-pub mod recovery;
-pub mod reversals;
-pub mod router;
-pub mod rules;
+pub mod ops;
+pub mod reversal;
+pub mod routing;
 pub mod scoring;
 pub mod shard;
 pub mod sim;
-pub mod stats;
 pub mod switch;
-pub mod validate;

@@ -7,453 +7,34 @@
 //! request and where it goes (durable before it is sent) → the route's first healthy
 //! acquirer → journal the response (durable before it is sent) → response (MTI + 10,
 //! echoed fields, 39, 38, 48). An acquirer that does not answer in time gets a reversal
-//! (`crate::reversals`).
+//! (`crate::reversal`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use payswitch_net::serve::{self, Handler, Limits, Reply, ServeStats};
-use payswitch_net::{codes, quic, ClientTrust, TlsIdentity};
-use payswitch_protocol::{Message, ResponseCode};
+use payswitch_net::serve::{self, Limits, ServeStats};
+use payswitch_net::{quic, ClientTrust, TlsIdentity};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::acquirer::{AcquirerLink, LinkError, Reservation};
+use crate::acquirer::AcquirerLink;
 use crate::config::Config;
-use crate::duplicates::{DupKey, DuplicateWindow, Original};
-use crate::ingress::{self, Admission};
-use crate::journal::{Journal, JournalError, PanKey, Record, RecordKind};
-use crate::lifecycle::{self, Event, Lifecycle, Now, ShardVerdict, Step};
-use crate::metrics::{Metrics, Stage, Timings};
-use crate::reversals::StoreAndForward;
-use crate::router::Router;
+use crate::ingress::Switch;
+use crate::journal::{Journal, PanKey, Record, RecordKind};
+use crate::ops::metrics::Metrics;
+use crate::ops::stats::SwitchStats;
+use crate::reversal::StoreAndForward;
+use crate::routing::Router;
+use crate::scoring::rules::RuleSet;
 use crate::scoring::Scoring;
-use crate::shard::{Shard, ShardRequest, ShardTimings};
-use crate::validate::{self, Authorization};
+use crate::shard::duplicates::DuplicateWindow;
+use crate::shard::{shard_of, RecoveredEntries, Shard, ShardStats};
 use payswitch_models::model::Model;
-
-pub use crate::shard::ShardStats;
-
-use crate::rules::RuleSet;
-
-struct ShardJob {
-    request: ShardRequest,
-    key: DupKey,
-    received_ms: i64,
-    /// When it was queued, if timings are recorded.
-    queued: Option<Instant>,
-    reply: oneshot::Sender<(ShardVerdict, ShardTimings)>,
-}
-
-/// What a shard starts with: its share of the journal's recent requests.
-pub type RecoveredEntries = Vec<(DupKey, i64, Arc<Original>)>;
-
-/// Runs a shard behind its bounded queue.
-async fn run_shard(
-    mut jobs: mpsc::Receiver<ShardJob>,
-    router: Arc<ArcSwap<Router>>,
-    scoring: Arc<Scoring>,
-    mut shard: Shard,
-) {
-    while let Some(job) = jobs.recv().await {
-        let queue = job.queued.map(|q| q.elapsed());
-        let (verdict, mut timings) = shard.decide(
-            job.request,
-            job.key,
-            job.received_ms,
-            &router.load(),
-            &scoring,
-            job.queued.is_some(),
-        );
-        timings.queue = queue;
-        let _ = job.reply.send((verdict, timings));
-    }
-}
-
-/// Counters of the switch as a whole.
-#[derive(Debug, Default)]
-pub struct SwitchStats {
-    /// Responses sent, by code: index into `ResponseCode::ALL`, last slot for codes passed
-    /// through from acquirers that the switch does not know.
-    pub responses: [AtomicU64; ResponseCode::ALL.len() + 1],
-    /// Requests refused because their shard's queue was full.
-    pub shed: AtomicU64,
-    /// Requests answered without authorizing because the journal could not take them.
-    pub journal_refused: AtomicU64,
-    /// Retransmissions answered with the original's outcome.
-    pub duplicates: AtomicU64,
-    /// Reversals queued because an acquirer's answer did not reach the gateway.
-    pub reversals_queued: AtomicU64,
-    /// Uptime second (plus one) of the last overload log line.
-    shed_logged_s: AtomicU64,
-    /// Requests being handled now.
-    pub in_flight: std::sync::atomic::AtomicI64,
-    /// Response counts a second apart, for the last window's mix.
-    pub(crate) code_history: crate::stats::CodeHistory,
-}
-
-impl SwitchStats {
-    fn count(&self, code: &[u8; 2]) {
-        let slot = ResponseCode::parse(code)
-            .and_then(|c| ResponseCode::ALL.iter().position(|k| *k == c))
-            .unwrap_or(ResponseCode::ALL.len());
-        self.responses[slot].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn add(&self, counts: lifecycle::Counts) {
-        if counts.journal_refused {
-            self.journal_refused.fetch_add(1, Ordering::Relaxed);
-        }
-        if counts.duplicate {
-            self.duplicates.fetch_add(1, Ordering::Relaxed);
-        }
-        if counts.reversals_queued > 0 {
-            self.reversals_queued
-                .fetch_add(u64::from(counts.reversals_queued), Ordering::Relaxed);
-        }
-    }
-}
-
-/// How long a retransmission waits for its original's answer.
-const DUPLICATE_WAIT: Duration = Duration::from_millis(lifecycle::DUPLICATE_WAIT_MS);
-
-/// The ingress handler shared by every gateway stream.
-pub struct Switch {
-    shards: Vec<mpsc::Sender<ShardJob>>,
-    /// Models, rules and their counters.
-    pub scoring: Arc<Scoring>,
-    links: Vec<Arc<AcquirerLink>>,
-    /// The acquirers' names, by index (as lifecycles name them).
-    acquirer_names: Vec<String>,
-    journal: Option<Journal>,
-    pan_key: PanKey,
-    /// Reversals owed to acquirers.
-    pub reversals: Arc<StoreAndForward>,
-    /// Latency histograms.
-    pub metrics: Arc<Metrics>,
-    /// The routing table, swapped whole on reload.
-    pub router: Arc<ArcSwap<Router>>,
-    /// The routes the table was built from, for `GET /api/routes`.
-    pub routes: ArcSwap<Vec<crate::config::RouteConfig>>,
-    /// Counters.
-    pub stats: SwitchStats,
-    /// Per-shard counters.
-    pub shard_stats: Vec<Arc<ShardStats>>,
-}
-
-impl std::fmt::Debug for Switch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Switch")
-            .field("shards", &self.shards.len())
-            .field("links", &self.links)
-            .finish()
-    }
-}
-
-/// A validated request on its way through the switch.
-struct InFlight {
-    request: Message,
-    auth: Authorization,
-    pan_hash: u128,
-    received: Instant,
-    received_at: Now,
-    timings: Timings,
-}
-
-/// What the in-order part of handling a frame left to do.
-enum Accepted {
-    /// Not an ISO 8583 message: end the stream with this code.
-    Close(u32),
-    /// Answered already.
-    Done([u8; 2], Message),
-    /// Validated, but refused before its shard (full queue): journaled, then answered.
-    Refused(InFlight, ResponseCode),
-    /// In the card's shard queue; the verdict, then the acquirer, are still to come.
-    Queued(InFlight, oneshot::Receiver<(ShardVerdict, ShardTimings)>),
-}
-
-impl Handler for Switch {
-    fn handle(
-        self: Arc<Self>,
-        frame: Bytes,
-    ) -> impl std::future::Future<Output = Reply> + Send + 'static {
-        // Decoding, validation and the shard enqueue run here, in the order the stream's
-        // frames were read: a card's transactions reach its shard — and its velocity
-        // state — in the order the gateway sent them, however the tasks are scheduled.
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let accepted = self.accept(frame);
-        async move {
-            // Counted down however the request ends (even if its task is dropped).
-            let _in_flight = InFlightGuard(&self.stats.in_flight);
-            let (code, response) = match accepted {
-                Accepted::Close(code) => return Reply::Close(code),
-                Accepted::Done(code, response) => (code, response),
-                Accepted::Refused(r, code) => {
-                    let record = self.request_record(&r);
-                    let life = Lifecycle::refused(r.request.clone(), record, r.received_at, code);
-                    self.drive(r, life, ShardTimings::default()).await
-                }
-                Accepted::Queued(r, verdict) => {
-                    let Ok((verdict, shard_timings)) = verdict.await else {
-                        let (code, response) = refuse(&r.request, ResponseCode::SystemMalfunction);
-                        self.stats.count(&code);
-                        return Reply::Message(response);
-                    };
-                    let record = self.request_record(&r);
-                    let life = Lifecycle::new(r.request.clone(), record, r.received_at, verdict);
-                    self.drive(r, life, shard_timings).await
-                }
-            };
-            self.stats.count(&code);
-            Reply::Message(response)
-        }
-    }
-}
-
-struct InFlightGuard<'a>(&'a std::sync::atomic::AtomicI64);
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The switch's clock, as lifecycles take it.
-pub fn now() -> Now {
-    let unix_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-    Now { unix_us }
-}
-
-impl Switch {
-    /// The acquirer links, in configuration order.
-    pub fn links(&self) -> &[Arc<AcquirerLink>] {
-        &self.links
-    }
-
-    /// Requests queued per shard now.
-    pub fn shard_queue_depths(&self) -> Vec<usize> {
-        self.shards
-            .iter()
-            .map(|s| s.max_capacity() - s.capacity())
-            .collect()
-    }
-
-    /// The journal, when one is written.
-    pub fn journal(&self) -> Option<&Journal> {
-        self.journal.as_ref()
-    }
-
-    fn accept(&self, frame: Bytes) -> Accepted {
-        let received = Instant::now();
-        let timed = self.metrics.enabled();
-        let decoded = Message::decode_prefix(frame);
-        let mut timings = Timings::default();
-        let decode_end = timed.then(Instant::now);
-        if let Some(end) = decode_end {
-            timings.set(Stage::Decode, end - received);
-        }
-        let admission = ingress::admit(decoded, || {
-            if let Some(start) = decode_end {
-                timings.set(Stage::Validate, start.elapsed());
-            }
-        });
-        match admission {
-            Admission::Close => Accepted::Close(codes::GARBAGE_FRAME),
-            Admission::Answer(code, response) => Accepted::Done(code, response),
-            Admission::Admit {
-                request,
-                auth,
-                reversal,
-                key,
-            } => self.enqueue(request, auth, reversal, key, received, timings),
-        }
-    }
-
-    /// Puts the request in its card's shard queue; a full queue is answered 91 now.
-    fn enqueue(
-        &self,
-        request: Message,
-        auth: Authorization,
-        reversal: bool,
-        key: DupKey,
-        received: Instant,
-        timings: Timings,
-    ) -> Accepted {
-        let received_at = now();
-        let received_ms = received_at.unix_ms();
-        let pan_hash = self.pan_key.hash(auth.pan.expose());
-        let shard_request = if reversal {
-            ShardRequest::Reversal(request.clone())
-        } else {
-            ShardRequest::Authorization(
-                auth,
-                self.scoring.transaction(&request, &auth, received_ms),
-            )
-        };
-        let in_flight = InFlight {
-            request,
-            auth,
-            pan_hash,
-            received,
-            received_at,
-            timings,
-        };
-        // `shards` is never empty (`start` makes at least one), so the modulo is defined.
-        let shard = shard_of(pan_hash, self.shards.len());
-        let (reply, verdict) = oneshot::channel();
-        let job = ShardJob {
-            request: shard_request,
-            key,
-            received_ms,
-            queued: self.metrics.enabled().then(Instant::now),
-            reply,
-        };
-        if self.shards[shard].try_send(job).is_err() {
-            let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed);
-            self.log_shedding(shed);
-            return Accepted::Refused(in_flight, ResponseCode::IssuerInoperative);
-        }
-        Accepted::Queued(in_flight, verdict)
-    }
-
-    /// The journal record of a validated request.
-    fn request_record(&self, r: &InFlight) -> Record {
-        Lifecycle::request_record(&r.request, &r.auth, r.pan_hash, now())
-    }
-
-    async fn journal_append(&self, records: &[Record]) -> Result<u64, JournalError> {
-        match &self.journal {
-            Some(journal) => journal.append(records).await,
-            None => Ok(0),
-        }
-    }
-
-    /// Carries out a request's lifecycle: journal appends, acquirer reservations and
-    /// sends, reversals and waits for originals, until its reply.
-    async fn drive(
-        &self,
-        r: InFlight,
-        mut life: Lifecycle,
-        shard: ShardTimings,
-    ) -> ([u8; 2], Message) {
-        let names = &self.acquirer_names;
-        let mut reservation: Option<Reservation<'_>> = None;
-        let mut step = life.start(now(), names);
-        let reply = loop {
-            let event = match step {
-                Step::Reply(reply) => break reply,
-                Step::Append(records) => Event::Durable(self.journal_append(&records).await),
-                Step::Reserve(index) => {
-                    let link = &self.links[index];
-                    // An acquirer drained by an operator takes no new authorizations (its
-                    // reversals still go). Nothing is sent by a refused reservation.
-                    let reserved = if link.is_draining() {
-                        Err(LinkError::Busy)
-                    } else {
-                        link.reserve()
-                    };
-                    match reserved {
-                        Ok(reserved) => {
-                            let stan = reserved.stan();
-                            reservation = Some(reserved);
-                            Event::Reserved(stan)
-                        }
-                        Err(_) => Event::Unavailable,
-                    }
-                }
-                Step::Send { stan, .. } => {
-                    let reserved = reservation
-                        .take()
-                        .expect("a Send step follows its reservation");
-                    assert_eq!(reserved.stan(), stan, "sent with the STAN reserved");
-                    match reserved.send(life.request()).await {
-                        Ok(answer) => Event::Answered(answer),
-                        Err(LinkError::Down | LinkError::Busy) => Event::NotSent,
-                        Err(e) => {
-                            debug_assert!(e.maybe_delivered());
-                            Event::NoAnswer
-                        }
-                    }
-                }
-                Step::QueueReversal(pending) => {
-                    self.reversals.push(pending);
-                    Event::Queued
-                }
-                Step::AwaitOriginal(original) => {
-                    Event::Original(original.outcome(DUPLICATE_WAIT).await.cloned())
-                }
-            };
-            step = life.handle(event, now(), names);
-        };
-        self.stats.add(life.counts());
-        self.record_timings(&r, &life, shard);
-        (reply.code, reply.response)
-    }
-
-    /// Records a finished request's timings.
-    fn record_timings(&self, r: &InFlight, life: &Lifecycle, shard: ShardTimings) {
-        if !self.metrics.enabled() {
-            return;
-        }
-        let mut timings = r.timings;
-        for (stage, value) in [
-            (Stage::Queue, shard.queue),
-            (Stage::Score, shard.score),
-            (Stage::Route, shard.route),
-            (
-                Stage::Journal,
-                Some(Duration::from_micros(life.journal_us())),
-            ),
-        ] {
-            if let Some(value) = value {
-                timings.set(stage, value);
-            }
-        }
-        let total = r.received.elapsed();
-        timings.set(Stage::Total, total);
-        let acquirer = match life.acquirer() {
-            Some((index, us)) => {
-                let elapsed = Duration::from_micros(us);
-                timings.set_acquirer(index, elapsed);
-                elapsed
-            }
-            None => Duration::ZERO,
-        };
-        timings.set(Stage::Switch, total.saturating_sub(acquirer));
-        self.metrics.record(&timings);
-    }
-
-    /// Logs the first request shed and then at most one line a second with the count.
-    fn log_shedding(&self, shed_before: u64) {
-        let now_s = self.metrics.uptime().as_secs();
-        let last = self.stats.shed_logged_s.swap(now_s + 1, Ordering::Relaxed);
-        if last != now_s + 1 {
-            tracing::warn!(
-                shed_total = shed_before + 1,
-                "overload: shard queue full, requests answered 91 at once"
-            );
-        }
-    }
-}
-
-fn refuse(request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
-    let code = lifecycle::as_code(code);
-    (code, validate::respond(request, &code, None, ""))
-}
-
-/// The shard a card's keyed hash belongs to.
-pub fn shard_of(pan_hash: u128, shards: usize) -> usize {
-    (pan_hash as u64 % shards as u64) as usize
-}
 
 /// A running switch: its addresses and a way to stop it.
 #[derive(Debug)]
@@ -605,7 +186,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         for (key, at_ms, original) in entries {
             duplicates.insert(key, at_ms, original);
         }
-        tokio::spawn(run_shard(
+        tokio::spawn(crate::shard::run(
             rx,
             Arc::clone(&table),
             Arc::clone(&scoring),
@@ -625,7 +206,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
             ..pending.original.follow_up(
                 RecordKind::ReversalQueued,
                 pending.request_seq,
-                unix_now_ms(),
+                crate::clock::now().unix_ms(),
             )
         })
         .collect();
@@ -656,7 +237,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         stats: SwitchStats::default(),
         shard_stats,
     });
-    tokio::spawn(crate::stats::tick(
+    tokio::spawn(crate::ops::stats::tick(
         Arc::clone(&switch),
         links_shutdown.clone(),
     ));
@@ -697,12 +278,12 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     }
     let mut admin_addr = None;
     if let Some(addr) = config.listen.admin {
-        let ready = crate::admin::Readiness {
+        let ready = crate::ops::admin::Readiness {
             model_required: config.scoring.model.is_some(),
             config_source: config.source.clone(),
             serve_stats: Arc::clone(&serve_stats),
         };
-        let (bound, task) = crate::admin::start(
+        let (bound, task) = crate::ops::admin::start(
             addr,
             Arc::clone(&switch),
             config.admin_token.clone(),
@@ -729,7 +310,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
 /// What the journal left: the writer, the PAN hash key, and what is owed and remembered.
 fn open_journal(
     config: &Config,
-) -> anyhow::Result<(Option<Journal>, PanKey, crate::recovery::Recovery)> {
+) -> anyhow::Result<(Option<Journal>, PanKey, crate::journal::recovery::Recovery)> {
     let journal_config = &config.journal;
     if !journal_config.enabled {
         tracing::warn!("journal turned off: answered authorizations do not survive a crash and in-doubt ones are never reversed");
@@ -743,9 +324,12 @@ fn open_journal(
     let acquirers: Vec<String> = config.acquirers.iter().map(|a| a.name.clone()).collect();
     let window_ms =
         i64::try_from(journal_config.duplicate_window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let recovery =
-        crate::recovery::recover(dir, &acquirers, unix_now_ms().saturating_sub(window_ms))
-            .with_context(|| format!("replaying the journal in {}", dir.display()))?;
+    let recovery = crate::journal::recovery::recover(
+        dir,
+        &acquirers,
+        crate::clock::now().unix_ms().saturating_sub(window_ms),
+    )
+    .with_context(|| format!("replaying the journal in {}", dir.display()))?;
     let report = &recovery.report;
     if let Some(torn) = &report.torn_tail {
         tracing::warn!(segment = %torn.path.display(), offset = torn.offset, bytes = torn.bytes, "journal: torn final record (a crash mid-write) cut off");
@@ -767,11 +351,4 @@ fn open_journal(
     let journal = Journal::start(journal_config, report.next_seq())
         .with_context(|| format!("opening the journal in {}", dir.display()))?;
     Ok((Some(journal), pan_key, recovery))
-}
-
-/// Unix milliseconds now.
-pub fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -218,7 +218,7 @@ fn reading_random_bytes_never_panics() {
 /// journaling the 91.
 #[tokio::test]
 async fn recovery_finds_what_is_in_doubt_and_what_is_owed() {
-    use payswitch::duplicates::DupKey;
+    use payswitch::shard::duplicates::DupKey;
     let dir = tempfile::tempdir().unwrap();
     let journal = Journal::start(&config(dir.path()), 1).unwrap();
     let forwarded = |stan: u32| {
@@ -247,8 +247,9 @@ async fn recovery_finds_what_is_in_doubt_and_what_is_owed() {
     journal.append(&[queued]).await.unwrap();
     drop(journal);
 
-    let recovery = payswitch::recovery::recover(dir.path(), &["north".to_string()], 0).unwrap();
-    let stans = |v: &[payswitch::reversals::PendingReversal]| {
+    let recovery =
+        payswitch::journal::recovery::recover(dir.path(), &["north".to_string()], 0).unwrap();
+    let stans = |v: &[payswitch::reversal::PendingReversal]| {
         v.iter()
             .map(|p| p.original.stan.clone())
             .collect::<Vec<_>>()

@@ -259,7 +259,7 @@ async fn twenty_hot_deploys_under_load_fail_nothing_and_the_last_one_wins() {
 
 #[test]
 fn a_challenger_scores_in_shadow_and_changes_no_decision() {
-    use payswitch::rules::RuleSet;
+    use payswitch::scoring::rules::RuleSet;
     use payswitch::scoring::{Scoring, ShardScoring};
     use payswitch_models::features::Transaction;
 
@@ -315,7 +315,7 @@ fn a_challenger_scores_in_shadow_and_changes_no_decision() {
 
 #[test]
 fn rules_override_the_model_and_add_to_its_score() {
-    use payswitch::rules::RuleSet;
+    use payswitch::scoring::rules::RuleSet;
     use payswitch::scoring::{Scoring, ShardScoring};
     use payswitch_models::features::Transaction;
 

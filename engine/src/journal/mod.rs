@@ -8,9 +8,10 @@
 //! - [`export`]: JSON lines and CSV for reconciliation and risk teams' labels.
 //!
 //! What the switch does with the records on start (in-doubt authorizations, the reversal
-//! queue, the duplicate window) lives in `crate::recovery`.
+//! queue, the duplicate window) lives in `crate::journal::recovery`.
 
 pub mod record;
+pub mod recovery;
 pub mod segment;
 pub mod writer;
 

@@ -14,15 +14,15 @@ use super::disk::Disk;
 use super::peers::{RequestId, Time, MS, SECOND};
 use super::Env;
 use crate::config::Config;
-use crate::duplicates::{DuplicateWindow, Original};
 use crate::ingress::{self, Admission};
+use crate::journal::recovery::Replay;
 use crate::journal::{JournalError, PanKey, Record, RecordKind};
 use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
-use crate::recovery::Replay;
-use crate::reversals::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
-use crate::router::Router;
-use crate::rules::RuleSet;
+use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
+use crate::routing::Router;
+use crate::scoring::rules::RuleSet;
 use crate::scoring::{EventTime, Scoring};
+use crate::shard::duplicates::{DuplicateWindow, Original};
 use crate::shard::{Shard, ShardRequest, ShardStats};
 
 /// A bug planted in this driver, to show that the invariants catch what it breaks.
@@ -131,7 +131,7 @@ struct LiveDelivery {
 
 struct Job {
     request: ShardRequest,
-    key: crate::duplicates::DupKey,
+    key: crate::shard::duplicates::DupKey,
     received_ms: i64,
     message: Message,
     record: Record,
@@ -288,7 +288,7 @@ impl Node {
                 c.stream_limit
             ));
         }
-        if self.deliveries.len() > crate::reversals::MAX_PENDING_REVERSALS {
+        if self.deliveries.len() > crate::reversal::MAX_PENDING_REVERSALS {
             return Some(format!("{} reversals in delivery", self.deliveries.len()));
         }
         if self.journal.pending.len() > c.journal_queue {
@@ -349,7 +349,7 @@ impl Node {
             })
             .collect();
         for (pan_hash, key, at_ms, original) in recovery.recent {
-            let shard = crate::switch::shard_of(pan_hash, self.config.shards);
+            let shard = crate::shard::shard_of(pan_hash, self.config.shards);
             self.shards[shard].shard.remember(key, at_ms, original);
         }
         self.lives.clear();
@@ -582,7 +582,7 @@ impl Node {
                     sent_at,
                     received,
                 };
-                let index = crate::switch::shard_of(pan_hash, self.shards.len());
+                let index = crate::shard::shard_of(pan_hash, self.shards.len());
                 let shard = &mut self.shards[index];
                 if shard.queue.len() >= self.config.shard_queue {
                     let life = Lifecycle::refused(
@@ -864,7 +864,7 @@ impl Node {
     }
 
     fn start_delivery(&mut self, pending: PendingReversal, env: &mut Env) {
-        if self.deliveries.len() >= crate::reversals::MAX_PENDING_REVERSALS {
+        if self.deliveries.len() >= crate::reversal::MAX_PENDING_REVERSALS {
             return; // Left in the journal for the next start, as the switch does.
         }
         let Some(mut delivery) = Delivery::new(pending, now_of(env.now)) else {
@@ -993,7 +993,7 @@ enum Resumed {
     Durable(Result<u64, JournalError>),
     Answered(Message),
     NoAnswer,
-    Original(Option<crate::duplicates::Outcome>),
+    Original(Option<crate::shard::duplicates::Outcome>),
     Woke,
 }
 

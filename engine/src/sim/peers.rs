@@ -9,7 +9,7 @@ use payswitch_protocol::time::UtcDateTime;
 use payswitch_protocol::{fields, Message, Mti};
 use rand::Rng;
 
-use crate::validate;
+use crate::ingress::validate;
 
 /// Simulated time: microseconds since the simulation started.
 pub type Time = u64;

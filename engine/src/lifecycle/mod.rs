@@ -25,32 +25,15 @@ use std::sync::Arc;
 
 use payswitch_protocol::{fields, Message, ResponseCode, Stan};
 
-use crate::duplicates::{Forwarded, Original, Outcome};
+pub use crate::clock::Now;
+
+use crate::ingress::validate::{self, Authorization};
 use crate::journal::{JournalError, Record, RecordKind};
-use crate::reversals::PendingReversal;
-use crate::router::AcquirerIndex;
+use crate::reversal::PendingReversal;
+use crate::routing::AcquirerIndex;
 use crate::scoring::Verdict;
-use crate::validate::{self, Authorization};
+use crate::shard::duplicates::{Forwarded, Original, Outcome};
 use payswitch_models::model::Decision;
-
-/// The time as the driver reads it: Unix microseconds (the switch's clock, or the
-/// simulator's). Durations between two readings are taken saturating at zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct Now {
-    /// Microseconds since the Unix epoch.
-    pub unix_us: i64,
-}
-
-impl Now {
-    /// Milliseconds since the Unix epoch, as journal records keep them.
-    pub fn unix_ms(self) -> i64 {
-        self.unix_us.div_euclid(1000)
-    }
-
-    fn since(self, earlier: Now) -> u64 {
-        u64::try_from(self.unix_us.saturating_sub(earlier.unix_us)).unwrap_or(0)
-    }
-}
 
 /// What a shard answers for one request.
 #[derive(Debug)]

@@ -18,7 +18,7 @@ use payswitch_protocol::{fields, Message, Stan};
 use tokio::sync::Notify;
 
 use crate::journal::{Record, RecordKind};
-use crate::router::AcquirerIndex;
+use crate::routing::AcquirerIndex;
 
 /// What identifies one request among retransmissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,8 +15,8 @@ use payswitch_net::ServeStats;
 use payswitch_protocol::ResponseCode;
 use serde_json::{json, Value};
 
-use crate::metrics::{Buckets, Stage, BUCKETS_S, WINDOW_SECONDS};
-use crate::switch::Switch;
+use crate::ingress::Switch;
+use crate::ops::metrics::{Buckets, Stage, BUCKETS_S, WINDOW_SECONDS};
 
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
@@ -476,4 +476,50 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         load(&serve.connections)
     );
     out
+}
+
+/// Counters of the switch as a whole.
+#[derive(Debug, Default)]
+pub struct SwitchStats {
+    /// Responses sent, by code: index into `ResponseCode::ALL`, last slot for codes passed
+    /// through from acquirers that the switch does not know.
+    pub responses: [AtomicU64; ResponseCode::ALL.len() + 1],
+    /// Requests refused because their shard's queue was full.
+    pub shed: AtomicU64,
+    /// Requests answered without authorizing because the journal could not take them.
+    pub journal_refused: AtomicU64,
+    /// Retransmissions answered with the original's outcome.
+    pub duplicates: AtomicU64,
+    /// Reversals queued because an acquirer's answer did not reach the gateway.
+    pub reversals_queued: AtomicU64,
+    /// Uptime second (plus one) of the last overload log line.
+    pub shed_logged_s: AtomicU64,
+    /// Requests being handled now.
+    pub in_flight: std::sync::atomic::AtomicI64,
+    /// Response counts a second apart, for the last window's mix.
+    pub(crate) code_history: crate::ops::stats::CodeHistory,
+}
+
+impl SwitchStats {
+    /// Counts a response with `code`.
+    pub fn count(&self, code: &[u8; 2]) {
+        let slot = ResponseCode::parse(code)
+            .and_then(|c| ResponseCode::ALL.iter().position(|k| *k == c))
+            .unwrap_or(ResponseCode::ALL.len());
+        self.responses[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds what one request's lifecycle counted.
+    pub fn add(&self, counts: crate::lifecycle::Counts) {
+        if counts.journal_refused {
+            self.journal_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        if counts.duplicate {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        if counts.reversals_queued > 0 {
+            self.reversals_queued
+                .fetch_add(u64::from(counts.reversals_queued), Ordering::Relaxed);
+        }
+    }
 }

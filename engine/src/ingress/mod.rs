@@ -4,9 +4,14 @@
 
 use payswitch_protocol::{fields, DecodeError, Message, ResponseCode};
 
-use crate::duplicates::DupKey;
+pub mod handler;
+pub mod validate;
+
+pub use handler::Switch;
+
 use crate::lifecycle::as_code;
-use crate::validate::{self, Authorization, Kind};
+use crate::shard::duplicates::DupKey;
+use validate::{Authorization, Kind};
 
 /// What to do with a decoded frame.
 // One per frame, moved once: boxing the request would cost an allocation each.

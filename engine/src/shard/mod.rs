@@ -12,11 +12,16 @@ use std::time::{Duration, Instant};
 use payswitch_models::features::Transaction;
 use payswitch_protocol::Message;
 
-use crate::duplicates::{DupKey, DuplicateWindow, Original};
+pub mod duplicates;
+
+use arc_swap::ArcSwap;
+use duplicates::{DupKey, DuplicateWindow, Original};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ingress::validate::Authorization;
 use crate::lifecycle::ShardVerdict;
-use crate::router::Router;
+use crate::routing::Router;
 use crate::scoring::{Scoring, ShardScoring};
-use crate::validate::Authorization;
 
 /// What a shard is asked to decide.
 // One per request, moved once: boxing the transaction would cost an allocation each.
@@ -130,4 +135,49 @@ impl Shard {
             .store(self.window.evicted_early, Ordering::Relaxed);
         (verdict, timings)
     }
+}
+
+/// One request for a shard's task, with where its verdict goes.
+#[derive(Debug)]
+pub struct ShardJob {
+    /// What to decide.
+    pub request: ShardRequest,
+    /// The request's duplicate key.
+    pub key: DupKey,
+    /// When the switch read it, on its clock.
+    pub received_ms: i64,
+    /// When it was queued, if timings are recorded.
+    pub queued: Option<Instant>,
+    /// Where the verdict goes.
+    pub reply: oneshot::Sender<(ShardVerdict, ShardTimings)>,
+}
+
+/// What a shard starts with: its share of the journal's recent requests.
+pub type RecoveredEntries = Vec<(DupKey, i64, Arc<Original>)>;
+
+/// Runs a shard behind its bounded queue until the queue closes.
+pub async fn run(
+    mut jobs: mpsc::Receiver<ShardJob>,
+    router: Arc<ArcSwap<Router>>,
+    scoring: Arc<Scoring>,
+    mut shard: Shard,
+) {
+    while let Some(job) = jobs.recv().await {
+        let queue = job.queued.map(|q| q.elapsed());
+        let (verdict, mut timings) = shard.decide(
+            job.request,
+            job.key,
+            job.received_ms,
+            &router.load(),
+            &scoring,
+            job.queued.is_some(),
+        );
+        timings.queue = queue;
+        let _ = job.reply.send((verdict, timings));
+    }
+}
+
+/// The shard a card's keyed hash belongs to.
+pub fn shard_of(pan_hash: u128, shards: usize) -> usize {
+    (pan_hash as u64 % shards as u64) as usize
 }

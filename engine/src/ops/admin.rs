@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::switch::Switch;
+use crate::ingress::Switch;
 
 /// Largest model file accepted by the deploy endpoint: a forest of 500 trees of depth 12
 /// is a few MiB; 64 MiB leaves room without letting a caller exhaust memory.
@@ -190,7 +190,7 @@ async fn models(State(state): State<AdminState>) -> Json<serde_json::Value> {
 }
 
 /// The dashboard page: one file, no external assets (deployments are often offline).
-const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+const DASHBOARD_HTML: &str = include_str!("../../assets/dashboard.html");
 
 async fn dashboard() -> Html<&'static str> {
     Html(DASHBOARD_HTML)
@@ -225,7 +225,7 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
 
 /// `GET /api/stats`.
 async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    Json(crate::stats::snapshot(
+    Json(crate::ops::stats::snapshot(
         &state.switch,
         &state.ready.serve_stats,
     ))
@@ -238,13 +238,13 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::stats::prometheus(&state.switch, &state.ready.serve_stats),
+        crate::ops::stats::prometheus(&state.switch, &state.ready.serve_stats),
     )
 }
 
 /// `GET /api/acquirers`.
 async fn acquirers(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    Json(crate::stats::acquirers(&state.switch))
+    Json(crate::ops::stats::acquirers(&state.switch))
 }
 
 /// `POST /api/acquirers/{name}/drain|enable`.
@@ -305,7 +305,7 @@ async fn reload_routes(
             "the file's acquirers differ from the running ones: that needs a restart\n".into(),
         ));
     }
-    let router = crate::router::Router::from_config(&config).map_err(|e| {
+    let router = crate::routing::Router::from_config(&config).map_err(|e| {
         (
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("routes refused: {e}\n"),

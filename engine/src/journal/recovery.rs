@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use payswitch_protocol::{ResponseCode, Stan};
 
-use crate::duplicates::{DupKey, Forwarded, Original, Outcome};
 use crate::journal::{scan, Record, RecordKind, ScanError, ScanReport};
-use crate::reversals::PendingReversal;
+use crate::reversal::PendingReversal;
+use crate::shard::duplicates::{DupKey, Forwarded, Original, Outcome};
 
 /// Field 48 given to retransmissions of an authorization that was in doubt at a crash.
 pub const IN_DOUBT_TAGS: &str = "in_doubt=1;reversal=queued";

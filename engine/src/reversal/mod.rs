@@ -5,7 +5,7 @@
 //! gateway's own 0400/0420 — is reversed. The reversal is journaled as queued first, then
 //! sent (each attempt journaled) with backoff until the acquirer answers 0410 (any code),
 //! which is journaled as the acknowledgement. After a restart the journal's queued and
-//! unacknowledged reversals are queued again (`crate::recovery`).
+//! unacknowledged reversals are queued again (`crate::journal::recovery`).
 //!
 //! A reversal is built from the journal's record of the forwarded original: 0400 with the
 //! original's amount, RRN, terminal and merchant, and field 90 naming the original by its
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acquirer::AcquirerLink;
 use crate::journal::{Journal, JournalError, Record, RecordKind};
 use crate::lifecycle::Now;
-use crate::router::AcquirerIndex;
+use crate::routing::AcquirerIndex;
 
 /// Reversals being delivered at once. Each is a task holding one message; 100 k is far
 /// beyond any real backlog (an acquirer down for minutes at high load) and a few tens of
@@ -118,7 +118,7 @@ impl StoreAndForward {
 
     async fn deliver(&self, reversal: PendingReversal) {
         let link = &self.links[reversal.acquirer];
-        let Some(mut delivery) = Delivery::new(reversal, crate::switch::now()) else {
+        let Some(mut delivery) = Delivery::new(reversal, crate::clock::now()) else {
             return;
         };
         let mut reservation = None;
@@ -167,7 +167,7 @@ impl StoreAndForward {
                     DeliveryEvent::Woke
                 }
             };
-            step = delivery.handle(event, crate::switch::now());
+            step = delivery.handle(event, crate::clock::now());
         }
     }
 

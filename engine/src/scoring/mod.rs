@@ -18,8 +18,10 @@ use payswitch_models::features::{
 use payswitch_models::model::{Decision, Model};
 use payswitch_protocol::{fields, Message, TransmissionTime};
 
-use crate::rules::{Action, RuleSet};
-use crate::validate::Authorization;
+pub mod rules;
+
+use crate::ingress::validate::Authorization;
+use rules::{Action, RuleSet};
 
 /// Mutex stripes for merchant and terminal state: 64 keeps contention between a handful of
 /// shards negligible while each stripe's table stays large.
@@ -540,8 +542,8 @@ mod tests {
 
     #[test]
     fn the_shipped_example_rules_compile_against_the_switch_variables() {
-        let text = include_str!("../../config/rules.example.toml");
-        let rules = crate::rules::Rules::parse(text, rule_variables()).unwrap();
+        let text = include_str!("../../../config/rules.example.toml");
+        let rules = crate::scoring::rules::Rules::parse(text, rule_variables()).unwrap();
         assert_eq!(rules.names().count(), 3);
     }
 

@@ -1,0 +1,354 @@
+//! The ingress handler: what the switch does with each frame a gateway's stream delivers.
+//!
+//! On the stream's task, in the order frames are read: decode, validate and the
+//! duplicate key ([`super::admit`]), then the card's shard queue (bounded: full → 91 at
+//! once). Then, on the request's own task: the shard's verdict, and the request's
+//! [`Lifecycle`], whose steps [`Switch::drive`] carries out — journal appends, acquirer
+//! reservations and sends, reversals handed to the store-and-forward queue, waits for an
+//! original — until its reply.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use payswitch_net::codes;
+use payswitch_net::serve::{Handler, Reply};
+use payswitch_protocol::{Message, ResponseCode};
+use tokio::sync::{mpsc, oneshot};
+
+use super::validate::{self, Authorization};
+use super::Admission;
+use crate::acquirer::{AcquirerLink, LinkError, Reservation};
+use crate::clock::now;
+use crate::journal::{Journal, JournalError, PanKey, Record};
+use crate::lifecycle::{self, Event, Lifecycle, Now, ShardVerdict, Step};
+use crate::ops::metrics::{Metrics, Stage, Timings};
+use crate::ops::stats::SwitchStats;
+use crate::reversal::StoreAndForward;
+use crate::routing::Router;
+use crate::scoring::Scoring;
+use crate::shard::duplicates::DupKey;
+use crate::shard::{shard_of, ShardJob, ShardRequest, ShardStats, ShardTimings};
+
+/// How long a retransmission waits for its original's answer.
+const DUPLICATE_WAIT: Duration = Duration::from_millis(lifecycle::DUPLICATE_WAIT_MS);
+
+/// The ingress handler shared by every gateway stream.
+pub struct Switch {
+    pub(crate) shards: Vec<mpsc::Sender<ShardJob>>,
+    /// Models, rules and their counters.
+    pub scoring: Arc<Scoring>,
+    pub(crate) links: Vec<Arc<AcquirerLink>>,
+    /// The acquirers' names, by index (as lifecycles name them).
+    pub(crate) acquirer_names: Vec<String>,
+    pub(crate) journal: Option<Journal>,
+    pub(crate) pan_key: PanKey,
+    /// Reversals owed to acquirers.
+    pub reversals: Arc<StoreAndForward>,
+    /// Latency histograms.
+    pub metrics: Arc<Metrics>,
+    /// The routing table, swapped whole on reload.
+    pub router: Arc<ArcSwap<Router>>,
+    /// The routes the table was built from, for `GET /api/routes`.
+    pub routes: ArcSwap<Vec<crate::config::RouteConfig>>,
+    /// Counters.
+    pub stats: SwitchStats,
+    /// Per-shard counters.
+    pub shard_stats: Vec<Arc<ShardStats>>,
+}
+
+impl std::fmt::Debug for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switch")
+            .field("shards", &self.shards.len())
+            .field("links", &self.links)
+            .finish()
+    }
+}
+
+/// A validated request on its way through the switch.
+struct InFlight {
+    request: Message,
+    auth: Authorization,
+    pan_hash: u128,
+    received: Instant,
+    received_at: Now,
+    timings: Timings,
+}
+
+/// What the in-order part of handling a frame left to do.
+enum Accepted {
+    /// Not an ISO 8583 message: end the stream with this code.
+    Close(u32),
+    /// Answered already.
+    Done([u8; 2], Message),
+    /// Validated, but refused before its shard (full queue): journaled, then answered.
+    Refused(InFlight, ResponseCode),
+    /// In the card's shard queue; the verdict, then the acquirer, are still to come.
+    Queued(InFlight, oneshot::Receiver<(ShardVerdict, ShardTimings)>),
+}
+
+impl Handler for Switch {
+    fn handle(
+        self: Arc<Self>,
+        frame: Bytes,
+    ) -> impl std::future::Future<Output = Reply> + Send + 'static {
+        // Decoding, validation and the shard enqueue run here, in the order the stream's
+        // frames were read: a card's transactions reach its shard — and its velocity
+        // state — in the order the gateway sent them, however the tasks are scheduled.
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let accepted = self.accept(frame);
+        async move {
+            // Counted down however the request ends (even if its task is dropped).
+            let _in_flight = InFlightGuard(&self.stats.in_flight);
+            let (code, response) = match accepted {
+                Accepted::Close(code) => return Reply::Close(code),
+                Accepted::Done(code, response) => (code, response),
+                Accepted::Refused(r, code) => {
+                    let record = self.request_record(&r);
+                    let life = Lifecycle::refused(r.request.clone(), record, r.received_at, code);
+                    self.drive(r, life, ShardTimings::default()).await
+                }
+                Accepted::Queued(r, verdict) => {
+                    let Ok((verdict, shard_timings)) = verdict.await else {
+                        let (code, response) = refuse(&r.request, ResponseCode::SystemMalfunction);
+                        self.stats.count(&code);
+                        return Reply::Message(response);
+                    };
+                    let record = self.request_record(&r);
+                    let life = Lifecycle::new(r.request.clone(), record, r.received_at, verdict);
+                    self.drive(r, life, shard_timings).await
+                }
+            };
+            self.stats.count(&code);
+            Reply::Message(response)
+        }
+    }
+}
+
+struct InFlightGuard<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Switch {
+    /// The acquirer links, in configuration order.
+    pub fn links(&self) -> &[Arc<AcquirerLink>] {
+        &self.links
+    }
+
+    /// Requests queued per shard now.
+    pub fn shard_queue_depths(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| s.max_capacity() - s.capacity())
+            .collect()
+    }
+
+    /// The journal, when one is written.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    fn accept(&self, frame: Bytes) -> Accepted {
+        let received = Instant::now();
+        let timed = self.metrics.enabled();
+        let decoded = Message::decode_prefix(frame);
+        let mut timings = Timings::default();
+        let decode_end = timed.then(Instant::now);
+        if let Some(end) = decode_end {
+            timings.set(Stage::Decode, end - received);
+        }
+        let admission = super::admit(decoded, || {
+            if let Some(start) = decode_end {
+                timings.set(Stage::Validate, start.elapsed());
+            }
+        });
+        match admission {
+            Admission::Close => Accepted::Close(codes::GARBAGE_FRAME),
+            Admission::Answer(code, response) => Accepted::Done(code, response),
+            Admission::Admit {
+                request,
+                auth,
+                reversal,
+                key,
+            } => self.enqueue(request, auth, reversal, key, received, timings),
+        }
+    }
+
+    /// Puts the request in its card's shard queue; a full queue is answered 91 now.
+    fn enqueue(
+        &self,
+        request: Message,
+        auth: Authorization,
+        reversal: bool,
+        key: DupKey,
+        received: Instant,
+        timings: Timings,
+    ) -> Accepted {
+        let received_at = now();
+        let received_ms = received_at.unix_ms();
+        let pan_hash = self.pan_key.hash(auth.pan.expose());
+        let shard_request = if reversal {
+            ShardRequest::Reversal(request.clone())
+        } else {
+            ShardRequest::Authorization(
+                auth,
+                self.scoring.transaction(&request, &auth, received_ms),
+            )
+        };
+        let in_flight = InFlight {
+            request,
+            auth,
+            pan_hash,
+            received,
+            received_at,
+            timings,
+        };
+        // `shards` is never empty (`start` makes at least one), so the modulo is defined.
+        let shard = shard_of(pan_hash, self.shards.len());
+        let (reply, verdict) = oneshot::channel();
+        let job = ShardJob {
+            request: shard_request,
+            key,
+            received_ms,
+            queued: self.metrics.enabled().then(Instant::now),
+            reply,
+        };
+        if self.shards[shard].try_send(job).is_err() {
+            let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            self.log_shedding(shed);
+            return Accepted::Refused(in_flight, ResponseCode::IssuerInoperative);
+        }
+        Accepted::Queued(in_flight, verdict)
+    }
+
+    /// The journal record of a validated request.
+    fn request_record(&self, r: &InFlight) -> Record {
+        Lifecycle::request_record(&r.request, &r.auth, r.pan_hash, now())
+    }
+
+    async fn journal_append(&self, records: &[Record]) -> Result<u64, JournalError> {
+        match &self.journal {
+            Some(journal) => journal.append(records).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Carries out a request's lifecycle: journal appends, acquirer reservations and
+    /// sends, reversals and waits for originals, until its reply.
+    async fn drive(
+        &self,
+        r: InFlight,
+        mut life: Lifecycle,
+        shard: ShardTimings,
+    ) -> ([u8; 2], Message) {
+        let names = &self.acquirer_names;
+        let mut reservation: Option<Reservation<'_>> = None;
+        let mut step = life.start(now(), names);
+        let reply = loop {
+            let event = match step {
+                Step::Reply(reply) => break reply,
+                Step::Append(records) => Event::Durable(self.journal_append(&records).await),
+                Step::Reserve(index) => {
+                    let link = &self.links[index];
+                    // An acquirer drained by an operator takes no new authorizations (its
+                    // reversals still go). Nothing is sent by a refused reservation.
+                    let reserved = if link.is_draining() {
+                        Err(LinkError::Busy)
+                    } else {
+                        link.reserve()
+                    };
+                    match reserved {
+                        Ok(reserved) => {
+                            let stan = reserved.stan();
+                            reservation = Some(reserved);
+                            Event::Reserved(stan)
+                        }
+                        Err(_) => Event::Unavailable,
+                    }
+                }
+                Step::Send { stan, .. } => {
+                    let reserved = reservation
+                        .take()
+                        .expect("a Send step follows its reservation");
+                    assert_eq!(reserved.stan(), stan, "sent with the STAN reserved");
+                    match reserved.send(life.request()).await {
+                        Ok(answer) => Event::Answered(answer),
+                        Err(LinkError::Down | LinkError::Busy) => Event::NotSent,
+                        Err(e) => {
+                            debug_assert!(e.maybe_delivered());
+                            Event::NoAnswer
+                        }
+                    }
+                }
+                Step::QueueReversal(pending) => {
+                    self.reversals.push(pending);
+                    Event::Queued
+                }
+                Step::AwaitOriginal(original) => {
+                    Event::Original(original.outcome(DUPLICATE_WAIT).await.cloned())
+                }
+            };
+            step = life.handle(event, now(), names);
+        };
+        self.stats.add(life.counts());
+        self.record_timings(&r, &life, shard);
+        (reply.code, reply.response)
+    }
+
+    /// Records a finished request's timings.
+    fn record_timings(&self, r: &InFlight, life: &Lifecycle, shard: ShardTimings) {
+        if !self.metrics.enabled() {
+            return;
+        }
+        let mut timings = r.timings;
+        for (stage, value) in [
+            (Stage::Queue, shard.queue),
+            (Stage::Score, shard.score),
+            (Stage::Route, shard.route),
+            (
+                Stage::Journal,
+                Some(Duration::from_micros(life.journal_us())),
+            ),
+        ] {
+            if let Some(value) = value {
+                timings.set(stage, value);
+            }
+        }
+        let total = r.received.elapsed();
+        timings.set(Stage::Total, total);
+        let acquirer = match life.acquirer() {
+            Some((index, us)) => {
+                let elapsed = Duration::from_micros(us);
+                timings.set_acquirer(index, elapsed);
+                elapsed
+            }
+            None => Duration::ZERO,
+        };
+        timings.set(Stage::Switch, total.saturating_sub(acquirer));
+        self.metrics.record(&timings);
+    }
+
+    /// Logs the first request shed and then at most one line a second with the count.
+    fn log_shedding(&self, shed_before: u64) {
+        let now_s = self.metrics.uptime().as_secs();
+        let last = self.stats.shed_logged_s.swap(now_s + 1, Ordering::Relaxed);
+        if last != now_s + 1 {
+            tracing::warn!(
+                shed_total = shed_before + 1,
+                "overload: shard queue full, requests answered 91 at once"
+            );
+        }
+    }
+}
+
+fn refuse(request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
+    let code = lifecycle::as_code(code);
+    (code, validate::respond(request, &code, None, ""))
+}
