@@ -19,7 +19,10 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AcquirerConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
 
 /// Most requests one link may have outstanding. Switch STANs are six digits and handed out
 /// in turn, so a STAN comes round again only after 999 999 requests; with at most this
@@ -366,5 +369,48 @@ async fn write_loop(mut rx: mpsc::Receiver<Bytes>, mut send: quinn::SendStream) 
         if send.write_all(&batch).await.is_err() {
             return;
         }
+    }
+}
+
+/// One acquirer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquirerConfig {
+    /// Name used in routes, field 48 and reports.
+    pub name: String,
+    /// QUIC address.
+    pub address: SocketAddr,
+    /// Name checked against the acquirer's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// CA certificate(s) to verify the acquirer with (PEM).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// How long to wait for the acquirer's answer before answering 91.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests outstanding at this acquirer; beyond it the next acquirer is tried, or 91.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_server_name() -> String {
+    "localhost".to_string()
+}
+
+fn default_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_max_in_flight() -> usize {
+    // Well under the 999 999 switch STANs of a link, so a STAN is never reused while its
+    // request is still outstanding.
+    4_096
+}
+
+impl AcquirerConfig {
+    /// The timeout as a `Duration`.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
     }
 }

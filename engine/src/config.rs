@@ -28,9 +28,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use crate::acquirer::{AcquirerConfig, MAX_IN_FLIGHT_PER_LINK};
+pub use crate::routing::RouteConfig;
 use thiserror::Error;
 
 /// Errors reading or checking a configuration.
@@ -207,67 +209,6 @@ impl Default for ScoringConfig {
     }
 }
 
-/// One acquirer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcquirerConfig {
-    /// Name used in routes, field 48 and reports.
-    pub name: String,
-    /// QUIC address.
-    pub address: SocketAddr,
-    /// Name checked against the acquirer's certificate.
-    #[serde(default = "default_server_name")]
-    pub server_name: String,
-    /// CA certificate(s) to verify the acquirer with (PEM).
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// How long to wait for the acquirer's answer before answering 91.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Requests outstanding at this acquirer; beyond it the next acquirer is tried, or 91.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight: usize,
-}
-
-fn default_server_name() -> String {
-    "localhost".to_string()
-}
-
-fn default_timeout_ms() -> u64 {
-    2_000
-}
-
-fn default_max_in_flight() -> usize {
-    // Well under the 999 999 switch STANs of a link, so a STAN is never reused while its
-    // request is still outstanding.
-    4_096
-}
-
-impl AcquirerConfig {
-    /// The timeout as a `Duration`.
-    pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
-}
-
-/// A routing rule.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// BIN prefixes (`"4"`, `"5100"`) or inclusive ranges of equal-length prefixes
-    /// (`"510000-559999"`). Empty matches every card.
-    #[serde(default)]
-    pub bins: Vec<String>,
-    /// ISO 4217 numeric currencies; empty matches all.
-    #[serde(default)]
-    pub currencies: Vec<u16>,
-    /// MCCs or ranges (`"5812-5814"`); empty matches all.
-    #[serde(default)]
-    pub mccs: Vec<String>,
-    /// Acquirer names, tried in order.
-    pub acquirers: Vec<String>,
-}
-
 impl Config {
     /// Reads and checks a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -318,11 +259,10 @@ impl Config {
                     a.name
                 ));
             }
-            if a.max_in_flight > crate::acquirer::MAX_IN_FLIGHT_PER_LINK {
+            if a.max_in_flight > MAX_IN_FLIGHT_PER_LINK {
                 return invalid(format!(
                     "acquirer {:?}: max_in_flight above {}",
-                    a.name,
-                    crate::acquirer::MAX_IN_FLIGHT_PER_LINK
+                    a.name, MAX_IN_FLIGHT_PER_LINK
                 ));
             }
         }
@@ -343,13 +283,20 @@ impl Config {
         if p.max_frame < 64 || p.max_frame > usize::from(u16::MAX) {
             return invalid("pipeline.max_frame must be within 64..=65535".into());
         }
-        crate::routing::Router::from_config(self).map(|_| ())
+        self.router().map(|_| ())
+    }
+
+    /// The routing table of this configuration's acquirers and routes.
+    pub fn router(&self) -> Result<crate::routing::Router, ConfigError> {
+        let names: Vec<&str> = self.acquirers.iter().map(|a| a.name.as_str()).collect();
+        crate::routing::Router::new(&names, &self.routes).map_err(ConfigError::Invalid)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {

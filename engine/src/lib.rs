@@ -41,6 +41,7 @@ pub mod iso;
 pub mod journal;
 pub mod lifecycle;
 pub mod ops;
+pub mod recovery;
 pub mod reversal;
 pub mod routing;
 pub mod scoring;

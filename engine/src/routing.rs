@@ -5,7 +5,25 @@ use std::sync::Arc;
 
 use payswitch_protocol::{CurrencyCode, Mcc, Pan};
 
-use crate::config::{Config, ConfigError};
+use serde::Deserialize;
+
+/// A routing rule.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// BIN prefixes (`"4"`, `"5100"`) or inclusive ranges of equal-length prefixes
+    /// (`"510000-559999"`). Empty matches every card.
+    #[serde(default)]
+    pub bins: Vec<String>,
+    /// ISO 4217 numeric currencies; empty matches all.
+    #[serde(default)]
+    pub currencies: Vec<u16>,
+    /// MCCs or ranges (`"5812-5814"`); empty matches all.
+    #[serde(default)]
+    pub mccs: Vec<String>,
+    /// Acquirer names, tried in order.
+    pub acquirers: Vec<String>,
+}
 
 /// Index of an acquirer in the configuration's list.
 pub type AcquirerIndex = usize;
@@ -84,43 +102,49 @@ pub struct Router {
     rules: Vec<Rule>,
     /// Used when no rule is configured: every acquirer, in configuration order.
     all: Arc<[AcquirerIndex]>,
+    /// The routes as configured: the one copy, swapped with the table on reload.
+    routes: Vec<RouteConfig>,
 }
 
 impl Router {
-    /// Builds the table, resolving acquirer names to indexes.
-    pub fn from_config(config: &Config) -> Result<Router, ConfigError> {
-        let index_of = |name: &str| config.acquirers.iter().position(|a| a.name == name);
-        let mut rules = Vec::with_capacity(config.routes.len());
-        for (i, route) in config.routes.iter().enumerate() {
+    /// Builds the table from `routes`, resolving their names among `acquirers` (whose
+    /// positions are the indexes routes give); the reason when a route is invalid.
+    pub fn new(acquirers: &[&str], routes: &[RouteConfig]) -> Result<Router, String> {
+        let index_of = |name: &str| acquirers.iter().position(|a| *a == name);
+        let mut rules = Vec::with_capacity(routes.len());
+        for (i, route) in routes.iter().enumerate() {
             let ranges = |list: &[String], what: &str| {
                 list.iter()
                     .map(|text| {
-                        PrefixRange::parse(text).ok_or_else(|| {
-                            ConfigError::Invalid(format!("route {i}: bad {what} {text:?}"))
-                        })
+                        PrefixRange::parse(text)
+                            .ok_or_else(|| format!("route {i}: bad {what} {text:?}"))
                     })
                     .collect::<Result<Vec<_>, _>>()
             };
-            let acquirers = route
+            let indexes = route
                 .acquirers
                 .iter()
                 .map(|name| {
-                    index_of(name).ok_or_else(|| {
-                        ConfigError::Invalid(format!("route {i}: unknown acquirer {name:?}"))
-                    })
+                    index_of(name).ok_or_else(|| format!("route {i}: unknown acquirer {name:?}"))
                 })
                 .collect::<Result<Arc<[_]>, _>>()?;
             rules.push(Rule {
                 bins: ranges(&route.bins, "BIN")?,
                 currencies: route.currencies.clone(),
                 mccs: ranges(&route.mccs, "MCC")?,
-                acquirers,
+                acquirers: indexes,
             });
         }
         Ok(Router {
             rules,
-            all: (0..config.acquirers.len()).collect(),
+            all: (0..acquirers.len()).collect(),
+            routes: routes.to_vec(),
         })
+    }
+
+    /// The routes the table was built from, as configured (for `GET /api/routes`).
+    pub fn routes(&self) -> &[RouteConfig] {
+        &self.routes
     }
 
     /// The acquirers to try, in order; `None` when no rule matches (response 92). Shared,
@@ -144,6 +168,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn config(routes: &str) -> Config {
         let text = format!(
@@ -171,7 +196,7 @@ mod tests {
 
     #[test]
     fn no_rules_means_every_acquirer_in_order() {
-        let router = Router::from_config(&config("")).unwrap();
+        let router = config("").router().unwrap();
         let usd = CurrencyCode::parse(USD).unwrap();
         assert_eq!(
             router.route(&pan("4111111111111111"), usd, None).as_deref(),
@@ -181,7 +206,7 @@ mod tests {
 
     #[test]
     fn first_matching_rule_wins_by_bin_range_currency_and_mcc() {
-        let router = Router::from_config(&config(
+        let router = config(
             r#"
             [[routes]]
             bins = ["4"]
@@ -192,7 +217,8 @@ mod tests {
             currencies = [840]
             acquirers = ["a", "b"]
             "#,
-        ))
+        )
+        .router()
         .unwrap();
         let usd = CurrencyCode::parse(USD).unwrap();
         let eur = CurrencyCode::parse(b"978").unwrap();
@@ -228,7 +254,7 @@ mod tests {
     fn malformed_ranges_are_refused() {
         for bad in ["\"\"", "\"4x\"", "\"55-4\"", "\"51-5599\""] {
             let c = config(&format!("[[routes]]\nbins = [{bad}]\nacquirers = [\"a\"]"));
-            assert!(Router::from_config(&c).is_err(), "{bad}");
+            assert!(c.router().is_err(), "{bad}");
         }
     }
 }

@@ -4,13 +4,11 @@
 
 use payswitch_protocol::{fields, DecodeError, Message, ResponseCode};
 
-pub mod handler;
+pub mod key;
 pub mod validate;
 
-pub use handler::Switch;
-
-use crate::lifecycle::as_code;
-use crate::shard::duplicates::DupKey;
+use crate::ingress::validate::as_code;
+use key::DupKey;
 use validate::{Authorization, Kind};
 
 /// What to do with a decoded frame.

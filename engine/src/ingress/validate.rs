@@ -152,6 +152,12 @@ pub fn respond_network(request: &Message) -> Message {
     builder.build()
 }
 
+/// A response code as its two bytes.
+pub fn as_code(code: ResponseCode) -> [u8; 2] {
+    let s = code.as_str().as_bytes();
+    [s[0], s[1]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,10 +8,9 @@
 //! - [`export`]: JSON lines and CSV for reconciliation and risk teams' labels.
 //!
 //! What the switch does with the records on start (in-doubt authorizations, the reversal
-//! queue, the duplicate window) lives in `crate::journal::recovery`.
+//! queue, the duplicate window) lives in `crate::recovery`.
 
 pub mod record;
-pub mod recovery;
 pub mod segment;
 pub mod writer;
 

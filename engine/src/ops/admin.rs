@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::ingress::Switch;
+use crate::ops::Sources;
 
 /// Largest model file accepted by the deploy endpoint: a forest of 500 trees of depth 12
 /// is a few MiB; 64 MiB leaves room without letting a caller exhaust memory.
@@ -38,13 +38,13 @@ pub const MAX_MODEL_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Clone)]
 struct AdminState {
-    switch: Arc<Switch>,
+    sources: Sources,
     token: Option<Arc<str>>,
     /// What `/ready` checks and `/api/routes/reload` reads.
     ready: Arc<Readiness>,
 }
 
-/// What readiness depends on besides the switch itself.
+/// What readiness depends on besides the switch's parts.
 #[derive(Debug)]
 pub struct Readiness {
     /// A champion model is configured, so one must be loaded.
@@ -58,7 +58,7 @@ pub struct Readiness {
 /// Binds the admin listener and serves it until `shutdown`.
 pub async fn start(
     addr: SocketAddr,
-    switch: Arc<Switch>,
+    sources: Sources,
     token: Option<String>,
     ready: Readiness,
     shutdown: CancellationToken,
@@ -68,7 +68,7 @@ pub async fn start(
         .with_context(|| format!("binding admin listener {addr}"))?;
     let bound = listener.local_addr()?;
     let state = AdminState {
-        switch,
+        sources,
         token: token.map(Arc::from),
         ready: Arc::new(ready),
     };
@@ -151,7 +151,7 @@ async fn deploy(
             )
         })?;
     let id = model.id().to_owned();
-    let scoring = &state.switch.scoring;
+    let scoring = &state.sources.scoring;
     let deployed = if challenger {
         scoring.add_challenger(Arc::new(model))
     } else {
@@ -171,7 +171,7 @@ async fn deploy(
 
 /// `GET /api/models`: champion and challengers.
 async fn models(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    let scoring = &state.switch.scoring;
+    let scoring = &state.sources.scoring;
     let stats = &scoring.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     Json(serde_json::json!({
@@ -198,16 +198,17 @@ async fn dashboard() -> Html<&'static str> {
 
 /// `GET /ready`: 200 when the switch can authorize, 503 with the reasons when not.
 async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
-    let switch = &state.switch;
+    let sources = &state.sources;
     let mut reasons = Vec::new();
-    if !switch.links().iter().any(|l| l.is_up() && !l.is_draining()) {
+    if !sources.links.iter().any(|l| l.is_up() && !l.is_draining()) {
         reasons.push("no acquirer connected");
     }
-    if state.ready.model_required && switch.scoring.champion().is_none() {
+    if state.ready.model_required && sources.scoring.champion().is_none() {
         reasons.push("the configured model is not loaded");
     }
-    if switch
-        .journal()
+    if sources
+        .journal
+        .as_ref()
         .is_some_and(|j| j.stats().failed.load(std::sync::atomic::Ordering::Relaxed))
     {
         reasons.push("the journal has stopped after an I/O error");
@@ -226,7 +227,7 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
 /// `GET /api/stats`.
 async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
     Json(crate::ops::stats::snapshot(
-        &state.switch,
+        &state.sources,
         &state.ready.serve_stats,
     ))
 }
@@ -238,13 +239,13 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::ops::stats::prometheus(&state.switch, &state.ready.serve_stats),
+        crate::ops::stats::prometheus(&state.sources, &state.ready.serve_stats),
     )
 }
 
 /// `GET /api/acquirers`.
 async fn acquirers(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    Json(crate::ops::stats::acquirers(&state.switch))
+    Json(crate::ops::stats::acquirers(&state.sources))
 }
 
 /// `POST /api/acquirers/{name}/drain|enable`.
@@ -255,8 +256,8 @@ async fn acquirer_action(
 ) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
     authorized(&state, &headers)?;
     let link = state
-        .switch
-        .links()
+        .sources
+        .links
         .iter()
         .find(|l| l.name() == name)
         .ok_or((StatusCode::NOT_FOUND, format!("no acquirer {name:?}\n")))?;
@@ -273,7 +274,7 @@ async fn acquirer_action(
 /// `GET /api/routes`.
 async fn routes(State(state): State<AdminState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
-        "routes": &**state.switch.routes.load(),
+        "routes": state.sources.router.load().routes(),
         "source": state.ready.config_source,
     }))
 }
@@ -297,7 +298,7 @@ async fn reload_routes(
             format!("routes refused: {e}\n"),
         )
     })?;
-    let running: Vec<&str> = state.switch.links().iter().map(|l| l.name()).collect();
+    let running: Vec<&str> = state.sources.links.iter().map(|l| l.name()).collect();
     let configured: Vec<&str> = config.acquirers.iter().map(|a| a.name.as_str()).collect();
     if running != configured {
         return Err((
@@ -305,14 +306,13 @@ async fn reload_routes(
             "the file's acquirers differ from the running ones: that needs a restart\n".into(),
         ));
     }
-    let router = crate::routing::Router::from_config(&config).map_err(|e| {
+    let router = config.router().map_err(|e| {
         (
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("routes refused: {e}\n"),
         )
     })?;
-    state.switch.router.store(Arc::new(router));
-    state.switch.routes.store(Arc::new(config.routes.clone()));
+    state.sources.router.store(Arc::new(router));
     tracing::info!(routes = config.routes.len(), file = %path.display(), "routes reloaded");
     Ok(Json(serde_json::json!({ "reloaded": config.routes.len() })))
 }
@@ -330,7 +330,7 @@ async fn promote(
 ) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
     authorized(&state, &headers)?;
     state
-        .switch
+        .sources
         .scoring
         .promote(&query.id)
         .map_err(|e| (StatusCode::NOT_FOUND, format!("{e}\n")))?;

@@ -15,17 +15,17 @@ use payswitch_net::ServeStats;
 use payswitch_protocol::ResponseCode;
 use serde_json::{json, Value};
 
-use crate::ingress::Switch;
 use crate::ops::metrics::{Buckets, Stage, BUCKETS_S, WINDOW_SECONDS};
+use crate::ops::Sources;
 
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
 /// Responses by code since start (codes seen only; the acquirers' own codes as `other`).
-fn codes(switch: &Switch) -> BTreeMap<String, u64> {
+fn codes(sources: &Sources) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for (i, counter) in switch.stats.responses.iter().enumerate() {
+    for (i, counter) in sources.counters.responses.iter().enumerate() {
         let n = load(counter);
         if n == 0 {
             continue;
@@ -44,10 +44,10 @@ fn codes(switch: &Switch) -> BTreeMap<String, u64> {
 pub type CodeHistory = Mutex<Vec<(std::time::Instant, BTreeMap<String, u64>)>>;
 
 /// Takes a sample of the response counts; called once a second (see `tick`).
-fn sample_codes(switch: &Switch) {
-    let now = codes(switch);
-    let mut history = switch
-        .stats
+fn sample_codes(sources: &Sources) {
+    let now = codes(sources);
+    let mut history = sources
+        .counters
         .code_history
         .lock()
         .unwrap_or_else(|e| e.into_inner());
@@ -58,13 +58,13 @@ fn sample_codes(switch: &Switch) {
 
 /// Once a second until `shutdown`: samples the response counts, so the last window's
 /// code mix and TPS do not depend on anyone polling.
-pub async fn tick(switch: std::sync::Arc<Switch>, shutdown: tokio_util::sync::CancellationToken) {
+pub async fn tick(sources: Sources, shutdown: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => sample_codes(&switch),
+            _ = tick.tick() => sample_codes(&sources),
         }
     }
 }
@@ -91,10 +91,10 @@ fn codes_window(
 }
 
 /// `/api/acquirers`: one object per acquirer.
-pub fn acquirers(switch: &Switch) -> Value {
-    let latency = switch.metrics.acquirer_percentiles();
-    let list: Vec<Value> = switch
-        .links()
+pub fn acquirers(sources: &Sources) -> Value {
+    let latency = sources.metrics.acquirer_percentiles();
+    let list: Vec<Value> = sources
+        .links
         .iter()
         .enumerate()
         .map(|(i, link)| {
@@ -120,8 +120,8 @@ pub fn acquirers(switch: &Switch) -> Value {
     Value::Array(list)
 }
 
-fn models(switch: &Switch) -> Value {
-    let scoring = &switch.scoring;
+fn models(sources: &Sources) -> Value {
+    let scoring = &sources.scoring;
     let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
     let mean = |micros: u64, n: u64| (n > 0).then(|| micros as f64 / 1e6 / n as f64);
     let stats = &scoring.stats;
@@ -150,8 +150,8 @@ fn models(switch: &Switch) -> Value {
     })
 }
 
-fn journal(switch: &Switch) -> Value {
-    match switch.journal() {
+fn journal(sources: &Sources) -> Value {
+    match sources.journal.as_ref() {
         None => json!({"enabled": false}),
         Some(j) => {
             let s = j.stats();
@@ -169,9 +169,9 @@ fn journal(switch: &Switch) -> Value {
 }
 
 /// `/api/stats`.
-pub fn snapshot(switch: &Switch, _serve: &ServeStats) -> Value {
-    let codes = codes(switch);
-    let (codes_window, seconds) = codes_window(&switch.stats.code_history, &codes);
+pub fn snapshot(sources: &Sources, _serve: &ServeStats) -> Value {
+    let codes = codes(sources);
+    let (codes_window, seconds) = codes_window(&sources.counters.code_history, &codes);
     let window_total: u64 = codes_window.values().sum();
     let tps = if seconds > 0.0 {
         window_total as f64 / seconds
@@ -180,7 +180,7 @@ pub fn snapshot(switch: &Switch, _serve: &ServeStats) -> Value {
     };
     let approval_rate = (window_total > 0)
         .then(|| codes_window.get("00").copied().unwrap_or(0) as f64 / window_total as f64);
-    let stages: Vec<Value> = switch
+    let stages: Vec<Value> = sources
         .metrics
         .stage_percentiles()
         .into_iter()
@@ -188,7 +188,7 @@ pub fn snapshot(switch: &Switch, _serve: &ServeStats) -> Value {
             json!({"stage": stage.as_str(), "window": window, "since_start": since})
         })
         .collect();
-    let series = switch.metrics.series();
+    let series = sources.metrics.series();
     let mut p99 = serde_json::Map::new();
     for (i, stage) in Stage::ALL.iter().enumerate() {
         p99.insert(
@@ -200,14 +200,14 @@ pub fn snapshot(switch: &Switch, _serve: &ServeStats) -> Value {
                 .into(),
         );
     }
-    let decisions = &switch.scoring.stats.decisions;
-    let windows = switch.shard_stats.iter().zip(switch.shard_queue_depths());
+    let decisions = &sources.scoring.stats.decisions;
+    let windows = sources.shard_stats.iter().zip((sources.queue_depths)());
     json!({
-        "uptime_s": switch.metrics.uptime().as_secs_f64(),
+        "uptime_s": sources.metrics.uptime().as_secs_f64(),
         "window_s": WINDOW_SECONDS,
         "tps": tps,
         "approval_rate": approval_rate,
-        "in_flight": switch.stats.in_flight.load(Ordering::Relaxed).max(0),
+        "in_flight": sources.counters.in_flight.load(Ordering::Relaxed).max(0),
         "codes": codes,
         "codes_window": codes_window,
         "stages": stages,
@@ -216,22 +216,22 @@ pub fn snapshot(switch: &Switch, _serve: &ServeStats) -> Value {
             "tps": series.iter().map(|p| p.count).collect::<Vec<_>>(),
             "p99_us": p99,
         },
-        "acquirers": acquirers(switch),
+        "acquirers": acquirers(sources),
         "decisions": {
             "approve": load(&decisions[0]),
             "review": load(&decisions[1]),
             "decline": load(&decisions[2]),
         },
-        "models": models(switch),
-        "journal": journal(switch),
+        "models": models(sources),
+        "journal": journal(sources),
         "reversals": {
-            "pending": load(&switch.reversals.stats.pending),
-            "sent": load(&switch.reversals.stats.sent),
-            "acknowledged": load(&switch.reversals.stats.acknowledged),
-            "deferred": load(&switch.reversals.stats.deferred),
+            "pending": load(&sources.reversals.stats.pending),
+            "sent": load(&sources.reversals.stats.sent),
+            "acknowledged": load(&sources.reversals.stats.acknowledged),
+            "deferred": load(&sources.reversals.stats.deferred),
         },
-        "duplicates": load(&switch.stats.duplicates),
-        "shed": load(&switch.stats.shed),
+        "duplicates": load(&sources.counters.duplicates),
+        "shed": load(&sources.counters.shed),
         "shards": windows.map(|(s, depth)| json!({
             "queue_depth": depth,
             "duplicates_window": load(&s.window_len),
@@ -268,9 +268,9 @@ fn histogram(out: &mut String, name: &str, labels: &str, b: &Buckets) {
 }
 
 /// `/metrics`: the Prometheus text format (version 0.0.4).
-pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
+pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
     let mut out = String::with_capacity(16 * 1024);
-    let stage_buckets = switch.metrics.stage_buckets();
+    let stage_buckets = sources.metrics.stage_buckets();
 
     header(
         &mut out,
@@ -306,7 +306,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "histogram",
         "Round trip to each acquirer.",
     );
-    for (link, b) in switch.links().iter().zip(switch.metrics.acquirer_buckets()) {
+    for (link, b) in sources.links.iter().zip(sources.metrics.acquirer_buckets()) {
         histogram(
             &mut out,
             "payswitch_acquirer_duration_seconds",
@@ -321,7 +321,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "counter",
         "Responses sent to gateways, by response code.",
     );
-    for (code, n) in codes(switch) {
+    for (code, n) in codes(sources) {
         let _ = writeln!(out, "payswitch_responses_total{{code=\"{code}\"}} {n}");
     }
 
@@ -332,7 +332,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "Fraud decisions of the champion model and rules.",
     );
     for (i, decision) in ["approve", "review", "decline"].iter().enumerate() {
-        let n = load(&switch.scoring.stats.decisions[i]);
+        let n = load(&sources.scoring.stats.decisions[i]);
         let _ = writeln!(
             out,
             "payswitch_decisions_total{{decision=\"{decision}\"}} {n}"
@@ -345,7 +345,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "counter",
         "Requests to acquirers by outcome: answered, timeout, lost (connection dropped), refused (down or full, not sent).",
     );
-    for link in switch.links() {
+    for link in &sources.links {
         let name = escape(link.name());
         let s = &link.stats;
         for (outcome, n) in [
@@ -370,7 +370,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
     let _ = writeln!(
         out,
         "payswitch_in_flight_requests {}",
-        switch.stats.in_flight.load(Ordering::Relaxed).max(0)
+        sources.counters.in_flight.load(Ordering::Relaxed).max(0)
     );
     header(
         &mut out,
@@ -378,7 +378,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "gauge",
         "Requests waiting in each shard's queue.",
     );
-    for (i, depth) in switch.shard_queue_depths().iter().enumerate() {
+    for (i, depth) in (sources.queue_depths)().iter().enumerate() {
         let _ = writeln!(out, "payswitch_shard_queue_depth{{shard=\"{i}\"}} {depth}");
     }
     header(
@@ -387,7 +387,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "gauge",
         "1 when the link to the acquirer is connected.",
     );
-    for link in switch.links() {
+    for link in &sources.links {
         let _ = writeln!(
             out,
             "payswitch_acquirer_up{{acquirer=\"{}\"}} {}",
@@ -401,7 +401,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "gauge",
         "1 for the acquirer's current state: up, draining (by an operator) or down.",
     );
-    for link in switch.links() {
+    for link in &sources.links {
         for state in ["up", "draining", "down"] {
             let _ = writeln!(
                 out,
@@ -418,7 +418,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
         "The models loaded (id = kind and checksum; schema = feature schema version): the champion and the challengers scored in shadow.",
     );
     let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
-    if let Some(m) = switch.scoring.champion() {
+    if let Some(m) = sources.scoring.champion() {
         let _ = writeln!(
             out,
             "payswitch_model_info{{role=\"champion\",id=\"{}\",kind=\"{}\",schema=\"{}\"}} 1",
@@ -427,7 +427,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
             payswitch_models::features::SCHEMA_VERSION
         );
     }
-    for c in switch.scoring.challengers().iter() {
+    for c in sources.scoring.challengers().iter() {
         let _ = writeln!(
             out,
             "payswitch_model_info{{role=\"challenger\",id=\"{}\",kind=\"{}\",schema=\"{}\"}} 1",
@@ -436,7 +436,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
             payswitch_models::features::SCHEMA_VERSION
         );
     }
-    let (queued, last_seq) = switch.journal().map_or((0, 0), |j| {
+    let (queued, last_seq) = sources.journal.as_ref().map_or((0, 0), |j| {
         (load(&j.stats().queued), load(&j.stats().last_seq))
     });
     header(
@@ -462,7 +462,7 @@ pub fn prometheus(switch: &Switch, serve: &ServeStats) -> String {
     let _ = writeln!(
         out,
         "payswitch_reversals_pending {}",
-        load(&switch.reversals.stats.pending)
+        load(&sources.reversals.stats.pending)
     );
     header(
         &mut out,

@@ -5,7 +5,7 @@
 //! gateway's own 0400/0420 — is reversed. The reversal is journaled as queued first, then
 //! sent (each attempt journaled) with backoff until the acquirer answers 0410 (any code),
 //! which is journaled as the acknowledgement. After a restart the journal's queued and
-//! unacknowledged reversals are queued again (`crate::journal::recovery`).
+//! unacknowledged reversals are queued again (`crate::recovery`).
 //!
 //! A reversal is built from the journal's record of the forwarded original: 0400 with the
 //! original's amount, RRN, terminal and merchant, and field 90 naming the original by its
@@ -23,8 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::acquirer::AcquirerLink;
+use crate::clock::Now;
 use crate::journal::{Journal, JournalError, Record, RecordKind};
-use crate::lifecycle::Now;
 use crate::routing::AcquirerIndex;
 
 /// Reversals being delivered at once. Each is a task holding one message; 100 k is far

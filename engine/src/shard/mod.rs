@@ -19,9 +19,9 @@ use duplicates::{DupKey, DuplicateWindow, Original};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ingress::validate::Authorization;
-use crate::lifecycle::ShardVerdict;
+use crate::routing::AcquirerIndex;
 use crate::routing::Router;
-use crate::scoring::{Scoring, ShardScoring};
+use crate::scoring::{Scoring, ShardScoring, Verdict};
 
 /// What a shard is asked to decide.
 // One per request, moved once: boxing the transaction would cost an allocation each.
@@ -180,4 +180,27 @@ pub async fn run(
 /// The shard a card's keyed hash belongs to.
 pub fn shard_of(pan_hash: u128, shards: usize) -> usize {
     (pan_hash as u64 % shards as u64) as usize
+}
+
+/// What a shard answers for one request.
+#[derive(Debug)]
+pub enum ShardVerdict {
+    /// A new authorization: decide it and send it on.
+    Fresh {
+        /// The fraud decision and what explains it.
+        scoring: Verdict,
+        /// Acquirers to try, in order; `None`: no route (92).
+        route: Option<Arc<[AcquirerIndex]>>,
+        /// Where its outcome goes, for retransmissions and reversals.
+        original: Arc<Original>,
+    },
+    /// A retransmission of a request seen within the window.
+    Duplicate(Arc<Original>),
+    /// A new reversal from the gateway.
+    Reversal {
+        /// The reversal's own entry, for its retransmissions.
+        own: Arc<Original>,
+        /// The authorization it reverses, if the switch knows it.
+        original: Option<Arc<Original>>,
+    },
 }

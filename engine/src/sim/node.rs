@@ -15,9 +15,9 @@ use super::peers::{RequestId, Time, MS, SECOND};
 use super::Env;
 use crate::config::Config;
 use crate::ingress::{self, Admission};
-use crate::journal::recovery::Replay;
 use crate::journal::{JournalError, PanKey, Record, RecordKind};
 use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
+use crate::recovery::Replay;
 use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
 use crate::routing::Router;
 use crate::scoring::rules::RuleSet;
@@ -225,7 +225,7 @@ impl Node {
             names[0], names[0]
         ));
         let parsed: Config = toml::from_str(&toml).expect("the simulator's configuration parses");
-        let router = Router::from_config(&parsed).expect("the simulator's routes resolve");
+        let router = parsed.router().expect("the simulator's routes resolve");
         Node {
             config,
             bug,

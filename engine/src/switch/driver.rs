@@ -18,19 +18,19 @@ use payswitch_net::serve::{Handler, Reply};
 use payswitch_protocol::{Message, ResponseCode};
 use tokio::sync::{mpsc, oneshot};
 
-use super::validate::{self, Authorization};
-use super::Admission;
 use crate::acquirer::{AcquirerLink, LinkError, Reservation};
 use crate::clock::now;
+use crate::ingress::validate::{self, as_code, Authorization};
+use crate::ingress::{self, Admission};
 use crate::journal::{Journal, JournalError, PanKey, Record};
-use crate::lifecycle::{self, Event, Lifecycle, Now, ShardVerdict, Step};
+use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
 use crate::ops::metrics::{Metrics, Stage, Timings};
 use crate::ops::stats::SwitchStats;
 use crate::reversal::StoreAndForward;
 use crate::routing::Router;
 use crate::scoring::Scoring;
 use crate::shard::duplicates::DupKey;
-use crate::shard::{shard_of, ShardJob, ShardRequest, ShardStats, ShardTimings};
+use crate::shard::{shard_of, ShardJob, ShardRequest, ShardStats, ShardTimings, ShardVerdict};
 
 /// How long a retransmission waits for its original's answer.
 const DUPLICATE_WAIT: Duration = Duration::from_millis(lifecycle::DUPLICATE_WAIT_MS);
@@ -51,10 +51,8 @@ pub struct Switch {
     pub metrics: Arc<Metrics>,
     /// The routing table, swapped whole on reload.
     pub router: Arc<ArcSwap<Router>>,
-    /// The routes the table was built from, for `GET /api/routes`.
-    pub routes: ArcSwap<Vec<crate::config::RouteConfig>>,
     /// Counters.
-    pub stats: SwitchStats,
+    pub stats: Arc<SwitchStats>,
     /// Per-shard counters.
     pub shard_stats: Vec<Arc<ShardStats>>,
 }
@@ -164,7 +162,7 @@ impl Switch {
         if let Some(end) = decode_end {
             timings.set(Stage::Decode, end - received);
         }
-        let admission = super::admit(decoded, || {
+        let admission = ingress::admit(decoded, || {
             if let Some(start) = decode_end {
                 timings.set(Stage::Validate, start.elapsed());
             }
@@ -349,6 +347,6 @@ impl Switch {
 }
 
 fn refuse(request: &Message, code: ResponseCode) -> ([u8; 2], Message) {
-    let code = lifecycle::as_code(code);
+    let code = as_code(code);
     (code, validate::respond(request, &code, None, ""))
 }

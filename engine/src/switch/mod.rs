@@ -24,16 +24,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acquirer::AcquirerLink;
 use crate::config::Config;
-use crate::ingress::Switch;
+mod driver;
+
 use crate::journal::{Journal, PanKey, Record, RecordKind};
 use crate::ops::metrics::Metrics;
 use crate::ops::stats::SwitchStats;
 use crate::reversal::StoreAndForward;
-use crate::routing::Router;
 use crate::scoring::rules::RuleSet;
 use crate::scoring::Scoring;
 use crate::shard::duplicates::DuplicateWindow;
 use crate::shard::{shard_of, RecoveredEntries, Shard, ShardStats};
+pub use driver::Switch;
 use payswitch_models::model::Model;
 
 /// A running switch: its addresses and a way to stop it.
@@ -156,7 +157,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
             links_shutdown.clone(),
         )?);
     }
-    let table = Arc::new(ArcSwap::from_pointee(Router::from_config(config)?));
+    let table = Arc::new(ArcSwap::from_pointee(config.router()?));
     let scoring = Arc::new(start_scoring(config, links_shutdown.clone())?);
     if let Some(dir) = &config.scoring.models_dir {
         tokio::spawn(crate::scoring::watch_models_dir(
@@ -233,12 +234,12 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         reversals,
         metrics,
         router: Arc::clone(&table),
-        routes: ArcSwap::from_pointee(config.routes.clone()),
-        stats: SwitchStats::default(),
+        stats: Arc::new(SwitchStats::default()),
         shard_stats,
     });
+    let sources = sources(&switch);
     tokio::spawn(crate::ops::stats::tick(
-        Arc::clone(&switch),
+        sources.clone(),
         links_shutdown.clone(),
     ));
     let limits = Limits {
@@ -285,7 +286,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         };
         let (bound, task) = crate::ops::admin::start(
             addr,
-            Arc::clone(&switch),
+            sources,
             config.admin_token.clone(),
             ready,
             shutdown.child_token(),
@@ -310,7 +311,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
 /// What the journal left: the writer, the PAN hash key, and what is owed and remembered.
 fn open_journal(
     config: &Config,
-) -> anyhow::Result<(Option<Journal>, PanKey, crate::journal::recovery::Recovery)> {
+) -> anyhow::Result<(Option<Journal>, PanKey, crate::recovery::Recovery)> {
     let journal_config = &config.journal;
     if !journal_config.enabled {
         tracing::warn!("journal turned off: answered authorizations do not survive a crash and in-doubt ones are never reversed");
@@ -324,7 +325,7 @@ fn open_journal(
     let acquirers: Vec<String> = config.acquirers.iter().map(|a| a.name.clone()).collect();
     let window_ms =
         i64::try_from(journal_config.duplicate_window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let recovery = crate::journal::recovery::recover(
+    let recovery = crate::recovery::recover(
         dir,
         &acquirers,
         crate::clock::now().unix_ms().saturating_sub(window_ms),
@@ -351,4 +352,25 @@ fn open_journal(
     let journal = Journal::start(journal_config, report.next_seq())
         .with_context(|| format!("opening the journal in {}", dir.display()))?;
     Ok((Some(journal), pan_key, recovery))
+}
+
+/// What operators read and act on, from the running switch's parts.
+fn sources(switch: &Arc<Switch>) -> crate::ops::Sources {
+    let shards = switch.shards.clone();
+    crate::ops::Sources {
+        scoring: Arc::clone(&switch.scoring),
+        links: switch.links.clone(),
+        journal: switch.journal.clone(),
+        reversals: Arc::clone(&switch.reversals),
+        metrics: Arc::clone(&switch.metrics),
+        router: Arc::clone(&switch.router),
+        counters: Arc::clone(&switch.stats),
+        shard_stats: switch.shard_stats.clone(),
+        queue_depths: Arc::new(move || {
+            shards
+                .iter()
+                .map(|s| s.max_capacity() - s.capacity())
+                .collect()
+        }),
+    }
 }
