@@ -327,68 +327,18 @@ impl Lifecycle {
                 self.next_acquirer(routing, now, acquirers)
             }
             (State::Reserving(routing), Event::Reserved(stan)) => {
-                let mut forwarded = self.follow_up(RecordKind::Forwarded, now);
-                forwarded.acquirer = acquirers[routing.acquirer()].clone();
-                forwarded.link_stan = stan.get();
-                let step = self.append(vec![forwarded.clone()], now);
-                self.state = State::JournalingForward {
-                    routing,
-                    stan,
-                    forwarded,
-                };
-                step
+                self.on_reserved(routing, stan, now, acquirers)
             }
             (
                 State::JournalingForward {
                     routing,
                     stan,
-                    mut forwarded,
+                    forwarded,
                 },
                 Event::Durable(durable),
-            ) => {
-                if let Err(e) = self.durable(durable) {
-                    // Not durable, so not sent: nothing to reverse.
-                    self.counts.journal_refused = true;
-                    let answer = Answer::new(journal_refusal(e), routing.tags);
-                    return self.finish(answer, Some(routing.original), now, acquirers);
-                }
-                assert!(
-                    self.request_seq > 0,
-                    "the request record is durable before its forwarded record is used"
-                );
-                forwarded.request_seq = self.request_seq;
-                forwarded.request_back = 0;
-                let acquirer = routing.acquirer();
-                routing.original.set_forwarded(Forwarded::new(
-                    acquirer,
-                    stan,
-                    self.request_seq,
-                    &forwarded,
-                ));
-                self.state = State::Sending {
-                    routing,
-                    since: now,
-                };
-                Step::Send { acquirer, stan }
-            }
+            ) => self.on_forward_durable(routing, stan, forwarded, durable, now, acquirers),
             (State::Sending { routing, since }, event) => {
-                let acquirer = routing.acquirer();
-                self.acquirer = Some((acquirer, now.since(since)));
-                match event {
-                    Event::Answered(answer) => {
-                        let tags = with_acquirer(routing.tags, &acquirers[acquirer]);
-                        let answer = relay(&answer, tags);
-                        self.finish(answer, Some(routing.original), now, acquirers)
-                    }
-                    Event::NotSent => self.next_acquirer(routing, now, acquirers),
-                    Event::NoAnswer => {
-                        // It may have been authorized there: never sent elsewhere; reversed.
-                        let tags = with_acquirer(routing.tags, &acquirers[acquirer]);
-                        let answer = Answer::new(ResponseCode::IssuerInoperative, tags);
-                        self.reverse_then(routing.original, answer, None, now, acquirers)
-                    }
-                    event => unexpected("Send", &event),
-                }
+                self.on_sent(routing, since, event, now, acquirers)
             }
             (
                 State::JournalingReversal {
@@ -409,80 +359,181 @@ impl Lifecycle {
                 self.finish(then, original, now, acquirers)
             }
             (State::JournalingResponse { answer, original }, Event::Durable(durable)) => {
-                match self.durable(durable) {
-                    Ok(()) => self.reply(answer, original.as_ref()),
-                    Err(e) => {
-                        self.counts.journal_refused = true;
-                        let refusal = Answer::new(journal_refusal(e), String::new());
-                        // Approved at the acquirer, but the approval cannot be made durable:
-                        // the gateway is told it failed, and the acquirer gets a reversal.
-                        if answer.approved() {
-                            if let Some(pending) =
-                                original.as_ref().and_then(|o| claim(o, acquirers))
-                            {
-                                self.counts.reversals_queued += 1;
-                                self.state = State::QueueingUnjournaled(refusal.clone());
-                                if let Some(original) = &original {
-                                    original.set_outcome(refusal.outcome());
-                                }
-                                return Step::QueueReversal(pending);
-                            }
-                        }
-                        self.reply(refusal, original.as_ref())
-                    }
-                }
+                self.on_response_durable(answer, original, durable, acquirers)
             }
             (State::QueueingUnjournaled(answer), Event::Queued) => self.reply(answer, None),
-            (State::AwaitingOriginal, Event::Original(outcome)) => {
-                let outcome = outcome.unwrap_or(Outcome {
-                    code: as_code(ResponseCode::DuplicateTransmission),
-                    approval: None,
-                    private_data: String::new(),
-                });
-                let private_data = if outcome.private_data.is_empty() {
-                    "dup=1".to_string()
-                } else {
-                    format!("{};dup=1", outcome.private_data)
-                };
-                let mut response = self.follow_up(RecordKind::Response, now);
-                response.duplicate = true;
-                response.code = code_str(&outcome.code);
-                if let Some(approval) = &outcome.approval {
-                    response.approval_code = String::from_utf8_lossy(approval).into_owned();
-                }
-                response.private_data = private_data.clone();
-                response.switch_us = now.since(self.received);
-                let step = self.append(vec![response], now);
-                self.state = State::JournalingDuplicate(Outcome {
-                    private_data,
-                    ..outcome
-                });
-                step
-            }
+            (State::AwaitingOriginal, Event::Original(outcome)) => self.on_original(outcome, now),
             (State::JournalingDuplicate(outcome), Event::Durable(durable)) => {
-                match self.durable(durable) {
-                    Ok(()) => {
-                        let approval = outcome.approval.as_ref().map(|a| &a[..]);
-                        let response = validate::respond(
-                            &self.request,
-                            &outcome.code,
-                            approval,
-                            &outcome.private_data,
-                        );
-                        self.state = State::Done;
-                        Step::Reply(Reply {
-                            code: outcome.code,
-                            response,
-                        })
-                    }
-                    Err(e) => {
-                        self.counts.journal_refused = true;
-                        self.reply(Answer::new(journal_refusal(e), String::new()), None)
-                    }
-                }
+                self.on_duplicate_durable(outcome, durable)
             }
             (state, event) => unexpected(state_name(&state), &event),
         }
+    }
+
+    /// A place on the acquirer's link: journal where the request goes before it goes.
+    fn on_reserved(
+        &mut self,
+        routing: Routing,
+        stan: Stan,
+        now: Now,
+        acquirers: &[String],
+    ) -> Step {
+        let mut forwarded = self.follow_up(RecordKind::Forwarded, now);
+        forwarded.acquirer = acquirers[routing.acquirer()].clone();
+        forwarded.link_stan = stan.get();
+        let step = self.append(vec![forwarded.clone()], now);
+        self.state = State::JournalingForward {
+            routing,
+            stan,
+            forwarded,
+        };
+        step
+    }
+
+    /// The `forwarded` record is durable (send) or could not be (answer, nothing sent).
+    fn on_forward_durable(
+        &mut self,
+        routing: Routing,
+        stan: Stan,
+        mut forwarded: Record,
+        durable: Result<u64, JournalError>,
+        now: Now,
+        acquirers: &[String],
+    ) -> Step {
+        if let Err(e) = self.durable(durable) {
+            // Not durable, so not sent: nothing to reverse.
+            self.counts.journal_refused = true;
+            let answer = Answer::new(journal_refusal(e), routing.tags);
+            return self.finish(answer, Some(routing.original), now, acquirers);
+        }
+        assert!(
+            self.request_seq > 0,
+            "the request record is durable before its forwarded record is used"
+        );
+        forwarded.request_seq = self.request_seq;
+        forwarded.request_back = 0;
+        let acquirer = routing.acquirer();
+        routing.original.set_forwarded(Forwarded::new(
+            acquirer,
+            stan,
+            self.request_seq,
+            &forwarded,
+        ));
+        self.state = State::Sending {
+            routing,
+            since: now,
+        };
+        Step::Send { acquirer, stan }
+    }
+
+    /// What became of the send: an answer to relay, nothing sent (the next acquirer), or
+    /// silence (91, and a reversal: it may have been authorized there).
+    fn on_sent(
+        &mut self,
+        routing: Routing,
+        since: Now,
+        event: Event,
+        now: Now,
+        acquirers: &[String],
+    ) -> Step {
+        let acquirer = routing.acquirer();
+        self.acquirer = Some((acquirer, now.since(since)));
+        match event {
+            Event::Answered(answer) => {
+                let tags = with_acquirer(routing.tags, &acquirers[acquirer]);
+                let answer = relay(&answer, tags);
+                self.finish(answer, Some(routing.original), now, acquirers)
+            }
+            Event::NotSent => self.next_acquirer(routing, now, acquirers),
+            Event::NoAnswer => {
+                // Never sent elsewhere: the first acquirer may have approved it.
+                let tags = with_acquirer(routing.tags, &acquirers[acquirer]);
+                let answer = Answer::new(ResponseCode::IssuerInoperative, tags);
+                self.reverse_then(routing.original, answer, None, now, acquirers)
+            }
+            event => unexpected("Send", &event),
+        }
+    }
+
+    /// The response record is durable (reply) or could not be made so.
+    fn on_response_durable(
+        &mut self,
+        answer: Answer,
+        original: Option<Arc<Original>>,
+        durable: Result<u64, JournalError>,
+        acquirers: &[String],
+    ) -> Step {
+        let Err(e) = self.durable(durable) else {
+            return self.reply(answer, original.as_ref());
+        };
+        self.counts.journal_refused = true;
+        let refusal = Answer::new(journal_refusal(e), String::new());
+        // Approved at the acquirer, but the approval cannot be made durable: the gateway
+        // is told it failed, and the acquirer gets a reversal.
+        if answer.approved() {
+            if let Some(pending) = original.as_ref().and_then(|o| claim(o, acquirers)) {
+                self.counts.reversals_queued += 1;
+                self.state = State::QueueingUnjournaled(refusal.clone());
+                if let Some(original) = &original {
+                    original.set_outcome(refusal.outcome());
+                }
+                return Step::QueueReversal(pending);
+            }
+        }
+        self.reply(refusal, original.as_ref())
+    }
+
+    /// A retransmission's original answered (or the wait ran out): journal the answer
+    /// it gets, marked `dup=1`.
+    fn on_original(&mut self, outcome: Option<Outcome>, now: Now) -> Step {
+        let outcome = outcome.unwrap_or(Outcome {
+            code: as_code(ResponseCode::DuplicateTransmission),
+            approval: None,
+            private_data: String::new(),
+        });
+        let private_data = if outcome.private_data.is_empty() {
+            "dup=1".to_string()
+        } else {
+            format!("{};dup=1", outcome.private_data)
+        };
+        let mut response = self.follow_up(RecordKind::Response, now);
+        response.duplicate = true;
+        response.code = code_str(&outcome.code);
+        if let Some(approval) = &outcome.approval {
+            response.approval_code = String::from_utf8_lossy(approval).into_owned();
+        }
+        response.private_data = private_data.clone();
+        response.switch_us = now.since(self.received);
+        let step = self.append(vec![response], now);
+        self.state = State::JournalingDuplicate(Outcome {
+            private_data,
+            ..outcome
+        });
+        step
+    }
+
+    /// A retransmission's answer is durable (reply with it) or could not be made so.
+    fn on_duplicate_durable(
+        &mut self,
+        outcome: Outcome,
+        durable: Result<u64, JournalError>,
+    ) -> Step {
+        if let Err(e) = self.durable(durable) {
+            self.counts.journal_refused = true;
+            return self.reply(Answer::new(journal_refusal(e), String::new()), None);
+        }
+        let approval = outcome.approval.as_ref().map(|a| &a[..]);
+        let response = validate::respond(
+            &self.request,
+            &outcome.code,
+            approval,
+            &outcome.private_data,
+        );
+        self.state = State::Done;
+        Step::Reply(Reply {
+            code: outcome.code,
+            response,
+        })
     }
 
     /// What this request added to the counters (read once it replied).

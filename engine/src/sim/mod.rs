@@ -544,199 +544,234 @@ impl Env {
 
     fn handle(&mut self, node: &mut Node, event: Event) {
         match event {
-            Event::Tick => {
-                if self.healed.is_some() || self.generated >= self.options.authorizations {
-                    return;
-                }
-                let gateway = self.rng.gen_range(0..self.shape.gateways);
-                let unix_s = self.unix_s();
-                let now = self.now;
-                let id = self
-                    .gateways
-                    .authorization(gateway, now, unix_s, &mut self.rng);
-                self.generated += 1;
-                self.transmit(id);
-                if self.generated >= self.options.authorizations {
-                    self.schedule(SECOND, Event::Heal);
-                    return;
-                }
-                let rate = if self.overloaded {
-                    // Three times what the switch's CPU can read.
-                    3.0 * SECOND as f64 / 400.0
-                } else {
-                    self.shape.rate
-                };
-                let after = self.exponential(SECOND as f64 / rate);
-                self.schedule(after, Event::Tick);
-            }
+            Event::Tick => self.on_tick(),
             Event::ToSwitch(id, sent_at) => node.receive(self, id, sent_at),
-            Event::ToGateway(id, answer) => {
-                self.counts.answers += 1;
-                let request = &mut self.gateways.requests[id];
-                let first_approval = &answer.code == b"00"
-                    && !request.approved()
-                    && request.kind == RequestKind::Authorization;
-                request.answers.push(answer);
-                if first_approval {
-                    self.counts.approved += 1;
-                    if self.healed.is_none() && self.rng.gen_bool(self.shape.cancel) {
-                        let after = self.rng.gen_range(0..5 * SECOND);
-                        self.schedule(after, Event::Cancel(id));
-                    }
-                }
-            }
-            Event::Retry(id, attempt) => {
-                let request = &self.gateways.requests[id];
-                if !request.answers.is_empty() || request.attempts != attempt {
-                    return;
-                }
-                let gives_up = request.kind == RequestKind::Authorization
-                    && request.attempts >= self.shape.max_attempts;
-                if gives_up {
-                    // The gateway's own timeout: it reverses what may have been approved.
-                    if request.reversed_by.is_none() {
-                        let (now, unix_s) = (self.now, self.unix_s());
-                        let reversal = self.gateways.reversal(id, now, unix_s);
-                        self.counts.gateway_reversals += 1;
-                        self.transmit(reversal);
-                    }
-                    return;
-                }
-                self.transmit(id);
-            }
-            Event::Cancel(id) => {
-                if self.gateways.requests[id].reversed_by.is_none() {
-                    let (now, unix_s) = (self.now, self.unix_s());
-                    let reversal = self.gateways.reversal(id, now, unix_s);
-                    self.counts.gateway_reversals += 1;
-                    self.transmit(reversal);
-                }
-            }
+            Event::ToGateway(id, answer) => self.on_answer(id, answer),
+            Event::Retry(id, attempt) => self.on_retry(id, attempt),
+            Event::Cancel(id) => self.on_cancel(id),
             Event::Node(event) => node.handle(self, event),
             Event::ToAcquirer(acquirer, message, epoch, connection) => {
-                let mode = self.acquirers[acquirer].mode;
-                if mode == Mode::Down {
-                    return;
-                }
-                let Some(handled) = self.acquirers[acquirer].handle(&message) else {
-                    return;
-                };
-                let net: u32 = self
-                    .acquirers
-                    .iter()
-                    .map(|a| a.net_approvals(&handled.key))
-                    .sum();
-                if net > 1 {
-                    self.violate(
-                        "approved once",
-                        format!(
-                            "terminal {} RRN {}: approved {net} times net of reversals",
-                            handled.key.0, handled.key.1
-                        ),
-                    );
-                    return;
-                }
-                let latency = match mode {
-                    Mode::Normal => self.rng.gen_range(MS..40 * MS),
-                    Mode::Slow { extra } => extra + self.rng.gen_range(MS..40 * MS),
-                    Mode::Silent | Mode::Down => return,
-                };
-                for _ in 0..self.copies() {
-                    let after = latency + self.delay();
-                    self.schedule(
-                        after,
-                        Event::Node(node::NodeEvent::FromAcquirer {
-                            epoch,
-                            acquirer,
-                            connection,
-                            answer: handled.answer.clone(),
-                        }),
-                    );
-                }
+                self.on_acquirer_message(acquirer, message, epoch, connection)
             }
-            Event::AcquirerMode(acquirer, mode) => {
-                let before = self.acquirers[acquirer].mode;
-                if self.healed.is_some() && !matches!(before, Mode::Silent | Mode::Down) {
-                    // Healed: no new fault starts, and a slow acquirer stays slow.
-                    return;
-                }
-                self.acquirers[acquirer].mode = mode;
-                if mode == Mode::Down && before != Mode::Down {
-                    // The switch notices a vanished acquirer when its connection times out.
-                    let after = self.rng.gen_range(200 * MS..3 * SECOND);
-                    self.schedule(after, Event::Node(node::NodeEvent::LinkDown(acquirer)));
-                }
-                if before == Mode::Down && mode != Mode::Down {
-                    let after = self.rng.gen_range(50 * MS..2 * SECOND);
-                    self.schedule(after, Event::Node(node::NodeEvent::LinkUp(acquirer)));
-                }
-                if self.healed.is_some() {
-                    return;
-                }
-                if mode == Mode::Normal {
-                    self.next_acquirer_fault(acquirer);
-                } else {
-                    self.counts.acquirer_faults += 1;
-                    let lasts = match mode {
-                        Mode::Slow { .. } => self.rng.gen_range(30 * SECOND..5 * 60 * SECOND),
-                        _ => self.rng.gen_range(2 * SECOND..90 * SECOND),
-                    };
-                    self.schedule(lasts, Event::AcquirerMode(acquirer, Mode::Normal));
-                }
-            }
-            Event::Overload(on) => {
-                if self.healed.is_some() {
-                    return;
-                }
-                self.overloaded = on;
-                if on {
-                    self.counts.overload_bursts += 1;
-                    let lasts = self.rng.gen_range(SECOND..5 * SECOND);
-                    self.schedule(lasts, Event::Overload(false));
-                } else {
-                    let after = self.exponential(60.0 * SECOND as f64);
-                    self.schedule(after, Event::Overload(true));
-                }
-            }
-            Event::Crash => {
-                if self.healed.is_some() || !node.is_up() {
-                    return;
-                }
-                self.counts.crashes += 1;
-                node.crash(self);
-                let after = self.rng.gen_range(200 * MS..3 * SECOND);
-                self.schedule(after, Event::Restart);
-                let next = self.exponential(self.shape.crash_every as f64);
-                self.schedule(next, Event::Crash);
-            }
+            Event::AcquirerMode(acquirer, mode) => self.on_acquirer_mode(acquirer, mode),
+            Event::Overload(on) => self.on_overload(on),
+            Event::Crash => self.on_crash(node),
             Event::Restart => {
                 if !node.is_up() {
                     node.start(self);
                 }
             }
-            Event::Heal => {
-                self.healed = Some(self.now);
-                self.overloaded = false;
-                // Silent and vanished acquirers come back. A slow one stays slow: it
-                // answers again, only late, and what it is owed must still get through.
-                for acquirer in 0..self.acquirers.len() {
-                    if matches!(self.acquirers[acquirer].mode, Mode::Silent | Mode::Down) {
-                        self.handle(node, Event::AcquirerMode(acquirer, Mode::Normal));
-                    }
-                }
-                if !node.is_up() {
-                    node.start(self);
-                }
-                // Unanswered requests whose retry timers were spent are sent again.
-                for id in 0..self.gateways.requests.len() {
-                    let request = &self.gateways.requests[id];
-                    if request.answers.is_empty()
-                        && !(request.kind == RequestKind::Authorization
-                            && request.reversed_by.is_some())
-                    {
-                        self.transmit(id);
-                    }
-                }
+            Event::Heal => self.on_heal(node),
+        }
+    }
+
+    /// A gateway sends its next new authorization.
+    fn on_tick(&mut self) {
+        if self.healed.is_some() || self.generated >= self.options.authorizations {
+            return;
+        }
+        let gateway = self.rng.gen_range(0..self.shape.gateways);
+        let unix_s = self.unix_s();
+        let now = self.now;
+        let id = self
+            .gateways
+            .authorization(gateway, now, unix_s, &mut self.rng);
+        self.generated += 1;
+        self.transmit(id);
+        if self.generated >= self.options.authorizations {
+            self.schedule(SECOND, Event::Heal);
+            return;
+        }
+        let rate = if self.overloaded {
+            // Three times what the switch's CPU can read.
+            3.0 * SECOND as f64 / 400.0
+        } else {
+            self.shape.rate
+        };
+        let after = self.exponential(SECOND as f64 / rate);
+        self.schedule(after, Event::Tick);
+    }
+
+    /// An answer reaches its gateway.
+    fn on_answer(&mut self, id: RequestId, answer: peers::Answer) {
+        self.counts.answers += 1;
+        let request = &mut self.gateways.requests[id];
+        let first_approval = &answer.code == b"00"
+            && !request.approved()
+            && request.kind == RequestKind::Authorization;
+        request.answers.push(answer);
+        if first_approval {
+            self.counts.approved += 1;
+            if self.healed.is_none() && self.rng.gen_bool(self.shape.cancel) {
+                let after = self.rng.gen_range(0..5 * SECOND);
+                self.schedule(after, Event::Cancel(id));
+            }
+        }
+    }
+
+    /// A gateway's timer for an unanswered request: retransmit, or give up and reverse.
+    fn on_retry(&mut self, id: RequestId, attempt: u32) {
+        let request = &self.gateways.requests[id];
+        if !request.answers.is_empty() || request.attempts != attempt {
+            return;
+        }
+        let gives_up = request.kind == RequestKind::Authorization
+            && request.attempts >= self.shape.max_attempts;
+        if gives_up {
+            // The gateway's own timeout: it reverses what may have been approved.
+            if request.reversed_by.is_none() {
+                let (now, unix_s) = (self.now, self.unix_s());
+                let reversal = self.gateways.reversal(id, now, unix_s);
+                self.counts.gateway_reversals += 1;
+                self.transmit(reversal);
+            }
+            return;
+        }
+        self.transmit(id);
+    }
+
+    /// A gateway cancels an approved authorization with its own reversal.
+    fn on_cancel(&mut self, id: RequestId) {
+        if self.gateways.requests[id].reversed_by.is_none() {
+            let (now, unix_s) = (self.now, self.unix_s());
+            let reversal = self.gateways.reversal(id, now, unix_s);
+            self.counts.gateway_reversals += 1;
+            self.transmit(reversal);
+        }
+    }
+
+    /// A message reaches an acquirer: it authorizes or reverses (checked: never approved
+    /// twice net of reversals) and answers as its mode allows.
+    fn on_acquirer_message(
+        &mut self,
+        acquirer: usize,
+        message: payswitch_protocol::Message,
+        epoch: u32,
+        connection: u64,
+    ) {
+        let mode = self.acquirers[acquirer].mode;
+        if mode == Mode::Down {
+            return;
+        }
+        let Some(handled) = self.acquirers[acquirer].handle(&message) else {
+            return;
+        };
+        let net: u32 = self
+            .acquirers
+            .iter()
+            .map(|a| a.net_approvals(&handled.key))
+            .sum();
+        if net > 1 {
+            self.violate(
+                "approved once",
+                format!(
+                    "terminal {} RRN {}: approved {net} times net of reversals",
+                    handled.key.0, handled.key.1
+                ),
+            );
+            return;
+        }
+        let latency = match mode {
+            Mode::Normal => self.rng.gen_range(MS..40 * MS),
+            Mode::Slow { extra } => extra + self.rng.gen_range(MS..40 * MS),
+            Mode::Silent | Mode::Down => return,
+        };
+        for _ in 0..self.copies() {
+            let after = latency + self.delay();
+            self.schedule(
+                after,
+                Event::Node(node::NodeEvent::FromAcquirer {
+                    epoch,
+                    acquirer,
+                    connection,
+                    answer: handled.answer.clone(),
+                }),
+            );
+        }
+    }
+
+    /// An acquirer changes mode; the switch notices a lost connection later.
+    fn on_acquirer_mode(&mut self, acquirer: usize, mode: Mode) {
+        let before = self.acquirers[acquirer].mode;
+        if self.healed.is_some() && !matches!(before, Mode::Silent | Mode::Down) {
+            // Healed: no new fault starts, and a slow acquirer stays slow.
+            return;
+        }
+        self.acquirers[acquirer].mode = mode;
+        if mode == Mode::Down && before != Mode::Down {
+            // The switch notices a vanished acquirer when its connection times out.
+            let after = self.rng.gen_range(200 * MS..3 * SECOND);
+            self.schedule(after, Event::Node(node::NodeEvent::LinkDown(acquirer)));
+        }
+        if before == Mode::Down && mode != Mode::Down {
+            let after = self.rng.gen_range(50 * MS..2 * SECOND);
+            self.schedule(after, Event::Node(node::NodeEvent::LinkUp(acquirer)));
+        }
+        if self.healed.is_some() {
+            return;
+        }
+        if mode == Mode::Normal {
+            self.next_acquirer_fault(acquirer);
+        } else {
+            self.counts.acquirer_faults += 1;
+            let lasts = match mode {
+                Mode::Slow { .. } => self.rng.gen_range(30 * SECOND..5 * 60 * SECOND),
+                _ => self.rng.gen_range(2 * SECOND..90 * SECOND),
+            };
+            self.schedule(lasts, Event::AcquirerMode(acquirer, Mode::Normal));
+        }
+    }
+
+    /// An overload burst starts or ends.
+    fn on_overload(&mut self, on: bool) {
+        if self.healed.is_some() {
+            return;
+        }
+        self.overloaded = on;
+        if on {
+            self.counts.overload_bursts += 1;
+            let lasts = self.rng.gen_range(SECOND..5 * SECOND);
+            self.schedule(lasts, Event::Overload(false));
+        } else {
+            let after = self.exponential(60.0 * SECOND as f64);
+            self.schedule(after, Event::Overload(true));
+        }
+    }
+
+    /// The switch crashes; it restarts a little later.
+    fn on_crash(&mut self, node: &mut Node) {
+        if self.healed.is_some() || !node.is_up() {
+            return;
+        }
+        self.counts.crashes += 1;
+        node.crash(self);
+        let after = self.rng.gen_range(200 * MS..3 * SECOND);
+        self.schedule(after, Event::Restart);
+        let next = self.exponential(self.shape.crash_every as f64);
+        self.schedule(next, Event::Crash);
+    }
+
+    /// The load is over: faults heal and gateways send again what is unanswered.
+    fn on_heal(&mut self, node: &mut Node) {
+        self.healed = Some(self.now);
+        self.overloaded = false;
+        // Silent and vanished acquirers come back. A slow one stays slow: it
+        // answers again, only late, and what it is owed must still get through.
+        for acquirer in 0..self.acquirers.len() {
+            if matches!(self.acquirers[acquirer].mode, Mode::Silent | Mode::Down) {
+                self.handle(node, Event::AcquirerMode(acquirer, Mode::Normal));
+            }
+        }
+        if !node.is_up() {
+            node.start(self);
+        }
+        // Unanswered requests whose retry timers were spent are sent again.
+        for id in 0..self.gateways.requests.len() {
+            let request = &self.gateways.requests[id];
+            if request.answers.is_empty()
+                && !(request.kind == RequestKind::Authorization && request.reversed_by.is_some())
+            {
+                self.transmit(id);
             }
         }
     }

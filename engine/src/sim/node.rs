@@ -457,41 +457,13 @@ impl Node {
                 epoch,
                 point,
                 batch,
-            } if epoch == self.epoch => {
-                self.disk.synced_to(point);
-                self.journal.syncing = false;
-                for (owner, first) in batch {
-                    if self.bug != Some(Bug::DurableBeforeSync) {
-                        self.resume(env, owner, Resumed::Durable(Ok(first)));
-                    }
-                }
-                if !self.journal.pending.is_empty() {
-                    self.start_sync(env);
-                }
-            }
+            } if epoch == self.epoch => self.synced(env, point, batch),
             NodeEvent::FromAcquirer {
                 epoch,
                 acquirer,
                 connection,
                 answer,
-            } if epoch == self.epoch => {
-                let link = &mut self.links[acquirer];
-                if !link.up || link.connection != connection {
-                    return; // The connection it came on is gone.
-                }
-                let stan = answer
-                    .get(fields::STAN)
-                    .and_then(|s| Stan::parse(s).ok())
-                    .map(|s| s.get());
-                match stan.and_then(|s| link.outstanding.remove(&s)) {
-                    Some(owner) => {
-                        link.in_flight -= 1;
-                        self.resume(env, owner, Resumed::Answered(answer));
-                    }
-                    // After its timeout: matched to nothing, as the real link does.
-                    None => env.counts.late_answers += 1,
-                }
-            }
+            } if epoch == self.epoch => self.acquirer_answered(env, acquirer, connection, answer),
             NodeEvent::Timeout {
                 epoch,
                 acquirer,
@@ -514,21 +486,7 @@ impl Node {
                     self.resume(env, Owner::Life(life), Resumed::Original(None));
                 }
             }
-            NodeEvent::LinkDown(acquirer) => {
-                let link = &mut self.links[acquirer];
-                if !link.up {
-                    return;
-                }
-                link.up = false;
-                link.connection += 1;
-                let lost: Vec<Owner> = std::mem::take(&mut link.outstanding)
-                    .into_values()
-                    .collect();
-                link.in_flight -= lost.len();
-                for owner in lost {
-                    self.resume(env, owner, Resumed::NoAnswer);
-                }
-            }
+            NodeEvent::LinkDown(acquirer) => self.link_down(env, acquirer),
             NodeEvent::LinkUp(acquirer) => {
                 let link = &mut self.links[acquirer];
                 if !link.up {
@@ -537,6 +495,63 @@ impl Node {
                 }
             }
             _ => {} // An earlier incarnation's.
+        }
+    }
+
+    /// A group commit reached the disk: everyone in it hears their records are durable.
+    fn synced(&mut self, env: &mut Env, point: usize, batch: Vec<(Owner, u64)>) {
+        self.disk.synced_to(point);
+        self.journal.syncing = false;
+        for (owner, first) in batch {
+            if self.bug != Some(Bug::DurableBeforeSync) {
+                self.resume(env, owner, Resumed::Durable(Ok(first)));
+            }
+        }
+        if !self.journal.pending.is_empty() {
+            self.start_sync(env);
+        }
+    }
+
+    /// An acquirer's answer: to whoever waits for its STAN on that connection, if anyone.
+    fn acquirer_answered(
+        &mut self,
+        env: &mut Env,
+        acquirer: usize,
+        connection: u64,
+        answer: Message,
+    ) {
+        let link = &mut self.links[acquirer];
+        if !link.up || link.connection != connection {
+            return; // The connection it came on is gone.
+        }
+        let stan = answer
+            .get(fields::STAN)
+            .and_then(|s| Stan::parse(s).ok())
+            .map(|s| s.get());
+        match stan.and_then(|s| link.outstanding.remove(&s)) {
+            Some(owner) => {
+                link.in_flight -= 1;
+                self.resume(env, owner, Resumed::Answered(answer));
+            }
+            // After its timeout: matched to nothing, as the real link does.
+            None => env.counts.late_answers += 1,
+        }
+    }
+
+    /// The connection to an acquirer is gone: everything outstanding on it is lost.
+    fn link_down(&mut self, env: &mut Env, acquirer: usize) {
+        let link = &mut self.links[acquirer];
+        if !link.up {
+            return;
+        }
+        link.up = false;
+        link.connection += 1;
+        let lost: Vec<Owner> = std::mem::take(&mut link.outstanding)
+            .into_values()
+            .collect();
+        link.in_flight -= lost.len();
+        for owner in lost {
+            self.resume(env, owner, Resumed::NoAnswer);
         }
     }
 
