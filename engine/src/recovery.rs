@@ -42,6 +42,25 @@ pub struct Recovery {
     pub unknown_acquirers: usize,
 }
 
+impl Recovery {
+    /// The `reversal_queued` records of the in-doubt authorizations, stamped `now_ms`: to
+    /// be made durable before anything else happens, then their reversals delivered.
+    pub fn in_doubt_records(&self, now_ms: i64) -> Vec<Record> {
+        self.in_doubt
+            .iter()
+            .map(|pending| Record {
+                acquirer: pending.original.acquirer.clone(),
+                link_stan: pending.original.link_stan,
+                ..pending.original.follow_up(
+                    RecordKind::ReversalQueued,
+                    pending.request_seq,
+                    now_ms,
+                )
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 struct Life {
     request: Record,

@@ -15,14 +15,14 @@ use super::peers::{RequestId, Time, MS, SECOND};
 use super::Env;
 use crate::config::Config;
 use crate::ingress::{self, Admission};
-use crate::journal::{JournalError, PanKey, Record, RecordKind};
+use crate::journal::{JournalError, PanKey, Record};
 use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
 use crate::recovery::Replay;
 use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
 use crate::routing::Router;
 use crate::scoring::rules::RuleSet;
 use crate::scoring::{EventTime, Scoring};
-use crate::shard::duplicates::{DuplicateWindow, Original};
+use crate::shard::duplicates::{DupKey, DuplicateWindow, Original};
 use crate::shard::{Shard, ShardRequest, ShardStats};
 
 /// A bug planted in this driver, to show that the invariants catch what it breaks.
@@ -332,26 +332,9 @@ impl Node {
                 return;
             }
         };
-        let recovery = replay.finish(report, &self.names);
+        let mut recovery = replay.finish(report, &self.names);
         self.scoring = Arc::new(new_scoring());
-        self.shards = (0..self.config.shards)
-            .map(|_| SimShard {
-                shard: Shard::new(
-                    10_000,
-                    DuplicateWindow::new(
-                        std::time::Duration::from_millis(self.config.window_ms as u64),
-                        self.config.window_capacity,
-                    ),
-                    Arc::new(ShardStats::default()),
-                ),
-                queue: VecDeque::new(),
-                busy: false,
-            })
-            .collect();
-        for (pan_hash, key, at_ms, original) in recovery.recent {
-            let shard = crate::shard::shard_of(pan_hash, self.config.shards);
-            self.shards[shard].shard.remember(key, at_ms, original);
-        }
+        self.shards = self.new_shards(std::mem::take(&mut recovery.recent));
         self.lives.clear();
         self.deliveries.clear();
         self.waiting.clear();
@@ -364,19 +347,7 @@ impl Node {
             .collect();
         self.cpu_free = env.now;
         // In-doubt authorizations are queued for reversal durably before anything else.
-        let queued: Vec<Record> = recovery
-            .in_doubt
-            .iter()
-            .map(|pending| Record {
-                acquirer: pending.original.acquirer.clone(),
-                link_stan: pending.original.link_stan,
-                ..pending.original.follow_up(
-                    RecordKind::ReversalQueued,
-                    pending.request_seq,
-                    now.unix_ms(),
-                )
-            })
-            .collect();
+        let queued = recovery.in_doubt_records(now.unix_ms());
         if !queued.is_empty() {
             self.disk.write(&queued);
             let point = self.disk.written();
@@ -389,6 +360,27 @@ impl Node {
             let after = env.rng.gen_range(50 * MS..2 * SECOND);
             env.schedule(after, super::Event::Node(NodeEvent::LinkUp(acquirer)));
         }
+    }
+
+    /// Fresh shards, their duplicate windows holding what the journal remembers.
+    fn new_shards(&self, recent: Vec<(u128, DupKey, i64, Arc<Original>)>) -> Vec<SimShard> {
+        let window = std::time::Duration::from_millis(self.config.window_ms as u64);
+        let mut shards: Vec<SimShard> = (0..self.config.shards)
+            .map(|_| SimShard {
+                shard: Shard::new(
+                    10_000,
+                    DuplicateWindow::new(window, self.config.window_capacity),
+                    Arc::new(ShardStats::default()),
+                ),
+                queue: VecDeque::new(),
+                busy: false,
+            })
+            .collect();
+        for (pan_hash, key, at_ms, original) in recent {
+            let shard = crate::shard::shard_of(pan_hash, self.config.shards);
+            shards[shard].shard.remember(key, at_ms, original);
+        }
+        shards
     }
 
     /// The node dies: everything but the disk is gone, and of the disk what was synced

@@ -26,7 +26,7 @@ use crate::acquirer::AcquirerLink;
 use crate::config::Config;
 mod driver;
 
-use crate::journal::{Journal, PanKey, Record, RecordKind};
+use crate::journal::{Journal, PanKey};
 use crate::ops::metrics::Metrics;
 use crate::ops::stats::SwitchStats;
 use crate::reversal::StoreAndForward;
@@ -169,10 +169,10 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let shard_count = config.pipeline.shard_count().max(1);
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
-    let (journal, pan_key, recovery) = open_journal(config)?;
+    let (journal, pan_key, mut recovery) = open_journal(config)?;
     let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone());
     let mut recovered: Vec<RecoveredEntries> = (0..shard_count).map(|_| Vec::new()).collect();
-    for (pan_hash, key, at_ms, original) in recovery.recent {
+    for (pan_hash, key, at_ms, original) in std::mem::take(&mut recovery.recent) {
         recovered[shard_of(pan_hash, shard_count)].push((key, at_ms, original));
     }
     let cards_per_shard = (config.scoring.max_cards / shard_count).max(1);
@@ -198,19 +198,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     }
     // What the journal says is owed: in-doubt authorizations are queued for reversal
     // (durably, before delivery starts), then everything owed is delivered.
-    let queued: Vec<Record> = recovery
-        .in_doubt
-        .iter()
-        .map(|pending| Record {
-            acquirer: pending.original.acquirer.clone(),
-            link_stan: pending.original.link_stan,
-            ..pending.original.follow_up(
-                RecordKind::ReversalQueued,
-                pending.request_seq,
-                crate::clock::now().unix_ms(),
-            )
-        })
-        .collect();
+    let queued = recovery.in_doubt_records(crate::clock::now().unix_ms());
     if let (Some(journal), false) = (&journal, queued.is_empty()) {
         journal
             .append(&queued)
