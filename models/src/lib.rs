@@ -12,5 +12,6 @@ pub mod data;
 pub mod eval;
 pub mod features;
 pub mod model;
+#[cfg(feature = "train")]
 pub mod train;
 pub mod velocity;
