@@ -95,7 +95,7 @@ pub enum IsoJsonError {
 /// Why one input line was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
-    /// Longer than [`MAX_LINE_BYTES`].
+    /// Longer than `MAX_LINE_BYTES`.
     #[error("line longer than {MAX_LINE_BYTES} bytes")]
     TooLong,
     /// The hex of a message is malformed.

@@ -2,9 +2,8 @@
 //!
 //! The modules follow a request through the pipeline (`docs/architecture.md` tells the
 //! whole story):
-//! - [`ingress`]: a frame from a gateway's stream: decode, validate ([`ingress::validate`]),
-//!   the duplicate key ([`ingress::admit`], pure), and the async handler that puts the
-//!   request in its card's shard and carries out its lifecycle ([`ingress::handler`]).
+//! - [`ingress`]: a frame from a gateway's stream: decode, validate ([`ingress::validate`])
+//!   and the duplicate key ([`ingress::admit`]) — pure.
 //! - [`shard`]: the owner of a card's state: the duplicate window ([`shard::duplicates`])
 //!   and velocity; decides retransmission, new authorization or reversal — pure.
 //! - [`scoring`]: features, models, challengers and the risk team's rules
@@ -13,15 +12,17 @@
 //! - [`lifecycle`]: one request from the shard's verdict to the reply, as a state machine
 //!   with no I/O and no clock: journal before send, timeout → reversal, retransmission
 //!   answered from its original.
-//! - [`journal`]: checksummed segments, group commit, verify and export; and
-//!   [`journal::recovery`], what the journal says at start.
+//! - [`journal`]: checksummed segments, group commit, verify and export.
+//! - [`recovery`]: what the journal says at start (pure: [`recovery::Replay`]).
 //! - [`acquirer`]: long-lived pipelined QUIC links to acquirers, with the switch's own STAN
 //!   per link, timeouts and reconnects.
 //! - [`reversal`]: the store-and-forward queue of reversals, each delivered by a pure
 //!   state machine ([`reversal::Delivery`]).
 //! - [`ops`]: latency histograms ([`ops::metrics`]), the counters and snapshots operators
 //!   read ([`ops::stats`]), the admin HTTP listener and dashboard ([`ops::admin`]).
-//! - [`switch`]: wires them together and runs them ([`switch::start`]).
+//! - [`switch`]: wires them together and runs them ([`switch::start`]); its driver is the
+//!   ingress handler that puts each request in its card's shard and carries out its
+//!   lifecycle's steps ([`switch::Switch`]).
 //! - [`sim`]: the deterministic simulator, driving the same pure parts on a simulated
 //!   clock, network and disk.
 //! - [`config`], [`clock`], [`iso`]: the configuration, the switch's clock, and ISO 8583

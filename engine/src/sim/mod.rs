@@ -38,7 +38,7 @@ use node::Node;
 use peers::{Acquirer, Gateways, Mode, RequestId, RequestKind, Time, MS, SECOND};
 
 #[cfg(doc)]
-use crate::{journal::recovery::Replay, lifecycle::Lifecycle, reversal::Delivery};
+use crate::{lifecycle::Lifecycle, recovery::Replay, reversal::Delivery};
 
 /// Which families of faults a run injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

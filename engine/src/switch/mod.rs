@@ -3,7 +3,7 @@
 //! Per request, on the ingress task of its stream: decode → validate → the card's shard
 //! (a bounded queue; full → 91 at once), which answers retransmissions from its duplicate
 //! window and otherwise decides and picks the route (`crate::shard`) → the request's
-//! [`Lifecycle`] (`crate::lifecycle`), whose steps this module carries out: journal the
+//! `Lifecycle` (`crate::lifecycle`), whose steps this module carries out: journal the
 //! request and where it goes (durable before it is sent) → the route's first healthy
 //! acquirer → journal the response (durable before it is sent) → response (MTI + 10,
 //! echoed fields, 39, 38, 48). An acquirer that does not answer in time gets a reversal
