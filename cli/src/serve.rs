@@ -220,3 +220,56 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn to_config(args: &[&str]) -> anyhow::Result<Config> {
+        let command =
+            Command::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))?;
+        command.serve.to_config()
+    }
+
+    #[test]
+    fn quick_start_flags_make_a_config_that_checks_out() {
+        let config = to_config(&["--acquirer", "127.0.0.1:9001"]).unwrap();
+        assert!(config.insecure_acquirers);
+        assert_eq!(config.acquirers[0].timeout_ms, 2_000);
+        let every_flag = [
+            "--listen=127.0.0.1:8583",
+            "--tcp-listen=127.0.0.1:8584",
+            "--admin=127.0.0.1:9583",
+            "--acquirer=127.0.0.1:9001",
+            "--acquirer=127.0.0.1:9002",
+            "--acquirer-timeout-ms=60000",
+            "--shards=1024",
+            "--no-journal",
+            "--fsync=never",
+            "--group-commit-window-us=100000",
+            "--event-time=clock",
+        ];
+        let config = to_config(&every_flag).unwrap();
+        assert_eq!(config.pipeline.shards, 1024);
+        assert_eq!(config.acquirers.len(), 2);
+    }
+
+    #[test]
+    fn quick_start_flags_out_of_range_are_refused_naming_the_key() {
+        let err = to_config(&["--acquirer=127.0.0.1:9001", "--acquirer-timeout-ms=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timeout_ms = 0 is out of range"), "{err}");
+        let err = to_config(&["--acquirer=127.0.0.1:9001", "--shards=5000"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pipeline.shards = 5000"), "{err}");
+    }
+}

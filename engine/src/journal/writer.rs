@@ -38,6 +38,36 @@ pub const RUNWAY_BYTES: u64 = 4 << 20;
 /// hundred bytes is about 1–2 MiB: one large sequential write.
 pub const MAX_BATCH_SUBMISSIONS: usize = 4096;
 
+/// Longest group-commit window accepted (`journal.group_commit_window_us`). Every
+/// authorization waits for two commits on its path (before it is forwarded, before it is
+/// answered); past 100 ms the wait costs more than an acquirer's whole round trip, and a
+/// sync is shared by whatever arrives during it without any window anyway.
+pub const MAX_GROUP_COMMIT_WINDOW_US: u64 = 100_000;
+
+/// Smallest segment accepted (`journal.segment_bytes`): about 3 000 records. Starting a
+/// segment costs three syncs (its header, the file, the directory); below this they become
+/// a visible share of the journal's syncs, and the directory fills with files.
+pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+
+/// Largest segment accepted (`journal.segment_bytes`): a segment is read whole into memory
+/// at start (recovery) and by `journal verify`.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+
+/// Deepest writer queue accepted (`journal.queue_depth`). The queue's slots are allocated
+/// when the journal starts; 1 Mi submissions of a few hundred bytes is ~320 MiB of records
+/// waiting, 16 s of traffic at 65 k TPS: a disk that far behind has failed, and a deeper
+/// queue would only answer 91 later.
+pub const MAX_QUEUE_DEPTH: usize = 1 << 20;
+
+/// Longest duplicate window accepted (`journal.duplicate_window_s`): gateways retransmit
+/// within minutes, and at start the journal's last window is replayed into memory; a day
+/// is far more than any retry schedule needs.
+pub const MAX_DUPLICATE_WINDOW_S: u64 = 86_400;
+
+/// Most requests remembered for duplicate detection (`journal.max_duplicates`): about
+/// 570 bytes each, so 10 M ≈ 5.7 GiB, more than a node has to give to it.
+pub const MAX_DUPLICATES: usize = 10_000_000;
+
 /// When records are synced to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,7 +190,14 @@ impl Journal {
     pub fn start(config: &JournalConfig, next_seq: u64) -> std::io::Result<Journal> {
         std::fs::create_dir_all(&config.dir)?;
         let file = create_segment(&config.dir, next_seq)?;
-        let (queue, submissions) = channel::bounded(config.queue_depth.max(1));
+        // A bounded(0) channel would refuse every `try_send`: `Config::check` keeps the
+        // depth within 1..=MAX_QUEUE_DEPTH, and so must any other caller.
+        assert!(
+            (1..=MAX_QUEUE_DEPTH).contains(&config.queue_depth),
+            "journal queue_depth {} outside 1..={MAX_QUEUE_DEPTH}",
+            config.queue_depth
+        );
+        let (queue, submissions) = channel::bounded(config.queue_depth);
         let stats = Arc::new(JournalStats::default());
         stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
         let writer = Writer {
