@@ -304,25 +304,24 @@ impl Writer {
         if self.failed {
             return vec![Err(JournalError::Failed); batch.len()];
         }
-        buf.clear();
-        let mut firsts = Vec::with_capacity(batch.len());
-        let mut seq = self.next_seq;
-        let mut records = 0u64;
-        for submission in batch.iter_mut() {
-            firsts.push(seq);
-            let frames = &mut submission.frames;
-            let mut at = 0;
-            while at < frames.len() {
-                let len = u32::from_le_bytes(frames[at..at + 4].try_into().expect("4 bytes"));
-                let end = at + 4 + len as usize;
-                seal_frame(&mut frames[at..end], seq);
-                seq += 1;
-                records += 1;
-                at = end;
-            }
-            buf.extend_from_slice(frames);
-        }
+        let (firsts, next_seq) = seal_batch(batch, self.next_seq, buf);
+        let records_bytes = buf.len() as u64;
         let started = Instant::now();
+        if let Err(e) = self.write_synced(buf) {
+            tracing::error!(error = %e, dir = %self.config.dir.display(), "journal write failed: the journal is stopped and every request is answered without authorizing");
+            self.failed = true;
+            self.stats.failed.store(true, Ordering::Relaxed);
+            return vec![Err(JournalError::Failed); batch.len()];
+        }
+        let elapsed = started.elapsed();
+        self.advance(next_seq, records_bytes, buf.len() as u64, elapsed);
+        self.start_segment_when_full();
+        firsts.into_iter().map(Ok).collect()
+    }
+
+    /// Writes `buf` (the batch's frames) at the end of the segment's records, growing the
+    /// file by the zeroed runway when they reach past it, and syncs as the policy says.
+    fn write_synced(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
         let data_end = self.segment_len + buf.len() as u64;
         if data_end > self.zeroed_to {
             // Grow the file by the runway in the same write; the next commits overwrite.
@@ -330,42 +329,74 @@ impl Writer {
             let grown = (data_end + RUNWAY_BYTES).min(self.config.segment_bytes.max(data_end));
             buf.resize((grown - self.segment_len) as usize, 0);
         }
-        let written = self
-            .file
-            .write_all_at(buf, self.segment_len)
-            .and_then(|()| match self.config.fsync {
-                FsyncPolicy::Always => self.file.sync_data(),
-                FsyncPolicy::Never => Ok(()),
-            });
-        if let Err(e) = written {
-            tracing::error!(error = %e, dir = %self.config.dir.display(), "journal write failed: the journal is stopped and every request is answered without authorizing");
-            self.failed = true;
-            self.stats.failed.store(true, Ordering::Relaxed);
-            return vec![Err(JournalError::Failed); batch.len()];
+        self.file.write_all_at(buf, self.segment_len)?;
+        match self.config.fsync {
+            FsyncPolicy::Always => self.file.sync_data(),
+            FsyncPolicy::Never => Ok(()),
         }
-        let elapsed = started.elapsed().as_nanos() as u64;
-        self.next_seq = seq;
-        self.zeroed_to = self.zeroed_to.max(self.segment_len + buf.len() as u64);
-        let records_bytes = data_end - self.segment_len;
-        self.segment_len = data_end;
+    }
+
+    /// Takes a durable write of `records_bytes` of frames (`written_bytes` with the
+    /// runway), numbered up to `next_seq`, in `elapsed`: moves the segment's end on and
+    /// counts it.
+    fn advance(
+        &mut self,
+        next_seq: u64,
+        records_bytes: u64,
+        written_bytes: u64,
+        elapsed: Duration,
+    ) {
+        let records = next_seq - self.next_seq;
+        self.next_seq = next_seq;
+        self.zeroed_to = self.zeroed_to.max(self.segment_len + written_bytes);
+        self.segment_len += records_bytes;
         let stats = &self.stats;
         stats.records.fetch_add(records, Ordering::Relaxed);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(records_bytes, Ordering::Relaxed);
-        stats.commit_ns.fetch_add(elapsed, Ordering::Relaxed);
-        stats.last_seq.store(seq - 1, Ordering::Relaxed);
-        if self.segment_len >= self.config.segment_bytes {
-            match create_segment(&self.config.dir, self.next_seq) {
-                Ok(file) => {
-                    self.file = file;
-                    self.segment_len = super::segment::SEGMENT_HEADER as u64;
-                    self.zeroed_to = self.segment_len;
-                }
-                // The records above are durable; keep appending to the old segment and
-                // try again after the next commit.
-                Err(e) => tracing::warn!(error = %e, "cannot start a new journal segment"),
-            }
-        }
-        firsts.into_iter().map(Ok).collect()
+        stats
+            .commit_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
     }
+
+    /// Starts a new segment once the current one has reached its size.
+    fn start_segment_when_full(&mut self) {
+        if self.segment_len < self.config.segment_bytes {
+            return;
+        }
+        match create_segment(&self.config.dir, self.next_seq) {
+            Ok(file) => {
+                self.file = file;
+                self.segment_len = super::segment::SEGMENT_HEADER as u64;
+                self.zeroed_to = self.segment_len;
+            }
+            // The records written are durable; keep appending to the old segment and try
+            // again after the next commit.
+            Err(e) => tracing::warn!(error = %e, "cannot start a new journal segment"),
+        }
+    }
+}
+
+/// Numbers the frames of `batch` from `first_seq` on, in order, seals them (sequence
+/// number and checksum) and gathers them into `buf`. Returns the first sequence number of
+/// each submission and the number after the last frame.
+fn seal_batch(batch: &mut [Submission], first_seq: u64, buf: &mut Vec<u8>) -> (Vec<u64>, u64) {
+    buf.clear();
+    let mut firsts = Vec::with_capacity(batch.len());
+    let mut seq = first_seq;
+    for submission in batch.iter_mut() {
+        firsts.push(seq);
+        let frames = &mut submission.frames;
+        let mut at = 0;
+        while at < frames.len() {
+            let len = u32::from_le_bytes(frames[at..at + 4].try_into().expect("4 bytes"));
+            let end = at + 4 + len as usize;
+            seal_frame(&mut frames[at..end], seq);
+            seq += 1;
+            at = end;
+        }
+        buf.extend_from_slice(frames);
+    }
+    (firsts, seq)
 }
