@@ -199,16 +199,7 @@ impl Journal {
         );
         let (queue, submissions) = channel::bounded(config.queue_depth);
         let stats = Arc::new(JournalStats::default());
-        stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
-        let writer = Writer {
-            config: config.clone(),
-            file,
-            segment_len: super::segment::SEGMENT_HEADER as u64,
-            zeroed_to: super::segment::SEGMENT_HEADER as u64,
-            next_seq,
-            stats: Arc::clone(&stats),
-            failed: false,
-        };
+        let writer = Writer::new(config.clone(), file, next_seq, Arc::clone(&stats));
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || writer.run(submissions))?;
@@ -260,12 +251,33 @@ struct Writer {
     segment_len: u64,
     /// The file's length: zeros from `segment_len` up to here.
     zeroed_to: u64,
+    /// The number the next frame gets.
     next_seq: u64,
+    /// The number of the last record written (as the fsync policy defines it), kept apart
+    /// from `next_seq` to check every batch against.
+    last_written: u64,
     stats: Arc<JournalStats>,
     failed: bool,
 }
 
 impl Writer {
+    /// A writer appending to `file`, a new segment whose first record is `next_seq`.
+    fn new(config: JournalConfig, file: File, next_seq: u64, stats: Arc<JournalStats>) -> Writer {
+        // Record numbers start at 1: 0 is nothing written yet.
+        assert!(next_seq >= 1, "journal sequence numbers start at 1");
+        stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
+        Writer {
+            config,
+            file,
+            segment_len: super::segment::SEGMENT_HEADER as u64,
+            zeroed_to: super::segment::SEGMENT_HEADER as u64,
+            next_seq,
+            last_written: next_seq - 1,
+            stats,
+            failed: false,
+        }
+    }
+
     fn run(mut self, submissions: Receiver<Submission>) {
         let window = Duration::from_micros(self.config.group_commit_window_us);
         let mut batch: Vec<Submission> = Vec::with_capacity(MAX_BATCH_SUBMISSIONS);
@@ -305,6 +317,17 @@ impl Writer {
             return vec![Err(JournalError::Failed); batch.len()];
         }
         let (firsts, next_seq) = seal_batch(batch, self.next_seq, buf);
+        // Readers refuse a gap or a repeat as corruption: a batch that does not continue
+        // the sequence right after the last record written would make the journal
+        // unreadable from there on. Checked on the sealed bytes, before they are written.
+        if let Some(first) = first_frame_seq(buf) {
+            assert_eq!(
+                first,
+                self.last_written + 1,
+                "journal batch starts at sequence {first}, the last record written is {}",
+                self.last_written
+            );
+        }
         let records_bytes = buf.len() as u64;
         let started = Instant::now();
         if let Err(e) = self.write_synced(buf) {
@@ -348,6 +371,7 @@ impl Writer {
     ) {
         let records = next_seq - self.next_seq;
         self.next_seq = next_seq;
+        self.last_written = next_seq - 1;
         self.zeroed_to = self.zeroed_to.max(self.segment_len + written_bytes);
         self.segment_len += records_bytes;
         let stats = &self.stats;
@@ -399,4 +423,74 @@ fn seal_batch(batch: &mut [Submission], first_seq: u64, buf: &mut Vec<u8>) -> (V
         buf.extend_from_slice(frames);
     }
     (firsts, seq)
+}
+
+/// The sequence number of the first frame in `buf`, if it holds one.
+fn first_frame_seq(buf: &[u8]) -> Option<u64> {
+    let seq = buf.get(8..16)?;
+    Some(u64::from_le_bytes(seq.try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::tests::sample;
+    use crate::journal::segment::{scan, segment_path, SEGMENT_HEADER};
+    use crate::journal::RecordKind;
+    use std::path::Path;
+
+    fn writer(dir: &Path, next_seq: u64) -> Writer {
+        let config = JournalConfig {
+            dir: dir.to_owned(),
+            fsync: FsyncPolicy::Never,
+            ..JournalConfig::default()
+        };
+        let file = create_segment(dir, next_seq).unwrap();
+        Writer::new(config, file, next_seq, Arc::new(JournalStats::default()))
+    }
+
+    /// A submission of `records` encoded records.
+    fn submission(records: usize) -> Submission {
+        let mut frames = Vec::new();
+        for _ in 0..records {
+            encode_frame(&sample(RecordKind::Request), &mut frames).unwrap();
+        }
+        let (done, _) = oneshot::channel();
+        Submission { frames, done }
+    }
+
+    fn seqs(dir: &Path) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        scan(dir, false, |seq, _| seqs.push(seq)).unwrap();
+        seqs
+    }
+
+    #[test]
+    fn batches_continue_the_sequence_from_where_the_last_one_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), 5);
+        let mut buf = Vec::new();
+        let mut batch = [submission(2), submission(0), submission(1)];
+        let firsts = writer.commit(&mut batch, &mut buf);
+        assert_eq!(firsts, [Ok(5), Ok(7), Ok(7)]);
+        let firsts = writer.commit(&mut [submission(3)], &mut buf);
+        assert_eq!(firsts, [Ok(8)]);
+        assert_eq!(seqs(dir.path()), (5..=10).collect::<Vec<_>>());
+        assert_eq!(writer.stats.last_seq.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn a_batch_that_would_leave_a_gap_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), 5);
+        // A numbering bug: the next frame would skip sequence number 5.
+        writer.next_seq = 6;
+        let mut batch = [submission(1)];
+        let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            writer.commit(&mut batch, &mut Vec::new())
+        }));
+        assert!(committed.is_err(), "a gap must stop the writer");
+        let segment = std::fs::metadata(segment_path(dir.path(), 5)).unwrap();
+        assert_eq!(segment.len(), SEGMENT_HEADER as u64, "nothing was written");
+    }
 }
