@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, TlsConfig};
+use payswitch::config::{
+    AcquirerConfig, Config, ListenConfig, PipelineConfig, ScoringConfig, TlsConfig,
+};
+use payswitch::journal::JournalConfig;
 use payswitch::switch::{self, Security};
 
 use crate::journal::FsyncArg;
@@ -93,23 +96,25 @@ impl ServeArgs {
     pub fn to_config(&self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
-            None => Config {
-                listen: ListenConfig {
-                    quic: None,
-                    tcp: None,
-                    admin: None,
-                },
-                tls: None,
-                pipeline: PipelineConfig::default(),
-                scoring: Default::default(),
-                journal: Default::default(),
-                acquirers: Vec::new(),
-                routes: Vec::new(),
-                insecure_acquirers: false,
-                source: None,
-                admin_token: None,
-            },
+            None => empty_config(),
         };
+        self.override_listen(&mut config);
+        if let Some(shards) = self.shards {
+            config.pipeline.shards = shards;
+        }
+        self.override_scoring(&mut config.scoring);
+        self.override_journal(&mut config.journal);
+        self.add_acquirers(&mut config);
+        if let Ok(token) = std::env::var("PAYSWITCH_ADMIN_TOKEN") {
+            config.admin_token = Some(token);
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Listeners and the switch's certificate. Without a config file or a listener
+    /// given, QUIC on port 8583.
+    fn override_listen(&self, config: &mut Config) {
         if self.config.is_none() && self.listen.is_none() && self.tcp_listen.is_none() {
             config.listen.quic = Some(SocketAddr::from(([0, 0, 0, 0], 8583)));
         }
@@ -122,40 +127,46 @@ impl ServeArgs {
                 key: key.clone(),
             });
         }
-        if let Some(shards) = self.shards {
-            config.pipeline.shards = shards;
-        }
+    }
+
+    /// Models, rules and the event time; challengers are added to the file's.
+    fn override_scoring(&self, scoring: &mut ScoringConfig) {
         if self.model.is_some() {
-            config.scoring.model = self.model.clone();
+            scoring.model = self.model.clone();
         }
-        config
-            .scoring
-            .challengers
-            .extend(self.challengers.iter().cloned());
+        scoring.challengers.extend(self.challengers.iter().cloned());
         if self.rules.is_some() {
-            config.scoring.rules = self.rules.clone();
+            scoring.rules = self.rules.clone();
         }
         if self.models_dir.is_some() {
-            config.scoring.models_dir = self.models_dir.clone();
+            scoring.models_dir = self.models_dir.clone();
         }
         if let Some(event_time) = self.event_time {
-            config.scoring.event_time = match event_time {
+            scoring.event_time = match event_time {
                 EventTimeArg::Clock => payswitch::scoring::EventTime::Clock,
                 EventTimeArg::Transmission => payswitch::scoring::EventTime::Transmission,
             };
         }
+    }
+
+    fn override_journal(&self, journal: &mut JournalConfig) {
         if let Some(dir) = &self.journal {
-            config.journal.dir = dir.clone();
+            journal.dir = dir.clone();
         }
         if self.no_journal {
-            config.journal.enabled = false;
+            journal.enabled = false;
         }
         if let Some(fsync) = self.fsync {
-            config.journal.fsync = fsync.into();
+            journal.fsync = fsync.into();
         }
         if let Some(window) = self.group_commit_window_us {
-            config.journal.group_commit_window_us = window;
+            journal.group_commit_window_us = window;
         }
+    }
+
+    /// The quick-start acquirers, after the file's. Without `--acquirer-ca` their
+    /// certificates are accepted unverified.
+    fn add_acquirers(&self, config: &mut Config) {
         for (i, address) in self.acquirers.iter().enumerate() {
             config.acquirers.push(AcquirerConfig {
                 name: format!("acquirer-{}", i + 1),
@@ -169,11 +180,26 @@ impl ServeArgs {
         if !self.acquirers.is_empty() && self.acquirer_ca.is_none() {
             config.insecure_acquirers = true;
         }
-        if let Ok(token) = std::env::var("PAYSWITCH_ADMIN_TOKEN") {
-            config.admin_token = Some(token);
-        }
-        config.check()?;
-        Ok(config)
+    }
+}
+
+/// A configuration with nothing set but the defaults, for the flags to fill in.
+fn empty_config() -> Config {
+    Config {
+        listen: ListenConfig {
+            quic: None,
+            tcp: None,
+            admin: None,
+        },
+        tls: None,
+        pipeline: PipelineConfig::default(),
+        scoring: Default::default(),
+        journal: Default::default(),
+        acquirers: Vec::new(),
+        routes: Vec::new(),
+        insecure_acquirers: false,
+        source: None,
+        admin_token: None,
     }
 }
 
