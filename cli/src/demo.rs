@@ -99,55 +99,25 @@ struct DemoReport {
     baseline: Option<Report>,
 }
 
+/// A second switch the same load goes through first, without one part, to measure what
+/// that part costs.
+struct Baseline {
+    /// "without a journal", ...
+    without: &'static str,
+    /// The part: "journal", ...
+    what: &'static str,
+    switch: RunningSwitch,
+}
+
 /// Runs the demo and prints its report.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let (model, challenger) = match &args.model {
-        Some(path) => (
-            Model::load_file(path).with_context(|| format!("loading {}", path.display()))?,
-            None,
-        ),
-        None => {
-            let (model, challenger) = train_default_models().await?;
-            (model, Some(challenger))
-        }
-    };
+    let (model, challenger) = champion_and_challenger(&args).await?;
     let replay = ReplayFile::generate(&args)?;
     let latency = args.acquirer_latency_us.map(Duration::from_micros);
     let north = start_sim("north", 1, latency).await?;
     let south = start_sim("south", 2, latency).await?;
-    let journal = JournalConfig {
-        enabled: !args.no_journal,
-        dir: args.journal.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("payswitch-demo-journal-{}", std::process::id()))
-        }),
-        fsync: args.fsync.into(),
-        ..JournalConfig::default()
-    };
-    let baseline = if args.compare_no_journal {
-        let off = JournalConfig {
-            enabled: false,
-            ..journal.clone()
-        };
-        let other = start_switch(&north, &south, Some(model.clone()), off, true, None).await?;
-        Some(("without a journal", "journal", other))
-    } else if args.compare_no_model {
-        let separate = JournalConfig {
-            dir: journal.dir.with_extension("baseline"),
-            ..journal.clone()
-        };
-        let other = start_switch(&north, &south, None, separate, true, None).await?;
-        Some(("without a fraud model", "scoring", other))
-    } else if args.compare_no_metrics {
-        let separate = JournalConfig {
-            dir: journal.dir.with_extension("baseline"),
-            ..journal.clone()
-        };
-        let other =
-            start_switch(&north, &south, Some(model.clone()), separate, false, None).await?;
-        Some(("without latency recording", "metrics", other))
-    } else {
-        None
-    };
+    let journal = journal_config(&args);
+    let baseline = start_baseline(&args, &north, &south, &model, &journal).await?;
     let running = start_switch(
         &north,
         &south,
@@ -164,6 +134,99 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .add_challenger(Arc::new(challenger))
             .map_err(anyhow::Error::msg)?;
     }
+    print_setup(&args, &running, &north, &south);
+    let direct = if args.compare_direct {
+        Some(run_direct(&args, &north, &replay.path).await?)
+    } else {
+        None
+    };
+    let baseline = match baseline {
+        Some(baseline) => Some(run_baseline(&args, baseline, &replay.path).await?),
+        None => None,
+    };
+    let target = running
+        .quic_addr
+        .context("the demo switch listens on QUIC")?;
+    let trust = ClientTrust::Roots(vec![running.certificate.clone()]);
+    let report = measure(&args, target, trust, &replay.path, "through the switch").await?;
+    print_switch_figures(&running, &north, &south);
+    print_shadow(&running);
+    print_journal(&running, &journal);
+    print_comparisons(&report, direct.as_ref(), baseline.as_ref());
+    if let Some(path) = &args.json {
+        write_json(path, report, direct, baseline.map(|(_, report)| report))?;
+    }
+    running.shutdown().await;
+    north.shutdown().await;
+    south.shutdown().await;
+    Ok(())
+}
+
+/// The champion given with `--model` (and no challenger), or both trained at start.
+async fn champion_and_challenger(args: &DemoArgs) -> anyhow::Result<(Model, Option<Model>)> {
+    match &args.model {
+        Some(path) => Ok((
+            Model::load_file(path).with_context(|| format!("loading {}", path.display()))?,
+            None,
+        )),
+        None => {
+            let (model, challenger) = train_default_models().await?;
+            Ok((model, Some(challenger)))
+        }
+    }
+}
+
+/// The journal of the demo's switch: `--journal`, or a new directory under the system's
+/// temporary directory.
+fn journal_config(args: &DemoArgs) -> JournalConfig {
+    JournalConfig {
+        enabled: !args.no_journal,
+        dir: args.journal.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("payswitch-demo-journal-{}", std::process::id()))
+        }),
+        fsync: args.fsync.into(),
+        ..JournalConfig::default()
+    }
+}
+
+/// The switch without a journal, a model or latency recording that `--compare-no-*`
+/// asks for, if any.
+async fn start_baseline(
+    args: &DemoArgs,
+    north: &RunningSim,
+    south: &RunningSim,
+    model: &Model,
+    journal: &JournalConfig,
+) -> anyhow::Result<Option<Baseline>> {
+    // The baselines with a journal write their own, next to the switch's.
+    let separate = JournalConfig {
+        dir: journal.dir.with_extension("baseline"),
+        ..journal.clone()
+    };
+    let (without, what, switch) = if args.compare_no_journal {
+        let off = JournalConfig {
+            enabled: false,
+            ..journal.clone()
+        };
+        let other = start_switch(north, south, Some(model.clone()), off, true, None).await?;
+        ("without a journal", "journal", other)
+    } else if args.compare_no_model {
+        let other = start_switch(north, south, None, separate, true, None).await?;
+        ("without a fraud model", "scoring", other)
+    } else if args.compare_no_metrics {
+        let other = start_switch(north, south, Some(model.clone()), separate, false, None).await?;
+        ("without latency recording", "metrics", other)
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Baseline {
+        without,
+        what,
+        switch,
+    }))
+}
+
+fn print_setup(args: &DemoArgs, running: &RunningSwitch, north: &RunningSim, south: &RunningSim) {
     if let Some(addr) = running.admin_addr {
         println!("payswitch demo: live dashboard on http://{addr}/");
     }
@@ -179,58 +242,57 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  routes: BIN 4 -> north, BIN 51-55 -> south; load {:.0} TPS for {:?} over {} connection(s)\n",
         args.rate, args.duration, args.connections
     );
+}
 
-    let direct = if args.compare_direct {
-        // The same labeled traffic, every card to the one acquirer.
-        let config = load_config(
-            &args,
-            north.quic_addr,
-            ClientTrust::Roots(vec![north.certificate.clone()]),
-            &replay.path,
-        );
-        println!("-- direct to acquirer north (baseline)");
-        let report = load::run(config).await?;
-        print!("{}", report.render());
-        println!();
-        Some(report)
-    } else {
-        None
-    };
-
-    let baseline = match baseline {
-        Some((without, what, other)) => {
-            let target = other.quic_addr.context("the demo switch listens on QUIC")?;
-            let config = load_config(
-                &args,
-                target,
-                ClientTrust::Roots(vec![other.certificate.clone()]),
-                &replay.path,
-            );
-            println!("-- through a switch {without} (baseline)");
-            let report = load::run(config).await?;
-            print!("{}", report.render());
-            println!();
-            other.shutdown().await;
-            Some((what, report))
-        }
-        None => None,
-    };
-
-    let target = running
-        .quic_addr
-        .context("the demo switch listens on QUIC")?;
-    let config = load_config(
-        &args,
-        target,
-        ClientTrust::Roots(vec![running.certificate.clone()]),
-        &replay.path,
-    );
-    println!("-- through the switch");
+/// Runs the demo's load against `target`, trusting it with `trust`, under `title`, and
+/// prints the report.
+async fn measure(
+    args: &DemoArgs,
+    target: std::net::SocketAddr,
+    trust: ClientTrust,
+    data: &std::path::Path,
+    title: &str,
+) -> anyhow::Result<Report> {
+    let config = load_config(args, target, trust, data);
+    println!("-- {title}");
     let report = load::run(config).await?;
     print!("{}", report.render());
-    print_switch_figures(&running, &north, &south);
+    Ok(report)
+}
+
+/// The same labeled traffic straight to acquirer north, every card to it.
+async fn run_direct(
+    args: &DemoArgs,
+    north: &RunningSim,
+    data: &std::path::Path,
+) -> anyhow::Result<Report> {
+    let trust = ClientTrust::Roots(vec![north.certificate.clone()]);
+    let title = "direct to acquirer north (baseline)";
+    let report = measure(args, north.quic_addr, trust, data, title).await?;
+    println!();
+    Ok(report)
+}
+
+/// The same traffic through the baseline switch, which is shut down after.
+async fn run_baseline(
+    args: &DemoArgs,
+    baseline: Baseline,
+    data: &std::path::Path,
+) -> anyhow::Result<(&'static str, Report)> {
+    let other = baseline.switch;
+    let target = other.quic_addr.context("the demo switch listens on QUIC")?;
+    let trust = ClientTrust::Roots(vec![other.certificate.clone()]);
+    let title = format!("through a switch {} (baseline)", baseline.without);
+    let report = measure(args, target, trust, data, &title).await?;
+    println!();
+    other.shutdown().await;
+    Ok((baseline.what, report))
+}
+
+/// How often each challenger agreed with the champion.
+fn print_shadow(running: &RunningSwitch) {
+    use std::sync::atomic::Ordering::Relaxed;
     for c in running.switch.scoring.challengers().iter() {
-        use std::sync::atomic::Ordering::Relaxed;
         let (scored, agreed) = (c.scored.load(Relaxed), c.agreed.load(Relaxed));
         println!(
             "  shadow    challenger {} agreed with the champion on {agreed} of {scored} decisions ({:.2} %)",
@@ -238,24 +300,33 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             100.0 * agreed as f64 / scored.max(1) as f64
         );
     }
-    if let Some(stats) = running
-        .switch
-        .journal()
-        .map(|j| std::sync::Arc::clone(j.stats()))
-    {
-        use std::sync::atomic::Ordering::Relaxed;
-        let commits = stats.commits.load(Relaxed).max(1);
-        println!(
-            "  journal   {} records in {} group commits ({:.1} records each, {:.0} us per write+sync), fsync {:?}\n            check it: payswitch journal verify {}",
-            stats.records.load(Relaxed),
-            stats.commits.load(Relaxed),
-            stats.records.load(Relaxed) as f64 / commits as f64,
-            stats.commit_ns.load(Relaxed) as f64 / commits as f64 / 1e3,
-            journal.fsync,
-            journal.dir.display(),
-        );
-    }
-    if let Some(direct) = &direct {
+}
+
+/// What the journal wrote, and how to check it.
+fn print_journal(running: &RunningSwitch, journal: &JournalConfig) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(stats) = running.switch.journal().map(|j| Arc::clone(j.stats())) else {
+        return;
+    };
+    let commits = stats.commits.load(Relaxed).max(1);
+    println!(
+        "  journal   {} records in {} group commits ({:.1} records each, {:.0} us per write+sync), fsync {:?}\n            check it: payswitch journal verify {}",
+        stats.records.load(Relaxed),
+        stats.commits.load(Relaxed),
+        stats.records.load(Relaxed) as f64 / commits as f64,
+        stats.commit_ns.load(Relaxed) as f64 / commits as f64 / 1e3,
+        journal.fsync,
+        journal.dir.display(),
+    );
+}
+
+/// The switch's run against the direct one and the baseline, where they ran.
+fn print_comparisons(
+    report: &Report,
+    direct: Option<&Report>,
+    baseline: Option<&(&'static str, Report)>,
+) {
+    if let Some(direct) = direct {
         println!(
             "\nswitch vs direct: p50 {} us vs {} us (+{} us), p99 {} us vs {} us, TPS {:.0} vs {:.0}",
             report.p50_us,
@@ -267,7 +338,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             direct.achieved_tps
         );
     }
-    if let Some((what, off)) = &baseline {
+    if let Some((what, off)) = baseline {
         println!(
             "\n{what} on vs off: p50 {} us vs {} us (+{} us), p99 {} us vs {} us (+{} us), TPS {:.0} vs {:.0}",
             report.p50_us,
@@ -280,18 +351,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             off.achieved_tps
         );
     }
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&DemoReport {
-            switch: report,
-            direct,
-            baseline: baseline.map(|(_, report)| report),
-        })?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    running.shutdown().await;
-    north.shutdown().await;
-    south.shutdown().await;
-    Ok(())
+}
+
+fn write_json(
+    path: &std::path::Path,
+    switch: Report,
+    direct: Option<Report>,
+    baseline: Option<Report>,
+) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(&DemoReport {
+        switch,
+        direct,
+        baseline,
+    })?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 async fn start_sim(name: &str, seed: u64, latency: Option<Duration>) -> anyhow::Result<RunningSim> {
@@ -380,6 +453,36 @@ async fn start_switch(
     metrics: bool,
     admin: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<RunningSwitch> {
+    let config = demo_config(north, south, journal, metrics, admin)?;
+    // The simulators' self-signed certificates are the CAs: links are verified as in
+    // production, with certificates made in memory.
+    let security = Security {
+        identity: TlsIdentity::self_signed(&["localhost", "127.0.0.1"])?,
+        acquirer_trust: vec![
+            ClientTrust::Roots(vec![north.certificate.clone()]),
+            ClientTrust::Roots(vec![south.certificate.clone()]),
+        ],
+    };
+    let running = switch::start(&config, security).await?;
+    if let Some(model) = model {
+        running
+            .switch
+            .scoring
+            .set_champion(Arc::new(model))
+            .map_err(anyhow::Error::msg)?;
+    }
+    wait_links_up(&running).await?;
+    Ok(running)
+}
+
+/// The demo switch: QUIC on a loopback ephemeral port, BIN 4 to north and 51-55 to south.
+fn demo_config(
+    north: &RunningSim,
+    south: &RunningSim,
+    journal: JournalConfig,
+    metrics: bool,
+    admin: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Config> {
     let acquirer = |name: &str, sim: &RunningSim| AcquirerConfig {
         name: name.into(),
         address: sim.quic_addr,
@@ -394,7 +497,7 @@ async fn start_switch(
         mccs: vec![],
         acquirers: vec![acquirer.into()],
     };
-    let config = Config {
+    Ok(Config {
         listen: ListenConfig {
             quic: Some("127.0.0.1:0".parse()?),
             tcp: None,
@@ -416,24 +519,11 @@ async fn start_switch(
         insecure_acquirers: false,
         source: None,
         admin_token: None,
-    };
-    // The simulators' self-signed certificates are the CAs: links are verified as in
-    // production, with certificates made in memory.
-    let security = Security {
-        identity: TlsIdentity::self_signed(&["localhost", "127.0.0.1"])?,
-        acquirer_trust: vec![
-            ClientTrust::Roots(vec![north.certificate.clone()]),
-            ClientTrust::Roots(vec![south.certificate.clone()]),
-        ],
-    };
-    let running = switch::start(&config, security).await?;
-    if let Some(model) = model {
-        running
-            .switch
-            .scoring
-            .set_champion(Arc::new(model))
-            .map_err(anyhow::Error::msg)?;
-    }
+    })
+}
+
+/// Waits until both acquirer links are connected, 10 s at most.
+async fn wait_links_up(running: &RunningSwitch) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !running.switch.links().iter().all(|link| link.is_up()) {
         anyhow::ensure!(
@@ -442,7 +532,7 @@ async fn start_switch(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok(running)
+    Ok(())
 }
 
 fn load_config(

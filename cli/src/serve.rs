@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, TlsConfig};
+use payswitch::config::{
+    AcquirerConfig, Config, ListenConfig, PipelineConfig, ScoringConfig, TlsConfig,
+};
+use payswitch::journal::JournalConfig;
 use payswitch::switch::{self, Security};
 
 use crate::journal::FsyncArg;
@@ -93,23 +96,25 @@ impl ServeArgs {
     pub fn to_config(&self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
-            None => Config {
-                listen: ListenConfig {
-                    quic: None,
-                    tcp: None,
-                    admin: None,
-                },
-                tls: None,
-                pipeline: PipelineConfig::default(),
-                scoring: Default::default(),
-                journal: Default::default(),
-                acquirers: Vec::new(),
-                routes: Vec::new(),
-                insecure_acquirers: false,
-                source: None,
-                admin_token: None,
-            },
+            None => empty_config(),
         };
+        self.override_listen(&mut config);
+        if let Some(shards) = self.shards {
+            config.pipeline.shards = shards;
+        }
+        self.override_scoring(&mut config.scoring);
+        self.override_journal(&mut config.journal);
+        self.add_acquirers(&mut config);
+        if let Ok(token) = std::env::var("PAYSWITCH_ADMIN_TOKEN") {
+            config.admin_token = Some(token);
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Listeners and the switch's certificate. Without a config file or a listener
+    /// given, QUIC on port 8583.
+    fn override_listen(&self, config: &mut Config) {
         if self.config.is_none() && self.listen.is_none() && self.tcp_listen.is_none() {
             config.listen.quic = Some(SocketAddr::from(([0, 0, 0, 0], 8583)));
         }
@@ -122,40 +127,46 @@ impl ServeArgs {
                 key: key.clone(),
             });
         }
-        if let Some(shards) = self.shards {
-            config.pipeline.shards = shards;
-        }
+    }
+
+    /// Models, rules and the event time; challengers are added to the file's.
+    fn override_scoring(&self, scoring: &mut ScoringConfig) {
         if self.model.is_some() {
-            config.scoring.model = self.model.clone();
+            scoring.model = self.model.clone();
         }
-        config
-            .scoring
-            .challengers
-            .extend(self.challengers.iter().cloned());
+        scoring.challengers.extend(self.challengers.iter().cloned());
         if self.rules.is_some() {
-            config.scoring.rules = self.rules.clone();
+            scoring.rules = self.rules.clone();
         }
         if self.models_dir.is_some() {
-            config.scoring.models_dir = self.models_dir.clone();
+            scoring.models_dir = self.models_dir.clone();
         }
         if let Some(event_time) = self.event_time {
-            config.scoring.event_time = match event_time {
+            scoring.event_time = match event_time {
                 EventTimeArg::Clock => payswitch::scoring::EventTime::Clock,
                 EventTimeArg::Transmission => payswitch::scoring::EventTime::Transmission,
             };
         }
+    }
+
+    fn override_journal(&self, journal: &mut JournalConfig) {
         if let Some(dir) = &self.journal {
-            config.journal.dir = dir.clone();
+            journal.dir = dir.clone();
         }
         if self.no_journal {
-            config.journal.enabled = false;
+            journal.enabled = false;
         }
         if let Some(fsync) = self.fsync {
-            config.journal.fsync = fsync.into();
+            journal.fsync = fsync.into();
         }
         if let Some(window) = self.group_commit_window_us {
-            config.journal.group_commit_window_us = window;
+            journal.group_commit_window_us = window;
         }
+    }
+
+    /// The quick-start acquirers, after the file's. Without `--acquirer-ca` their
+    /// certificates are accepted unverified.
+    fn add_acquirers(&self, config: &mut Config) {
         for (i, address) in self.acquirers.iter().enumerate() {
             config.acquirers.push(AcquirerConfig {
                 name: format!("acquirer-{}", i + 1),
@@ -169,11 +180,26 @@ impl ServeArgs {
         if !self.acquirers.is_empty() && self.acquirer_ca.is_none() {
             config.insecure_acquirers = true;
         }
-        if let Ok(token) = std::env::var("PAYSWITCH_ADMIN_TOKEN") {
-            config.admin_token = Some(token);
-        }
-        config.check()?;
-        Ok(config)
+    }
+}
+
+/// A configuration with nothing set but the defaults, for the flags to fill in.
+fn empty_config() -> Config {
+    Config {
+        listen: ListenConfig {
+            quic: None,
+            tcp: None,
+            admin: None,
+        },
+        tls: None,
+        pipeline: PipelineConfig::default(),
+        scoring: Default::default(),
+        journal: Default::default(),
+        acquirers: Vec::new(),
+        routes: Vec::new(),
+        insecure_acquirers: false,
+        source: None,
+        admin_token: None,
     }
 }
 
@@ -218,5 +244,58 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
     #[cfg(not(unix))]
     {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn to_config(args: &[&str]) -> anyhow::Result<Config> {
+        let command =
+            Command::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))?;
+        command.serve.to_config()
+    }
+
+    #[test]
+    fn quick_start_flags_make_a_config_that_checks_out() {
+        let config = to_config(&["--acquirer", "127.0.0.1:9001"]).unwrap();
+        assert!(config.insecure_acquirers);
+        assert_eq!(config.acquirers[0].timeout_ms, 2_000);
+        let every_flag = [
+            "--listen=127.0.0.1:8583",
+            "--tcp-listen=127.0.0.1:8584",
+            "--admin=127.0.0.1:9583",
+            "--acquirer=127.0.0.1:9001",
+            "--acquirer=127.0.0.1:9002",
+            "--acquirer-timeout-ms=60000",
+            "--shards=1024",
+            "--no-journal",
+            "--fsync=never",
+            "--group-commit-window-us=100000",
+            "--event-time=clock",
+        ];
+        let config = to_config(&every_flag).unwrap();
+        assert_eq!(config.pipeline.shards, 1024);
+        assert_eq!(config.acquirers.len(), 2);
+    }
+
+    #[test]
+    fn quick_start_flags_out_of_range_are_refused_naming_the_key() {
+        let err = to_config(&["--acquirer=127.0.0.1:9001", "--acquirer-timeout-ms=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timeout_ms = 0 is out of range"), "{err}");
+        let err = to_config(&["--acquirer=127.0.0.1:9001", "--shards=5000"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pipeline.shards = 5000"), "{err}");
     }
 }

@@ -29,6 +29,11 @@ use serde::Deserialize;
 /// many outstanding, a STAN is never reused while its request is still open.
 pub const MAX_IN_FLIGHT_PER_LINK: usize = 100_000;
 
+/// Longest acquirer timeout accepted (`timeout_ms`). Gateways give up on an authorization
+/// within tens of seconds; waiting longer only holds one of the link's in-flight slots for
+/// an answer nobody is waiting for.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+
 /// Largest frame accepted from an acquirer. Acquirer responses are small; anything near
 /// this is a broken peer.
 const MAX_ACQUIRER_FRAME: usize = payswitch_protocol::DEFAULT_MAX_FRAME;
@@ -116,7 +121,15 @@ impl AcquirerLink {
         shutdown: CancellationToken,
     ) -> Result<Arc<AcquirerLink>, payswitch_net::NetError> {
         let endpoint = quic::link_endpoint(trust)?;
-        let max_in_flight = config.max_in_flight.min(MAX_IN_FLIGHT_PER_LINK);
+        // Above the limit a STAN could come round while its request is still open; zero
+        // would refuse everything. `Config::check` refuses both.
+        assert!(
+            (1..=MAX_IN_FLIGHT_PER_LINK).contains(&config.max_in_flight),
+            "acquirer {:?}: max_in_flight {} outside 1..={MAX_IN_FLIGHT_PER_LINK}",
+            config.name,
+            config.max_in_flight
+        );
+        let max_in_flight = config.max_in_flight;
         let link = Arc::new(AcquirerLink {
             config,
             endpoint,
@@ -271,7 +284,8 @@ impl AcquirerLink {
         recv: quinn::RecvStream,
         shutdown: &CancellationToken,
     ) {
-        let (tx, rx) = mpsc::channel(self.config.max_in_flight.clamp(1, MAX_IN_FLIGHT_PER_LINK));
+        // Within 1..=MAX_IN_FLIGHT_PER_LINK: asserted in `start`.
+        let (tx, rx) = mpsc::channel(self.config.max_in_flight);
         self.writer.store(Some(Arc::new(tx)));
         self.up.store(true, Ordering::Release);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);

@@ -26,14 +26,61 @@
 //! acquirers = ["north", "south"] # tried in order
 //! ```
 
+use std::fmt::Display;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::acquirer::{AcquirerConfig, MAX_IN_FLIGHT_PER_LINK};
+pub use crate::acquirer::{AcquirerConfig, MAX_IN_FLIGHT_PER_LINK, MAX_TIMEOUT_MS};
+use crate::journal::writer::{
+    JournalConfig, MAX_DUPLICATES, MAX_DUPLICATE_WINDOW_S, MAX_GROUP_COMMIT_WINDOW_US,
+    MAX_QUEUE_DEPTH, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
+};
 pub use crate::routing::RouteConfig;
+use crate::scoring::ENTITY_STRIPES;
 use thiserror::Error;
+
+/// Most shards accepted (`pipeline.shards`). A shard is a task with its own queue and its
+/// slice of the card state and the duplicate window; more shards than the largest servers'
+/// cores (a few hundred) only thin those slices.
+pub const MAX_SHARDS: usize = 1024;
+
+/// Deepest shard queue accepted (`pipeline.shard_queue_depth`): 1 Mi requests is 10 s of
+/// one shard's work at 100 k TPS, so the last of them would time out at the gateway long
+/// before its turn.
+pub const MAX_SHARD_QUEUE_DEPTH: usize = 1 << 20;
+
+/// Smallest frame limit accepted (`pipeline.max_frame`): an 0800 echo test is about 40
+/// bytes and an authorization request with its mandatory fields over 100.
+pub const MIN_FRAME_LIMIT: usize = 64;
+
+/// Largest frame limit accepted (`pipeline.max_frame`): what the 2-byte length header can
+/// say.
+pub const MAX_FRAME_LIMIT: usize = u16::MAX as usize;
+
+/// Most requests in progress on one gateway stream (`pipeline.max_in_flight_per_stream`):
+/// each holds its frame, so 64 Ki of 8 KiB frames is already 512 MiB for one stream.
+pub const MAX_IN_FLIGHT_PER_STREAM: usize = 1 << 16;
+
+/// Most gateway connections per listener (`pipeline.max_connections`): each holds a socket
+/// and its buffers (tens of KiB); a million is beyond one host's file descriptors.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
+/// Largest scoring budget accepted (`scoring.budget_us`). Scoring runs in line on the
+/// shard's task; 100 ms is far beyond any model (a 100-tree forest scores in about 1 µs)
+/// and already a large share of a gateway's timeout.
+pub const MAX_BUDGET_US: u64 = 100_000;
+
+/// Most cards whose velocity is kept (`scoring.max_cards`): about 0.8 KiB a card, so
+/// 100 M ≈ 80 GiB, more than a node has to give to velocity state (and far under the
+/// velocity tables' u32 slot indexes).
+pub const MAX_CARDS: usize = 100_000_000;
+
+/// Most merchants, and as many terminals, whose velocity is kept (`scoring.max_entities`):
+/// about 0.8 KiB each, so 10 M of each ≈ 16 GiB together.
+pub const MAX_ENTITIES: usize = 10_000_000;
 
 /// Errors reading or checking a configuration.
 #[derive(Debug, Error)]
@@ -76,7 +123,7 @@ pub struct Config {
     pub scoring: ScoringConfig,
     /// The journal, duplicate detection and reversals.
     #[serde(default)]
-    pub journal: crate::journal::JournalConfig,
+    pub journal: JournalConfig,
     /// Acquirers the switch forwards to.
     #[serde(default)]
     pub acquirers: Vec<AcquirerConfig>,
@@ -154,7 +201,7 @@ impl Default for PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// Shard count with 0 resolved to the number of cores.
+    /// Shard count with 0 resolved to the number of cores: never 0.
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 {
             return self.shards;
@@ -240,32 +287,42 @@ impl Config {
         }
     }
 
-    /// Checks what serde cannot: names are unique and resolve, limits are positive.
+    /// Checks what serde cannot: names are unique and resolve, and every limit is within
+    /// its range. The code that uses a limit asserts what this guarantees; it never clamps.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.listen.quic.is_none() && self.listen.tcp.is_none() {
-            return invalid("no listener: set listen.quic or listen.tcp".into());
+            return invalid("no listener: set listen.quic or listen.tcp");
         }
+        self.check_acquirers()?;
+        self.check_routes()?;
+        self.pipeline.check()?;
+        let shards = self.pipeline.shard_count();
+        self.scoring.check(shards)?;
+        check_journal(&self.journal, shards)?;
+        self.router().map(|_| ())
+    }
+
+    fn check_acquirers(&self) -> Result<(), ConfigError> {
         if self.acquirers.is_empty() {
-            return invalid("no acquirer configured".into());
+            return invalid("no acquirer configured");
         }
         for (i, a) in self.acquirers.iter().enumerate() {
             if self.acquirers[..i].iter().any(|b| b.name == a.name) {
                 return invalid(format!("acquirer {:?} is defined twice", a.name));
             }
-            if a.timeout_ms == 0 || a.max_in_flight == 0 {
-                return invalid(format!(
-                    "acquirer {:?}: timeout_ms and max_in_flight must be > 0",
-                    a.name
-                ));
-            }
-            if a.max_in_flight > MAX_IN_FLIGHT_PER_LINK {
-                return invalid(format!(
-                    "acquirer {:?}: max_in_flight above {}",
-                    a.name, MAX_IN_FLIGHT_PER_LINK
-                ));
-            }
+            let key = |name: &str| format!("acquirer {:?}: {name}", a.name);
+            within(&key("timeout_ms"), a.timeout_ms, 1..=MAX_TIMEOUT_MS)?;
+            within_because(
+                &key("max_in_flight"),
+                a.max_in_flight,
+                1..=MAX_IN_FLIGHT_PER_LINK,
+                "beyond it a switch STAN could come round while its request is open",
+            )?;
         }
+        Ok(())
+    }
+
+    fn check_routes(&self) -> Result<(), ConfigError> {
         for (i, route) in self.routes.iter().enumerate() {
             if route.acquirers.is_empty() {
                 return invalid(format!("route {i}: no acquirers"));
@@ -276,14 +333,7 @@ impl Config {
                 }
             }
         }
-        let p = &self.pipeline;
-        if p.shard_queue_depth == 0 || p.max_in_flight_per_stream == 0 || p.max_connections == 0 {
-            return invalid("pipeline limits must be > 0".into());
-        }
-        if p.max_frame < 64 || p.max_frame > usize::from(u16::MAX) {
-            return invalid("pipeline.max_frame must be within 64..=65535".into());
-        }
-        self.router().map(|_| ())
+        Ok(())
     }
 
     /// The routing table of this configuration's acquirers and routes.
@@ -291,6 +341,125 @@ impl Config {
         let names: Vec<&str> = self.acquirers.iter().map(|a| a.name.as_str()).collect();
         crate::routing::Router::new(&names, &self.routes).map_err(ConfigError::Invalid)
     }
+}
+
+impl PipelineConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        within_because(
+            "pipeline.shards",
+            self.shards,
+            0..=MAX_SHARDS,
+            "0: one per core",
+        )?;
+        within(
+            "pipeline.shard_queue_depth",
+            self.shard_queue_depth,
+            1..=MAX_SHARD_QUEUE_DEPTH,
+        )?;
+        within(
+            "pipeline.max_frame",
+            self.max_frame,
+            MIN_FRAME_LIMIT..=MAX_FRAME_LIMIT,
+        )?;
+        within(
+            "pipeline.max_in_flight_per_stream",
+            self.max_in_flight_per_stream,
+            1..=MAX_IN_FLIGHT_PER_STREAM,
+        )?;
+        within(
+            "pipeline.max_connections",
+            self.max_connections,
+            1..=MAX_CONNECTIONS,
+        )
+    }
+}
+
+impl ScoringConfig {
+    /// Checks the limits, the per-shard ones against `shards` shards.
+    fn check(&self, shards: usize) -> Result<(), ConfigError> {
+        within("scoring.budget_us", self.budget_us, 1..=MAX_BUDGET_US)?;
+        within_because(
+            "scoring.max_cards",
+            self.max_cards,
+            shards..=MAX_CARDS,
+            &format!("at least one per shard, {shards} shards"),
+        )?;
+        within_because(
+            "scoring.max_entities",
+            self.max_entities,
+            ENTITY_STRIPES..=MAX_ENTITIES,
+            "at least one per lock stripe",
+        )
+    }
+}
+
+/// Checks the journal's limits, the per-shard ones against `shards` shards. Checked even
+/// when the journal is off: the duplicate window is kept in memory regardless, and a typo
+/// should not wait for the day the journal is turned on.
+fn check_journal(journal: &JournalConfig, shards: usize) -> Result<(), ConfigError> {
+    within(
+        "journal.group_commit_window_us",
+        journal.group_commit_window_us,
+        0..=MAX_GROUP_COMMIT_WINDOW_US,
+    )?;
+    within(
+        "journal.segment_bytes",
+        journal.segment_bytes,
+        MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES,
+    )?;
+    within(
+        "journal.queue_depth",
+        journal.queue_depth,
+        1..=MAX_QUEUE_DEPTH,
+    )?;
+    within(
+        "journal.duplicate_window_s",
+        journal.duplicate_window_s,
+        1..=MAX_DUPLICATE_WINDOW_S,
+    )?;
+    within_because(
+        "journal.max_duplicates",
+        journal.max_duplicates,
+        shards..=MAX_DUPLICATES,
+        &format!("at least one per shard, {shards} shards"),
+    )
+}
+
+fn invalid(message: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid(message.into()))
+}
+
+/// `Ok` when `value`, the value of `key`, is within `range`; else an error naming the key,
+/// the value and the range.
+fn within<T: PartialOrd + Display>(
+    key: &str,
+    value: T,
+    range: RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    within_because(key, value, range, "")
+}
+
+/// `within`, with `why` the range is what it is (when it depends on other keys) added to
+/// the error.
+fn within_because<T: PartialOrd + Display>(
+    key: &str,
+    value: T,
+    range: RangeInclusive<T>,
+    why: &str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({why})")
+    };
+    invalid(format!(
+        "{key} = {value} is out of range: allowed {}..={}{why}",
+        range.start(),
+        range.end()
+    ))
 }
 
 #[cfg(test)]
@@ -370,6 +539,154 @@ mod tests {
         assert_eq!(config.scoring.event_time, EventTime::Transmission);
         let clock = parse(&format!("{EXAMPLE}\n[scoring]\nevent_time = \"clock\"\n")).unwrap();
         assert_eq!(clock.scoring.event_time, EventTime::Clock);
+    }
+
+    /// The error of `EXAMPLE` with `key = value` set in `[section]`.
+    fn refusal(section: &str, key: &str, value: impl Display) -> String {
+        let text = format!("{EXAMPLE}\n[{section}]\n{key} = {value}\n");
+        parse(&text).unwrap_err().to_string()
+    }
+
+    /// Asserts that `section.key = value` is refused with an error naming the key, the value
+    /// and `allowed` (the range, and why where it depends on other keys).
+    fn assert_refused(section: &str, key: &str, value: impl Display, allowed: &str) {
+        let err = refusal(section, key, &value);
+        let expected = format!("{section}.{key} = {value} is out of range: allowed {allowed}");
+        assert_eq!(err, expected);
+    }
+
+    #[test]
+    fn pipeline_limits_out_of_range_are_refused() {
+        let shards = format!("0..={MAX_SHARDS} (0: one per core)");
+        assert_refused("pipeline", "shards", MAX_SHARDS + 1, &shards);
+        let depth = format!("1..={MAX_SHARD_QUEUE_DEPTH}");
+        assert_refused("pipeline", "shard_queue_depth", 0, &depth);
+        assert_refused(
+            "pipeline",
+            "shard_queue_depth",
+            MAX_SHARD_QUEUE_DEPTH + 1,
+            &depth,
+        );
+        let frame = format!("{MIN_FRAME_LIMIT}..={MAX_FRAME_LIMIT}");
+        assert_refused("pipeline", "max_frame", MIN_FRAME_LIMIT - 1, &frame);
+        assert_refused("pipeline", "max_frame", MAX_FRAME_LIMIT + 1, &frame);
+        let stream = format!("1..={MAX_IN_FLIGHT_PER_STREAM}");
+        assert_refused("pipeline", "max_in_flight_per_stream", 0, &stream);
+        let above = MAX_IN_FLIGHT_PER_STREAM + 1;
+        assert_refused("pipeline", "max_in_flight_per_stream", above, &stream);
+        let connections = format!("1..={MAX_CONNECTIONS}");
+        assert_refused("pipeline", "max_connections", 0, &connections);
+        assert_refused(
+            "pipeline",
+            "max_connections",
+            MAX_CONNECTIONS + 1,
+            &connections,
+        );
+    }
+
+    #[test]
+    fn scoring_limits_out_of_range_are_refused() {
+        let budget = format!("1..={MAX_BUDGET_US}");
+        assert_refused("scoring", "budget_us", 0, &budget);
+        assert_refused("scoring", "budget_us", MAX_BUDGET_US + 1, &budget);
+        let entities = format!("{ENTITY_STRIPES}..={MAX_ENTITIES} (at least one per lock stripe)");
+        assert_refused("scoring", "max_entities", ENTITY_STRIPES - 1, &entities);
+        assert_refused("scoring", "max_entities", MAX_ENTITIES + 1, &entities);
+        let shards = parse(EXAMPLE).unwrap().pipeline.shard_count();
+        let cards = format!("{shards}..={MAX_CARDS} (at least one per shard, {shards} shards)");
+        assert_refused("scoring", "max_cards", 0, &cards);
+        assert_refused("scoring", "max_cards", MAX_CARDS + 1, &cards);
+    }
+
+    #[test]
+    fn journal_limits_out_of_range_are_refused() {
+        let window = format!("0..={MAX_GROUP_COMMIT_WINDOW_US}");
+        let above = MAX_GROUP_COMMIT_WINDOW_US + 1;
+        assert_refused("journal", "group_commit_window_us", above, &window);
+        let segment = format!("{MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}");
+        assert_refused("journal", "segment_bytes", MIN_SEGMENT_BYTES - 1, &segment);
+        assert_refused("journal", "segment_bytes", MAX_SEGMENT_BYTES + 1, &segment);
+        let depth = format!("1..={MAX_QUEUE_DEPTH}");
+        assert_refused("journal", "queue_depth", 0, &depth);
+        assert_refused("journal", "queue_depth", MAX_QUEUE_DEPTH + 1, &depth);
+        let duplicates = format!("1..={MAX_DUPLICATE_WINDOW_S}");
+        assert_refused("journal", "duplicate_window_s", 0, &duplicates);
+        let above = MAX_DUPLICATE_WINDOW_S + 1;
+        assert_refused("journal", "duplicate_window_s", above, &duplicates);
+        let shards = parse(EXAMPLE).unwrap().pipeline.shard_count();
+        let remembered =
+            format!("{shards}..={MAX_DUPLICATES} (at least one per shard, {shards} shards)");
+        assert_refused("journal", "max_duplicates", 0, &remembered);
+        assert_refused("journal", "max_duplicates", MAX_DUPLICATES + 1, &remembered);
+    }
+
+    #[test]
+    fn per_shard_limits_are_checked_against_the_configured_shards() {
+        let eight_shards = format!("{EXAMPLE}\n[pipeline]\nshards = 8\n");
+        let with = |section: &str, key: &str, value: usize| {
+            parse(&format!("{eight_shards}[{section}]\n{key} = {value}\n"))
+        };
+        assert!(with("scoring", "max_cards", 8).is_ok());
+        assert!(with("journal", "max_duplicates", 8).is_ok());
+        let err = with("scoring", "max_cards", 7).unwrap_err().to_string();
+        assert!(err.contains("(at least one per shard, 8 shards)"), "{err}");
+        let err = with("journal", "max_duplicates", 7)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("journal.max_duplicates = 7"), "{err}");
+    }
+
+    #[test]
+    fn acquirer_limits_out_of_range_are_refused() {
+        let south = |key: &str, value: u64| {
+            let text = EXAMPLE.replace("timeout_ms = 500", &format!("{key} = {value}"));
+            parse(&text).unwrap_err().to_string()
+        };
+        let timeout = format!("1..={MAX_TIMEOUT_MS}");
+        for value in [0, MAX_TIMEOUT_MS + 1] {
+            let expected = format!(
+                "acquirer \"south\": timeout_ms = {value} is out of range: allowed {timeout}"
+            );
+            assert_eq!(south("timeout_ms", value), expected);
+        }
+        for value in [0, MAX_IN_FLIGHT_PER_LINK as u64 + 1] {
+            let err = south("max_in_flight", value);
+            let expected = format!("acquirer \"south\": max_in_flight = {value} is out of range: allowed 1..={MAX_IN_FLIGHT_PER_LINK}");
+            assert!(err.starts_with(&expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn every_limit_at_its_bounds_is_accepted() {
+        let text = format!(
+            "{}\n[pipeline]\nshards = 1\nshard_queue_depth = {MAX_SHARD_QUEUE_DEPTH}\n\
+             max_frame = {MIN_FRAME_LIMIT}\nmax_in_flight_per_stream = 1\n\
+             max_connections = {MAX_CONNECTIONS}\n\
+             [scoring]\nbudget_us = {MAX_BUDGET_US}\nmax_cards = 1\n\
+             max_entities = {ENTITY_STRIPES}\n\
+             [journal]\ngroup_commit_window_us = {MAX_GROUP_COMMIT_WINDOW_US}\n\
+             segment_bytes = {MIN_SEGMENT_BYTES}\nqueue_depth = 1\n\
+             duplicate_window_s = {MAX_DUPLICATE_WINDOW_S}\nmax_duplicates = 1\n",
+            EXAMPLE
+                .replace(
+                    "timeout_ms = 500",
+                    &format!("timeout_ms = {MAX_TIMEOUT_MS}")
+                )
+                .replace(
+                    "ca = \"south.pem\"",
+                    &format!("ca = \"south.pem\"\nmax_in_flight = {MAX_IN_FLIGHT_PER_LINK}")
+                ),
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.acquirers[1].max_in_flight, MAX_IN_FLIGHT_PER_LINK);
+        assert_eq!(config.scoring.max_cards, 1);
+    }
+
+    #[test]
+    fn the_defaults_pass_even_with_the_most_shards() {
+        PipelineConfig::default().check().unwrap();
+        ScoringConfig::default().check(MAX_SHARDS).unwrap();
+        check_journal(&JournalConfig::default(), MAX_SHARDS).unwrap();
     }
 
     #[test]

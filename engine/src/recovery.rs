@@ -75,6 +75,42 @@ impl Life {
         let reversal_done = self.reversal_queued.is_none() || self.reversal_acked;
         (self.response.is_some() || self.forwarded.is_none()) && reversal_done
     }
+
+    /// Forwarded, with no recorded response and no reversal: the acquirer may have
+    /// approved it and the gateway never heard.
+    fn in_doubt(&self) -> bool {
+        self.forwarded.is_some() && self.response.is_none() && self.reversal_queued.is_none()
+    }
+
+    /// The record a reversal still owed is built from, and whether it is owed because the
+    /// authorization is in doubt (rather than queued before and not acknowledged).
+    fn reversal_owed(&self) -> Option<(&Record, bool)> {
+        match (&self.reversal_queued, self.in_doubt()) {
+            (Some(queued), _) if !self.reversal_acked => Some((queued, false)),
+            (None, true) => self.forwarded.as_ref().map(|f| (f, true)),
+            _ => None,
+        }
+    }
+
+    /// What a retransmission is answered. Forwarded without a recorded response — in
+    /// doubt, or reversed already by a crash between queueing its reversal and journaling
+    /// its 91 — it is answered 91: it must never be forwarded again. `None` with reversal
+    /// records alone (the request record was older than the replay keeps).
+    fn outcome(&self) -> Option<Outcome> {
+        match (&self.response, self.forwarded.is_some()) {
+            (Some(response), _) => Some(Outcome {
+                code: two(&response.code),
+                approval: response.approval_code.as_bytes().try_into().ok(),
+                private_data: response.private_data.clone(),
+            }),
+            (None, true) => Some(Outcome {
+                code: two(ResponseCode::IssuerInoperative.as_str()),
+                approval: None,
+                private_data: IN_DOUBT_TAGS.to_string(),
+            }),
+            (None, false) => None,
+        }
+    }
 }
 
 /// Replays the journal in `dir`, cutting off a torn tail. `acquirers` are the configured
@@ -159,89 +195,83 @@ impl Replay {
     /// What the switch owes and remembers, given the scan's `report` and the configured
     /// `acquirers`.
     pub fn finish(self, report: ScanReport, acquirers: &[String]) -> Recovery {
-        let window_start_ms = self.window_start_ms;
         let mut recovery = Recovery {
             report,
             ..Recovery::default()
         };
-        let index_of = |name: &str| acquirers.iter().position(|a| a == name);
         let mut lives: Vec<(u64, Life)> = self.lives.into_iter().collect();
         lives.sort_by_key(|(seq, _)| *seq);
         for (request_seq, life) in lives {
-            let in_doubt = life.forwarded.is_some()
-                && life.response.is_none()
-                && life.reversal_queued.is_none();
-            let reversal_from = match (&life.reversal_queued, in_doubt) {
-                (Some(queued), _) if !life.reversal_acked => Some((queued, false)),
-                (None, true) => life.forwarded.as_ref().map(|f| (f, true)),
-                _ => None,
-            };
-            if let Some((record, doubt)) = reversal_from {
-                match index_of(&record.acquirer) {
-                    Some(acquirer) => {
-                        let pending = PendingReversal {
-                            request_seq,
-                            acquirer,
-                            original: record.clone(),
-                        };
-                        if doubt {
-                            recovery.in_doubt.push(pending);
-                        } else {
-                            recovery.pending.push(pending);
-                        }
-                    }
-                    None => recovery.unknown_acquirers += 1,
-                }
-            }
-            if life.request.time_ms < window_start_ms {
+            recovery.owe_reversal(request_seq, &life, acquirers);
+            if life.request.time_ms < self.window_start_ms {
                 continue;
             }
-            let Some(key) = DupKey::of_record(&life.request) else {
-                continue;
-            };
-            let original = Original::new();
-            if let Some(forwarded) = &life.forwarded {
-                if let (Some(acquirer), Some(link_stan)) = (
-                    index_of(&forwarded.acquirer),
-                    Stan::new(forwarded.link_stan),
-                ) {
-                    original.set_forwarded(Forwarded::new(
-                        acquirer,
-                        link_stan,
-                        request_seq,
-                        forwarded,
-                    ));
-                }
+            if let Some(recent) = remembered(request_seq, &life, acquirers) {
+                recovery.recent.push(recent);
             }
-            if life.reversal_queued.is_some() || in_doubt {
-                original.claim_reversal();
-            }
-            // Forwarded without a recorded response — in doubt, or reversed already by a
-            // crash between queueing its reversal and journaling its 91 — is answered 91 to a
-            // retransmission: it must never be forwarded again.
-            match (&life.response, life.forwarded.is_some()) {
-                (Some(response), _) => original.set_outcome(Outcome {
-                    code: two(&response.code),
-                    approval: response.approval_code.as_bytes().try_into().ok(),
-                    private_data: response.private_data.clone(),
-                }),
-                (None, true) => original.set_outcome(Outcome {
-                    code: two(ResponseCode::IssuerInoperative.as_str()),
-                    approval: None,
-                    private_data: IN_DOUBT_TAGS.to_string(),
-                }),
-                // Reversal records alone (the request record was older than the replay keeps).
-                (None, false) => continue,
-            }
-            recovery.recent.push((
-                life.request.pan_hash,
-                key,
-                life.request.time_ms,
-                Arc::new(original),
-            ));
         }
         recovery
     }
+}
+
+impl Recovery {
+    /// Takes on the reversal `life` still owes, if any: to deliver (queued before) or to
+    /// queue first (in doubt). One owed to an acquirer no longer configured is counted.
+    fn owe_reversal(&mut self, request_seq: u64, life: &Life, acquirers: &[String]) {
+        let Some((record, in_doubt)) = life.reversal_owed() else {
+            return;
+        };
+        let Some(acquirer) = acquirer_index(acquirers, &record.acquirer) else {
+            self.unknown_acquirers += 1;
+            return;
+        };
+        let pending = PendingReversal {
+            request_seq,
+            acquirer,
+            original: record.clone(),
+        };
+        if in_doubt {
+            self.in_doubt.push(pending);
+        } else {
+            self.pending.push(pending);
+        }
+    }
+}
+
+/// What the duplicate window remembers of a request within it: its keyed PAN hash, key,
+/// time, where it was forwarded and what it was answered. `None` when there is nothing to
+/// remember it by or answer it with.
+fn remembered(
+    request_seq: u64,
+    life: &Life,
+    acquirers: &[String],
+) -> Option<(u128, DupKey, i64, Arc<Original>)> {
+    let key = DupKey::of_record(&life.request)?;
+    let outcome = life.outcome()?;
+    let original = Original::new();
+    if let Some(forwarded) = &life.forwarded {
+        if let (Some(acquirer), Some(link_stan)) = (
+            acquirer_index(acquirers, &forwarded.acquirer),
+            Stan::new(forwarded.link_stan),
+        ) {
+            original.set_forwarded(Forwarded::new(acquirer, link_stan, request_seq, forwarded));
+        }
+    }
+    if life.reversal_queued.is_some() || life.in_doubt() {
+        original.claim_reversal();
+    }
+    original.set_outcome(outcome);
+    Some((
+        life.request.pan_hash,
+        key,
+        life.request.time_ms,
+        Arc::new(original),
+    ))
+}
+
+/// The link index of the acquirer named `name`.
+fn acquirer_index(acquirers: &[String], name: &str) -> Option<usize> {
+    acquirers.iter().position(|a| a == name)
 }
 
 /// `record` naming its request by sequence number rather than by distance.

@@ -656,9 +656,9 @@ fn check_config(config: &SimConfig) -> anyhow::Result<()> {
 }
 
 /// Binds the listeners and serves in the background.
-pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
+pub async fn start(mut config: SimConfig) -> anyhow::Result<RunningSim> {
     check_config(&config)?;
-    let identity = match config.identity {
+    let identity = match config.identity.take() {
         Some(identity) => identity,
         None => TlsIdentity::self_signed(&["localhost", "127.0.0.1"])?,
     };
@@ -667,18 +667,7 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
         .first()
         .cloned()
         .context("the identity has no certificate")?;
-    let endpoint = quic::server_endpoint(config.quic_listen, identity)
-        .with_context(|| format!("QUIC listen on {}", config.quic_listen))?;
-    let quic_addr = endpoint.local_addr()?;
-    let tcp = match config.tcp_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("TCP listen on {addr}"))?,
-        ),
-        None => None,
-    };
-    let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+    let listeners = Listeners::bind(&config, identity).await?;
     let stats = Arc::new(SimStats::default());
     let (ledger, ledger_writer) = match &config.ledger {
         Some(path) => {
@@ -688,7 +677,7 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
         None => (None, None),
     };
     let extra_delay_us = Arc::new(AtomicU64::new(0));
-    let handler = Arc::new(SimHandler {
+    let handler = SimHandler {
         ledger,
         extra_delay_us: Arc::clone(&extra_delay_us),
         issuer: Issuer::new(config.seed, config.approval_rate, &config.name),
@@ -699,25 +688,10 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
             delay: config.delay,
         },
         stats: Arc::clone(&stats),
-    });
+    };
     let shutdown = CancellationToken::new();
-    let serve_stats = Arc::clone(&stats.serve);
-    let mut tasks = vec![tokio::spawn(serve_quic(
-        endpoint,
-        Arc::clone(&handler),
-        config.limits,
-        Arc::clone(&serve_stats),
-        shutdown.clone(),
-    ))];
-    if let Some(listener) = tcp {
-        tasks.push(tokio::spawn(serve_tcp(
-            listener,
-            handler,
-            config.limits,
-            serve_stats,
-            shutdown.clone(),
-        )));
-    }
+    let (quic_addr, tcp_addr) = (listeners.quic_addr, listeners.tcp_addr);
+    let tasks = listeners.serve(Arc::new(handler), config.limits, &stats, &shutdown);
     Ok(RunningSim {
         quic_addr,
         tcp_addr,
@@ -728,6 +702,64 @@ pub async fn start(config: SimConfig) -> anyhow::Result<RunningSim> {
         ledger_writer,
         extra_delay_us,
     })
+}
+
+/// The simulator's bound listeners: QUIC, and TCP when asked for.
+struct Listeners {
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    tcp: Option<tokio::net::TcpListener>,
+    tcp_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    async fn bind(config: &SimConfig, identity: TlsIdentity) -> anyhow::Result<Listeners> {
+        let endpoint = quic::server_endpoint(config.quic_listen, identity)
+            .with_context(|| format!("QUIC listen on {}", config.quic_listen))?;
+        let quic_addr = endpoint.local_addr()?;
+        let tcp = match config.tcp_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("TCP listen on {addr}"))?,
+            ),
+            None => None,
+        };
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        Ok(Listeners {
+            endpoint,
+            quic_addr,
+            tcp,
+            tcp_addr,
+        })
+    }
+
+    /// Serves each listener with `handler` until `shutdown`: the accept loops' tasks.
+    fn serve(
+        self,
+        handler: Arc<SimHandler>,
+        limits: Limits,
+        stats: &SimStats,
+        shutdown: &CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let mut tasks = vec![tokio::spawn(serve_quic(
+            self.endpoint,
+            Arc::clone(&handler),
+            limits,
+            Arc::clone(&stats.serve),
+            shutdown.clone(),
+        ))];
+        if let Some(listener) = self.tcp {
+            tasks.push(tokio::spawn(serve_tcp(
+                listener,
+                handler,
+                limits,
+                Arc::clone(&stats.serve),
+                shutdown.clone(),
+            )));
+        }
+        tasks
+    }
 }
 
 /// Until Ctrl-C or, on Unix, SIGTERM.

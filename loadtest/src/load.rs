@@ -542,15 +542,7 @@ async fn connect(config: &LoadConfig) -> anyhow::Result<Link> {
 pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
     config.check()?;
     let source = Source::of(&config)?;
-    let mut links = Vec::with_capacity(config.connections);
-    for _ in 0..config.connections {
-        let link = tokio::time::timeout(CONNECT_TIMEOUT, connect(&config))
-            .await
-            .map_err(|_| anyhow::anyhow!("timed out"))
-            .and_then(|r| r)
-            .with_context(|| format!("connecting to {}", config.target))?;
-        links.push(link);
-    }
+    let links = connect_all(&config).await?;
     let total = source.total(&config);
     let record = match &config.record {
         Some(path) => Some(Arc::new(Recorder::open(path)?)),
@@ -560,35 +552,16 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
     let progress = (config.progress && std::io::stderr().is_terminal())
         .then(|| spawn_progress(total, Arc::clone(&finished)));
     let t0 = Instant::now();
-    let mut drivers = JoinSet::new();
-    for (c, link) in links.into_iter().enumerate() {
-        let schedule = Schedule {
-            t0,
-            rate_tps: config.rate_tps,
-            connection: c as u64,
-            connections: config.connections as u64,
-            total,
-        };
-        let shared = Arc::new(Shared {
-            tally: Mutex::new(Tally::new()),
-            finished: Arc::clone(&finished),
-            record: record.clone(),
-            retransmissions: AtomicU64::new(0),
-        });
-        let workload = source.workload(&config, c);
-        let limits = Bounds::of(&config);
-        drivers.spawn(drive(link, workload, schedule, limits, shared));
-    }
-    let mut tally = Tally::new();
-    let mut ended = t0;
-    let mut retransmissions = 0;
-    while let Some(done) = drivers.join_next().await {
-        let (shared, connection_ended) = done.context("a connection task failed")?;
-        retransmissions += shared.retransmissions.load(Ordering::Relaxed);
-        tally.merge(&shared.lock());
-        ended = ended.max(connection_ended);
-    }
-    let elapsed = ended - t0;
+    let plan = RunPlan {
+        config: &config,
+        source: &source,
+        t0,
+        total,
+        record: record.clone(),
+        finished,
+    };
+    let drivers = plan.spawn_drivers(links);
+    let (tally, ended, retransmissions) = join_drivers(drivers, t0).await?;
     if let Some(record) = &record {
         record.flush().context("writing the --record file")?;
     }
@@ -601,7 +574,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         mode: config.mode,
         connections: config.connections,
         duration: config.duration,
-        elapsed,
+        elapsed: ended - t0,
         offered_tps: config.rate_tps,
         sent: total,
         data: source.facts(&config, total),
@@ -609,6 +582,79 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
     let mut report = Report::new(facts, &tally);
     report.retransmissions = retransmissions;
     Ok(report)
+}
+
+/// Opens every connection of the run, one after the other, each within
+/// `CONNECT_TIMEOUT`.
+async fn connect_all(config: &LoadConfig) -> anyhow::Result<Vec<Link>> {
+    let mut links = Vec::with_capacity(config.connections);
+    for _ in 0..config.connections {
+        let link = tokio::time::timeout(CONNECT_TIMEOUT, connect(config))
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out"))
+            .and_then(|r| r)
+            .with_context(|| format!("connecting to {}", config.target))?;
+        links.push(link);
+    }
+    Ok(links)
+}
+
+/// What every connection's driver of one run shares.
+struct RunPlan<'a> {
+    config: &'a LoadConfig,
+    source: &'a Source,
+    /// When the schedule starts.
+    t0: Instant,
+    /// Requests in the run, over all connections.
+    total: u64,
+    record: Option<Arc<Recorder>>,
+    /// Requests answered so far, for the progress bar.
+    finished: Arc<AtomicU64>,
+}
+
+impl RunPlan<'_> {
+    /// Starts one driver per link, each with its share of the schedule and the workload.
+    fn spawn_drivers(&self, links: Vec<Link>) -> JoinSet<(Arc<Shared>, Instant)> {
+        let config = self.config;
+        let mut drivers = JoinSet::new();
+        for (c, link) in links.into_iter().enumerate() {
+            let schedule = Schedule {
+                t0: self.t0,
+                rate_tps: config.rate_tps,
+                connection: c as u64,
+                connections: config.connections as u64,
+                total: self.total,
+            };
+            let shared = Arc::new(Shared {
+                tally: Mutex::new(Tally::new()),
+                finished: Arc::clone(&self.finished),
+                record: self.record.clone(),
+                retransmissions: AtomicU64::new(0),
+            });
+            let workload = self.source.workload(config, c);
+            let limits = Bounds::of(config);
+            drivers.spawn(drive(link, workload, schedule, limits, shared));
+        }
+        drivers
+    }
+}
+
+/// Waits for every driver: their tallies merged, when the last one ended (`t0` at the
+/// earliest), and the retransmissions sent.
+async fn join_drivers(
+    mut drivers: JoinSet<(Arc<Shared>, Instant)>,
+    t0: Instant,
+) -> anyhow::Result<(Tally, Instant, u64)> {
+    let mut tally = Tally::new();
+    let mut ended = t0;
+    let mut retransmissions = 0;
+    while let Some(done) = drivers.join_next().await {
+        let (shared, connection_ended) = done.context("a connection task failed")?;
+        retransmissions += shared.retransmissions.load(Ordering::Relaxed);
+        tally.merge(&shared.lock());
+        ended = ended.max(connection_ended);
+    }
+    Ok((tally, ended, retransmissions))
 }
 
 /// The requests of a run: a synthetic card pool or a labeled file.

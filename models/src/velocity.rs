@@ -145,10 +145,15 @@ struct Slot<S> {
 }
 
 impl<S: Default> ClockTable<S> {
-    /// A table that holds at most `capacity` keys (at least one).
+    /// A table that holds at most `capacity` keys, within `1..=u32::MAX`: the switch sizes
+    /// it from a checked configuration (`Config::check`).
     pub fn new(capacity: usize) -> Self {
-        // Slot indexes are u32; a bigger table would not fit in memory anyway.
-        let capacity = capacity.clamp(1, u32::MAX as usize);
+        // Slot indexes are u32 (a bigger table would not fit in memory anyway), and a table
+        // with no slot could not hold the key it is asked to track.
+        assert!(
+            (1..=u32::MAX as usize).contains(&capacity),
+            "velocity table capacity {capacity} outside 1..=u32::MAX"
+        );
         ClockTable {
             index: HashMap::new(),
             slots: Vec::new(),

@@ -38,6 +38,36 @@ pub const RUNWAY_BYTES: u64 = 4 << 20;
 /// hundred bytes is about 1–2 MiB: one large sequential write.
 pub const MAX_BATCH_SUBMISSIONS: usize = 4096;
 
+/// Longest group-commit window accepted (`journal.group_commit_window_us`). Every
+/// authorization waits for two commits on its path (before it is forwarded, before it is
+/// answered); past 100 ms the wait costs more than an acquirer's whole round trip, and a
+/// sync is shared by whatever arrives during it without any window anyway.
+pub const MAX_GROUP_COMMIT_WINDOW_US: u64 = 100_000;
+
+/// Smallest segment accepted (`journal.segment_bytes`): about 3 000 records. Starting a
+/// segment costs three syncs (its header, the file, the directory); below this they become
+/// a visible share of the journal's syncs, and the directory fills with files.
+pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+
+/// Largest segment accepted (`journal.segment_bytes`): a segment is read whole into memory
+/// at start (recovery) and by `journal verify`.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
+
+/// Deepest writer queue accepted (`journal.queue_depth`). The queue's slots are allocated
+/// when the journal starts; 1 Mi submissions of a few hundred bytes is ~320 MiB of records
+/// waiting, 16 s of traffic at 65 k TPS: a disk that far behind has failed, and a deeper
+/// queue would only answer 91 later.
+pub const MAX_QUEUE_DEPTH: usize = 1 << 20;
+
+/// Longest duplicate window accepted (`journal.duplicate_window_s`): gateways retransmit
+/// within minutes, and at start the journal's last window is replayed into memory; a day
+/// is far more than any retry schedule needs.
+pub const MAX_DUPLICATE_WINDOW_S: u64 = 86_400;
+
+/// Most requests remembered for duplicate detection (`journal.max_duplicates`): about
+/// 570 bytes each, so 10 M ≈ 5.7 GiB, more than a node has to give to it.
+pub const MAX_DUPLICATES: usize = 10_000_000;
+
 /// When records are synced to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,18 +190,16 @@ impl Journal {
     pub fn start(config: &JournalConfig, next_seq: u64) -> std::io::Result<Journal> {
         std::fs::create_dir_all(&config.dir)?;
         let file = create_segment(&config.dir, next_seq)?;
-        let (queue, submissions) = channel::bounded(config.queue_depth.max(1));
+        // A bounded(0) channel would refuse every `try_send`: `Config::check` keeps the
+        // depth within 1..=MAX_QUEUE_DEPTH, and so must any other caller.
+        assert!(
+            (1..=MAX_QUEUE_DEPTH).contains(&config.queue_depth),
+            "journal queue_depth {} outside 1..={MAX_QUEUE_DEPTH}",
+            config.queue_depth
+        );
+        let (queue, submissions) = channel::bounded(config.queue_depth);
         let stats = Arc::new(JournalStats::default());
-        stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
-        let writer = Writer {
-            config: config.clone(),
-            file,
-            segment_len: super::segment::SEGMENT_HEADER as u64,
-            zeroed_to: super::segment::SEGMENT_HEADER as u64,
-            next_seq,
-            stats: Arc::clone(&stats),
-            failed: false,
-        };
+        let writer = Writer::new(config.clone(), file, next_seq, Arc::clone(&stats));
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || writer.run(submissions))?;
@@ -223,12 +251,33 @@ struct Writer {
     segment_len: u64,
     /// The file's length: zeros from `segment_len` up to here.
     zeroed_to: u64,
+    /// The number the next frame gets.
     next_seq: u64,
+    /// The number of the last record written (as the fsync policy defines it), kept apart
+    /// from `next_seq` to check every batch against.
+    last_written: u64,
     stats: Arc<JournalStats>,
     failed: bool,
 }
 
 impl Writer {
+    /// A writer appending to `file`, a new segment whose first record is `next_seq`.
+    fn new(config: JournalConfig, file: File, next_seq: u64, stats: Arc<JournalStats>) -> Writer {
+        // Record numbers start at 1: 0 is nothing written yet.
+        assert!(next_seq >= 1, "journal sequence numbers start at 1");
+        stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
+        Writer {
+            config,
+            file,
+            segment_len: super::segment::SEGMENT_HEADER as u64,
+            zeroed_to: super::segment::SEGMENT_HEADER as u64,
+            next_seq,
+            last_written: next_seq - 1,
+            stats,
+            failed: false,
+        }
+    }
+
     fn run(mut self, submissions: Receiver<Submission>) {
         let window = Duration::from_micros(self.config.group_commit_window_us);
         let mut batch: Vec<Submission> = Vec::with_capacity(MAX_BATCH_SUBMISSIONS);
@@ -267,25 +316,35 @@ impl Writer {
         if self.failed {
             return vec![Err(JournalError::Failed); batch.len()];
         }
-        buf.clear();
-        let mut firsts = Vec::with_capacity(batch.len());
-        let mut seq = self.next_seq;
-        let mut records = 0u64;
-        for submission in batch.iter_mut() {
-            firsts.push(seq);
-            let frames = &mut submission.frames;
-            let mut at = 0;
-            while at < frames.len() {
-                let len = u32::from_le_bytes(frames[at..at + 4].try_into().expect("4 bytes"));
-                let end = at + 4 + len as usize;
-                seal_frame(&mut frames[at..end], seq);
-                seq += 1;
-                records += 1;
-                at = end;
-            }
-            buf.extend_from_slice(frames);
+        let (firsts, next_seq) = seal_batch(batch, self.next_seq, buf);
+        // Readers refuse a gap or a repeat as corruption: a batch that does not continue
+        // the sequence right after the last record written would make the journal
+        // unreadable from there on. Checked on the sealed bytes, before they are written.
+        if let Some(first) = first_frame_seq(buf) {
+            assert_eq!(
+                first,
+                self.last_written + 1,
+                "journal batch starts at sequence {first}, the last record written is {}",
+                self.last_written
+            );
         }
+        let records_bytes = buf.len() as u64;
         let started = Instant::now();
+        if let Err(e) = self.write_synced(buf) {
+            tracing::error!(error = %e, dir = %self.config.dir.display(), "journal write failed: the journal is stopped and every request is answered without authorizing");
+            self.failed = true;
+            self.stats.failed.store(true, Ordering::Relaxed);
+            return vec![Err(JournalError::Failed); batch.len()];
+        }
+        let elapsed = started.elapsed();
+        self.advance(next_seq, records_bytes, buf.len() as u64, elapsed);
+        self.start_segment_when_full();
+        firsts.into_iter().map(Ok).collect()
+    }
+
+    /// Writes `buf` (the batch's frames) at the end of the segment's records, growing the
+    /// file by the zeroed runway when they reach past it, and syncs as the policy says.
+    fn write_synced(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
         let data_end = self.segment_len + buf.len() as u64;
         if data_end > self.zeroed_to {
             // Grow the file by the runway in the same write; the next commits overwrite.
@@ -293,42 +352,145 @@ impl Writer {
             let grown = (data_end + RUNWAY_BYTES).min(self.config.segment_bytes.max(data_end));
             buf.resize((grown - self.segment_len) as usize, 0);
         }
-        let written = self
-            .file
-            .write_all_at(buf, self.segment_len)
-            .and_then(|()| match self.config.fsync {
-                FsyncPolicy::Always => self.file.sync_data(),
-                FsyncPolicy::Never => Ok(()),
-            });
-        if let Err(e) = written {
-            tracing::error!(error = %e, dir = %self.config.dir.display(), "journal write failed: the journal is stopped and every request is answered without authorizing");
-            self.failed = true;
-            self.stats.failed.store(true, Ordering::Relaxed);
-            return vec![Err(JournalError::Failed); batch.len()];
+        self.file.write_all_at(buf, self.segment_len)?;
+        match self.config.fsync {
+            FsyncPolicy::Always => self.file.sync_data(),
+            FsyncPolicy::Never => Ok(()),
         }
-        let elapsed = started.elapsed().as_nanos() as u64;
-        self.next_seq = seq;
-        self.zeroed_to = self.zeroed_to.max(self.segment_len + buf.len() as u64);
-        let records_bytes = data_end - self.segment_len;
-        self.segment_len = data_end;
+    }
+
+    /// Takes a durable write of `records_bytes` of frames (`written_bytes` with the
+    /// runway), numbered up to `next_seq`, in `elapsed`: moves the segment's end on and
+    /// counts it.
+    fn advance(
+        &mut self,
+        next_seq: u64,
+        records_bytes: u64,
+        written_bytes: u64,
+        elapsed: Duration,
+    ) {
+        let records = next_seq - self.next_seq;
+        self.next_seq = next_seq;
+        self.last_written = next_seq - 1;
+        self.zeroed_to = self.zeroed_to.max(self.segment_len + written_bytes);
+        self.segment_len += records_bytes;
         let stats = &self.stats;
         stats.records.fetch_add(records, Ordering::Relaxed);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(records_bytes, Ordering::Relaxed);
-        stats.commit_ns.fetch_add(elapsed, Ordering::Relaxed);
-        stats.last_seq.store(seq - 1, Ordering::Relaxed);
-        if self.segment_len >= self.config.segment_bytes {
-            match create_segment(&self.config.dir, self.next_seq) {
-                Ok(file) => {
-                    self.file = file;
-                    self.segment_len = super::segment::SEGMENT_HEADER as u64;
-                    self.zeroed_to = self.segment_len;
-                }
-                // The records above are durable; keep appending to the old segment and
-                // try again after the next commit.
-                Err(e) => tracing::warn!(error = %e, "cannot start a new journal segment"),
-            }
+        stats
+            .commit_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        stats.last_seq.store(next_seq - 1, Ordering::Relaxed);
+    }
+
+    /// Starts a new segment once the current one has reached its size.
+    fn start_segment_when_full(&mut self) {
+        if self.segment_len < self.config.segment_bytes {
+            return;
         }
-        firsts.into_iter().map(Ok).collect()
+        match create_segment(&self.config.dir, self.next_seq) {
+            Ok(file) => {
+                self.file = file;
+                self.segment_len = super::segment::SEGMENT_HEADER as u64;
+                self.zeroed_to = self.segment_len;
+            }
+            // The records written are durable; keep appending to the old segment and try
+            // again after the next commit.
+            Err(e) => tracing::warn!(error = %e, "cannot start a new journal segment"),
+        }
+    }
+}
+
+/// Numbers the frames of `batch` from `first_seq` on, in order, seals them (sequence
+/// number and checksum) and gathers them into `buf`. Returns the first sequence number of
+/// each submission and the number after the last frame.
+fn seal_batch(batch: &mut [Submission], first_seq: u64, buf: &mut Vec<u8>) -> (Vec<u64>, u64) {
+    buf.clear();
+    let mut firsts = Vec::with_capacity(batch.len());
+    let mut seq = first_seq;
+    for submission in batch.iter_mut() {
+        firsts.push(seq);
+        let frames = &mut submission.frames;
+        let mut at = 0;
+        while at < frames.len() {
+            let len = u32::from_le_bytes(frames[at..at + 4].try_into().expect("4 bytes"));
+            let end = at + 4 + len as usize;
+            seal_frame(&mut frames[at..end], seq);
+            seq += 1;
+            at = end;
+        }
+        buf.extend_from_slice(frames);
+    }
+    (firsts, seq)
+}
+
+/// The sequence number of the first frame in `buf`, if it holds one.
+fn first_frame_seq(buf: &[u8]) -> Option<u64> {
+    let seq = buf.get(8..16)?;
+    Some(u64::from_le_bytes(seq.try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::tests::sample;
+    use crate::journal::segment::{scan, segment_path, SEGMENT_HEADER};
+    use crate::journal::RecordKind;
+    use std::path::Path;
+
+    fn writer(dir: &Path, next_seq: u64) -> Writer {
+        let config = JournalConfig {
+            dir: dir.to_owned(),
+            fsync: FsyncPolicy::Never,
+            ..JournalConfig::default()
+        };
+        let file = create_segment(dir, next_seq).unwrap();
+        Writer::new(config, file, next_seq, Arc::new(JournalStats::default()))
+    }
+
+    /// A submission of `records` encoded records.
+    fn submission(records: usize) -> Submission {
+        let mut frames = Vec::new();
+        for _ in 0..records {
+            encode_frame(&sample(RecordKind::Request), &mut frames).unwrap();
+        }
+        let (done, _) = oneshot::channel();
+        Submission { frames, done }
+    }
+
+    fn seqs(dir: &Path) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        scan(dir, false, |seq, _| seqs.push(seq)).unwrap();
+        seqs
+    }
+
+    #[test]
+    fn batches_continue_the_sequence_from_where_the_last_one_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), 5);
+        let mut buf = Vec::new();
+        let mut batch = [submission(2), submission(0), submission(1)];
+        let firsts = writer.commit(&mut batch, &mut buf);
+        assert_eq!(firsts, [Ok(5), Ok(7), Ok(7)]);
+        let firsts = writer.commit(&mut [submission(3)], &mut buf);
+        assert_eq!(firsts, [Ok(8)]);
+        assert_eq!(seqs(dir.path()), (5..=10).collect::<Vec<_>>());
+        assert_eq!(writer.stats.last_seq.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn a_batch_that_would_leave_a_gap_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), 5);
+        // A numbering bug: the next frame would skip sequence number 5.
+        writer.next_seq = 6;
+        let mut batch = [submission(1)];
+        let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            writer.commit(&mut batch, &mut Vec::new())
+        }));
+        assert!(committed.is_err(), "a gap must stop the writer");
+        let segment = std::fs::metadata(segment_path(dir.path(), 5)).unwrap();
+        assert_eq!(segment.len(), SEGMENT_HEADER as u64, "nothing was written");
     }
 }

@@ -270,30 +270,51 @@ fn histogram(out: &mut String, name: &str, labels: &str, b: &Buckets) {
 /// `/metrics`: the Prometheus text format (version 0.0.4).
 pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
     let mut out = String::with_capacity(16 * 1024);
-    let stage_buckets = sources.metrics.stage_buckets();
-
+    latency_histograms(&mut out, sources);
+    outcome_counters(&mut out, sources);
+    load_gauges(&mut out, sources);
+    acquirer_gauges(&mut out, sources);
+    model_info(&mut out, sources);
+    journal_gauges(&mut out, sources);
     header(
         &mut out,
+        "payswitch_gateway_connections_total",
+        "counter",
+        "Gateway connections accepted.",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_gateway_connections_total {}",
+        load(&serve.connections)
+    );
+    out
+}
+
+/// The switch's own time, each stage's and each acquirer's round trip.
+fn latency_histograms(out: &mut String, sources: &Sources) {
+    let stage_buckets = sources.metrics.stage_buckets();
+    header(
+        out,
         "payswitch_authorization_duration_seconds",
         "histogram",
         "The switch's own time per request (end to end less the acquirer).",
     );
     histogram(
-        &mut out,
+        out,
         "payswitch_authorization_duration_seconds",
         "",
         &stage_buckets[Stage::Switch as usize],
     );
 
     header(
-        &mut out,
+        out,
         "payswitch_stage_duration_seconds",
         "histogram",
         "Time per request in each stage of the pipeline.",
     );
     for (stage, b) in Stage::ALL.iter().zip(&stage_buckets) {
         histogram(
-            &mut out,
+            out,
             "payswitch_stage_duration_seconds",
             &format!("stage=\"{}\"", stage.as_str()),
             b,
@@ -301,22 +322,25 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
     }
 
     header(
-        &mut out,
+        out,
         "payswitch_acquirer_duration_seconds",
         "histogram",
         "Round trip to each acquirer.",
     );
     for (link, b) in sources.links.iter().zip(sources.metrics.acquirer_buckets()) {
         histogram(
-            &mut out,
+            out,
             "payswitch_acquirer_duration_seconds",
             &format!("acquirer=\"{}\"", escape(link.name())),
             &b,
         );
     }
+}
 
+/// Responses by code, fraud decisions, and acquirer requests by outcome.
+fn outcome_counters(out: &mut String, sources: &Sources) {
     header(
-        &mut out,
+        out,
         "payswitch_responses_total",
         "counter",
         "Responses sent to gateways, by response code.",
@@ -326,7 +350,7 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
     }
 
     header(
-        &mut out,
+        out,
         "payswitch_decisions_total",
         "counter",
         "Fraud decisions of the champion model and rules.",
@@ -340,7 +364,7 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
     }
 
     header(
-        &mut out,
+        out,
         "payswitch_acquirer_requests_total",
         "counter",
         "Requests to acquirers by outcome: answered, timeout, lost (connection dropped), refused (down or full, not sent).",
@@ -360,9 +384,12 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
             );
         }
     }
+}
 
+/// Requests in progress and waiting in each shard's queue.
+fn load_gauges(out: &mut String, sources: &Sources) {
     header(
-        &mut out,
+        out,
         "payswitch_in_flight_requests",
         "gauge",
         "Requests being handled now.",
@@ -373,7 +400,7 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
         sources.counters.in_flight.load(Ordering::Relaxed).max(0)
     );
     header(
-        &mut out,
+        out,
         "payswitch_shard_queue_depth",
         "gauge",
         "Requests waiting in each shard's queue.",
@@ -381,8 +408,12 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
     for (i, depth) in (sources.queue_depths)().iter().enumerate() {
         let _ = writeln!(out, "payswitch_shard_queue_depth{{shard=\"{i}\"}} {depth}");
     }
+}
+
+/// Each acquirer link's state.
+fn acquirer_gauges(out: &mut String, sources: &Sources) {
     header(
-        &mut out,
+        out,
         "payswitch_acquirer_up",
         "gauge",
         "1 when the link to the acquirer is connected.",
@@ -396,7 +427,7 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
         );
     }
     header(
-        &mut out,
+        out,
         "payswitch_acquirer_state",
         "gauge",
         "1 for the acquirer's current state: up, draining (by an operator) or down.",
@@ -411,8 +442,12 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
             );
         }
     }
+}
+
+/// The models loaded.
+fn model_info(out: &mut String, sources: &Sources) {
     header(
-        &mut out,
+        out,
         "payswitch_model_info",
         "gauge",
         "The models loaded (id = kind and checksum; schema = feature schema version): the champion and the challengers scored in shadow.",
@@ -436,25 +471,29 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
             payswitch_models::features::SCHEMA_VERSION
         );
     }
+}
+
+/// What is not yet durable or delivered: the journal's lag and the reversals owed.
+fn journal_gauges(out: &mut String, sources: &Sources) {
     let (queued, last_seq) = sources.journal.as_ref().map_or((0, 0), |j| {
         (load(&j.stats().queued), load(&j.stats().last_seq))
     });
     header(
-        &mut out,
+        out,
         "payswitch_journal_queued_appends",
         "gauge",
         "Journal appends waiting for the writer (its lag).",
     );
     let _ = writeln!(out, "payswitch_journal_queued_appends {queued}");
     header(
-        &mut out,
+        out,
         "payswitch_journal_last_sequence",
         "gauge",
         "Sequence number of the last durable journal record.",
     );
     let _ = writeln!(out, "payswitch_journal_last_sequence {last_seq}");
     header(
-        &mut out,
+        out,
         "payswitch_reversals_pending",
         "gauge",
         "Reversals queued for acquirers and not yet acknowledged.",
@@ -464,18 +503,6 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
         "payswitch_reversals_pending {}",
         load(&sources.reversals.stats.pending)
     );
-    header(
-        &mut out,
-        "payswitch_gateway_connections_total",
-        "counter",
-        "Gateway connections accepted.",
-    );
-    let _ = writeln!(
-        out,
-        "payswitch_gateway_connections_total {}",
-        load(&serve.connections)
-    );
-    out
 }
 
 /// Counters of the switch as a whole.

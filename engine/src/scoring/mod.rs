@@ -199,7 +199,12 @@ impl Scoring {
         event_time: EventTime,
         max_entities: usize,
     ) -> Scoring {
-        let per_stripe = (max_entities / ENTITY_STRIPES).max(1);
+        // `Config::check` keeps `scoring.max_entities` at one per stripe or more.
+        assert!(
+            max_entities >= ENTITY_STRIPES,
+            "max_entities {max_entities} below one per stripe ({ENTITY_STRIPES})"
+        );
+        let per_stripe = max_entities / ENTITY_STRIPES;
         Scoring {
             champion: ArcSwapOption::empty(),
             challengers: ArcSwap::from_pointee(Vec::new()),

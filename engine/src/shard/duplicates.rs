@@ -238,12 +238,16 @@ pub struct DuplicateWindow {
 impl DuplicateWindow {
     /// A window of `window` holding at most `capacity` requests.
     pub fn new(window: Duration, capacity: usize) -> DuplicateWindow {
+        // With no room, every request would be forgotten as it is remembered: a
+        // retransmission forwarded again. `Config::check` keeps `journal.max_duplicates`
+        // at one per shard or more.
+        assert!(capacity >= 1, "a duplicate window must hold a request");
         DuplicateWindow {
             entries: HashMap::new(),
             order: VecDeque::new(),
             by_rrn: HashMap::new(),
             window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
-            capacity: capacity.max(1),
+            capacity,
             evicted_early: 0,
         }
     }

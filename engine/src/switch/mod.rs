@@ -166,7 +166,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
             links_shutdown.clone(),
         ));
     }
-    let shard_count = config.pipeline.shard_count().max(1);
+    let shard_count = config.pipeline.shard_count();
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
     let (journal, pan_key, mut recovery) = open_journal(config)?;
@@ -175,9 +175,10 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     for (pan_hash, key, at_ms, original) in std::mem::take(&mut recovery.recent) {
         recovered[shard_of(pan_hash, shard_count)].push((key, at_ms, original));
     }
-    let cards_per_shard = (config.scoring.max_cards / shard_count).max(1);
+    // `config.check()` keeps both at one per shard or more; the shard asserts it.
+    let cards_per_shard = config.scoring.max_cards / shard_count;
     let window = Duration::from_secs(config.journal.duplicate_window_s);
-    let window_capacity = (config.journal.max_duplicates / shard_count).max(1);
+    let window_capacity = config.journal.max_duplicates / shard_count;
     let mut shards = Vec::with_capacity(shard_count);
     let mut shard_stats = Vec::with_capacity(shard_count);
     for entries in recovered {
