@@ -32,8 +32,8 @@ use crate::ops::stats::SwitchStats;
 use crate::reversal::StoreAndForward;
 use crate::scoring::rules::RuleSet;
 use crate::scoring::Scoring;
-use crate::shard::duplicates::DuplicateWindow;
-use crate::shard::{shard_of, RecoveredEntries, Shard, ShardStats};
+use crate::shard::duplicates::{DupKey, DuplicateWindow, Original};
+use crate::shard::{shard_of, RecoveredEntries, Shard, ShardJob, ShardStats};
 pub use driver::Switch;
 use payswitch_models::model::Model;
 
@@ -117,14 +117,14 @@ impl Security {
 }
 
 /// Loads the configured models and rules; any that fails to load or to fit the budget
-/// stops the start with its reason.
-fn start_scoring(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Scoring> {
+/// stops the start with its reason. Watches the rules file and the models directory.
+fn start_scoring(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Scoring>> {
     let s = &config.scoring;
     let rules = Arc::new(
         RuleSet::load(s.rules.as_deref(), crate::scoring::rule_variables())
             .context("loading the rules file")?,
     );
-    tokio::spawn(Arc::clone(&rules).watch(shutdown));
+    tokio::spawn(Arc::clone(&rules).watch(shutdown.clone()));
     let budget = std::time::Duration::from_micros(s.budget_us);
     let scoring = Scoring::new(rules, budget, s.event_time, s.max_entities);
     if let Some(path) = &s.model {
@@ -141,6 +141,14 @@ fn start_scoring(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             .add_challenger(Arc::new(model))
             .map_err(anyhow::Error::msg)?;
     }
+    let scoring = Arc::new(scoring);
+    if let Some(dir) = &config.scoring.models_dir {
+        tokio::spawn(crate::scoring::watch_models_dir(
+            Arc::clone(&scoring),
+            dir.clone(),
+            shutdown,
+        ));
+    }
     Ok(scoring)
 }
 
@@ -149,69 +157,23 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     config.check()?;
     let shutdown = CancellationToken::new();
     let links_shutdown = CancellationToken::new();
-    let mut links = Vec::with_capacity(config.acquirers.len());
-    for (acquirer, trust) in config.acquirers.iter().zip(security.acquirer_trust) {
-        links.push(AcquirerLink::start(
-            acquirer.clone(),
-            trust,
-            links_shutdown.clone(),
-        )?);
-    }
+    let links = config
+        .acquirers
+        .iter()
+        .zip(security.acquirer_trust)
+        .map(|(acquirer, trust)| {
+            AcquirerLink::start(acquirer.clone(), trust, links_shutdown.clone())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let table = Arc::new(ArcSwap::from_pointee(config.router()?));
-    let scoring = Arc::new(start_scoring(config, links_shutdown.clone())?);
-    if let Some(dir) = &config.scoring.models_dir {
-        tokio::spawn(crate::scoring::watch_models_dir(
-            Arc::clone(&scoring),
-            dir.clone(),
-            links_shutdown.clone(),
-        ));
-    }
-    let shard_count = config.pipeline.shard_count();
+    let scoring = start_scoring(config, links_shutdown.clone())?;
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
     let (journal, pan_key, mut recovery) = open_journal(config)?;
     let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone());
-    let mut recovered: Vec<RecoveredEntries> = (0..shard_count).map(|_| Vec::new()).collect();
-    for (pan_hash, key, at_ms, original) in std::mem::take(&mut recovery.recent) {
-        recovered[shard_of(pan_hash, shard_count)].push((key, at_ms, original));
-    }
-    // `config.check()` keeps both at one per shard or more; the shard asserts it.
-    let cards_per_shard = config.scoring.max_cards / shard_count;
-    let window = Duration::from_secs(config.journal.duplicate_window_s);
-    let window_capacity = config.journal.max_duplicates / shard_count;
-    let mut shards = Vec::with_capacity(shard_count);
-    let mut shard_stats = Vec::with_capacity(shard_count);
-    for entries in recovered {
-        let (tx, rx) = mpsc::channel(config.pipeline.shard_queue_depth);
-        let stats = Arc::new(ShardStats::default());
-        let mut duplicates = DuplicateWindow::new(window, window_capacity);
-        for (key, at_ms, original) in entries {
-            duplicates.insert(key, at_ms, original);
-        }
-        tokio::spawn(crate::shard::run(
-            rx,
-            Arc::clone(&table),
-            Arc::clone(&scoring),
-            Shard::new(cards_per_shard, duplicates, Arc::clone(&stats)),
-        ));
-        shards.push(tx);
-        shard_stats.push(stats);
-    }
-    // What the journal says is owed: in-doubt authorizations are queued for reversal
-    // (durably, before delivery starts), then everything owed is delivered.
-    let queued = recovery.in_doubt_records(crate::clock::now().unix_ms());
-    if let (Some(journal), false) = (&journal, queued.is_empty()) {
-        journal
-            .append(&queued)
-            .await
-            .context("journaling the reversals of in-doubt authorizations")?;
-    }
-    for pending in recovery.in_doubt {
-        reversals.push(pending);
-    }
-    for pending in recovery.pending {
-        reversals.push(pending);
-    }
+    let recent = std::mem::take(&mut recovery.recent);
+    let (shards, shard_stats) = start_shards(config, &table, &scoring, recent);
+    deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?;
     let acquirer_names = links.iter().map(|l| l.name().to_string()).collect();
     let switch = Arc::new(Switch {
         shards,
@@ -231,41 +193,10 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         sources.clone(),
         links_shutdown.clone(),
     ));
-    let limits = Limits {
-        max_frame: config.pipeline.max_frame,
-        max_in_flight_per_stream: config.pipeline.max_in_flight_per_stream,
-        max_connections: config.pipeline.max_connections,
-    };
     let serve_stats = Arc::new(ServeStats::default());
     let certificate = security.identity.certs[0].clone();
-    let mut tasks = Vec::new();
-    let mut quic_addr = None;
-    if let Some(addr) = config.listen.quic {
-        let endpoint = quic::server_endpoint(addr, security.identity.clone())
-            .with_context(|| format!("binding QUIC listener {addr}"))?;
-        quic_addr = Some(endpoint.local_addr()?);
-        tasks.push(tokio::spawn(serve::serve_quic(
-            endpoint,
-            Arc::clone(&switch),
-            limits,
-            Arc::clone(&serve_stats),
-            shutdown.child_token(),
-        )));
-    }
-    let mut tcp_addr = None;
-    if let Some(addr) = config.listen.tcp {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding TCP listener {addr}"))?;
-        tcp_addr = Some(listener.local_addr()?);
-        tasks.push(tokio::spawn(serve::serve_tcp(
-            listener,
-            Arc::clone(&switch),
-            limits,
-            Arc::clone(&serve_stats),
-            shutdown.child_token(),
-        )));
-    }
+    let listening = listen(config, &security.identity, &switch, &serve_stats, &shutdown).await?;
+    let mut tasks = listening.tasks;
     let mut admin_addr = None;
     if let Some(addr) = config.listen.admin {
         let ready = crate::ops::admin::Readiness {
@@ -273,20 +204,15 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
             config_source: config.source.clone(),
             serve_stats: Arc::clone(&serve_stats),
         };
-        let (bound, task) = crate::ops::admin::start(
-            addr,
-            sources,
-            config.admin_token.clone(),
-            ready,
-            shutdown.child_token(),
-        )
-        .await?;
+        let token = config.admin_token.clone();
+        let (bound, task) =
+            crate::ops::admin::start(addr, sources, token, ready, shutdown.child_token()).await?;
         admin_addr = Some(bound);
         tasks.push(task);
     }
     Ok(RunningSwitch {
-        quic_addr,
-        tcp_addr,
+        quic_addr: listening.quic,
+        tcp_addr: listening.tcp,
         admin_addr,
         certificate,
         switch,
@@ -295,6 +221,117 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         links_shutdown,
         tasks,
     })
+}
+
+/// Starts one task per shard behind its bounded queue, each with its share of the
+/// requests the journal remembers in its duplicate window.
+fn start_shards(
+    config: &Config,
+    table: &Arc<ArcSwap<crate::routing::Router>>,
+    scoring: &Arc<Scoring>,
+    recent: Vec<(u128, DupKey, i64, Arc<Original>)>,
+) -> (Vec<mpsc::Sender<ShardJob>>, Vec<Arc<ShardStats>>) {
+    let shard_count = config.pipeline.shard_count();
+    let mut recovered: Vec<RecoveredEntries> = (0..shard_count).map(|_| Vec::new()).collect();
+    for (pan_hash, key, at_ms, original) in recent {
+        recovered[shard_of(pan_hash, shard_count)].push((key, at_ms, original));
+    }
+    // `config.check()` keeps both at one per shard or more; the shard asserts it.
+    let cards_per_shard = config.scoring.max_cards / shard_count;
+    let window = Duration::from_secs(config.journal.duplicate_window_s);
+    let window_capacity = config.journal.max_duplicates / shard_count;
+    let mut shards = Vec::with_capacity(shard_count);
+    let mut shard_stats = Vec::with_capacity(shard_count);
+    for entries in recovered {
+        let (tx, rx) = mpsc::channel(config.pipeline.shard_queue_depth);
+        let stats = Arc::new(ShardStats::default());
+        let mut duplicates = DuplicateWindow::new(window, window_capacity);
+        for (key, at_ms, original) in entries {
+            duplicates.insert(key, at_ms, original);
+        }
+        tokio::spawn(crate::shard::run(
+            rx,
+            Arc::clone(table),
+            Arc::clone(scoring),
+            Shard::new(cards_per_shard, duplicates, Arc::clone(&stats)),
+        ));
+        shards.push(tx);
+        shard_stats.push(stats);
+    }
+    (shards, shard_stats)
+}
+
+/// What the journal says is owed: in-doubt authorizations are queued for reversal
+/// (durably, before delivery starts), then everything owed is delivered.
+async fn deliver_what_is_owed(
+    journal: Option<&Journal>,
+    reversals: &Arc<StoreAndForward>,
+    recovery: crate::recovery::Recovery,
+) -> anyhow::Result<()> {
+    let queued = recovery.in_doubt_records(crate::clock::now().unix_ms());
+    if let (Some(journal), false) = (journal, queued.is_empty()) {
+        journal
+            .append(&queued)
+            .await
+            .context("journaling the reversals of in-doubt authorizations")?;
+    }
+    for pending in recovery.in_doubt.into_iter().chain(recovery.pending) {
+        reversals.push(pending);
+    }
+    Ok(())
+}
+
+/// The gateway listeners that are up, and their tasks.
+struct Listening {
+    quic: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds the configured QUIC and TCP listeners and serves `switch` on them.
+async fn listen(
+    config: &Config,
+    identity: &TlsIdentity,
+    switch: &Arc<Switch>,
+    serve_stats: &Arc<ServeStats>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Listening> {
+    let limits = Limits {
+        max_frame: config.pipeline.max_frame,
+        max_in_flight_per_stream: config.pipeline.max_in_flight_per_stream,
+        max_connections: config.pipeline.max_connections,
+    };
+    let mut listening = Listening {
+        quic: None,
+        tcp: None,
+        tasks: Vec::new(),
+    };
+    if let Some(addr) = config.listen.quic {
+        let endpoint = quic::server_endpoint(addr, identity.clone())
+            .with_context(|| format!("binding QUIC listener {addr}"))?;
+        listening.quic = Some(endpoint.local_addr()?);
+        listening.tasks.push(tokio::spawn(serve::serve_quic(
+            endpoint,
+            Arc::clone(switch),
+            limits,
+            Arc::clone(serve_stats),
+            shutdown.child_token(),
+        )));
+    }
+    if let Some(addr) = config.listen.tcp {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding TCP listener {addr}"))?;
+        listening.tcp = Some(listener.local_addr()?);
+        listening.tasks.push(tokio::spawn(serve::serve_tcp(
+            listener,
+            Arc::clone(switch),
+            limits,
+            Arc::clone(serve_stats),
+            shutdown.child_token(),
+        )));
+    }
+    Ok(listening)
 }
 
 /// What the journal left: the writer, the PAN hash key, and what is owed and remembered.
