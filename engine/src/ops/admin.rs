@@ -198,19 +198,15 @@ async fn dashboard() -> Html<&'static str> {
 
 /// `GET /ready`: 200 when the switch can authorize, 503 with the reasons when not.
 async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
-    let sources = &state.sources;
+    let snapshot = state.sources.snapshot();
     let mut reasons = Vec::new();
-    if !sources.links.iter().any(|l| l.is_up() && !l.is_draining()) {
+    if !snapshot.acquirers.iter().any(|a| a.state == "up") {
         reasons.push("no acquirer connected");
     }
-    if state.ready.model_required && sources.scoring.champion().is_none() {
+    if state.ready.model_required && snapshot.champion.is_none() {
         reasons.push("the configured model is not loaded");
     }
-    if sources
-        .journal
-        .as_ref()
-        .is_some_and(|j| j.stats().failed.load(std::sync::atomic::Ordering::Relaxed))
-    {
+    if snapshot.journal.as_ref().is_some_and(|j| j.failed) {
         reasons.push("the journal has stopped after an I/O error");
     }
     let status = if reasons.is_empty() {
@@ -226,10 +222,7 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
 
 /// `GET /api/stats`.
 async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    Json(crate::ops::stats::snapshot(
-        &state.sources,
-        &state.ready.serve_stats,
-    ))
+    Json(crate::ops::stats::stats(&state.sources.snapshot()))
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -239,13 +232,13 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::ops::stats::prometheus(&state.sources, &state.ready.serve_stats),
+        crate::ops::stats::prometheus(&state.sources.snapshot(), &state.ready.serve_stats),
     )
 }
 
 /// `GET /api/acquirers`.
 async fn acquirers(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    Json(crate::ops::stats::acquirers(&state.sources))
+    Json(crate::ops::stats::acquirers(&state.sources.snapshot()))
 }
 
 /// `POST /api/acquirers/{name}/drain|enable`.

@@ -276,6 +276,15 @@ pub struct Buckets {
 }
 
 impl Buckets {
+    /// No value recorded.
+    pub fn empty() -> Buckets {
+        Buckets {
+            cumulative: [0; BUCKETS_S.len()],
+            count: 0,
+            sum_s: 0.0,
+        }
+    }
+
     fn of(s: &Summed) -> Buckets {
         let h = &s.histogram;
         let mut cumulative = [0; BUCKETS_S.len()];

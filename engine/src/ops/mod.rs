@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod metrics;
+pub mod snapshot;
 pub mod stats;
 
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! What operators see: the JSON of `/api/stats` and `/api/acquirers`, and the Prometheus
-//! text of `/metrics`, all read from the switch's counters and latency histograms.
+//! text of `/metrics`, each a pure function of one [`Snapshot`] of the switch's counters
+//! and latency histograms.
 //!
 //! The Prometheus text format is written here rather than through a client library: the
 //! histograms are HdrHistograms recorded per thread and merged once a second, which
@@ -16,28 +17,8 @@ use payswitch_protocol::ResponseCode;
 use serde_json::{json, Value};
 
 use crate::ops::metrics::{Buckets, Stage, BUCKETS_S, WINDOW_SECONDS};
+use crate::ops::snapshot::Snapshot;
 use crate::ops::Sources;
-
-fn load(a: &AtomicU64) -> u64 {
-    a.load(Ordering::Relaxed)
-}
-
-/// Responses by code since start (codes seen only; the acquirers' own codes as `other`).
-fn codes(sources: &Sources) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for (i, counter) in sources.counters.responses.iter().enumerate() {
-        let n = load(counter);
-        if n == 0 {
-            continue;
-        }
-        let code = ResponseCode::ALL
-            .get(i)
-            .map_or("other", |c| c.as_str())
-            .to_string();
-        out.insert(code, n);
-    }
-    out
-}
 
 /// Cumulative response counts about a second apart, to give the last window's code mix
 /// and TPS: at most `WINDOW_SECONDS + 2` entries.
@@ -45,7 +26,7 @@ pub type CodeHistory = Mutex<Vec<(std::time::Instant, BTreeMap<String, u64>)>>;
 
 /// Takes a sample of the response counts; called once a second (see `tick`).
 fn sample_codes(sources: &Sources) {
-    let now = codes(sources);
+    let now = super::snapshot::codes(&sources.counters.responses);
     let mut history = sources
         .counters
         .code_history
@@ -70,7 +51,7 @@ pub async fn tick(sources: Sources, shutdown: tokio_util::sync::CancellationToke
 }
 
 /// Code counts over about the last `WINDOW_SECONDS`, and the seconds they cover.
-fn codes_window(
+pub(super) fn codes_window(
     history: &CodeHistory,
     now: &BTreeMap<String, u64>,
 ) -> (BTreeMap<String, u64>, f64) {
@@ -91,104 +72,85 @@ fn codes_window(
 }
 
 /// `/api/acquirers`: one object per acquirer.
-pub fn acquirers(sources: &Sources) -> Value {
-    let latency = sources.metrics.acquirer_percentiles();
-    let list: Vec<Value> = sources
-        .links
+pub fn acquirers(snapshot: &Snapshot) -> Value {
+    let list: Vec<Value> = snapshot
+        .acquirers
         .iter()
-        .enumerate()
-        .map(|(i, link)| {
-            let s = &link.stats;
-            let answered = load(&s.answered);
-            let failed = load(&s.timeouts) + load(&s.lost);
-            let p = latency.get(i).copied().unwrap_or_default();
+        .map(|a| {
+            let failed = a.timeouts + a.lost;
             json!({
-                "name": link.name(),
-                "state": link.state(),
-                "in_flight": link.in_flight(),
-                "answered": answered,
-                "timeouts": load(&s.timeouts),
-                "lost": load(&s.lost),
-                "refused": load(&s.refused),
-                "connects": load(&s.connects),
-                "success_rate": (answered + failed > 0).then(|| answered as f64 / (answered + failed) as f64),
-                "p50_us": p.p50_us,
-                "p99_us": p.p99_us,
+                "name": a.name,
+                "state": a.state,
+                "in_flight": a.in_flight,
+                "answered": a.answered,
+                "timeouts": a.timeouts,
+                "lost": a.lost,
+                "refused": a.refused,
+                "connects": a.connects,
+                "success_rate": (a.answered + failed > 0).then(|| a.answered as f64 / (a.answered + failed) as f64),
+                "p50_us": a.latency.p50_us,
+                "p99_us": a.latency.p99_us,
             })
         })
         .collect();
     Value::Array(list)
 }
 
-fn models(sources: &Sources) -> Value {
-    let scoring = &sources.scoring;
-    let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
-    let mean = |micros: u64, n: u64| (n > 0).then(|| micros as f64 / 1e6 / n as f64);
-    let stats = &scoring.stats;
-    let champion_mean = mean(
-        load(&stats.champion_score_micros),
-        load(&stats.champion_scored),
-    );
+fn models(snapshot: &Snapshot) -> Value {
     json!({
-        "champion": scoring.champion().map(|m| json!({
-            "id": m.id(),
-            "kind": kind(&m),
-            "mean_score": champion_mean,
+        "champion": snapshot.champion.as_ref().map(|m| json!({
+            "id": m.id,
+            "kind": m.kind,
+            "mean_score": m.mean_score,
         })),
-        "challengers": scoring.challengers().iter().map(|c| {
-            let (scored, agreed) = (load(&c.scored), load(&c.agreed));
+        "challengers": snapshot.challengers.iter().map(|c| {
             json!({
-                "id": c.model.id(),
-                "kind": kind(&c.model),
-                "scored": scored,
-                "agreed": agreed,
-                "agreement": (scored > 0).then(|| agreed as f64 / scored as f64),
-                "mean_score": mean(load(&c.score_micros), scored),
-                "champion_mean_score": mean(load(&c.champion_score_micros), scored),
+                "id": c.id,
+                "kind": c.kind,
+                "scored": c.scored,
+                "agreed": c.agreed,
+                "agreement": (c.scored > 0).then(|| c.agreed as f64 / c.scored as f64),
+                "mean_score": c.mean_score,
+                "champion_mean_score": c.champion_mean_score,
             })
         }).collect::<Vec<_>>(),
     })
 }
 
-fn journal(sources: &Sources) -> Value {
-    match sources.journal.as_ref() {
+fn journal(snapshot: &Snapshot) -> Value {
+    match &snapshot.journal {
         None => json!({"enabled": false}),
-        Some(j) => {
-            let s = j.stats();
-            json!({
-                "enabled": true,
-                "fsync": j.fsync(),
-                "records": load(&s.records),
-                "commits": load(&s.commits),
-                "queued": load(&s.queued),
-                "last_seq": load(&s.last_seq),
-                "failed": s.failed.load(Ordering::Relaxed),
-            })
-        }
+        Some(j) => json!({
+            "enabled": true,
+            "fsync": j.fsync,
+            "records": j.records,
+            "commits": j.commits,
+            "queued": j.queued,
+            "last_seq": j.last_seq,
+            "failed": j.failed,
+        }),
     }
 }
 
 /// `/api/stats`.
-pub fn snapshot(sources: &Sources, _serve: &ServeStats) -> Value {
-    let codes = codes(sources);
-    let (codes_window, seconds) = codes_window(&sources.counters.code_history, &codes);
-    let window_total: u64 = codes_window.values().sum();
-    let tps = if seconds > 0.0 {
-        window_total as f64 / seconds
+pub fn stats(snapshot: &Snapshot) -> Value {
+    let window_total: u64 = snapshot.codes_window.values().sum();
+    let tps = if snapshot.window_seconds > 0.0 {
+        window_total as f64 / snapshot.window_seconds
     } else {
         0.0
     };
-    let approval_rate = (window_total > 0)
-        .then(|| codes_window.get("00").copied().unwrap_or(0) as f64 / window_total as f64);
-    let stages: Vec<Value> = sources
-        .metrics
-        .stage_percentiles()
-        .into_iter()
+    let approval_rate = (window_total > 0).then(|| {
+        snapshot.codes_window.get("00").copied().unwrap_or(0) as f64 / window_total as f64
+    });
+    let stages: Vec<Value> = snapshot
+        .stages
+        .iter()
         .map(|(stage, window, since)| {
             json!({"stage": stage.as_str(), "window": window, "since_start": since})
         })
         .collect();
-    let series = sources.metrics.series();
+    let series = &snapshot.series;
     let mut p99 = serde_json::Map::new();
     for (i, stage) in Stage::ALL.iter().enumerate() {
         p99.insert(
@@ -200,41 +162,41 @@ pub fn snapshot(sources: &Sources, _serve: &ServeStats) -> Value {
                 .into(),
         );
     }
-    let decisions = &sources.scoring.stats.decisions;
-    let windows = sources.shard_stats.iter().zip((sources.queue_depths)());
+    let decisions = &snapshot.decisions;
+    let reversals = &snapshot.reversals;
     json!({
-        "uptime_s": sources.metrics.uptime().as_secs_f64(),
+        "uptime_s": snapshot.uptime_s,
         "window_s": WINDOW_SECONDS,
         "tps": tps,
         "approval_rate": approval_rate,
-        "in_flight": sources.counters.in_flight.load(Ordering::Relaxed).max(0),
-        "codes": codes,
-        "codes_window": codes_window,
+        "in_flight": snapshot.in_flight,
+        "codes": snapshot.codes,
+        "codes_window": snapshot.codes_window,
         "stages": stages,
         "series": {
             "t": series.iter().map(|p| p.t).collect::<Vec<_>>(),
             "tps": series.iter().map(|p| p.count).collect::<Vec<_>>(),
             "p99_us": p99,
         },
-        "acquirers": acquirers(sources),
+        "acquirers": acquirers(snapshot),
         "decisions": {
-            "approve": load(&decisions[0]),
-            "review": load(&decisions[1]),
-            "decline": load(&decisions[2]),
+            "approve": decisions[0],
+            "review": decisions[1],
+            "decline": decisions[2],
         },
-        "models": models(sources),
-        "journal": journal(sources),
+        "models": models(snapshot),
+        "journal": journal(snapshot),
         "reversals": {
-            "pending": load(&sources.reversals.stats.pending),
-            "sent": load(&sources.reversals.stats.sent),
-            "acknowledged": load(&sources.reversals.stats.acknowledged),
-            "deferred": load(&sources.reversals.stats.deferred),
+            "pending": reversals.pending,
+            "sent": reversals.sent,
+            "acknowledged": reversals.acknowledged,
+            "deferred": reversals.deferred,
         },
-        "duplicates": load(&sources.counters.duplicates),
-        "shed": load(&sources.counters.shed),
-        "shards": windows.map(|(s, depth)| json!({
-            "queue_depth": depth,
-            "duplicates_window": load(&s.window_len),
+        "duplicates": snapshot.duplicates,
+        "shed": snapshot.shed,
+        "shards": snapshot.shards.iter().map(|s| json!({
+            "queue_depth": s.queue_depth,
+            "duplicates_window": s.window_len,
         })).collect::<Vec<_>>(),
     })
 }
@@ -268,14 +230,14 @@ fn histogram(out: &mut String, name: &str, labels: &str, b: &Buckets) {
 }
 
 /// `/metrics`: the Prometheus text format (version 0.0.4).
-pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
+pub fn prometheus(snapshot: &Snapshot, serve: &ServeStats) -> String {
     let mut out = String::with_capacity(16 * 1024);
-    latency_histograms(&mut out, sources);
-    outcome_counters(&mut out, sources);
-    load_gauges(&mut out, sources);
-    acquirer_gauges(&mut out, sources);
-    model_info(&mut out, sources);
-    journal_gauges(&mut out, sources);
+    latency_histograms(&mut out, snapshot);
+    outcome_counters(&mut out, snapshot);
+    load_gauges(&mut out, snapshot);
+    acquirer_gauges(&mut out, snapshot);
+    model_info(&mut out, snapshot);
+    journal_gauges(&mut out, snapshot);
     header(
         &mut out,
         "payswitch_gateway_connections_total",
@@ -285,14 +247,14 @@ pub fn prometheus(sources: &Sources, serve: &ServeStats) -> String {
     let _ = writeln!(
         out,
         "payswitch_gateway_connections_total {}",
-        load(&serve.connections)
+        serve.connections.load(Ordering::Relaxed)
     );
     out
 }
 
 /// The switch's own time, each stage's and each acquirer's round trip.
-fn latency_histograms(out: &mut String, sources: &Sources) {
-    let stage_buckets = sources.metrics.stage_buckets();
+fn latency_histograms(out: &mut String, snapshot: &Snapshot) {
+    let stage_buckets = &snapshot.stage_buckets;
     header(
         out,
         "payswitch_authorization_duration_seconds",
@@ -312,7 +274,7 @@ fn latency_histograms(out: &mut String, sources: &Sources) {
         "histogram",
         "Time per request in each stage of the pipeline.",
     );
-    for (stage, b) in Stage::ALL.iter().zip(&stage_buckets) {
+    for (stage, b) in Stage::ALL.iter().zip(stage_buckets) {
         histogram(
             out,
             "payswitch_stage_duration_seconds",
@@ -327,25 +289,25 @@ fn latency_histograms(out: &mut String, sources: &Sources) {
         "histogram",
         "Round trip to each acquirer.",
     );
-    for (link, b) in sources.links.iter().zip(sources.metrics.acquirer_buckets()) {
+    for acquirer in &snapshot.acquirers {
         histogram(
             out,
             "payswitch_acquirer_duration_seconds",
-            &format!("acquirer=\"{}\"", escape(link.name())),
-            &b,
+            &format!("acquirer=\"{}\"", escape(&acquirer.name)),
+            &acquirer.buckets,
         );
     }
 }
 
 /// Responses by code, fraud decisions, and acquirer requests by outcome.
-fn outcome_counters(out: &mut String, sources: &Sources) {
+fn outcome_counters(out: &mut String, snapshot: &Snapshot) {
     header(
         out,
         "payswitch_responses_total",
         "counter",
         "Responses sent to gateways, by response code.",
     );
-    for (code, n) in codes(sources) {
+    for (code, n) in &snapshot.codes {
         let _ = writeln!(out, "payswitch_responses_total{{code=\"{code}\"}} {n}");
     }
 
@@ -355,8 +317,10 @@ fn outcome_counters(out: &mut String, sources: &Sources) {
         "counter",
         "Fraud decisions of the champion model and rules.",
     );
-    for (i, decision) in ["approve", "review", "decline"].iter().enumerate() {
-        let n = load(&sources.scoring.stats.decisions[i]);
+    for (decision, n) in ["approve", "review", "decline"]
+        .iter()
+        .zip(snapshot.decisions)
+    {
         let _ = writeln!(
             out,
             "payswitch_decisions_total{{decision=\"{decision}\"}} {n}"
@@ -369,14 +333,13 @@ fn outcome_counters(out: &mut String, sources: &Sources) {
         "counter",
         "Requests to acquirers by outcome: answered, timeout, lost (connection dropped), refused (down or full, not sent).",
     );
-    for link in &sources.links {
-        let name = escape(link.name());
-        let s = &link.stats;
+    for a in &snapshot.acquirers {
+        let name = escape(&a.name);
         for (outcome, n) in [
-            ("answered", load(&s.answered)),
-            ("timeout", load(&s.timeouts)),
-            ("lost", load(&s.lost)),
-            ("refused", load(&s.refused)),
+            ("answered", a.answered),
+            ("timeout", a.timeouts),
+            ("lost", a.lost),
+            ("refused", a.refused),
         ] {
             let _ = writeln!(
                 out,
@@ -387,43 +350,43 @@ fn outcome_counters(out: &mut String, sources: &Sources) {
 }
 
 /// Requests in progress and waiting in each shard's queue.
-fn load_gauges(out: &mut String, sources: &Sources) {
+fn load_gauges(out: &mut String, snapshot: &Snapshot) {
     header(
         out,
         "payswitch_in_flight_requests",
         "gauge",
         "Requests being handled now.",
     );
-    let _ = writeln!(
-        out,
-        "payswitch_in_flight_requests {}",
-        sources.counters.in_flight.load(Ordering::Relaxed).max(0)
-    );
+    let _ = writeln!(out, "payswitch_in_flight_requests {}", snapshot.in_flight);
     header(
         out,
         "payswitch_shard_queue_depth",
         "gauge",
         "Requests waiting in each shard's queue.",
     );
-    for (i, depth) in (sources.queue_depths)().iter().enumerate() {
-        let _ = writeln!(out, "payswitch_shard_queue_depth{{shard=\"{i}\"}} {depth}");
+    for (i, shard) in snapshot.shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "payswitch_shard_queue_depth{{shard=\"{i}\"}} {}",
+            shard.queue_depth
+        );
     }
 }
 
 /// Each acquirer link's state.
-fn acquirer_gauges(out: &mut String, sources: &Sources) {
+fn acquirer_gauges(out: &mut String, snapshot: &Snapshot) {
     header(
         out,
         "payswitch_acquirer_up",
         "gauge",
         "1 when the link to the acquirer is connected.",
     );
-    for link in &sources.links {
+    for a in &snapshot.acquirers {
         let _ = writeln!(
             out,
             "payswitch_acquirer_up{{acquirer=\"{}\"}} {}",
-            escape(link.name()),
-            u8::from(link.is_up())
+            escape(&a.name),
+            u8::from(a.up)
         );
     }
     header(
@@ -432,52 +395,48 @@ fn acquirer_gauges(out: &mut String, sources: &Sources) {
         "gauge",
         "1 for the acquirer's current state: up, draining (by an operator) or down.",
     );
-    for link in &sources.links {
+    for a in &snapshot.acquirers {
         for state in ["up", "draining", "down"] {
             let _ = writeln!(
                 out,
                 "payswitch_acquirer_state{{acquirer=\"{}\",state=\"{state}\"}} {}",
-                escape(link.name()),
-                u8::from(link.state() == state)
+                escape(&a.name),
+                u8::from(a.state == state)
             );
         }
     }
 }
 
 /// The models loaded.
-fn model_info(out: &mut String, sources: &Sources) {
+fn model_info(out: &mut String, snapshot: &Snapshot) {
     header(
         out,
         "payswitch_model_info",
         "gauge",
         "The models loaded (id = kind and checksum; schema = feature schema version): the champion and the challengers scored in shadow.",
     );
-    let kind = |m: &payswitch_models::model::Model| format!("{:?}", m.kind()).to_lowercase();
-    if let Some(m) = sources.scoring.champion() {
+    let schema = payswitch_models::features::SCHEMA_VERSION;
+    let roles = snapshot
+        .champion
+        .iter()
+        .map(|m| ("champion", m))
+        .chain(snapshot.challengers.iter().map(|m| ("challenger", m)));
+    for (role, m) in roles {
         let _ = writeln!(
             out,
-            "payswitch_model_info{{role=\"champion\",id=\"{}\",kind=\"{}\",schema=\"{}\"}} 1",
-            escape(m.id()),
-            kind(&m),
-            payswitch_models::features::SCHEMA_VERSION
-        );
-    }
-    for c in sources.scoring.challengers().iter() {
-        let _ = writeln!(
-            out,
-            "payswitch_model_info{{role=\"challenger\",id=\"{}\",kind=\"{}\",schema=\"{}\"}} 1",
-            escape(c.model.id()),
-            kind(&c.model),
-            payswitch_models::features::SCHEMA_VERSION
+            "payswitch_model_info{{role=\"{role}\",id=\"{}\",kind=\"{}\",schema=\"{schema}\"}} 1",
+            escape(&m.id),
+            m.kind,
         );
     }
 }
 
 /// What is not yet durable or delivered: the journal's lag and the reversals owed.
-fn journal_gauges(out: &mut String, sources: &Sources) {
-    let (queued, last_seq) = sources.journal.as_ref().map_or((0, 0), |j| {
-        (load(&j.stats().queued), load(&j.stats().last_seq))
-    });
+fn journal_gauges(out: &mut String, snapshot: &Snapshot) {
+    let (queued, last_seq) = snapshot
+        .journal
+        .as_ref()
+        .map_or((0, 0), |j| (j.queued, j.last_seq));
     header(
         out,
         "payswitch_journal_queued_appends",
@@ -501,7 +460,7 @@ fn journal_gauges(out: &mut String, sources: &Sources) {
     let _ = writeln!(
         out,
         "payswitch_reversals_pending {}",
-        load(&sources.reversals.stats.pending)
+        snapshot.reversals.pending
     );
 }
 
@@ -547,6 +506,80 @@ impl SwitchStats {
         if counts.reversals_queued > 0 {
             self.reversals_queued
                 .fetch_add(u64::from(counts.reversals_queued), Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::metrics::{Buckets, Percentiles};
+    use crate::ops::snapshot::{AcquirerSnapshot, ReversalSnapshot, ShardSnapshot};
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            uptime_s: 12.0,
+            in_flight: 3,
+            codes: [("00".to_string(), 90), ("91".to_string(), 10)].into(),
+            codes_window: [("00".to_string(), 45), ("91".to_string(), 5)].into(),
+            window_seconds: 10.0,
+            duplicates: 2,
+            shed: 1,
+            decisions: [97, 2, 1],
+            champion: None,
+            challengers: Vec::new(),
+            acquirers: vec![AcquirerSnapshot {
+                name: "north \"1\"".into(),
+                state: "draining",
+                up: true,
+                in_flight: 4,
+                answered: 95,
+                timeouts: 4,
+                lost: 1,
+                refused: 0,
+                connects: 1,
+                latency: Percentiles::default(),
+                buckets: Buckets::empty(),
+            }],
+            journal: None,
+            reversals: ReversalSnapshot {
+                pending: 5,
+                ..ReversalSnapshot::default()
+            },
+            shards: vec![ShardSnapshot {
+                queue_depth: 7,
+                window_len: 40,
+            }],
+            stages: Vec::new(),
+            stage_buckets: Stage::ALL.iter().map(|_| Buckets::empty()).collect(),
+            series: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_stats_json_is_made_from_the_snapshot_alone() {
+        let value = stats(&snapshot());
+        assert_eq!(value["tps"], 5.0);
+        assert_eq!(value["approval_rate"], 0.9);
+        assert_eq!(value["in_flight"], 3);
+        assert_eq!(value["acquirers"][0]["success_rate"], 0.95);
+        assert_eq!(value["shards"][0]["queue_depth"], 7);
+        assert_eq!(value["reversals"]["pending"], 5);
+        assert_eq!(value["journal"]["enabled"], false);
+    }
+
+    #[test]
+    fn the_prometheus_text_is_made_from_the_snapshot_alone() {
+        let text = prometheus(&snapshot(), &ServeStats::default());
+        for line in [
+            "payswitch_responses_total{code=\"91\"} 10",
+            "payswitch_decisions_total{decision=\"decline\"} 1",
+            "payswitch_acquirer_state{acquirer=\"north \\\"1\\\"\",state=\"draining\"} 1",
+            "payswitch_shard_queue_depth{shard=\"0\"} 7",
+            "payswitch_reversals_pending 5",
+            "payswitch_in_flight_requests 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
     }
 }

@@ -1,0 +1,272 @@
+//! The switch at one moment, as plain values: what `/api/stats`, `/api/acquirers`,
+//! `/metrics` and `/ready` are made from. [`Sources::snapshot`] reads every counter once;
+//! the renderers in `super::stats` are pure functions of a [`Snapshot`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use payswitch_protocol::ResponseCode;
+
+use super::metrics::{Buckets, Percentiles, Point, Stage};
+use super::Sources;
+use crate::journal::FsyncPolicy;
+
+/// One acquirer link.
+#[derive(Debug, Clone)]
+pub struct AcquirerSnapshot {
+    /// Its configured name.
+    pub name: String,
+    /// `up`, `draining` or `down`.
+    pub state: &'static str,
+    /// Connected.
+    pub up: bool,
+    /// Requests outstanding.
+    pub in_flight: usize,
+    /// Requests answered, timed out, lost with the connection, refused (down or full).
+    pub answered: u64,
+    /// Timeouts.
+    pub timeouts: u64,
+    /// Lost with the connection.
+    pub lost: u64,
+    /// Refused: down or full, nothing sent.
+    pub refused: u64,
+    /// Connections made.
+    pub connects: u64,
+    /// Round-trip percentiles over the last window.
+    pub latency: Percentiles,
+    /// Round-trip buckets since start.
+    pub buckets: Buckets,
+}
+
+/// A model scoring: the champion or a challenger.
+#[derive(Debug, Clone)]
+pub struct ModelSnapshot {
+    /// Kind and checksum.
+    pub id: String,
+    /// `forest` or `logistic`.
+    pub kind: String,
+    /// Challengers: authorizations scored in shadow, and decisions equal to the champion's.
+    pub scored: u64,
+    /// Of those, agreements.
+    pub agreed: u64,
+    /// Mean score.
+    pub mean_score: Option<f64>,
+    /// Challengers: the champion's mean score on the same authorizations.
+    pub champion_mean_score: Option<f64>,
+}
+
+/// The journal's writer.
+#[derive(Debug, Clone)]
+pub struct JournalSnapshot {
+    /// The sync policy.
+    pub fsync: FsyncPolicy,
+    /// Records written.
+    pub records: u64,
+    /// Group commits.
+    pub commits: u64,
+    /// Appends waiting for the writer.
+    pub queued: u64,
+    /// The last durable record's number.
+    pub last_seq: u64,
+    /// Stopped after an I/O error.
+    pub failed: bool,
+}
+
+/// The store-and-forward queue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReversalSnapshot {
+    /// Waiting for their acknowledgement.
+    pub pending: u64,
+    /// Attempts sent.
+    pub sent: u64,
+    /// Acknowledged.
+    pub acknowledged: u64,
+    /// Left to the next start because the queue was full.
+    pub deferred: u64,
+}
+
+/// One shard.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardSnapshot {
+    /// Requests waiting in its queue.
+    pub queue_depth: usize,
+    /// Requests remembered in its duplicate window.
+    pub window_len: u64,
+}
+
+/// The switch at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Requests being handled.
+    pub in_flight: i64,
+    /// Responses by code since start (codes seen only; unknown acquirer codes as `other`).
+    pub codes: BTreeMap<String, u64>,
+    /// Responses by code over about the last window, and the seconds that covers.
+    pub codes_window: BTreeMap<String, u64>,
+    /// Seconds `codes_window` covers.
+    pub window_seconds: f64,
+    /// Retransmissions answered from their original.
+    pub duplicates: u64,
+    /// Requests refused because their shard's queue was full.
+    pub shed: u64,
+    /// Decisions: approve, review, decline.
+    pub decisions: [u64; 3],
+    /// The champion model.
+    pub champion: Option<ModelSnapshot>,
+    /// The challengers.
+    pub challengers: Vec<ModelSnapshot>,
+    /// The acquirer links, in configuration order.
+    pub acquirers: Vec<AcquirerSnapshot>,
+    /// The journal, when one is written.
+    pub journal: Option<JournalSnapshot>,
+    /// The reversal queue.
+    pub reversals: ReversalSnapshot,
+    /// The shards.
+    pub shards: Vec<ShardSnapshot>,
+    /// Percentiles per stage: last window and since start.
+    pub stages: Vec<(Stage, Percentiles, Percentiles)>,
+    /// Buckets per stage since start, in `Stage::ALL` order.
+    pub stage_buckets: Vec<Buckets>,
+    /// The per-second points, oldest first.
+    pub series: Vec<Point>,
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// Responses by code (codes seen only).
+pub(super) fn codes(responses: &[AtomicU64]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (i, counter) in responses.iter().enumerate() {
+        let n = load(counter);
+        if n == 0 {
+            continue;
+        }
+        let code = ResponseCode::ALL
+            .get(i)
+            .map_or("other", |c| c.as_str())
+            .to_string();
+        out.insert(code, n);
+    }
+    out
+}
+
+fn kind(model: &payswitch_models::model::Model) -> String {
+    format!("{:?}", model.kind()).to_lowercase()
+}
+
+fn mean(micros: u64, n: u64) -> Option<f64> {
+    (n > 0).then(|| micros as f64 / 1e6 / n as f64)
+}
+
+impl Sources {
+    /// Reads every counter once.
+    pub fn snapshot(&self) -> Snapshot {
+        let codes = codes(&self.counters.responses);
+        let (codes_window, window_seconds) =
+            super::stats::codes_window(&self.counters.code_history, &codes);
+        Snapshot {
+            uptime_s: self.metrics.uptime().as_secs_f64(),
+            in_flight: self.counters.in_flight.load(Ordering::Relaxed).max(0),
+            codes,
+            codes_window,
+            window_seconds,
+            duplicates: load(&self.counters.duplicates),
+            shed: load(&self.counters.shed),
+            decisions: std::array::from_fn(|i| load(&self.scoring.stats.decisions[i])),
+            champion: self.champion(),
+            challengers: self.challengers(),
+            acquirers: self.acquirers(),
+            journal: self.journal.as_ref().map(|j| {
+                let s = j.stats();
+                JournalSnapshot {
+                    fsync: j.fsync(),
+                    records: load(&s.records),
+                    commits: load(&s.commits),
+                    queued: load(&s.queued),
+                    last_seq: load(&s.last_seq),
+                    failed: s.failed.load(Ordering::Relaxed),
+                }
+            }),
+            reversals: ReversalSnapshot {
+                pending: load(&self.reversals.stats.pending),
+                sent: load(&self.reversals.stats.sent),
+                acknowledged: load(&self.reversals.stats.acknowledged),
+                deferred: load(&self.reversals.stats.deferred),
+            },
+            shards: self
+                .shard_stats
+                .iter()
+                .zip((self.queue_depths)())
+                .map(|(s, queue_depth)| ShardSnapshot {
+                    queue_depth,
+                    window_len: load(&s.window_len),
+                })
+                .collect(),
+            stages: self.metrics.stage_percentiles(),
+            stage_buckets: self.metrics.stage_buckets(),
+            series: self.metrics.series(),
+        }
+    }
+
+    fn champion(&self) -> Option<ModelSnapshot> {
+        let stats = &self.scoring.stats;
+        self.scoring.champion().map(|m| ModelSnapshot {
+            id: m.id().to_string(),
+            kind: kind(&m),
+            scored: load(&stats.champion_scored),
+            agreed: 0,
+            mean_score: mean(
+                load(&stats.champion_score_micros),
+                load(&stats.champion_scored),
+            ),
+            champion_mean_score: None,
+        })
+    }
+
+    fn challengers(&self) -> Vec<ModelSnapshot> {
+        self.scoring
+            .challengers()
+            .iter()
+            .map(|c| {
+                let scored = load(&c.scored);
+                ModelSnapshot {
+                    id: c.model.id().to_string(),
+                    kind: kind(&c.model),
+                    scored,
+                    agreed: load(&c.agreed),
+                    mean_score: mean(load(&c.score_micros), scored),
+                    champion_mean_score: mean(load(&c.champion_score_micros), scored),
+                }
+            })
+            .collect()
+    }
+
+    fn acquirers(&self) -> Vec<AcquirerSnapshot> {
+        let latency = self.metrics.acquirer_percentiles();
+        let buckets = self.metrics.acquirer_buckets();
+        self.links
+            .iter()
+            .enumerate()
+            .map(|(i, link)| {
+                let s = &link.stats;
+                AcquirerSnapshot {
+                    name: link.name().to_string(),
+                    state: link.state(),
+                    up: link.is_up(),
+                    in_flight: link.in_flight(),
+                    answered: load(&s.answered),
+                    timeouts: load(&s.timeouts),
+                    lost: load(&s.lost),
+                    refused: load(&s.refused),
+                    connects: load(&s.connects),
+                    latency: latency.get(i).copied().unwrap_or_default(),
+                    buckets: buckets.get(i).cloned().unwrap_or_else(Buckets::empty),
+                }
+            })
+            .collect()
+    }
+}
