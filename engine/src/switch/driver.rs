@@ -1,9 +1,9 @@
 //! The ingress handler: what the switch does with each frame a gateway's stream delivers.
 //!
 //! On the stream's task, in the order frames are read: decode, validate and the
-//! duplicate key ([`super::admit`]), then the card's shard queue (bounded: full → 91 at
+//! duplicate key (`crate::ingress::admit`), then the card's shard queue (bounded: full → 91 at
 //! once). Then, on the request's own task: the shard's verdict, and the request's
-//! [`Lifecycle`], whose steps [`Switch::drive`] carries out — journal appends, acquirer
+//! [`Lifecycle`], whose steps `Switch::drive` carries out — journal appends, acquirer
 //! reservations and sends, reversals handed to the store-and-forward queue, waits for an
 //! original — until its reply.
 
@@ -76,6 +76,13 @@ struct InFlight {
     timings: Timings,
 }
 
+/// When a request was read, and its timings so far.
+struct Times {
+    received: Instant,
+    received_at: Now,
+    timings: Timings,
+}
+
 /// What the in-order part of handling a frame left to do.
 enum Accepted {
     /// Not an ISO 8583 message: end the stream with this code.
@@ -105,9 +112,9 @@ impl Handler for Switch {
                 Accepted::Close(code) => return Reply::Close(code),
                 Accepted::Done(code, response) => (code, response),
                 Accepted::Refused(r, code) => {
-                    let record = self.request_record(&r);
-                    let life = Lifecycle::refused(r.request.clone(), record, r.received_at, code);
-                    self.drive(r, life, ShardTimings::default()).await
+                    let (times, request, record) = self.take(r);
+                    let life = Lifecycle::refused(request, record, times.received_at, code);
+                    self.drive(times, life, ShardTimings::default()).await
                 }
                 Accepted::Queued(r, verdict) => {
                     let Ok((verdict, shard_timings)) = verdict.await else {
@@ -115,9 +122,9 @@ impl Handler for Switch {
                         self.stats.count(&code);
                         return Reply::Message(response);
                     };
-                    let record = self.request_record(&r);
-                    let life = Lifecycle::new(r.request.clone(), record, r.received_at, verdict);
-                    self.drive(r, life, shard_timings).await
+                    let (times, request, record) = self.take(r);
+                    let life = Lifecycle::new(request, record, times.received_at, verdict);
+                    self.drive(times, life, shard_timings).await
                 }
             };
             self.stats.count(&code);
@@ -226,9 +233,16 @@ impl Switch {
         Accepted::Queued(in_flight, verdict)
     }
 
-    /// The journal record of a validated request.
-    fn request_record(&self, r: &InFlight) -> Record {
-        Lifecycle::request_record(&r.request, &r.auth, r.pan_hash, now())
+    /// A validated request's timings, the request itself and its journal record, for
+    /// its lifecycle.
+    fn take(&self, r: InFlight) -> (Times, Message, Record) {
+        let record = Lifecycle::request_record(&r.request, &r.auth, r.pan_hash, now());
+        let times = Times {
+            received: r.received,
+            received_at: r.received_at,
+            timings: r.timings,
+        };
+        (times, r.request, record)
     }
 
     async fn journal_append(&self, records: &[Record]) -> Result<u64, JournalError> {
@@ -242,7 +256,7 @@ impl Switch {
     /// sends, reversals and waits for originals, until its reply.
     async fn drive(
         &self,
-        r: InFlight,
+        r: Times,
         mut life: Lifecycle,
         shard: ShardTimings,
     ) -> ([u8; 2], Message) {
@@ -301,7 +315,7 @@ impl Switch {
     }
 
     /// Records a finished request's timings.
-    fn record_timings(&self, r: &InFlight, life: &Lifecycle, shard: ShardTimings) {
+    fn record_timings(&self, r: &Times, life: &Lifecycle, shard: ShardTimings) {
         if !self.metrics.enabled() {
             return;
         }
