@@ -274,3 +274,34 @@ async fn recovery_finds_what_is_in_doubt_and_what_is_owed() {
     assert_eq!(outcome(2), ("00".to_string(), false));
     assert_eq!(outcome(3), ("91".to_string(), true));
 }
+
+/// The journal holds masked PANs, PAN hashes, amounts, merchants and RRNs, and the PAN
+/// hash key: its directory and files are the switch's user's alone, also when an older
+/// version left them readable by others.
+#[cfg(unix)]
+#[test]
+fn the_journal_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let journal_dir = dir.path().join("journal");
+    std::fs::create_dir(&journal_dir).unwrap();
+    std::fs::set_permissions(&journal_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = journal_dir.join("left-by-an-older-version");
+    std::fs::write(&old, b"x").unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+
+    journal::PanKey::load_or_create(&journal_dir).unwrap();
+    let writer = Journal::start(&config(&journal_dir), 1).unwrap();
+    drop(writer);
+
+    assert_eq!(mode(&journal_dir), 0o700);
+    assert_eq!(mode(&old), 0o600);
+    assert_eq!(mode(&journal_dir.join(journal::PAN_KEY_FILE)), 0o600);
+    let segments = segments(&journal_dir);
+    assert!(!segments.is_empty());
+    for segment in segments {
+        assert_eq!(mode(&segment), 0o600, "{}", segment.display());
+    }
+}

@@ -27,6 +27,33 @@ pub use writer::{FsyncPolicy, Journal, JournalConfig, JournalError, JournalStats
 /// File in the journal directory holding the PAN hash key.
 pub const PAN_KEY_FILE: &str = "pan.key";
 
+/// Creates the journal directory if needed and makes it the switch's user's alone
+/// (0700): its files hold masked PANs, PAN hashes, amounts, merchants and RRNs, and the
+/// PAN hash key. An existing directory, and the files in it, with wider permissions are
+/// tightened (files to 0600).
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let tighten = |path: &Path, mode: u32| -> io::Result<()> {
+            if std::fs::metadata(path)?.permissions().mode() & 0o777 != mode {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            }
+            Ok(())
+        };
+        tighten(dir, 0o700)?;
+        // Files an older version wrote with the umask's permissions.
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                tighten(&entry.path(), 0o600)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The secret key of the PAN hash. Records of one card share a hash; without the key the
 /// hash says nothing about the card number.
 #[derive(Clone)]
@@ -57,7 +84,7 @@ impl PanKey {
                 Ok(PanKey(bytes))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir)?;
+                private_dir(dir)?;
                 let key: [u8; 16] = rand::random();
                 let mut options = std::fs::OpenOptions::new();
                 options.write(true).create_new(true);

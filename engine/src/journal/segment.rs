@@ -338,10 +338,12 @@ fn cut(path: &Path, offset: usize, bytes: usize, repair: bool) -> io::Result<Tor
 /// Creates the segment for `first_seq` with its header, durably (file and directory).
 pub fn create_segment(dir: &Path, first_seq: u64) -> io::Result<File> {
     let path = segment_path(dir, first_seq);
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&path)?;
+    let mut options = OpenOptions::new();
+    options.create_new(true).write(true);
+    // Readable by the switch's user only: the records hold card data (masked) and amounts.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path)?;
     file.write_all(&segment_header(first_seq))?;
     file.sync_all()?;
     File::open(dir)?.sync_all()?;

@@ -188,7 +188,7 @@ impl Journal {
     /// Starts writing a new segment in `config.dir` whose first record is `next_seq` (one
     /// past the last record already there; see [`super::segment::scan`]).
     pub fn start(config: &JournalConfig, next_seq: u64) -> std::io::Result<Journal> {
-        std::fs::create_dir_all(&config.dir)?;
+        super::private_dir(&config.dir)?;
         let file = create_segment(&config.dir, next_seq)?;
         // A bounded(0) channel would refuse every `try_send`: `Config::check` keeps the
         // depth within 1..=MAX_QUEUE_DEPTH, and so must any other caller.

@@ -345,7 +345,7 @@ fn open_journal(
         return Ok((None, PanKey::from_bytes(key), Default::default()));
     }
     let dir = &journal_config.dir;
-    std::fs::create_dir_all(dir)
+    crate::journal::private_dir(dir)
         .with_context(|| format!("creating the journal directory {}", dir.display()))?;
     let pan_key = PanKey::load_or_create(dir).context("reading the PAN hash key")?;
     let acquirers: Vec<String> = config.acquirers.iter().map(|a| a.name.clone()).collect();
