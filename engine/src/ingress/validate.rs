@@ -49,6 +49,19 @@ fn digits(raw: &[u8], len: usize) -> bool {
     raw.len() == len && raw.iter().all(u8::is_ascii_digit)
 }
 
+/// The fields of a 0100/0200/0400/0420 that ISO 8583:1987 types numeric (`n`), beyond
+/// those checked one by one below. The field table every gateway and acquirer shares
+/// (`protocol/iso8583-fields.tsv`) types them all as ASCII of their length, so the codec
+/// takes any character; a numeric field with anything but digits is refused with 30 here
+/// rather than forwarded (an `0x1` in field 22 once reached an acquirer and was approved).
+/// 5, 6, 9, 10: amounts and conversion rates; 12, 13: local time and date; 14: expiry;
+/// 15–17: settlement, conversion and capture dates; 19–21: country codes; 22: POS entry
+/// mode; 23: card sequence number; 24–26: network, POS condition and PIN capture codes;
+/// 32, 33: institution codes; 50, 51: currencies.
+const NUMERIC_FIELDS: [u8; 22] = [
+    5, 6, 9, 10, 12, 13, 14, 15, 16, 17, 19, 20, 21, 22, 23, 24, 25, 26, 32, 33, 50, 51,
+];
+
 /// Checks a request's required fields: 30 for a missing or malformed one, 14 for a PAN
 /// that fails only the Luhn check. Format errors win over Luhn: a request with both is 30.
 pub fn validate(msg: &Message) -> Result<Authorization, ResponseCode> {
@@ -59,6 +72,13 @@ pub fn validate(msg: &Message) -> Result<Authorization, ResponseCode> {
         }
     }
     let field = |n| msg.get(n).unwrap_or_default();
+    let numeric = |raw: &[u8]| raw.iter().all(u8::is_ascii_digit);
+    if NUMERIC_FIELDS
+        .iter()
+        .any(|&n| msg.get(n).is_some_and(|raw| !numeric(raw)))
+    {
+        return Err(FORMAT);
+    }
     if !digits(field(fields::PROCESSING_CODE), 6)
         || TransmissionTime::parse(field(fields::TRANSMISSION_TIME)).is_err()
     {
@@ -184,6 +204,11 @@ mod tests {
                 None => b.set_str(n, v).unwrap(),
             };
         }
+        for (n, value) in overrides {
+            if let (false, Some(value)) = (base.iter().any(|(b, _)| b == n), value) {
+                b.set_str(*n, value).unwrap();
+            }
+        }
         b.build()
     }
 
@@ -209,7 +234,10 @@ mod tests {
 
     #[test]
     fn malformed_values_are_format_errors() {
-        let cases: [(u8, &str); 8] = [
+        let cases: [(u8, &str); 11] = [
+            (22, "0x1"),
+            (14, "29A2"),
+            (19, " 84"),
             (2, "41111111X1111111"),
             (2, "41111111111"),
             (3, "00000A"),
