@@ -19,7 +19,8 @@ pub struct ServeArgs {
     /// TOML configuration file; quick-start flags given as well override its values.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// QUIC (UDP) listen address for gateways.
+    /// QUIC (UDP) listen address for gateways [default without a config file:
+    /// 127.0.0.1:8583, loopback only].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Plain TCP listen address for legacy gateways.
@@ -113,10 +114,12 @@ impl ServeArgs {
     }
 
     /// Listeners and the switch's certificate. Without a config file or a listener
-    /// given, QUIC on port 8583.
+    /// given, QUIC on port 8583 of the loopback interface only: a quick start has no
+    /// client certificates, so it must not be reachable from other machines unless asked
+    /// (`--listen 0.0.0.0:8583`).
     fn override_listen(&self, config: &mut Config) {
         if self.config.is_none() && self.listen.is_none() && self.tcp_listen.is_none() {
-            config.listen.quic = Some(SocketAddr::from(([0, 0, 0, 0], 8583)));
+            config.listen.quic = Some(SocketAddr::from(([127, 0, 0, 1], 8583)));
         }
         config.listen.quic = self.listen.or(config.listen.quic);
         config.listen.tcp = self.tcp_listen.or(config.listen.tcp);
@@ -269,6 +272,11 @@ mod tests {
         let config = to_config(&["--acquirer", "127.0.0.1:9001"]).unwrap();
         assert!(config.insecure_acquirers);
         assert_eq!(config.acquirers[0].timeout_ms, 2_000);
+        // No client certificates in a quick start: reachable from this machine only.
+        assert_eq!(
+            config.listen.quic,
+            Some(SocketAddr::from(([127, 0, 0, 1], 8583)))
+        );
         let every_flag = [
             "--listen=127.0.0.1:8583",
             "--tcp-listen=127.0.0.1:8584",
