@@ -27,8 +27,7 @@ use payswitch_protocol::{fields, Message, ResponseCode, Stan};
 
 pub use crate::clock::Now;
 
-use crate::ingress::validate::as_code;
-use crate::ingress::validate::{self, Authorization};
+use crate::ingress::validate::{self, as_code, Authorization};
 use crate::journal::{JournalError, Record, RecordKind};
 use crate::reversal::PendingReversal;
 use crate::routing::AcquirerIndex;
