@@ -34,6 +34,24 @@ pub enum ShardRequest {
     Reversal(Message),
 }
 
+impl ShardRequest {
+    /// What the shard decides for a validated request read at `received_ms`: a reversal
+    /// as it is, an authorization with its model input (features read the message).
+    pub fn new(
+        request: &Message,
+        auth: Authorization,
+        reversal: bool,
+        scoring: &Scoring,
+        received_ms: i64,
+    ) -> ShardRequest {
+        if reversal {
+            ShardRequest::Reversal(request.clone())
+        } else {
+            ShardRequest::Authorization(auth, scoring.transaction(request, &auth, received_ms))
+        }
+    }
+}
+
 /// The shard's part of a request's timings (only taken when metrics are on).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ShardTimings {

@@ -569,14 +569,8 @@ impl Node {
             } => {
                 let pan_hash = self.pan_key.hash(auth.pan.expose());
                 let received_ms = received.unix_ms();
-                let shard_request = if reversal {
-                    ShardRequest::Reversal(request.clone())
-                } else {
-                    ShardRequest::Authorization(
-                        auth,
-                        self.scoring.transaction(&request, &auth, received_ms),
-                    )
-                };
+                let shard_request =
+                    ShardRequest::new(&request, auth, reversal, &self.scoring, received_ms);
                 let record = Lifecycle::request_record(&request, &auth, pan_hash, received);
                 let job = Job {
                     request: shard_request,

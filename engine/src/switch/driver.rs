@@ -199,14 +199,7 @@ impl Switch {
         let received_at = now();
         let received_ms = received_at.unix_ms();
         let pan_hash = self.pan_key.hash(auth.pan.expose());
-        let shard_request = if reversal {
-            ShardRequest::Reversal(request.clone())
-        } else {
-            ShardRequest::Authorization(
-                auth,
-                self.scoring.transaction(&request, &auth, received_ms),
-            )
-        };
+        let shard_request = ShardRequest::new(&request, auth, reversal, &self.scoring, received_ms);
         let in_flight = InFlight {
             request,
             auth,
