@@ -84,6 +84,19 @@ impl Disk {
     }
 }
 
+impl Disk {
+    /// Every intact record on the disk, read without changing it (a torn tail is left
+    /// where it is).
+    pub fn records(&self) -> Result<Vec<Record>, SegmentError> {
+        let mut records = Vec::new();
+        let mut report = ScanReport::default();
+        scan_segment(&self.bytes, 1, true, &mut report, &mut |_, record| {
+            records.push(record)
+        })?;
+        Ok(records)
+    }
+}
+
 impl Default for Disk {
     fn default() -> Self {
         Disk::new()

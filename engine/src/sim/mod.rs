@@ -12,7 +12,8 @@
 //! After every event the safety invariants are checked; after the load, with the faults
 //! healed, the liveness ones:
 //! - **answered**: every request the switch read is answered once, within the gateway's
-//!   deadline; every request a gateway sent is answered in the end;
+//!   deadline; every request a gateway sent is answered in the end; every answer a
+//!   gateway received is in the journal with the same code;
 //! - **approved once**: no request is approved at an acquirer twice net of reversals;
 //! - **reversals converge**: every approval the gateway was not told of (or reversed
 //!   itself) is reversed, and every queued reversal is acknowledged once its acquirer
@@ -792,6 +793,31 @@ impl Env {
         }
     }
 
+    /// Every answer a gateway received is in the journal with the same code: it was made
+    /// durable before it was sent, and survived every crash since.
+    fn check_journaled(&self, node: &Node) -> Result<(), String> {
+        let journaled = node.journaled_answers()?;
+        for (id, request) in self.gateways.requests.iter().enumerate() {
+            let mti = String::from_utf8_lossy(&request.frame[..4]).into_owned();
+            for answer in &request.answers {
+                let code = String::from_utf8_lossy(&answer.code).into_owned();
+                let key = (
+                    request.terminal.clone(),
+                    request.rrn.clone(),
+                    mti.clone(),
+                    code,
+                );
+                if !journaled.contains(&key) {
+                    return Err(format!(
+                        "request {id} (terminal {} RRN {} MTI {mti}) was answered {} but the journal holds no such answer",
+                        request.terminal, request.rrn, key.3
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The liveness invariants, once the faults have healed and everything settled.
     fn check_end(&mut self, node: &Node) {
         if self.violation.is_some() {
@@ -809,6 +835,10 @@ impl Env {
                 self.violate("answered", detail);
                 return;
             }
+        }
+        if let Err(detail) = self.check_journaled(node) {
+            self.violate("answered", detail);
+            return;
         }
         if node.deliveries() > 0 {
             let detail = format!(

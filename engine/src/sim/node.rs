@@ -2,7 +2,7 @@
 //! switch runs (`crate::switch` is the first), over simulated streams, shards, a
 //! group-committing journal on the simulated disk, and acquirer links.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use super::peers::{RequestId, Time, MS, SECOND};
 use super::Env;
 use crate::config::Config;
 use crate::ingress::{self, Admission};
-use crate::journal::{JournalError, PanKey, Record};
+use crate::journal::{JournalError, PanKey, Record, RecordKind};
 use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
 use crate::recovery::Replay;
 use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
@@ -256,6 +256,17 @@ impl Node {
     /// Reversals being delivered.
     pub fn deliveries(&self) -> usize {
         self.deliveries.len()
+    }
+
+    /// The answers the journal holds, as (terminal, RRN, MTI, code) of the request each
+    /// answered.
+    pub fn journaled_answers(&self) -> Result<HashSet<(String, String, String, String)>, String> {
+        let records = self.disk.records().map_err(|e| format!("{e:?}"))?;
+        Ok(records
+            .into_iter()
+            .filter(|r| r.kind == RecordKind::Response)
+            .map(|r| (r.terminal, r.rrn, r.mti, r.code))
+            .collect())
     }
 
     /// A line about the first reversal still being delivered.
