@@ -47,6 +47,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bytes gathered into one stream write when requests queue up.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
+/// The `counter`-th STAN a link hands out: 1..=999 999 in turn, then 1 again.
+pub fn link_stan(counter: u32) -> Stan {
+    Stan::new(counter % Stan::MAX + 1).expect("1..=999999 by construction")
+}
+
 /// Why a request did not get an acquirer's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum LinkError {
@@ -201,8 +206,7 @@ impl AcquirerLink {
     }
 
     fn allocate_stan(&self) -> Stan {
-        let n = self.next_stan.fetch_add(1, Ordering::Relaxed) % Stan::MAX + 1;
-        Stan::new(n).expect("1..=999999 by construction")
+        link_stan(self.next_stan.fetch_add(1, Ordering::Relaxed))
     }
 
     fn encode_with_stan(&self, request: &Message, stan: Stan) -> Result<Bytes, LinkError> {

@@ -6,9 +6,9 @@
 //! the number of ring events with `|now - time_ms| < window_ms`, so an event rolls off at
 //! exactly `window_ms` after it happened (not at a bucket edge). The distance is taken on
 //! either side because events arrive out of time order when several gateways interleave
-//! (see `features::within`); for data in time order it is the usual `now - time_ms`. The price of exactness is
-//! that a count saturates at the ring size: a card with more than [`CARD_EVENTS`]
-//! transactions in 24 h reports [`CARD_EVENTS`] (and the sum of those), which is already as
+//! (see `features::within`); for data in time order it is the usual `now - time_ms`.
+//! The price of exactness is that a count saturates at the ring size: a card with more
+//! than [`CARD_EVENTS`] transactions in 24 h reports [`CARD_EVENTS`] (and the sum of those), which is already as
 //! suspicious as a card gets. Bucketed counters would not saturate but roll off a whole
 //! bucket at once; we chose exact roll-off so training and serving agree to the millisecond.
 //!

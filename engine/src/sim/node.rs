@@ -157,11 +157,11 @@ struct Link {
 }
 
 impl Link {
-    /// The same STAN sequence as `crate::acquirer`'s links: 1..=999 999 in turn.
+    /// The same STAN sequence as the switch's links.
     fn allocate_stan(&mut self) -> Stan {
-        let n = self.next_stan % Stan::MAX + 1;
+        let stan = crate::acquirer::link_stan(self.next_stan);
         self.next_stan = self.next_stan.wrapping_add(1);
-        Stan::new(n).expect("1..=999999 by construction")
+        stan
     }
 }
 
