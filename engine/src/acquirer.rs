@@ -5,9 +5,21 @@
 //! the moment its connection is lost: requests then fail at once (`LinkError::Down`), so
 //! the caller can try the route's next acquirer or answer 91 without waiting. A request the
 //! acquirer does not answer within the link's timeout fails with `LinkError::Timeout`.
+//!
+//! An answer is matched by STAN and, when it carries one, by the request's RRN (field 37),
+//! so a late answer can never be taken for the answer to a later request that reuses its
+//! STAN. An answer that comes after its request timed out is recognised as late (the most
+//! recent [`LATE_REMEMBERED`] timed-out STANs are remembered) and counted apart from
+//! garbage: a late approval is what the reversal queued at the timeout is for.
+//!
+//! Reversals have places of their own on each link ([`REVERSAL_SLOTS_PER_LINK`]), so
+//! retries never take the places new authorizations need, and each reversal keeps one
+//! STAN for all its attempts ([`ReversalWatch`]): a 0410 to any attempt, however late,
+//! reaches it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -28,6 +40,16 @@ use serde::Deserialize;
 /// in turn, so a STAN comes round again only after 999 999 requests; with at most this
 /// many outstanding, a STAN is never reused while its request is still open.
 pub const MAX_IN_FLIGHT_PER_LINK: usize = 100_000;
+
+/// Reversal attempts one link may have outstanding at once, beside `max_in_flight`
+/// authorizations: enough to drain a backlog of thousands within seconds of an acquirer's
+/// return, few enough that a backlog never crowds the link.
+pub const REVERSAL_SLOTS_PER_LINK: usize = 64;
+
+/// Timed-out STANs remembered per link, so a late answer is told from a broken one. At
+/// 2 s timeouts this covers any acquirer that answers within the minute at 1 000 timeouts
+/// a second; beyond it a late answer is only counted as unmatched.
+pub const LATE_REMEMBERED: usize = 65_536;
 
 /// Longest acquirer timeout accepted (`timeout_ms`). Gateways give up on an authorization
 /// within tens of seconds; waiting longer only holds one of the link's in-flight slots for
@@ -90,6 +112,10 @@ pub struct LinkStats {
     pub refused: AtomicU64,
     /// Frames from the acquirer that matched no outstanding request or did not decode.
     pub unmatched: AtomicU64,
+    /// Answers that came after their request had timed out.
+    pub late: AtomicU64,
+    /// Of those, approvals (each one's reversal was queued at the timeout).
+    pub late_approvals: AtomicU64,
     /// Connections made.
     pub connects: AtomicU64,
 }
@@ -100,9 +126,12 @@ pub struct AcquirerLink {
     endpoint: quinn::Endpoint,
     /// The current connection's write queue; `None` while the link is down.
     writer: ArcSwapOption<mpsc::Sender<Bytes>>,
-    pending: DashMap<u32, oneshot::Sender<Message>>,
+    pending: DashMap<u32, Waiter>,
+    /// Timed-out STANs in the order they timed out, at most [`LATE_REMEMBERED`].
+    late: Mutex<VecDeque<u32>>,
     next_stan: AtomicU32,
     in_flight: Semaphore,
+    reversal_slots: Semaphore,
     up: AtomicBool,
     draining: AtomicBool,
     /// Counters.
@@ -140,8 +169,10 @@ impl AcquirerLink {
             endpoint,
             writer: ArcSwapOption::empty(),
             pending: DashMap::new(),
+            late: Mutex::new(VecDeque::new()),
             next_stan: AtomicU32::new(0),
             in_flight: Semaphore::new(max_in_flight),
+            reversal_slots: Semaphore::new(REVERSAL_SLOTS_PER_LINK),
             up: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             stats: LinkStats::default(),
@@ -180,9 +211,14 @@ impl AcquirerLink {
         }
     }
 
-    /// Requests outstanding now.
+    /// Authorizations outstanding now.
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.config.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// The configured timeout.
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout()
     }
 
     /// Takes a place on the link and a STAN for one request, without sending anything:
@@ -205,8 +241,90 @@ impl AcquirerLink {
         })
     }
 
+    /// The next STAN no open request or reversal holds. A STAN remembered only as timed
+    /// out is taken over. At most `max_in_flight` authorizations and
+    /// [`crate::reversal::MAX_PENDING_REVERSALS`] reversals hold STANs, far fewer than the
+    /// 999 999 there are, so the search ends within a few steps.
     fn allocate_stan(&self) -> Stan {
-        link_stan(self.next_stan.fetch_add(1, Ordering::Relaxed))
+        loop {
+            let stan = link_stan(self.next_stan.fetch_add(1, Ordering::Relaxed));
+            let held = self
+                .pending
+                .get(&stan.get())
+                .is_some_and(|w| !matches!(*w, Waiter::Late));
+            if !held {
+                return stan;
+            }
+        }
+    }
+
+    /// A place for one reversal attempt, beside the authorizations' places: `Down` or
+    /// `Busy` when there is none. The attempt is sent with [`ReversalWatch::send`].
+    pub fn reserve_reversal(&self) -> Result<ReversalSlot<'_>, LinkError> {
+        if self.writer.load().is_none() {
+            return Err(LinkError::Down);
+        }
+        let permit = self
+            .reversal_slots
+            .try_acquire()
+            .map_err(|_| LinkError::Busy)?;
+        Ok(ReversalSlot { _permit: permit })
+    }
+
+    /// Registers a reversal under one STAN for its whole delivery: `wanted` (its STAN
+    /// before a restart) when no one holds it, else a new one. Answers with that STAN
+    /// (and the original's RRN) reach the watch until it is dropped, across reconnects.
+    pub fn watch(&self, wanted: Option<Stan>, rrn: &str) -> ReversalWatch<'_> {
+        // Reversals in delivery are at most MAX_PENDING_REVERSALS; a few answers to
+        // earlier attempts are all that can queue.
+        let (tx, rx) = mpsc::channel(4);
+        let rrn = rrn_of(rrn.as_bytes());
+        let free = |stan: Stan| {
+            self.pending
+                .get(&stan.get())
+                .is_none_or(|w| matches!(*w, Waiter::Late))
+        };
+        let stan = match wanted {
+            Some(stan) if free(stan) => stan,
+            _ => self.allocate_stan(),
+        };
+        self.pending
+            .insert(stan.get(), Waiter::Reversal { tx, rrn });
+        ReversalWatch {
+            link: self,
+            stan,
+            answers: rx,
+        }
+    }
+
+    /// Remembers that the request with `stan` timed out, so its late answer is known.
+    fn timed_out(&self, stan: Stan) {
+        let ours = self.pending.get_mut(&stan.get()).map(|mut w| {
+            let answer = matches!(*w, Waiter::Answer { .. });
+            if answer {
+                *w = Waiter::Late;
+            }
+            answer
+        });
+        if ours != Some(true) {
+            return;
+        }
+        let mut late = self.late.lock().unwrap_or_else(|e| e.into_inner());
+        late.push_back(stan.get());
+        if late.len() > LATE_REMEMBERED {
+            if let Some(oldest) = late.pop_front() {
+                self.pending
+                    .remove_if(&oldest, |_, w| matches!(w, Waiter::Late));
+            }
+        }
+    }
+
+    /// Writes `frame` on the current connection: `Down` when there is none.
+    fn write(&self, frame: Bytes) -> Result<(), LinkError> {
+        let writer = self.writer.load_full().ok_or(LinkError::Down)?;
+        // The queue holds max_in_flight + REVERSAL_SLOTS_PER_LINK frames and every frame
+        // holds a place, so only a closed connection refuses.
+        writer.try_send(frame).map_err(|_| LinkError::Down)
     }
 
     fn encode_with_stan(&self, request: &Message, stan: Stan) -> Result<Bytes, LinkError> {
@@ -289,7 +407,7 @@ impl AcquirerLink {
         shutdown: &CancellationToken,
     ) {
         // Within 1..=MAX_IN_FLIGHT_PER_LINK: asserted in `start`.
-        let (tx, rx) = mpsc::channel(self.config.max_in_flight);
+        let (tx, rx) = mpsc::channel(self.config.max_in_flight + REVERSAL_SLOTS_PER_LINK);
         self.writer.store(Some(Arc::new(tx)));
         self.up.store(true, Ordering::Release);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -303,25 +421,133 @@ impl AcquirerLink {
         self.up.store(false, Ordering::Release);
         self.writer.store(None);
         // Dropping the answer senders wakes every waiting caller with `LinkError::Lost`.
-        self.pending.clear();
+        // Reversals keep their STANs: their deliveries go on over the next connection.
+        self.pending
+            .retain(|_, w| matches!(w, Waiter::Reversal { .. }));
+        self.late.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     async fn read_loop(&self, recv: quinn::RecvStream) {
         let mut reader = FrameReader::new(recv, MAX_ACQUIRER_FRAME);
         while let Ok(Some(frame)) = reader.next_frame().await {
-            let stan = Message::decode(frame).ok().and_then(|answer| {
+            let matched = Message::decode(frame).ok().and_then(|answer| {
                 let stan = Stan::parse(answer.get(fields::STAN)?).ok()?;
                 Some((stan, answer))
             });
-            let delivered = stan.and_then(|(stan, answer)| {
-                let (_, waiter) = self.pending.remove(&stan.get())?;
-                waiter.send(answer).ok()
-            });
-            if delivered.is_none() {
-                // A late answer after a timeout, or a broken acquirer.
+            let taken = match matched {
+                Some((stan, answer)) => self.take_answer(stan, answer),
+                None => false,
+            };
+            if !taken {
                 self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Hands `answer` to whoever waits for `stan`; `false` when no one does.
+    fn take_answer(&self, stan: Stan, answer: Message) -> bool {
+        let rrn = answer.get(fields::RRN);
+        let same_request = |expected: &Option<[u8; 12]>| match (expected, rrn) {
+            (Some(expected), Some(rrn)) => expected[..] == *rrn,
+            _ => true,
+        };
+        // Decided under the entry's lock, acted on after it is released.
+        let kind = match self.pending.get(&stan.get()).as_deref() {
+            None => return false,
+            Some(Waiter::Reversal { tx, rrn }) => {
+                if !same_request(rrn) {
+                    return false;
+                }
+                // A full queue holds earlier answers to the same reversal: one is enough.
+                let _ = tx.try_send(answer);
+                return true;
+            }
+            Some(Waiter::Answer { rrn, .. }) if !same_request(rrn) => return false,
+            Some(Waiter::Answer { .. }) => true,
+            Some(Waiter::Late) => false,
+        };
+        let Some((_, waiter)) = self.pending.remove(&stan.get()) else {
+            return false;
+        };
+        match waiter {
+            Waiter::Answer { tx, .. } if kind => tx.send(answer).is_ok(),
+            Waiter::Late if !kind => {
+                self.stats.late.fetch_add(1, Ordering::Relaxed);
+                if answer.get(fields::RESPONSE_CODE) == Some(b"00") {
+                    self.stats.late_approvals.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(acquirer = %self.config.name, stan = stan.get(), "late approval: its reversal was queued at the timeout");
+                }
+                true
+            }
+            // Replaced between the look and the removal: put it back.
+            other => {
+                self.pending.insert(stan.get(), other);
+                false
+            }
+        }
+    }
+}
+
+/// Who waits for an answer with a given STAN on a link.
+#[derive(Debug)]
+enum Waiter {
+    /// An authorization, until its answer or its timeout.
+    Answer {
+        tx: oneshot::Sender<Message>,
+        rrn: Option<[u8; 12]>,
+    },
+    /// A reversal, for as long as it is being delivered.
+    Reversal {
+        tx: mpsc::Sender<Message>,
+        rrn: Option<[u8; 12]>,
+    },
+    /// An authorization that timed out: an answer now is late.
+    Late,
+}
+
+fn rrn_of(rrn: &[u8]) -> Option<[u8; 12]> {
+    rrn.try_into().ok()
+}
+
+/// A reversal attempt's place on a link, given back when dropped.
+#[derive(Debug)]
+pub struct ReversalSlot<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+/// One reversal's STAN on a link, held for its whole delivery: every answer with it
+/// arrives here. Dropping it frees the STAN.
+#[derive(Debug)]
+pub struct ReversalWatch<'a> {
+    link: &'a AcquirerLink,
+    stan: Stan,
+    answers: mpsc::Receiver<Message>,
+}
+
+impl ReversalWatch<'_> {
+    /// The STAN every attempt carries.
+    pub fn stan(&self) -> Stan {
+        self.stan
+    }
+
+    /// Sends one attempt, `message` with the watch's STAN, on the place `slot`; does not
+    /// wait for the answer.
+    pub fn send(&self, _slot: &ReversalSlot<'_>, message: &Message) -> Result<(), LinkError> {
+        let frame = self.link.encode_with_stan(message, self.stan)?;
+        self.link.write(frame)
+    }
+
+    /// The next answer to any attempt.
+    pub async fn answer(&mut self) -> Option<Message> {
+        self.answers.recv().await
+    }
+}
+
+impl Drop for ReversalWatch<'_> {
+    fn drop(&mut self) {
+        self.link.pending.remove_if(&self.stan.get(), |_, w| {
+            matches!(w, Waiter::Reversal { .. })
+        });
     }
 }
 
@@ -345,10 +571,17 @@ impl Reservation<'_> {
         let stan = self.stan;
         let frame = link.encode_with_stan(request, stan)?;
         let (answer_tx, answer_rx) = oneshot::channel();
-        let previous = link.pending.insert(stan.get(), answer_tx);
-        // MAX_IN_FLIGHT_PER_LINK keeps live STANs far apart; a collision would hand one
-        // request's answer to another.
-        assert!(previous.is_none(), "switch STAN reused while outstanding");
+        let waiter = Waiter::Answer {
+            tx: answer_tx,
+            rrn: request.get(fields::RRN).and_then(rrn_of),
+        };
+        let previous = link.pending.insert(stan.get(), waiter);
+        // The allocator skips every STAN held; a collision would hand one request's
+        // answer to another.
+        assert!(
+            matches!(previous, None | Some(Waiter::Late)),
+            "switch STAN reused while outstanding"
+        );
         if self.writer.try_send(frame).is_err() {
             // The queue holds max_in_flight frames and we hold a permit, so only a closed
             // connection refuses: nothing was sent.
@@ -365,7 +598,7 @@ impl Reservation<'_> {
                 Err(LinkError::Lost)
             }
             Err(_) => {
-                link.pending.remove(&stan.get());
+                link.timed_out(stan);
                 link.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(LinkError::Timeout)
             }

@@ -64,6 +64,10 @@ pub const MAX_FRAME_LIMIT: usize = u16::MAX as usize;
 /// each holds its frame, so 64 Ki of 8 KiB frames is already 512 MiB for one stream.
 pub const MAX_IN_FLIGHT_PER_STREAM: usize = 1 << 16;
 
+/// Most requests in progress on one gateway connection, over all its streams
+/// (`pipeline.max_in_flight_per_connection`): the same reasoning as per stream.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 1 << 16;
+
 /// Most gateway connections per listener (`pipeline.max_connections`): each holds a socket
 /// and its buffers (tens of KiB); a million is beyond one host's file descriptors.
 pub const MAX_CONNECTIONS: usize = 1 << 20;
@@ -175,8 +179,11 @@ pub struct PipelineConfig {
     pub shard_queue_depth: usize,
     /// Largest frame accepted from a gateway, in bytes.
     pub max_frame: usize,
-    /// Requests one gateway stream may have in progress.
+    /// Requests one gateway stream may have in progress; more are answered 91 at once.
     pub max_in_flight_per_stream: usize,
+    /// Requests one gateway connection may have in progress over all its streams; more
+    /// are answered 91 at once.
+    pub max_in_flight_per_connection: usize,
     /// Open gateway connections per listener.
     pub max_connections: usize,
     /// Record latency histograms per stage (turn off only to measure what they cost).
@@ -194,6 +201,7 @@ impl Default for PipelineConfig {
             shard_queue_depth: 4096,
             max_frame: limits.max_frame,
             max_in_flight_per_stream: limits.max_in_flight_per_stream,
+            max_in_flight_per_connection: limits.max_in_flight_per_connection,
             max_connections: limits.max_connections,
             metrics: true,
         }
@@ -365,6 +373,11 @@ impl PipelineConfig {
             "pipeline.max_in_flight_per_stream",
             self.max_in_flight_per_stream,
             1..=MAX_IN_FLIGHT_PER_STREAM,
+        )?;
+        within(
+            "pipeline.max_in_flight_per_connection",
+            self.max_in_flight_per_connection,
+            1..=MAX_IN_FLIGHT_PER_CONNECTION,
         )?;
         within(
             "pipeline.max_connections",

@@ -67,6 +67,8 @@ struct Life {
     forwarded: Option<Record>,
     response: Option<Record>,
     reversal_queued: Option<Record>,
+    /// The last attempt sent: the reversal's link STAN and attempt number.
+    reversal_sent: Option<(u32, u32)>,
     reversal_acked: bool,
 }
 
@@ -155,6 +157,7 @@ impl Replay {
                     forwarded: None,
                     response: None,
                     reversal_queued: None,
+                    reversal_sent: None,
                     reversal_acked: false,
                 },
             );
@@ -165,10 +168,14 @@ impl Replay {
             forwarded: None,
             response: None,
             reversal_queued: None,
+            reversal_sent: None,
             reversal_acked: false,
         });
         match record.kind {
-            RecordKind::Request | RecordKind::ReversalSent => {}
+            RecordKind::Request => {}
+            RecordKind::ReversalSent => {
+                life.reversal_sent = Some((record.reversal_stan, record.attempt))
+            }
             RecordKind::Forwarded => life.forwarded = Some(resolved(record, request_seq)),
             RecordKind::Response if record.duplicate => {}
             RecordKind::Response => life.response = Some(record),
@@ -225,10 +232,15 @@ impl Recovery {
             self.unknown_acquirers += 1;
             return;
         };
+        let (stan, attempts) = life
+            .reversal_sent
+            .map_or((None, 0), |(stan, attempt)| (Stan::new(stan), attempt));
         let pending = PendingReversal {
             request_seq,
             acquirer,
             original: record.clone(),
+            stan,
+            attempts,
         };
         if in_doubt {
             self.in_doubt.push(pending);

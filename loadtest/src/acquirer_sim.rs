@@ -184,7 +184,7 @@ pub const CARD_LIMIT_MAX_MINOR: u64 = 1_000_000;
 enum Kind {
     /// 0100, 0200.
     Authorization,
-    /// 0400, 0420.
+    /// 0400, 0420 and their repeats 0401, 0421.
     Reversal,
     /// 0800.
     Network,
@@ -193,7 +193,8 @@ enum Kind {
 }
 
 fn kind(mti: Mti) -> Kind {
-    match mti {
+    // A repeat (0401, 0421) is the same request again: the same answer, applied once.
+    match mti.first_transmission() {
         Mti::AUTHORIZATION_REQUEST | Mti::FINANCIAL_REQUEST => Kind::Authorization,
         Mti::REVERSAL_REQUEST | Mti::REVERSAL_ADVICE => Kind::Reversal,
         Mti::NETWORK_REQUEST => Kind::Network,

@@ -415,6 +415,12 @@ impl MessageBuilder {
         }
     }
 
+    /// Changes the message type (a repeat of a message sent before, say).
+    pub fn set_mti(&mut self, mti: Mti) -> &mut Self {
+        self.mti = mti;
+        self
+    }
+
     /// Sets field `number` (2..=128) to `value`, replacing any earlier value.
     pub fn set(&mut self, number: u8, value: &[u8]) -> Result<&mut Self, EncodeError> {
         let spec = spec::field(number)

@@ -52,8 +52,14 @@ impl Mti {
     pub const FINANCIAL_RESPONSE: Mti = Mti(*b"0210");
     /// 0400 reversal request.
     pub const REVERSAL_REQUEST: Mti = Mti(*b"0400");
+    /// 0401 reversal request repeat: the same reversal sent again, not a new one.
+    pub const REVERSAL_REQUEST_REPEAT: Mti = Mti(*b"0401");
+    /// 0410 reversal response.
+    pub const REVERSAL_RESPONSE: Mti = Mti(*b"0410");
     /// 0420 reversal advice.
     pub const REVERSAL_ADVICE: Mti = Mti(*b"0420");
+    /// 0421 reversal advice repeat.
+    pub const REVERSAL_ADVICE_REPEAT: Mti = Mti(*b"0421");
     /// 0800 network management request.
     pub const NETWORK_REQUEST: Mti = Mti(*b"0800");
     /// 0810 network management response.
@@ -83,7 +89,8 @@ impl Mti {
         self.0[2].is_multiple_of(2)
     }
 
-    /// The response to this request: function digit + 1 (0100 → 0110, 0420 → 0430).
+    /// The response to this request: function digit + 1 (0100 → 0110, 0420 → 0430); a
+    /// repeat is answered as its first transmission (0401 → 0410, 0421 → 0430).
     /// `None` for a message that is itself a response.
     pub fn response(&self) -> Option<Mti> {
         if !self.is_request() || self.0[2] > b'8' {
@@ -91,7 +98,25 @@ impl Mti {
         }
         let mut mti = self.0;
         mti[2] += 1;
+        if self.is_repeat() {
+            mti[3] -= 1;
+        }
         Some(Mti(mti))
+    }
+
+    /// Whether this is a repeat (origin digit odd: 1 acquirer repeat, 3 issuer repeat, 5
+    /// other repeat): the same message sent again, not a new one.
+    pub fn is_repeat(&self) -> bool {
+        !self.0[3].is_multiple_of(2)
+    }
+
+    /// The message this one repeats (0401 → 0400); itself when it is no repeat.
+    pub fn first_transmission(&self) -> Mti {
+        let mut mti = self.0;
+        if self.is_repeat() {
+            mti[3] -= 1;
+        }
+        Mti(mti)
     }
 }
 
@@ -468,6 +493,9 @@ mod tests {
             ("0200", Some("0210")),
             ("0400", Some("0410")),
             ("0420", Some("0430")),
+            ("0401", Some("0410")),
+            ("0421", Some("0430")),
+            ("0101", Some("0110")),
             ("0800", Some("0810")),
             ("0110", None),
         ];

@@ -93,6 +93,7 @@ fn sample_record(i: u64) -> Record {
         switch_us: 40,
         acquirer_us: 700,
         attempt: 0,
+        reversal_stan: 0,
     }
 }
 

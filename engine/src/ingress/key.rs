@@ -53,7 +53,7 @@ impl DupKey {
 
     /// The key of the request a journal record belongs to.
     pub fn of_record(record: &Record) -> Option<DupKey> {
-        let reversal = matches!(record.mti.as_str(), "0400" | "0420");
+        let reversal = matches!(record.mti.as_str(), "0400" | "0401" | "0420" | "0421");
         Some(DupKey {
             reversal,
             terminal: record.terminal.as_bytes().try_into().ok()?,

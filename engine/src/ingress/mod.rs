@@ -85,3 +85,24 @@ pub fn refuse(request: &Message, code: ResponseCode) -> Admission {
     let code = as_code(code);
     Admission::Answer(code, validate::respond(request, &code, None, ""))
 }
+
+/// Field 48 of an answer shed at the door.
+pub const SHED_TAGS: &str = "shed=overload";
+
+/// The immediate answer to `frame`, read while its stream or connection is at its
+/// in-flight bound: 91 without doing the request (a network message is still answered as
+/// usual). `None` when the frame is not even a message (the stream is closed). A shed
+/// request reached no shard, no journal and no acquirer, so it leaves no record: the
+/// gateway was told 91 and nothing happened that would need reversing.
+pub fn shed(frame: bytes::Bytes) -> Option<Message> {
+    let (request, _) = Message::decode_prefix(frame).ok()?;
+    Some(match validate::classify(request.mti()) {
+        Kind::Network => validate::respond_network(&request),
+        _ => validate::respond(
+            &request,
+            &as_code(ResponseCode::IssuerInoperative),
+            None,
+            SHED_TAGS,
+        ),
+    })
+}

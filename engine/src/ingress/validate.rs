@@ -20,7 +20,9 @@ pub enum Kind {
 
 /// Classifies a request by its MTI.
 pub fn classify(mti: Mti) -> Kind {
-    match mti.as_bytes() {
+    // A gateway's repeat (0101, 0401, 0421…) is its first transmission sent again: a
+    // retransmission, answered from the original like any other.
+    match mti.first_transmission().as_bytes() {
         b"0100" | b"0200" => Kind::Authorization,
         b"0400" | b"0420" => Kind::Reversal,
         b"0800" => Kind::Network,
@@ -312,6 +314,9 @@ mod tests {
         assert_eq!(kind("0100"), Kind::Authorization);
         assert_eq!(kind("0200"), Kind::Authorization);
         assert_eq!(kind("0420"), Kind::Reversal);
+        assert_eq!(kind("0401"), Kind::Reversal);
+        assert_eq!(kind("0421"), Kind::Reversal);
+        assert_eq!(kind("0101"), Kind::Authorization);
         assert_eq!(kind("0800"), Kind::Network);
         assert_eq!(kind("0300"), Kind::Unsupported);
         assert_eq!(kind("0110"), Kind::Unsupported);

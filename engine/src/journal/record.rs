@@ -3,8 +3,21 @@
 //!
 //! A frame is `len: u32 LE | crc: u32 LE | seq: u64 LE | body`, where `len` counts the
 //! bytes after itself (crc, seq and body), `crc` is CRC32C over `seq | body`, and `body`
-//! is the record in postcard (a stable, documented serde format). Sequence numbers go up
-//! by one from record to record, across segments.
+//! is one format tag byte and then the record in postcard (a stable, documented serde
+//! format). Sequence numbers go up by one from record to record, across segments.
+//!
+//! ## Record formats
+//! Postcard writes a struct as its fields one after the other, so a newer format only
+//! ever appends fields at the end of [`Record`]. The body's first byte names the format:
+//! `0x80 + version`. Format 0 (journals written before formats were tagged) has no tag:
+//! its first byte is the record kind, below `0x80`, and it is read by appending the
+//! encoding of the fields added since, at their defaults. A body tagged with a version
+//! this switch does not know is refused with that version named, never misread.
+//!
+//! | version | adds |
+//! |---|---|
+//! | 0 | everything up to `attempt` |
+//! | 1 | `reversal_stan` |
 //!
 //! No record holds a full PAN, track data, a PIN block, a CVV or ICC data: the card is
 //! kept as its masked form (first six, last four) and a keyed hash that links the records
@@ -14,6 +27,14 @@ use serde::{Deserialize, Serialize};
 
 /// Bytes before a record's body: len, crc, seq.
 pub const FRAME_HEADER: usize = 16;
+
+/// The record format this switch writes (see the module docs).
+pub const RECORD_FORMAT: u8 = 1;
+/// The tag of [`RECORD_FORMAT`]: the body's first byte.
+const FORMAT_TAG_BASE: u8 = 0x80;
+/// Encoding of the fields format 1 added, at their defaults (`reversal_stan` 0): appended
+/// to a format-0 body to read it.
+const FORMAT_0_TRAILER: &[u8] = &[0];
 
 /// Largest body accepted when reading. Records are a few hundred bytes; field 48 (at most
 /// 999 bytes) is the largest part, so anything near this is corruption, not a record.
@@ -116,6 +137,11 @@ pub struct Record {
     pub acquirer_us: u64,
     /// Attempt number, on `reversal_sent`.
     pub attempt: u32,
+    /// The STAN a reversal the switch originates carries on the acquirer link: the same
+    /// on every attempt, so a repeat (0401) is recognisably the same reversal and a late
+    /// 0410 to any attempt acknowledges it. On `reversal_sent` and `reversal_ack`; 0
+    /// otherwise. Format 1.
+    pub reversal_stan: u32,
 }
 
 impl Record {
@@ -136,6 +162,7 @@ impl Record {
             switch_us: 0,
             acquirer_us: 0,
             attempt: 0,
+            reversal_stan: 0,
             ..self.clone()
         }
     }
@@ -158,6 +185,7 @@ pub fn encode_frame(record: &Record, out: &mut Vec<u8>) -> Result<(), postcard::
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER]);
     let body_start = out.len();
+    out.push(FORMAT_TAG_BASE + RECORD_FORMAT);
     match postcard::to_extend(record, std::mem::take(out)) {
         Ok(written) => *out = written,
         Err(e) => {
@@ -217,9 +245,28 @@ pub fn decode_frame(buf: &[u8]) -> Result<(u64, Record, usize), FrameError> {
         return Err(FrameError::Checksum);
     }
     let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-    let record: Record = postcard::from_bytes(&buf[FRAME_HEADER..total])
-        .map_err(|e| FrameError::Body(e.to_string()))?;
+    let record = decode_body(&buf[FRAME_HEADER..total]).map_err(FrameError::Body)?;
     Ok((seq, record, total))
+}
+
+/// A record from a frame's body, in any format this switch reads.
+fn decode_body(body: &[u8]) -> Result<Record, String> {
+    match body.first() {
+        Some(&tag) if tag == FORMAT_TAG_BASE + RECORD_FORMAT => {
+            postcard::from_bytes(&body[1..]).map_err(|e| e.to_string())
+        }
+        Some(&kind) if kind < FORMAT_TAG_BASE => {
+            let mut upgraded = Vec::with_capacity(body.len() + FORMAT_0_TRAILER.len());
+            upgraded.extend_from_slice(body);
+            upgraded.extend_from_slice(FORMAT_0_TRAILER);
+            postcard::from_bytes(&upgraded).map_err(|e| format!("format 0 record: {e}"))
+        }
+        Some(&tag) => Err(format!(
+            "record format {} is newer than this switch reads ({RECORD_FORMAT}): upgrade the switch",
+            tag - FORMAT_TAG_BASE
+        )),
+        None => Err("empty record body".to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -255,6 +302,7 @@ pub(crate) mod tests {
             switch_us: 17,
             acquirer_us: 300,
             attempt: 0,
+            reversal_stan: 0,
         }
     }
 
@@ -267,6 +315,40 @@ pub(crate) mod tests {
         let (seq, back, size) = decode_frame(&buf).unwrap();
         assert_eq!((seq, size), (7, buf.len()));
         assert_eq!(back, record);
+    }
+
+    /// A format-0 body: the fields before `reversal_stan`, untagged, as switches before
+    /// record formats wrote them.
+    fn format_0_frame(record: &Record) -> Vec<u8> {
+        let mut body = postcard::to_allocvec(record).unwrap();
+        body.truncate(body.len() - FORMAT_0_TRAILER.len());
+        let mut frame = vec![0u8; FRAME_HEADER];
+        frame.extend_from_slice(&body);
+        let len = u32::try_from(frame.len() - 4).unwrap();
+        frame[0..4].copy_from_slice(&len.to_le_bytes());
+        seal_frame(&mut frame, 3);
+        frame
+    }
+
+    #[test]
+    fn journals_written_before_record_formats_are_read() {
+        for kind in [RecordKind::Request, RecordKind::ReversalAck] {
+            let record = sample(kind);
+            let (seq, back, _) = decode_frame(&format_0_frame(&record)).unwrap();
+            assert_eq!((seq, back), (3, record));
+        }
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_by_name() {
+        let mut buf = Vec::new();
+        encode_frame(&sample(RecordKind::Request), &mut buf).unwrap();
+        buf[FRAME_HEADER] = FORMAT_TAG_BASE + RECORD_FORMAT + 1;
+        seal_frame(&mut buf, 1);
+        match decode_frame(&buf) {
+            Err(FrameError::Body(why)) => assert!(why.contains("format 2"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -592,6 +592,14 @@ impl Lifecycle {
             ShardVerdict::Reversal { own, original } => {
                 self.on_gateway_reversal(own, original, now, acquirers)
             }
+            // Reached no acquirer and did nothing: no record (`crate::ingress::shed`).
+            ShardVerdict::Shed => self.reply(
+                Answer::new(
+                    ResponseCode::IssuerInoperative,
+                    crate::ingress::SHED_TAGS.to_string(),
+                ),
+                None,
+            ),
         }
     }
 
@@ -784,6 +792,8 @@ fn claim(original: &Original, acquirers: &[String]) -> Option<PendingReversal> {
         request_seq: forwarded.request_seq,
         acquirer: forwarded.acquirer,
         original: forwarded.record(&acquirers[forwarded.acquirer]),
+        stan: None,
+        attempts: 0,
     })
 }
 

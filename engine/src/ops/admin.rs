@@ -81,6 +81,7 @@ pub async fn start(
         .route("/metrics", get(metrics))
         .route("/api/stats", get(stats))
         .route("/api/acquirers", get(acquirers))
+        .route("/api/reversals", get(reversals))
         .route("/api/acquirers/:name/:action", post(acquirer_action))
         .route("/api/routes", get(routes))
         .route("/api/routes/reload", post(reload_routes))
@@ -237,6 +238,19 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 /// `GET /api/acquirers`.
+/// Most escalated reversals listed at once: the count is in `/api/stats` and the metrics.
+const ESCALATED_LISTED: usize = 1_000;
+
+/// `/api/reversals`: the queue's counters and the escalated reversals, oldest first.
+async fn reversals(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let queue = &state.sources.reversals;
+    Json(serde_json::json!({
+        "pending": queue.stats.pending.load(std::sync::atomic::Ordering::Relaxed),
+        "escalated_count": queue.stats.escalated.load(std::sync::atomic::Ordering::Relaxed),
+        "escalated": queue.escalated(ESCALATED_LISTED),
+    }))
+}
+
 async fn acquirers(State(state): State<AdminState>) -> Json<serde_json::Value> {
     Json(crate::ops::stats::acquirers(&state.sources.snapshot()))
 }

@@ -30,6 +30,10 @@ pub struct AcquirerSnapshot {
     pub lost: u64,
     /// Refused: down or full, nothing sent.
     pub refused: u64,
+    /// Answers that came after their request timed out.
+    pub late: u64,
+    /// Of those, approvals (their reversals were queued at the timeout).
+    pub late_approvals: u64,
     /// Connections made.
     pub connects: u64,
     /// Round-trip percentiles over the last window.
@@ -83,6 +87,8 @@ pub struct ReversalSnapshot {
     pub acknowledged: u64,
     /// Left to the next start because the queue was full.
     pub deferred: u64,
+    /// Escalated: unacknowledged after many attempts, retried every minute.
+    pub escalated: u64,
 }
 
 /// One shard.
@@ -196,6 +202,7 @@ impl Sources {
                 sent: load(&self.reversals.stats.sent),
                 acknowledged: load(&self.reversals.stats.acknowledged),
                 deferred: load(&self.reversals.stats.deferred),
+                escalated: load(&self.reversals.stats.escalated),
             },
             shards: self
                 .shard_stats
@@ -262,6 +269,8 @@ impl Sources {
                     timeouts: load(&s.timeouts),
                     lost: load(&s.lost),
                     refused: load(&s.refused),
+                    late: load(&s.late),
+                    late_approvals: load(&s.late_approvals),
                     connects: load(&s.connects),
                     latency: latency.get(i).copied().unwrap_or_default(),
                     buckets: buckets.get(i).cloned().unwrap_or_else(Buckets::empty),

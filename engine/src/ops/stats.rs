@@ -86,6 +86,8 @@ pub fn acquirers(snapshot: &Snapshot) -> Value {
                 "timeouts": a.timeouts,
                 "lost": a.lost,
                 "refused": a.refused,
+                "late": a.late,
+                "late_approvals": a.late_approvals,
                 "connects": a.connects,
                 "success_rate": (a.answered + failed > 0).then(|| a.answered as f64 / (a.answered + failed) as f64),
                 "p50_us": a.latency.p50_us,
@@ -191,6 +193,7 @@ pub fn stats(snapshot: &Snapshot) -> Value {
             "sent": reversals.sent,
             "acknowledged": reversals.acknowledged,
             "deferred": reversals.deferred,
+            "escalated": reversals.escalated,
         },
         "duplicates": snapshot.duplicates,
         "shed": snapshot.shed,
@@ -462,6 +465,36 @@ fn journal_gauges(out: &mut String, snapshot: &Snapshot) {
         "payswitch_reversals_pending {}",
         snapshot.reversals.pending
     );
+    header(
+        out,
+        "payswitch_reversals_escalated",
+        "gauge",
+        "Reversals unacknowledged after many attempts, retried every minute (see /api/reversals).",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_reversals_escalated {}",
+        snapshot.reversals.escalated
+    );
+    header(
+        out,
+        "payswitch_acquirer_late_answers_total",
+        "counter",
+        "Answers that came after their request had timed out (approvals among them: the reversal queued at the timeout undoes them).",
+    );
+    for a in &snapshot.acquirers {
+        let name = escape(&a.name);
+        let _ = writeln!(
+            out,
+            "payswitch_acquirer_late_answers_total{{acquirer=\"{name}\",code=\"any\"}} {}",
+            a.late
+        );
+        let _ = writeln!(
+            out,
+            "payswitch_acquirer_late_answers_total{{acquirer=\"{name}\",code=\"00\"}} {}",
+            a.late_approvals
+        );
+    }
 }
 
 /// Counters of the switch as a whole.
@@ -537,6 +570,8 @@ mod tests {
                 timeouts: 4,
                 lost: 1,
                 refused: 0,
+                late: 2,
+                late_approvals: 1,
                 connects: 1,
                 latency: Percentiles::default(),
                 buckets: Buckets::empty(),

@@ -7,14 +7,25 @@
 //! which is journaled as the acknowledgement. After a restart the journal's queued and
 //! unacknowledged reversals are queued again (`crate::recovery`).
 //!
+//! Every attempt after the first is a repeat (0401) of the same reversal with the same
+//! link STAN, never a new reversal, so an acquirer applies it once however often it comes;
+//! an answer to any attempt, however late, acknowledges it (`crate::acquirer` keeps the
+//! STAN registered for the whole delivery). Attempts use the link's reversal places, not
+//! the authorizations'. Retries back off from 200 ms to 10 s; after
+//! [`ESCALATE_AFTER_ATTEMPTS`] unanswered attempts a reversal is escalated (a WARN line,
+//! `payswitch_reversals_escalated`, `/api/reversals`) and retried once a minute, never
+//! dropped.
+//!
 //! A reversal is built from the journal's record of the forwarded original: 0400 with the
 //! original's amount, RRN, terminal and merchant, and field 90 naming the original by its
 //! MTI, the STAN the acquirer saw (the switch's link STAN) and its transmission time. It
 //! carries no PAN: the journal never holds one, and field 90 with the RRN identifies the
 //! original at the acquirer.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use payswitch_protocol::time::UtcDateTime;
@@ -22,7 +33,7 @@ use payswitch_protocol::{fields, Message, Mti, Stan};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::acquirer::AcquirerLink;
+use crate::acquirer::{AcquirerLink, ReversalSlot};
 use crate::clock::Now;
 use crate::journal::{Journal, JournalError, Record, RecordKind};
 use crate::routing::AcquirerIndex;
@@ -31,12 +42,6 @@ use crate::routing::AcquirerIndex;
 /// beyond any real backlog (an acquirer down for minutes at high load) and a few tens of
 /// MiB. Past it a reversal stays queued in the journal only and is sent after a restart.
 pub const MAX_PENDING_REVERSALS: usize = 100_000;
-
-/// First wait before resending a reversal, milliseconds.
-const RETRY_BACKOFF_START_MS: u64 = 200;
-/// Longest wait between attempts: an acquirer that comes back gets its reversals within
-/// this.
-const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
 
 /// A reversal to deliver.
 #[derive(Debug, Clone)]
@@ -47,6 +52,10 @@ pub struct PendingReversal {
     pub acquirer: AcquirerIndex,
     /// The `forwarded` record of the original (identity, acquirer, link STAN).
     pub original: Record,
+    /// The reversal's own link STAN, when attempts were sent before (a restart).
+    pub stan: Option<Stan>,
+    /// Attempts sent before (a restart): the next is a repeat.
+    pub attempts: u32,
 }
 
 /// Counters of the queue.
@@ -60,6 +69,30 @@ pub struct ReversalStats {
     pub acknowledged: AtomicU64,
     /// Reversals left to the next start because the queue was full.
     pub deferred: AtomicU64,
+    /// Reversals escalated (unacknowledged after [`ESCALATE_AFTER_ATTEMPTS`] attempts) and
+    /// still not acknowledged.
+    pub escalated: AtomicU64,
+}
+
+/// An escalated reversal, as `/api/reversals` shows it: no card data.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Escalated {
+    /// Sequence number of the original's request record.
+    pub request_seq: u64,
+    /// The acquirer.
+    pub acquirer: String,
+    /// The original's RRN.
+    pub rrn: String,
+    /// The original's terminal.
+    pub terminal: String,
+    /// Amount, minor units.
+    pub amount_minor: u64,
+    /// Attempts when it was escalated.
+    pub attempts: u32,
+    /// The reversal's link STAN.
+    pub stan: u32,
+    /// Unix milliseconds of the escalation.
+    pub since_ms: i64,
 }
 
 /// The store-and-forward queue.
@@ -68,6 +101,8 @@ pub struct StoreAndForward {
     journal: Option<Journal>,
     slots: Arc<Semaphore>,
     shutdown: CancellationToken,
+    /// Escalated reversals by request sequence number; bounded by the queue's slots.
+    escalated: Mutex<BTreeMap<u64, Escalated>>,
     /// Counters.
     pub stats: ReversalStats,
 }
@@ -92,6 +127,7 @@ impl StoreAndForward {
             journal,
             slots: Arc::new(Semaphore::new(MAX_PENDING_REVERSALS)),
             shutdown,
+            escalated: Mutex::new(BTreeMap::new()),
             stats: ReversalStats::default(),
         })
     }
@@ -116,29 +152,31 @@ impl StoreAndForward {
         });
     }
 
+    /// The escalated reversals, oldest first (at most `limit`).
+    pub fn escalated(&self, limit: usize) -> Vec<Escalated> {
+        let escalated = self.escalated.lock().unwrap_or_else(|e| e.into_inner());
+        escalated.values().take(limit).cloned().collect()
+    }
+
     async fn deliver(&self, reversal: PendingReversal) {
         let link = &self.links[reversal.acquirer];
         let Some(mut delivery) = Delivery::new(reversal, crate::clock::now()) else {
             return;
         };
-        let mut reservation = None;
+        // The reversal's STAN on the link, for every attempt; answers to any reach it.
+        let mut watch = link.watch(delivery.stan(), &delivery.reversal().original.rrn);
+        let mut slot: Option<ReversalSlot<'_>> = None;
         let mut step = delivery.start();
-        loop {
+        let outcome = loop {
             if self.shutdown.is_cancelled() {
-                return;
+                break None;
             }
             let event = match step {
-                DeliveryStep::Done(outcome) => {
-                    if outcome == Delivered::Acknowledged {
-                        self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return;
-                }
-                DeliveryStep::Reserve(_) => match link.reserve() {
+                DeliveryStep::Done(outcome) => break Some(outcome),
+                DeliveryStep::Reserve { .. } => match link.reserve_reversal() {
                     Ok(reserved) => {
-                        let stan = reserved.stan();
-                        reservation = Some(reserved);
-                        DeliveryEvent::Reserved(stan)
+                        slot = Some(reserved);
+                        DeliveryEvent::Reserved(watch.stan())
                     }
                     Err(_) => DeliveryEvent::Unavailable,
                 },
@@ -146,28 +184,71 @@ impl StoreAndForward {
                     DeliveryEvent::Durable(self.journal_append(&records).await)
                 }
                 DeliveryStep::Send { .. } => {
-                    let reserved = reservation
-                        .take()
-                        .expect("a Send step follows its reservation");
+                    let reserved = slot.take().expect("a Send step follows its reservation");
                     self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                    let answered = tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
-                        answered = reserved.send(delivery.message()) => answered,
-                    };
-                    match answered {
-                        Ok(answer) => DeliveryEvent::Answered(answer),
-                        Err(_) => DeliveryEvent::NoAnswer,
+                    if watch.send(&reserved, delivery.message()).is_err() {
+                        DeliveryEvent::NoAnswer
+                    } else {
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => break None,
+                            answer = watch.answer() => match answer {
+                                Some(answer) => DeliveryEvent::Answered(answer),
+                                None => DeliveryEvent::NoAnswer,
+                            },
+                            _ = tokio::time::sleep(link.timeout()) => DeliveryEvent::NoAnswer,
+                        }
                     }
                 }
                 DeliveryStep::Sleep(wait_ms) => {
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
+                        _ = self.shutdown.cancelled() => break None,
+                        // An earlier attempt's answer that comes late still acknowledges it.
+                        answer = watch.answer() => match answer {
+                            Some(answer) => DeliveryEvent::Answered(answer),
+                            None => DeliveryEvent::Woke,
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => DeliveryEvent::Woke,
                     }
-                    DeliveryEvent::Woke
                 }
             };
+            let was_escalated = delivery.escalated();
             step = delivery.handle(event, crate::clock::now());
+            if delivery.escalated() && !was_escalated {
+                self.escalate(&delivery, watch.stan());
+            }
+        };
+        if delivery.escalated() {
+            let request_seq = delivery.reversal().request_seq;
+            let mut escalated = self.escalated.lock().unwrap_or_else(|e| e.into_inner());
+            if escalated.remove(&request_seq).is_some() {
+                self.stats.escalated.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if outcome == Some(Delivered::Acknowledged) {
+            self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            if delivery.escalated() {
+                let original = &delivery.reversal().original;
+                tracing::info!(rrn = %original.rrn, acquirer = %original.acquirer, attempts = delivery.attempts(), "escalated reversal acknowledged");
+            }
+        }
+    }
+
+    fn escalate(&self, delivery: &Delivery, stan: Stan) {
+        let original = &delivery.reversal().original;
+        tracing::warn!(rrn = %original.rrn, terminal = %original.terminal, acquirer = %original.acquirer, attempts = delivery.attempts(), "reversal unacknowledged: escalated, repeated every minute until the acquirer answers");
+        let entry = Escalated {
+            request_seq: delivery.reversal().request_seq,
+            acquirer: original.acquirer.clone(),
+            rrn: original.rrn.clone(),
+            terminal: original.terminal.clone(),
+            amount_minor: original.amount_minor,
+            attempts: delivery.attempts(),
+            stan: stan.get(),
+            since_ms: crate::clock::now().unix_ms(),
+        };
+        let mut escalated = self.escalated.lock().unwrap_or_else(|e| e.into_inner());
+        if escalated.insert(entry.request_seq, entry).is_none() {
+            self.stats.escalated.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -179,23 +260,41 @@ impl StoreAndForward {
     }
 }
 
+/// First wait before repeating a reversal, milliseconds.
+const RETRY_BACKOFF_START_MS: u64 = 200;
+/// Longest wait between attempts: an acquirer that comes back gets its reversals within
+/// this.
+const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
+/// Unanswered attempts after which a reversal is escalated: about a minute of retries.
+pub const ESCALATE_AFTER_ATTEMPTS: u32 = 10;
+/// Wait between attempts of an escalated reversal: slow, but never given up.
+const ESCALATED_RETRY_MS: u64 = 60_000;
+
 /// What a [`Delivery`] asks its driver to do next.
 #[derive(Debug)]
 pub enum DeliveryStep {
-    /// Take a place and a STAN on the acquirer's link; answer
-    /// [`DeliveryEvent::Reserved`] or [`DeliveryEvent::Unavailable`].
-    Reserve(AcquirerIndex),
+    /// Take a reversal place on the acquirer's link; answer [`DeliveryEvent::Reserved`]
+    /// with the reversal's STAN there (`stan` when given: the same on every attempt), or
+    /// [`DeliveryEvent::Unavailable`].
+    Reserve {
+        /// The acquirer.
+        acquirer: AcquirerIndex,
+        /// The reversal's STAN, once it has one.
+        stan: Option<Stan>,
+    },
     /// Append these records and wait until durable; answer [`DeliveryEvent::Durable`].
     Append(Vec<Record>),
-    /// Send [`Delivery::message`] on the place reserved and wait for the answer; answer
+    /// Send [`Delivery::message`] on the place reserved and wait for an answer, to this
+    /// attempt or an earlier one, up to the link's timeout; answer
     /// [`DeliveryEvent::Answered`] or [`DeliveryEvent::NoAnswer`].
     Send {
         /// The acquirer.
         acquirer: AcquirerIndex,
-        /// The STAN reserved.
+        /// The reversal's STAN.
         stan: Stan,
     },
-    /// Wait this many milliseconds; answer [`DeliveryEvent::Woke`].
+    /// Wait this many milliseconds, or until an answer to an earlier attempt comes;
+    /// answer [`DeliveryEvent::Woke`] or [`DeliveryEvent::Answered`].
     Sleep(u64),
     /// The delivery is over.
     Done(Delivered),
@@ -215,13 +314,13 @@ pub enum Delivered {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum DeliveryEvent {
-    /// A place on the link.
+    /// A place on the link, and the reversal's STAN there.
     Reserved(Stan),
     /// The link is down or full: nothing was sent.
     Unavailable,
     /// The appended records are durable (or why not).
     Durable(Result<u64, JournalError>),
-    /// The acquirer's 0410.
+    /// The acquirer's 0410, to this attempt or an earlier one.
     Answered(Message),
     /// No answer in time, or nothing sent.
     NoAnswer,
@@ -233,8 +332,8 @@ pub enum DeliveryEvent {
 enum DeliveryState {
     Idle,
     Reserving,
-    JournalingAttempt { stan: Stan, sent: Record },
-    Sending { sent: Record, since: Now },
+    JournalingAttempt { stan: Stan },
+    Sending,
     JournalingAck,
     Sleeping,
     Done,
@@ -242,13 +341,17 @@ enum DeliveryState {
 
 /// One reversal's delivery, as a state machine that performs no I/O and reads no clock:
 /// reserve a place on the acquirer's link, journal the attempt, send, and journal the
-/// acknowledgement; back off and try again while the acquirer does not answer.
+/// acknowledgement; back off and repeat while the acquirer does not answer. An answer to
+/// any attempt acknowledges the reversal, also one that comes while it waits to repeat.
 #[derive(Debug)]
 pub struct Delivery {
     reversal: PendingReversal,
     message: Message,
+    stan: Option<Stan>,
     attempt: u32,
     backoff_ms: u64,
+    /// The last attempt's record and when it was sent.
+    last_sent: Option<(Record, Now)>,
     state: DeliveryState,
 }
 
@@ -257,15 +360,20 @@ impl Delivery {
     /// cannot make a reversal (logged).
     pub fn new(reversal: PendingReversal, now: Now) -> Option<Delivery> {
         let stamped = UtcDateTime::from_unix_ms(u64::try_from(now.unix_ms()).unwrap_or(0));
-        let Some(message) = reversal_message(&reversal.original, stamped) else {
+        let Some(mut message) = reversal_message(&reversal.original, stamped) else {
             tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal from the journal record");
             return None;
         };
+        if reversal.attempts > 0 {
+            message = as_repeat(&message);
+        }
         Some(Delivery {
+            stan: reversal.stan,
+            attempt: reversal.attempts,
             reversal,
             message,
-            attempt: 0,
             backoff_ms: RETRY_BACKOFF_START_MS,
+            last_sent: None,
             state: DeliveryState::Idle,
         })
     }
@@ -275,14 +383,41 @@ impl Delivery {
         &self.reversal
     }
 
-    /// The 0400 sent (the link puts its own STAN in field 11).
+    /// The message to send: 0400, then 0401 for every repeat (the link puts the
+    /// reversal's STAN in field 11).
     pub fn message(&self) -> &Message {
         &self.message
+    }
+
+    /// The reversal's link STAN, once it has one.
+    pub fn stan(&self) -> Option<Stan> {
+        self.stan
     }
 
     /// Attempts sent so far.
     pub fn attempts(&self) -> u32 {
         self.attempt
+    }
+
+    /// Unacknowledged after [`ESCALATE_AFTER_ATTEMPTS`] attempts.
+    pub fn escalated(&self) -> bool {
+        self.attempt >= ESCALATE_AFTER_ATTEMPTS
+    }
+
+    /// Whether a [`DeliveryEvent::Answered`] is taken now: while an attempt is out or
+    /// while it waits to repeat.
+    pub fn awaits_answer(&self) -> bool {
+        matches!(self.state, DeliveryState::Sending | DeliveryState::Sleeping)
+    }
+
+    /// Whether an attempt is out, waiting for its answer or its timeout.
+    pub fn is_sending(&self) -> bool {
+        matches!(self.state, DeliveryState::Sending)
+    }
+
+    /// Whether it waits to repeat.
+    pub fn is_sleeping(&self) -> bool {
+        matches!(self.state, DeliveryState::Sleeping)
     }
 
     /// The first step.
@@ -296,12 +431,23 @@ impl Delivery {
 
     fn reserve(&mut self) -> DeliveryStep {
         self.state = DeliveryState::Reserving;
-        DeliveryStep::Reserve(self.reversal.acquirer)
+        DeliveryStep::Reserve {
+            acquirer: self.reversal.acquirer,
+            stan: self.stan,
+        }
     }
 
     fn back_off(&mut self) -> DeliveryStep {
-        let wait = self.backoff_ms;
+        let wait = if self.escalated() {
+            ESCALATED_RETRY_MS
+        } else {
+            self.backoff_ms
+        };
         self.backoff_ms = (self.backoff_ms * 2).min(RETRY_BACKOFF_MAX_MS);
+        if self.attempt > 0 && self.message.mti() == Mti::REVERSAL_REQUEST {
+            // Sent once: every later attempt is a repeat of it.
+            self.message = as_repeat(&self.message);
+        }
         self.state = DeliveryState::Sleeping;
         DeliveryStep::Sleep(wait)
     }
@@ -320,6 +466,7 @@ impl Delivery {
             (DeliveryState::Reserving, DeliveryEvent::Reserved(stan)) => {
                 // Only an attempt that can leave is journaled as sent.
                 self.attempt += 1;
+                self.stan = Some(stan);
                 let mut sent = reversal.original.follow_up(
                     RecordKind::ReversalSent,
                     reversal.request_seq,
@@ -328,17 +475,19 @@ impl Delivery {
                 sent.acquirer = reversal.original.acquirer.clone();
                 sent.link_stan = reversal.original.link_stan;
                 sent.attempt = self.attempt;
-                self.state = DeliveryState::JournalingAttempt {
-                    stan,
-                    sent: sent.clone(),
-                };
+                sent.reversal_stan = stan.get();
+                self.last_sent = Some((sent.clone(), now));
+                self.state = DeliveryState::JournalingAttempt { stan };
                 DeliveryStep::Append(vec![sent])
             }
-            (DeliveryState::JournalingAttempt { stan, sent }, DeliveryEvent::Durable(durable)) => {
+            (DeliveryState::JournalingAttempt { stan }, DeliveryEvent::Durable(durable)) => {
                 match durable {
                     // The disk is behind: the attempt goes, and the next one is journaled.
                     Ok(_) | Err(JournalError::Overloaded) => {
-                        self.state = DeliveryState::Sending { sent, since: now };
+                        if let Some((_, since)) = &mut self.last_sent {
+                            *since = now;
+                        }
+                        self.state = DeliveryState::Sending;
                         DeliveryStep::Send {
                             acquirer: reversal.acquirer,
                             stan,
@@ -350,9 +499,22 @@ impl Delivery {
                     }
                 }
             }
-            (DeliveryState::Sending { .. }, DeliveryEvent::NoAnswer) => self.back_off(),
-            (DeliveryState::Sending { sent, since }, DeliveryEvent::Answered(answer)) => {
-                let mut ack = sent;
+            (DeliveryState::Sending, DeliveryEvent::NoAnswer) => self.back_off(),
+            (DeliveryState::Sending | DeliveryState::Sleeping, DeliveryEvent::Answered(answer)) => {
+                // No attempt sent by this run (one sent before a restart was answered):
+                // the acknowledgement is built from the original, as an attempt would be.
+                let (mut ack, since) = self.last_sent.take().unwrap_or_else(|| {
+                    let mut sent = reversal.original.follow_up(
+                        RecordKind::ReversalSent,
+                        reversal.request_seq,
+                        now.unix_ms(),
+                    );
+                    sent.acquirer = reversal.original.acquirer.clone();
+                    sent.link_stan = reversal.original.link_stan;
+                    sent.attempt = self.attempt;
+                    sent.reversal_stan = self.stan.map_or(0, |s| s.get());
+                    (sent, now)
+                });
                 ack.kind = RecordKind::ReversalAck;
                 ack.time_ms = now.unix_ms();
                 ack.code = answer
@@ -376,7 +538,15 @@ impl Delivery {
     }
 }
 
-impl StoreAndForward {}
+/// `message` as a repeat: 0401 for a 0400, 0421 for a 0420; the rest unchanged.
+fn as_repeat(message: &Message) -> Message {
+    let repeat = match message.mti() {
+        Mti::REVERSAL_REQUEST => Mti::REVERSAL_REQUEST_REPEAT,
+        Mti::REVERSAL_ADVICE => Mti::REVERSAL_ADVICE_REPEAT,
+        other => other,
+    };
+    message.to_builder().set_mti(repeat).build()
+}
 
 /// The 0400 reversing the forwarded original `original`, sent at `now`.
 pub fn reversal_message(original: &Record, now: UtcDateTime) -> Option<Message> {
@@ -405,4 +575,138 @@ pub fn reversal_message(original: &Record, now: UtcDateTime) -> Option<Message> 
         .set_str(fields::ORIGINAL_DATA, &original_data)
         .ok()?;
     Some(b.build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::record::tests::sample;
+
+    const T0: Now = Now {
+        unix_us: 1_764_000_000_000_000,
+    };
+
+    fn pending(stan: Option<Stan>, attempts: u32) -> PendingReversal {
+        let mut original = sample(RecordKind::Forwarded);
+        original.link_stan = 42;
+        PendingReversal {
+            request_seq: 7,
+            acquirer: 0,
+            original,
+            stan,
+            attempts,
+        }
+    }
+
+    fn answer(delivery: &Delivery) -> Message {
+        crate::ingress::validate::respond(delivery.message(), b"00", None, "")
+    }
+
+    /// Reserve, journal and send one attempt; the step after the send.
+    fn attempt(delivery: &mut Delivery, step: DeliveryStep, stan: Stan) -> DeliveryStep {
+        assert!(matches!(step, DeliveryStep::Reserve { .. }), "{step:?}");
+        let step = delivery.handle(DeliveryEvent::Reserved(stan), T0);
+        let DeliveryStep::Append(records) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(records[0].kind, RecordKind::ReversalSent);
+        assert_eq!(records[0].reversal_stan, stan.get());
+        assert_eq!(records[0].attempt, delivery.attempts());
+        delivery.handle(DeliveryEvent::Durable(Ok(1)), T0)
+    }
+
+    #[test]
+    fn every_retry_is_a_repeat_of_the_same_reversal() {
+        let stan = Stan::new(500).unwrap();
+        let mut delivery = Delivery::new(pending(None, 0), T0).unwrap();
+        let mut step = delivery.start();
+        assert!(matches!(step, DeliveryStep::Reserve { stan: None, .. }));
+        for n in 1..=3 {
+            step = attempt(&mut delivery, step, stan);
+            let DeliveryStep::Send { stan: sent, .. } = step else {
+                panic!("{step:?}")
+            };
+            assert_eq!(sent, stan, "attempt {n} carries the reversal's STAN");
+            let expected = if n == 1 {
+                Mti::REVERSAL_REQUEST
+            } else {
+                Mti::REVERSAL_REQUEST_REPEAT
+            };
+            assert_eq!(delivery.message().mti(), expected, "attempt {n}");
+            step = delivery.handle(DeliveryEvent::NoAnswer, T0);
+            assert!(matches!(step, DeliveryStep::Sleep(_)), "{step:?}");
+            step = delivery.handle(DeliveryEvent::Woke, T0);
+            assert!(
+                matches!(step, DeliveryStep::Reserve { stan: Some(s), .. } if s == stan),
+                "{step:?}"
+            );
+        }
+        // Field 90 names the original, not the reversal, on every attempt.
+        let data = delivery.message().get_str(fields::ORIGINAL_DATA).unwrap();
+        assert_eq!(&data[..10], "0100000042");
+    }
+
+    #[test]
+    fn a_late_answer_while_waiting_to_repeat_acknowledges_the_reversal() {
+        let stan = Stan::new(9).unwrap();
+        let mut delivery = Delivery::new(pending(None, 0), T0).unwrap();
+        let step = delivery.start();
+        let step = attempt(&mut delivery, step, stan);
+        assert!(matches!(step, DeliveryStep::Send { .. }));
+        let step = delivery.handle(DeliveryEvent::NoAnswer, T0);
+        assert!(matches!(step, DeliveryStep::Sleep(_)));
+        assert!(delivery.awaits_answer());
+        let late = answer(&delivery);
+        let step = delivery.handle(DeliveryEvent::Answered(late), T0);
+        let DeliveryStep::Append(records) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(records[0].kind, RecordKind::ReversalAck);
+        assert_eq!(records[0].code, "00");
+        assert_eq!(records[0].reversal_stan, 9);
+        let step = delivery.handle(DeliveryEvent::Durable(Ok(2)), T0);
+        assert!(matches!(step, DeliveryStep::Done(Delivered::Acknowledged)));
+    }
+
+    #[test]
+    fn an_unanswered_reversal_is_escalated_and_retried_slowly_never_dropped() {
+        let stan = Stan::new(77).unwrap();
+        let mut delivery = Delivery::new(pending(None, 0), T0).unwrap();
+        let mut step = delivery.start();
+        let mut waits = Vec::new();
+        for _ in 0..ESCALATE_AFTER_ATTEMPTS + 3 {
+            let sent = attempt(&mut delivery, step, stan);
+            assert!(matches!(sent, DeliveryStep::Send { .. }), "{sent:?}");
+            step = delivery.handle(DeliveryEvent::NoAnswer, T0);
+            let DeliveryStep::Sleep(wait) = step else {
+                panic!("{step:?}")
+            };
+            waits.push(wait);
+            step = delivery.handle(DeliveryEvent::Woke, T0);
+        }
+        assert!(delivery.escalated());
+        assert_eq!(waits[0], RETRY_BACKOFF_START_MS);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(
+            waits[ESCALATE_AFTER_ATTEMPTS as usize - 2],
+            RETRY_BACKOFF_MAX_MS
+        );
+        assert_eq!(*waits.last().unwrap(), ESCALATED_RETRY_MS);
+        assert!(matches!(step, DeliveryStep::Reserve { .. }), "still trying");
+    }
+
+    #[test]
+    fn after_a_restart_the_next_attempt_repeats_with_the_journaled_stan() {
+        let stan = Stan::new(123_456).unwrap();
+        let mut delivery = Delivery::new(pending(Some(stan), 2), T0).unwrap();
+        assert_eq!(delivery.message().mti(), Mti::REVERSAL_REQUEST_REPEAT);
+        let step = delivery.start();
+        assert!(
+            matches!(step, DeliveryStep::Reserve { stan: Some(s), .. } if s == stan),
+            "{step:?}"
+        );
+        let step = attempt(&mut delivery, step, stan);
+        assert!(matches!(step, DeliveryStep::Send { .. }));
+        assert_eq!(delivery.attempts(), 3);
+    }
 }

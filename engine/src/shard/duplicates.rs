@@ -416,6 +416,7 @@ mod tests {
             switch_us: 0,
             acquirer_us: 0,
             attempt: 0,
+            reversal_stan: 0,
         };
         let forwarded = Forwarded::new(3, Stan::new(123).unwrap(), 77, &record);
         let back = forwarded.record("north");

@@ -32,6 +32,9 @@ pub enum ShardRequest {
     Authorization(Authorization, Transaction),
     /// The reversal request itself: its field 90 names the original.
     Reversal(Message),
+    /// A request read while its gateway was at its in-flight bound: a retransmission is
+    /// answered from its original as always; anything else is shed (91, nothing done).
+    Shed,
 }
 
 impl ShardRequest {
@@ -41,10 +44,13 @@ impl ShardRequest {
         request: &Message,
         auth: Authorization,
         reversal: bool,
+        shed: bool,
         scoring: &Scoring,
         received_ms: i64,
     ) -> ShardRequest {
-        if reversal {
+        if shed {
+            ShardRequest::Shed
+        } else if reversal {
             ShardRequest::Reversal(request.clone())
         } else {
             ShardRequest::Authorization(auth, scoring.transaction(request, &auth, received_ms))
@@ -119,6 +125,9 @@ impl Shard {
         let verdict = if let Some(original) = self.window.get(&key, received_ms) {
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             ShardVerdict::Duplicate(original)
+        } else if matches!(request, ShardRequest::Shed) {
+            // Not remembered: it did nothing, and may be sent again.
+            ShardVerdict::Shed
         } else {
             let own = Arc::new(Original::new());
             self.window.insert(key, received_ms, Arc::clone(&own));
@@ -143,6 +152,7 @@ impl Shard {
                     own,
                     original: self.window.find_original(&request),
                 },
+                ShardRequest::Shed => unreachable!("shed before the window"),
             }
         };
         self.stats
@@ -214,6 +224,8 @@ pub enum ShardVerdict {
     },
     /// A retransmission of a request seen within the window.
     Duplicate(Arc<Original>),
+    /// Shed: answered 91 at once, nothing done, nothing journaled.
+    Shed,
     /// A new reversal from the gateway.
     Reversal {
         /// The reversal's own entry, for its retransmissions.

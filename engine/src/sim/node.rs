@@ -11,8 +11,9 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use super::disk::Disk;
-use super::peers::{RequestId, Time, MS, SECOND};
+use super::peers::{Mode, RequestId, Time, MS, SECOND};
 use super::Env;
+use crate::acquirer::REVERSAL_SLOTS_PER_LINK;
 use crate::config::Config;
 use crate::ingress::{self, Admission};
 use crate::journal::{JournalError, PanKey, Record, RecordKind};
@@ -82,6 +83,8 @@ pub enum NodeEvent {
         request: RequestId,
         gateway: usize,
         sent_at: Time,
+        /// Within the stream's bound; otherwise read to be shed.
+        admitted: bool,
     },
     /// A shard finished its current job.
     ShardReady { epoch: u32, shard: usize },
@@ -107,6 +110,12 @@ pub enum NodeEvent {
     },
     /// A reversal delivery's back-off is over.
     Wake { epoch: u32, delivery: u64 },
+    /// A reversal attempt's timeout.
+    DeliveryTimeout {
+        epoch: u32,
+        delivery: u64,
+        attempt: u32,
+    },
     /// A retransmission gave up waiting for its original.
     WaitExpired { epoch: u32, life: u64 },
     /// The switch notices an acquirer's connection is gone.
@@ -120,13 +129,19 @@ struct Live {
     gateway: usize,
     request: RequestId,
     sent_at: Time,
+    /// Within its stream's bound (else read to be shed).
+    admitted: bool,
     reservation: Option<(usize, Stan)>,
     original: Option<Arc<Original>>,
 }
 
 struct LiveDelivery {
     delivery: Delivery,
-    reservation: Option<(usize, Stan)>,
+    /// The reversal's STAN on its link, held for the whole delivery.
+    stan: Stan,
+    reserved: bool,
+    /// An answer that came while the delivery was journaling: taken at its next wait.
+    answer: Option<Message>,
 }
 
 struct Job {
@@ -139,6 +154,7 @@ struct Job {
     id: RequestId,
     sent_at: Time,
     received: Now,
+    admitted: bool,
 }
 
 struct SimShard {
@@ -154,13 +170,38 @@ struct Link {
     in_flight: usize,
     next_stan: u32,
     outstanding: BTreeMap<u32, Owner>,
+    /// Reversals being delivered, by their STAN: answers to any attempt reach them.
+    watches: BTreeMap<u32, u64>,
+    /// Reversal attempts out now, at most `REVERSAL_SLOTS_PER_LINK`.
+    reversals_in_flight: usize,
 }
 
 impl Link {
-    /// The same STAN sequence as the switch's links.
+    /// The same STAN sequence as the switch's links, skipping STANs held.
     fn allocate_stan(&mut self) -> Stan {
-        let stan = crate::acquirer::link_stan(self.next_stan);
-        self.next_stan = self.next_stan.wrapping_add(1);
+        loop {
+            let stan = crate::acquirer::link_stan(self.next_stan);
+            self.next_stan = self.next_stan.wrapping_add(1);
+            if !self.outstanding.contains_key(&stan.get())
+                && !self.watches.contains_key(&stan.get())
+            {
+                return stan;
+            }
+        }
+    }
+
+    /// A STAN for a reversal's whole delivery: `wanted` when free.
+    fn watch(&mut self, wanted: Option<Stan>, delivery: u64) -> Stan {
+        let stan = match wanted {
+            Some(stan)
+                if !self.outstanding.contains_key(&stan.get())
+                    && !self.watches.contains_key(&stan.get()) =>
+            {
+                stan
+            }
+            _ => self.allocate_stan(),
+        };
+        self.watches.insert(stan.get(), delivery);
         stan
     }
 }
@@ -168,6 +209,9 @@ impl Link {
 #[derive(Default)]
 struct Stream {
     in_progress: usize,
+    /// Requests read beyond the bound, to be shed: at most the bound again.
+    shedding: usize,
+    /// Frames not read yet: the serve loop stops reading when both are full.
     backlog: VecDeque<(RequestId, Time)>,
 }
 
@@ -290,13 +334,14 @@ impl Node {
     /// Checks the node's memory against its bounds; the first one exceeded, if any.
     pub fn check_bounds(&self) -> Option<String> {
         let c = &self.config;
-        let requests = c.gateways * c.stream_limit;
+        // Admitted and read to be shed, each up to the stream's bound.
+        let requests = c.gateways * 2 * c.stream_limit;
         if self.lives.len() > requests {
             return Some(format!(
                 "{} requests in progress, above {} streams x {} each",
                 self.lives.len(),
                 c.gateways,
-                c.stream_limit
+                2 * c.stream_limit
             ));
         }
         if self.deliveries.len() > crate::reversal::MAX_PENDING_REVERSALS {
@@ -418,15 +463,32 @@ impl Node {
         }
         let gateway = env.gateways.requests[request].gateway;
         let stream = &mut self.streams[gateway];
-        if stream.in_progress >= self.config.stream_limit {
+        // Beyond the stream's bound a request is read to be shed (91 unless its shard
+        // knows it), as the switch's serve loop does; beyond twice the bound it waits.
+        let limit = self.config.stream_limit;
+        if stream.in_progress < limit {
+            self.read(env, gateway, request, sent_at, true);
+        } else if stream.shedding < limit {
+            self.read(env, gateway, request, sent_at, false);
+        } else {
             stream.backlog.push_back((request, sent_at));
-            return;
         }
-        self.read(env, gateway, request, sent_at);
     }
 
-    fn read(&mut self, env: &mut Env, gateway: usize, request: RequestId, sent_at: Time) {
-        self.streams[gateway].in_progress += 1;
+    fn read(
+        &mut self,
+        env: &mut Env,
+        gateway: usize,
+        request: RequestId,
+        sent_at: Time,
+        admitted: bool,
+    ) {
+        let stream = &mut self.streams[gateway];
+        if admitted {
+            stream.in_progress += 1;
+        } else {
+            stream.shedding += 1;
+        }
         self.cpu_free = self.cpu_free.max(env.now) + self.config.ingress_cost;
         let after = self.cpu_free - env.now;
         let epoch = self.epoch;
@@ -437,6 +499,7 @@ impl Node {
                 request,
                 gateway,
                 sent_at,
+                admitted,
             }),
         );
     }
@@ -452,7 +515,8 @@ impl Node {
                 request,
                 gateway,
                 sent_at,
-            } if epoch == self.epoch => self.ingress(env, request, gateway, sent_at),
+                admitted,
+            } if epoch == self.epoch => self.ingress(env, request, gateway, sent_at, admitted),
             NodeEvent::ShardReady { epoch, shard } if epoch == self.epoch => {
                 self.shard_ready(env, shard)
             }
@@ -480,8 +544,28 @@ impl Node {
                     self.resume(env, owner, Resumed::NoAnswer);
                 }
             }
-            NodeEvent::Wake { epoch, delivery } if epoch == self.epoch => {
+            // Not when an earlier attempt's answer ended the wait.
+            NodeEvent::Wake { epoch, delivery }
+                if epoch == self.epoch
+                    && self
+                        .deliveries
+                        .get(&delivery)
+                        .is_some_and(|live| live.delivery.is_sleeping()) =>
+            {
                 self.resume(env, Owner::Delivery(delivery), Resumed::Woke);
+            }
+            NodeEvent::DeliveryTimeout {
+                epoch,
+                delivery,
+                attempt,
+            } if epoch == self.epoch => {
+                let out = self.deliveries.get(&delivery).is_some_and(|live| {
+                    live.delivery.is_sending() && live.delivery.attempts() == attempt
+                });
+                if out {
+                    self.end_attempt(delivery);
+                    self.resume(env, Owner::Delivery(delivery), Resumed::NoAnswer);
+                }
             }
             NodeEvent::WaitExpired { epoch, life } if epoch == self.epoch => {
                 if let Some(position) = self.waiting.iter().position(|w| *w == life) {
@@ -489,7 +573,13 @@ impl Node {
                     self.resume(env, Owner::Life(life), Resumed::Original(None));
                 }
             }
-            NodeEvent::LinkDown(acquirer) => self.link_down(env, acquirer),
+            // Noticed late: only if the acquirer is still gone (it may be back already).
+            NodeEvent::LinkDown(acquirer) if env.acquirers[acquirer].mode == Mode::Down => {
+                self.link_down(env, acquirer)
+            }
+            NodeEvent::LinkDown(_) => {}
+            // A connection can only be made to an acquirer that is there.
+            NodeEvent::LinkUp(acquirer) if env.acquirers[acquirer].mode == Mode::Down => {}
             NodeEvent::LinkUp(acquirer) => {
                 let link = &mut self.links[acquirer];
                 if !link.up {
@@ -531,13 +621,42 @@ impl Node {
             .get(fields::STAN)
             .and_then(|s| Stan::parse(s).ok())
             .map(|s| s.get());
-        match stan.and_then(|s| link.outstanding.remove(&s)) {
-            Some(owner) => {
-                link.in_flight -= 1;
-                self.resume(env, owner, Resumed::Answered(answer));
-            }
+        let Some(stan) = stan else {
+            return;
+        };
+        if let Some(owner) = link.outstanding.remove(&stan) {
+            link.in_flight -= 1;
+            self.resume(env, owner, Resumed::Answered(answer));
+            return;
+        }
+        let Some(&id) = link.watches.get(&stan) else {
             // After its timeout: matched to nothing, as the real link does.
-            None => env.counts.late_answers += 1,
+            env.counts.late_answers += 1;
+            return;
+        };
+        // A reversal's answer, to this attempt or an earlier one.
+        let Some(live) = self.deliveries.get_mut(&id) else {
+            return;
+        };
+        if live.delivery.is_sending() {
+            self.end_attempt(id);
+            self.resume(env, Owner::Delivery(id), Resumed::Answered(answer));
+        } else if live.delivery.is_sleeping() {
+            self.resume(env, Owner::Delivery(id), Resumed::Answered(answer));
+        } else {
+            // Journaling: taken at the next wait, as the switch's channel holds it.
+            live.answer.get_or_insert(answer);
+        }
+    }
+
+    /// A reversal attempt is over: its place on the link is free.
+    fn end_attempt(&mut self, delivery: u64) {
+        let Some(live) = self.deliveries.get_mut(&delivery) else {
+            return;
+        };
+        if std::mem::take(&mut live.reserved) {
+            let acquirer = live.delivery.reversal().acquirer;
+            self.links[acquirer].reversals_in_flight -= 1;
         }
     }
 
@@ -558,7 +677,14 @@ impl Node {
         }
     }
 
-    fn ingress(&mut self, env: &mut Env, id: RequestId, gateway: usize, sent_at: Time) {
+    fn ingress(
+        &mut self,
+        env: &mut Env,
+        id: RequestId,
+        gateway: usize,
+        sent_at: Time,
+        admitted: bool,
+    ) {
         let frame: Bytes = env.gateways.requests[id].frame.clone();
         let received = now_of(env.now);
         match ingress::admit(Message::decode_prefix(frame), || {}) {
@@ -570,7 +696,7 @@ impl Node {
             }
             Admission::Answer(code, response) => {
                 let reply = lifecycle::Reply { code, response };
-                self.replied(env, gateway, id, sent_at, &reply);
+                self.replied(env, gateway, id, sent_at, admitted, &reply);
             }
             Admission::Admit {
                 request,
@@ -580,8 +706,14 @@ impl Node {
             } => {
                 let pan_hash = self.pan_key.hash(auth.pan.expose());
                 let received_ms = received.unix_ms();
-                let shard_request =
-                    ShardRequest::new(&request, auth, reversal, &self.scoring, received_ms);
+                let shard_request = ShardRequest::new(
+                    &request,
+                    auth,
+                    reversal,
+                    !admitted,
+                    &self.scoring,
+                    received_ms,
+                );
                 let record = Lifecycle::request_record(&request, &auth, pan_hash, received);
                 let job = Job {
                     request: shard_request,
@@ -593,6 +725,7 @@ impl Node {
                     id,
                     sent_at,
                     received,
+                    admitted,
                 };
                 let index = crate::shard::shard_of(pan_hash, self.shards.len());
                 let shard = &mut self.shards[index];
@@ -603,7 +736,7 @@ impl Node {
                         received,
                         payswitch_protocol::ResponseCode::IssuerInoperative,
                     );
-                    self.begin(env, life, gateway, id, sent_at);
+                    self.begin(env, life, gateway, id, sent_at, admitted);
                     return;
                 }
                 shard.queue.push_back(job);
@@ -649,7 +782,7 @@ impl Node {
             );
         }
         let life = Lifecycle::new(job.message, job.record, job.received, verdict);
-        self.begin(env, life, job.gateway, job.id, job.sent_at);
+        self.begin(env, life, job.gateway, job.id, job.sent_at, job.admitted);
     }
 
     fn begin(
@@ -659,6 +792,7 @@ impl Node {
         gateway: usize,
         id: RequestId,
         sent_at: Time,
+        admitted: bool,
     ) {
         self.next_id += 1;
         let life_id = self.next_id;
@@ -668,6 +802,7 @@ impl Node {
             gateway,
             request: id,
             sent_at,
+            admitted,
             reservation: None,
             original: None,
         };
@@ -679,7 +814,14 @@ impl Node {
         loop {
             let event = match step {
                 Step::Reply(reply) => {
-                    self.replied(env, live.gateway, live.request, live.sent_at, &reply);
+                    self.replied(
+                        env,
+                        live.gateway,
+                        live.request,
+                        live.sent_at,
+                        live.admitted,
+                        &reply,
+                    );
                     self.wake_waiters(env);
                     return;
                 }
@@ -762,6 +904,7 @@ impl Node {
         gateway: usize,
         id: RequestId,
         sent_at: Time,
+        admitted: bool,
         reply: &lifecycle::Reply,
     ) {
         let waited = env.now - sent_at;
@@ -776,9 +919,17 @@ impl Node {
             );
         }
         let stream = &mut self.streams[gateway];
-        stream.in_progress -= 1;
+        if admitted {
+            stream.in_progress -= 1;
+        } else {
+            stream.shedding -= 1;
+        }
         if let Some((next, next_sent)) = stream.backlog.pop_front() {
-            self.read(env, gateway, next, next_sent);
+            self.receive(env, next, next_sent);
+        }
+        let shed = reply.response.get(fields::PRIVATE_DATA) == Some(ingress::SHED_TAGS.as_bytes());
+        if shed {
+            env.counts.shed += 1;
         }
         let answer = super::peers::Answer {
             code: reply.code,
@@ -888,13 +1039,17 @@ impl Node {
         };
         self.next_id += 1;
         let id = self.next_id;
+        let acquirer = delivery.reversal().acquirer;
+        let stan = self.links[acquirer].watch(delivery.stan(), id);
         let step = delivery.start();
         self.pump_delivery(
             env,
             id,
             LiveDelivery {
                 delivery,
-                reservation: None,
+                stan,
+                reserved: false,
+                answer: None,
             },
             step,
         );
@@ -913,15 +1068,20 @@ impl Node {
                     if done == Delivered::Acknowledged {
                         env.counts.reversals_acknowledged += 1;
                     }
+                    let acquirer = live.delivery.reversal().acquirer;
+                    self.links[acquirer].watches.remove(&live.stan.get());
                     return;
                 }
-                DeliveryStep::Reserve(acquirer) => match self.reserve(acquirer) {
-                    Some(stan) => {
-                        live.reservation = Some((acquirer, stan));
-                        DeliveryEvent::Reserved(stan)
+                DeliveryStep::Reserve { acquirer, .. } => {
+                    let link = &mut self.links[acquirer];
+                    if link.up && link.reversals_in_flight < REVERSAL_SLOTS_PER_LINK {
+                        link.reversals_in_flight += 1;
+                        live.reserved = true;
+                        DeliveryEvent::Reserved(live.stan)
+                    } else {
+                        DeliveryEvent::Unavailable
                     }
-                    None => DeliveryEvent::Unavailable,
-                },
+                }
                 DeliveryStep::Append(records) => {
                     match self.append(env, Owner::Delivery(id), &records) {
                         Some(durable) => DeliveryEvent::Durable(durable),
@@ -929,33 +1089,51 @@ impl Node {
                     }
                 }
                 DeliveryStep::Send { acquirer, stan } => {
-                    let reserved = live.reservation.take();
-                    assert_eq!(
-                        reserved,
-                        Some((acquirer, stan)),
-                        "sent with the STAN reserved"
-                    );
-                    if self.send(
-                        env,
-                        Owner::Delivery(id),
-                        acquirer,
-                        stan,
-                        live.delivery.message(),
-                    ) {
+                    assert!(live.reserved, "sent on a place reserved");
+                    assert_eq!(stan, live.stan, "every attempt carries the reversal's STAN");
+                    let link = &mut self.links[acquirer];
+                    if !link.up {
+                        link.reversals_in_flight -= 1;
+                        live.reserved = false;
+                        DeliveryEvent::NoAnswer
+                    } else if let Some(answer) = live.answer.take() {
+                        // An earlier attempt's answer is already here.
+                        link.reversals_in_flight -= 1;
+                        live.reserved = false;
+                        DeliveryEvent::Answered(answer)
+                    } else {
+                        let mut builder = live.delivery.message().to_builder();
+                        builder
+                            .set(fields::STAN, &stan.to_digits())
+                            .expect("a STAN fits field 11");
+                        let connection = link.connection;
+                        let epoch = self.epoch;
+                        env.send_acquirer(acquirer, builder.build(), epoch, connection);
+                        env.schedule(
+                            self.config.timeout,
+                            super::Event::Node(NodeEvent::DeliveryTimeout {
+                                epoch,
+                                delivery: id,
+                                attempt: live.delivery.attempts(),
+                            }),
+                        );
                         break;
                     }
-                    DeliveryEvent::NoAnswer
                 }
                 DeliveryStep::Sleep(ms) => {
-                    let epoch = self.epoch;
-                    env.schedule(
-                        ms * MS,
-                        super::Event::Node(NodeEvent::Wake {
-                            epoch,
-                            delivery: id,
-                        }),
-                    );
-                    break;
+                    if let Some(answer) = live.answer.take() {
+                        DeliveryEvent::Answered(answer)
+                    } else {
+                        let epoch = self.epoch;
+                        env.schedule(
+                            ms * MS,
+                            super::Event::Node(NodeEvent::Wake {
+                                epoch,
+                                delivery: id,
+                            }),
+                        );
+                        break;
+                    }
                 }
             };
             step = live.delivery.handle(event, now_of(env.now));

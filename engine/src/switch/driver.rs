@@ -100,11 +100,34 @@ impl Handler for Switch {
         self: Arc<Self>,
         frame: Bytes,
     ) -> impl std::future::Future<Output = Reply> + Send + 'static {
+        self.serve(frame, false)
+    }
+
+    const SHEDS: bool = true;
+
+    /// A request read beyond its gateway's in-flight bound still goes to its card's shard,
+    /// which answers a retransmission from its original (a 91 there could contradict an
+    /// approval the gateway has not heard yet) and sheds anything else: 91 at once,
+    /// without scoring, journal or acquirer.
+    fn shed(
+        self: Arc<Self>,
+        frame: Bytes,
+    ) -> impl std::future::Future<Output = Reply> + Send + 'static {
+        self.serve(frame, true)
+    }
+}
+
+impl Switch {
+    fn serve(
+        self: Arc<Self>,
+        frame: Bytes,
+        shed: bool,
+    ) -> impl std::future::Future<Output = Reply> + Send + 'static {
         // Decoding, validation and the shard enqueue run here, in the order the stream's
         // frames were read: a card's transactions reach its shard — and its velocity
         // state — in the order the gateway sent them, however the tasks are scheduled.
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let accepted = self.accept(frame);
+        let accepted = self.accept(frame, shed);
         async move {
             // Counted down however the request ends (even if its task is dropped).
             let _in_flight = InFlightGuard(&self.stats.in_flight);
@@ -122,6 +145,13 @@ impl Handler for Switch {
                         self.stats.count(&code);
                         return Reply::Message(response);
                     };
+                    if matches!(verdict, ShardVerdict::Shed) {
+                        let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                        self.log_shedding(
+                            shed,
+                            "gateway stream or connection at its in-flight bound",
+                        );
+                    }
                     let (times, request, record) = self.take(r);
                     let life = Lifecycle::new(request, record, times.received_at, verdict);
                     self.drive(times, life, shard_timings).await
@@ -160,7 +190,7 @@ impl Switch {
         self.journal.as_ref()
     }
 
-    fn accept(&self, frame: Bytes) -> Accepted {
+    fn accept(&self, frame: Bytes, shed: bool) -> Accepted {
         let received = Instant::now();
         let timed = self.metrics.enabled();
         let decoded = Message::decode_prefix(frame);
@@ -182,7 +212,7 @@ impl Switch {
                 auth,
                 reversal,
                 key,
-            } => self.enqueue(request, auth, reversal, key, received, timings),
+            } => self.enqueue(request, auth, reversal, shed, key, (received, timings)),
         }
     }
 
@@ -192,14 +222,15 @@ impl Switch {
         request: Message,
         auth: Authorization,
         reversal: bool,
+        shed: bool,
         key: DupKey,
-        received: Instant,
-        timings: Timings,
+        (received, timings): (Instant, Timings),
     ) -> Accepted {
         let received_at = now();
         let received_ms = received_at.unix_ms();
         let pan_hash = self.pan_key.hash(auth.pan.expose());
-        let shard_request = ShardRequest::new(&request, auth, reversal, &self.scoring, received_ms);
+        let shard_request =
+            ShardRequest::new(&request, auth, reversal, shed, &self.scoring, received_ms);
         let in_flight = InFlight {
             request,
             auth,
@@ -220,7 +251,7 @@ impl Switch {
         };
         if self.shards[shard].try_send(job).is_err() {
             let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed);
-            self.log_shedding(shed);
+            self.log_shedding(shed, "shard queue full");
             return Accepted::Refused(in_flight, ResponseCode::IssuerInoperative);
         }
         Accepted::Queued(in_flight, verdict)
@@ -341,13 +372,14 @@ impl Switch {
     }
 
     /// Logs the first request shed and then at most one line a second with the count.
-    fn log_shedding(&self, shed_before: u64) {
+    fn log_shedding(&self, shed_before: u64, why: &'static str) {
         let now_s = self.metrics.uptime().as_secs();
         let last = self.stats.shed_logged_s.swap(now_s + 1, Ordering::Relaxed);
         if last != now_s + 1 {
             tracing::warn!(
                 shed_total = shed_before + 1,
-                "overload: shard queue full, requests answered 91 at once"
+                why,
+                "overload: requests answered 91 at once"
             );
         }
     }

@@ -299,6 +299,7 @@ async fn listen(
     let limits = Limits {
         max_frame: config.pipeline.max_frame,
         max_in_flight_per_stream: config.pipeline.max_in_flight_per_stream,
+        max_in_flight_per_connection: config.pipeline.max_in_flight_per_connection,
         max_connections: config.pipeline.max_connections,
     };
     let mut listening = Listening {

@@ -2,8 +2,14 @@
 //! the same stream in completion order.
 //!
 //! The same loop serves a QUIC bidirectional stream and a plain TCP connection. Requests on
-//! one stream are handled concurrently (pipelining) up to `Limits::max_in_flight_per_stream`;
-//! beyond that the loop stops reading, and transport flow control pushes back on the peer.
+//! one stream are handled concurrently (pipelining) up to `Limits::max_in_flight_per_stream`,
+//! and on one connection up to `Limits::max_in_flight_per_connection`. Beyond those bounds
+//! a handler that sheds ([`Handler::SHEDS`]) gets the frame through [`Handler::shed`] (the
+//! switch answers 91 at once unless it is a retransmission) and the loop reads on, so an
+//! overloaded switch answers quickly instead of letting requests wait in socket buffers;
+//! shed frames in progress are bounded by the stream's bound again, and past that, or with
+//! a handler that does not shed, the loop stops reading and transport flow control pushes
+//! back on the peer.
 //! A frame that cannot be answered ends only its own stream (QUIC: reset with an
 //! application error code; TCP: the connection, which is the stream).
 
@@ -44,6 +50,17 @@ pub trait Handler: Send + Sync + 'static {
     /// it may complete in any order. The task runs to its end even if the stream fails
     /// meanwhile.
     fn handle(self: Arc<Self>, frame: Bytes) -> impl Future<Output = Reply> + Send + 'static;
+
+    /// Whether frames beyond the in-flight bounds are answered by [`Handler::shed`]
+    /// (`true`) or left unread until a request in progress completes (`false`).
+    const SHEDS: bool = false;
+
+    /// The quick answer to `frame`, read while the stream or connection is at its
+    /// in-flight bound: without doing the request. Called only when [`Handler::SHEDS`].
+    fn shed(self: Arc<Self>, frame: Bytes) -> impl Future<Output = Reply> + Send + 'static {
+        let _ = frame;
+        async { Reply::Close(codes::INTERNAL) }
+    }
 }
 
 /// Bounds of a server.
@@ -53,6 +70,8 @@ pub struct Limits {
     pub max_frame: usize,
     /// Requests one stream may have in progress before the server stops reading it.
     pub max_in_flight_per_stream: usize,
+    /// Requests one connection may have in progress over all its streams.
+    pub max_in_flight_per_connection: usize,
     /// Open connections (QUIC and TCP each); more are refused.
     pub max_connections: usize,
 }
@@ -64,6 +83,10 @@ impl Default for Limits {
             // A gateway pipelining more than this on one stream is better served by more
             // streams; 256 keeps one stream's pending responses to a few tens of KiB.
             max_in_flight_per_stream: 256,
+            // Below QUIC's 1024 concurrent streams, so a gateway opening a stream per
+            // request meets the bound (and a quick 91) before it meets flow control (and
+            // an unbounded wait in its own buffers).
+            max_in_flight_per_connection: 512,
             // Gateways hold few long-lived connections; 1024 bounds per-connection state
             // (buffers, QUIC state of a few KiB each) to a few tens of MiB.
             max_connections: 1024,
@@ -84,6 +107,9 @@ pub struct ServeStats {
     pub frames: AtomicU64,
     /// Streams ended because of a frame that could not be answered.
     pub streams_aborted: AtomicU64,
+    /// Frames answered by [`Handler::shed`] because a stream or connection was at its
+    /// in-flight bound.
+    pub shed: AtomicU64,
 }
 
 /// How a stream ended.
@@ -110,6 +136,7 @@ pub async fn serve_stream<R, W, H>(
     writer: &mut W,
     handler: &Arc<H>,
     max_in_flight: usize,
+    connection: &Arc<Semaphore>,
     stats: &ServeStats,
     shutdown: &CancellationToken,
 ) -> StreamEnd
@@ -119,6 +146,14 @@ where
     H: Handler,
 {
     let mut tasks: JoinSet<Reply> = JoinSet::new();
+    // Admitted requests hold a place of the stream's and one of the connection's; shed
+    // ones hold none, and all together are at most twice the stream's bound.
+    let places = Arc::new(Semaphore::new(max_in_flight));
+    let max_tasks = if H::SHEDS {
+        2 * max_in_flight
+    } else {
+        max_in_flight
+    };
     let mut out = BytesMut::with_capacity(1024);
     let mut reading = true;
     let mut end = StreamEnd::Finished;
@@ -143,11 +178,41 @@ where
                     end = StreamEnd::Abort(code);
                 }
             }
-            frame = reader.next_frame(), if reading && tasks.len() < max_in_flight => {
+            frame = reader.next_frame(), if reading && tasks.len() < max_tasks => {
                 match frame {
                     Ok(Some(frame)) => {
                         stats.frames.fetch_add(1, Ordering::Relaxed);
-                        tasks.spawn(Arc::clone(handler).handle(frame));
+                        let place = Arc::clone(&places).try_acquire_owned().ok().and_then(|stream| {
+                            Some((stream, Arc::clone(connection).try_acquire_owned().ok()?))
+                        });
+                        let place = match place {
+                            Some(place) => Some(place),
+                            None if H::SHEDS => None,
+                            // Not shedding: wait for places, as flow control would.
+                            None => {
+                                let (Ok(stream), Ok(conn)) = (
+                                    Arc::clone(&places).acquire_owned().await,
+                                    Arc::clone(connection).acquire_owned().await,
+                                ) else {
+                                    return StreamEnd::Failed;
+                                };
+                                Some((stream, conn))
+                            }
+                        };
+                        match place {
+                            Some(place) => {
+                                let request = Arc::clone(handler).handle(frame);
+                                tasks.spawn(async move {
+                                    let reply = request.await;
+                                    drop(place);
+                                    reply
+                                });
+                            }
+                            None => {
+                                stats.shed.fetch_add(1, Ordering::Relaxed);
+                                tasks.spawn(Arc::clone(handler).shed(frame));
+                            }
+                        }
                     }
                     Ok(None) => reading = false,
                     Err(ReadError::Frame(_)) => {
@@ -232,6 +297,7 @@ async fn serve_quic_connection<H: Handler>(
     shutdown: CancellationToken,
     streams: TaskTracker,
 ) {
+    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -247,6 +313,7 @@ async fn serve_quic_connection<H: Handler>(
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
+        let in_flight = Arc::clone(&in_flight);
         streams.spawn(async move {
             let mut reader = FrameReader::new(recv, limits.max_frame);
             let end = serve_stream(
@@ -254,6 +321,7 @@ async fn serve_quic_connection<H: Handler>(
                 &mut send,
                 &handler,
                 limits.max_in_flight_per_stream,
+                &in_flight,
                 &stats,
                 &shutdown,
             )
@@ -320,11 +388,13 @@ pub async fn serve_tcp<H: Handler>(
             let _permit = permit;
             let (read, mut write) = stream.into_split();
             let mut reader = FrameReader::new(read, limits.max_frame);
+            let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
             let end = serve_stream(
                 &mut reader,
                 &mut write,
                 &handler,
                 limits.max_in_flight_per_stream,
+                &in_flight,
                 &stats,
                 &shutdown,
             )
