@@ -333,9 +333,20 @@ fn kill_9_under_load_five_times_loses_nothing_and_authorizes_nothing_twice() {
     //    journal; no approval the gateway got is reversed.
     let delivered: HashMap<String, String> =
         record.iter().map(|l| (s(l, "rrn"), s(l, "code"))).collect();
+    // A retry is a repeat (0401) of the reversal, never a new 0400, across restarts too.
+    let mut first_sends: HashMap<String, usize> = HashMap::new();
+    for line in ledger.iter().filter(|l| l["mti"] == "0400") {
+        *first_sends.entry(s(line, "rrn")).or_default() += 1;
+    }
+    for (rrn, sends) in &first_sends {
+        assert_eq!(
+            *sends, 1,
+            "RRN {rrn}: {sends} new reversals (0400) instead of repeats"
+        );
+    }
     let reversed: HashMap<String, &Value> = ledger
         .iter()
-        .filter(|l| l["mti"] == "0400" && l["code"] == "00")
+        .filter(|l| (l["mti"] == "0400" || l["mti"] == "0401") && l["code"] == "00")
         .map(|l| (s(l, "rrn"), l))
         .collect();
     let acknowledged: HashSet<String> = journal

@@ -663,10 +663,9 @@ async fn a_slow_acquirer_gets_its_reversals_once_it_answers_each_acknowledged_on
         assert_eq!(response.get_str(39), Some("91"), "timeout");
     }
     assert_eq!(switch.switch.stats.reversals_queued.load(Relaxed), 5);
-    // Reversal attempts time out too while the acquirer is slow...
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(switch.switch.reversals.stats.acknowledged.load(Relaxed), 0);
-    // ...until it recovers.
+    // Reversal attempts time out too while the acquirer is slow (a late answer to one
+    // may acknowledge it already: see the test below), until it recovers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     sim.set_delay(Duration::ZERO);
     let deadline = Instant::now() + Duration::from_secs(20);
     while switch.switch.reversals.stats.acknowledged.load(Relaxed) < 5 {
@@ -700,6 +699,73 @@ async fn a_slow_acquirer_gets_its_reversals_once_it_answers_each_acknowledged_on
         assert_eq!(ack.1.code, "00");
         assert_eq!(ack.1.acquirer, "north");
     }
+}
+
+/// An acquirer that answers everything, reversals included, only after the switch's
+/// timeout: before issue 10 its reversals were retried as new 0400s for ever. Now each
+/// retry repeats the same reversal (0401, same link STAN) and the late answer to any
+/// attempt acknowledges it, while the acquirer stays slow.
+#[tokio::test]
+async fn reversals_to_an_acquirer_that_always_answers_late_converge() {
+    use payswitch::journal::RecordKind;
+    use std::sync::atomic::Ordering::Relaxed;
+    let sim = start_sim(SimConfig {
+        approval_rate: 1.0,
+        latency_median: Duration::ZERO,
+        ..SimConfig::default()
+    })
+    .await;
+    let (config, switch) = switch_with_journal(&sim, 200).await;
+    sim.set_delay(Duration::from_millis(700));
+    let conn = gateway(&switch).await;
+    for stan in 70..75 {
+        let response = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
+        assert_eq!(response.get_str(39), Some("91"), "timeout");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while switch.switch.reversals.stats.acknowledged.load(Relaxed) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "reversals to a slow acquirer not acknowledged: {} of 5",
+            switch.switch.reversals.stats.acknowledged.load(Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(switch.switch.reversals.stats.pending.load(Relaxed), 0);
+    let link = &switch.switch.links()[0];
+    assert!(
+        link.stats.late.load(Relaxed) >= 5,
+        "the original answers came late"
+    );
+    let records = journal_records(&config);
+    let mut repeated = 0;
+    for stan in 70..75 {
+        let stan = format!("{stan:06}");
+        let stan = stan.as_str();
+        let of = |kind| {
+            records
+                .iter()
+                .filter(move |(_, r)| r.stan == stan && r.kind == kind)
+                .map(|(_, r)| r)
+        };
+        assert_eq!(of(RecordKind::ReversalAck).count(), 1);
+        let sent: Vec<_> = of(RecordKind::ReversalSent).collect();
+        assert!(!sent.is_empty());
+        let reversal_stan = sent[0].reversal_stan;
+        assert_ne!(reversal_stan, 0);
+        assert!(
+            sent.iter().all(|r| r.reversal_stan == reversal_stan),
+            "every attempt carries the same STAN"
+        );
+        let ack = of(RecordKind::ReversalAck).next().unwrap();
+        assert_eq!(ack.reversal_stan, reversal_stan);
+        repeated += usize::from(sent.len() > 1);
+    }
+    assert!(
+        repeated > 0,
+        "some reversal was repeated before its late answer came"
+    );
 }
 
 #[tokio::test]
