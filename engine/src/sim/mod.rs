@@ -67,10 +67,15 @@ impl Faults {
         overload: true,
     };
 
-    /// Every family the switch is known to survive: since issue 10 (reversals that
-    /// converge, overload shed at the door) that is every family. Kept as a name so a new
-    /// family can be added before it is survived.
-    pub const SURVIVED: Faults = Faults::ALL;
+    /// The families the switch survives in every combination. Slow acquirers and overload
+    /// are survived on their own (their tests below), but all families together still
+    /// break the gateway deadline on a few seeds (`--faults all --seeds 50 --steps 20000`:
+    /// seeds 16, 28, 36, 45), so they stay out until that is fixed.
+    pub const SURVIVED: Faults = Faults {
+        slow_acquirers: false,
+        overload: false,
+        ..Faults::ALL
+    };
 
     /// Parses `all`, `survived`, or a comma-separated list of family names.
     pub fn parse(text: &str) -> Result<Faults, String> {
