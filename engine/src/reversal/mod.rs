@@ -467,15 +467,7 @@ impl Delivery {
                 // Only an attempt that can leave is journaled as sent.
                 self.attempt += 1;
                 self.stan = Some(stan);
-                let mut sent = reversal.original.follow_up(
-                    RecordKind::ReversalSent,
-                    reversal.request_seq,
-                    now.unix_ms(),
-                );
-                sent.acquirer = reversal.original.acquirer.clone();
-                sent.link_stan = reversal.original.link_stan;
-                sent.attempt = self.attempt;
-                sent.reversal_stan = stan.get();
+                let sent = attempt_record(reversal, self.attempt, stan.get(), now);
                 self.last_sent = Some((sent.clone(), now));
                 self.state = DeliveryState::JournalingAttempt { stan };
                 DeliveryStep::Append(vec![sent])
@@ -504,16 +496,8 @@ impl Delivery {
                 // No attempt sent by this run (one sent before a restart was answered):
                 // the acknowledgement is built from the original, as an attempt would be.
                 let (mut ack, since) = self.last_sent.take().unwrap_or_else(|| {
-                    let mut sent = reversal.original.follow_up(
-                        RecordKind::ReversalSent,
-                        reversal.request_seq,
-                        now.unix_ms(),
-                    );
-                    sent.acquirer = reversal.original.acquirer.clone();
-                    sent.link_stan = reversal.original.link_stan;
-                    sent.attempt = self.attempt;
-                    sent.reversal_stan = self.stan.map_or(0, |s| s.get());
-                    (sent, now)
+                    let stan = self.stan.map_or(0, |s| s.get());
+                    (attempt_record(reversal, self.attempt, stan, now), now)
                 });
                 ack.kind = RecordKind::ReversalAck;
                 ack.time_ms = now.unix_ms();
@@ -536,6 +520,22 @@ impl Delivery {
             (state, event) => panic!("reversal delivery: {event:?} does not answer {state:?}"),
         }
     }
+}
+
+/// The `reversal_sent` record of attempt `attempt` of `reversal`, carrying its link STAN
+/// `stan`, made `now`.
+fn attempt_record(reversal: &PendingReversal, attempt: u32, stan: u32, now: Now) -> Record {
+    let original = &reversal.original;
+    let mut sent = original.follow_up(
+        RecordKind::ReversalSent,
+        reversal.request_seq,
+        now.unix_ms(),
+    );
+    sent.acquirer = original.acquirer.clone();
+    sent.link_stan = original.link_stan;
+    sent.attempt = attempt;
+    sent.reversal_stan = stan;
+    sent
 }
 
 /// `message` as a repeat: 0401 for a 0400, 0421 for a 0420; the rest unchanged.
