@@ -490,6 +490,7 @@ fn demo_config(
         ca: None,
         timeout_ms: 2_000,
         max_in_flight: 4_096,
+        breaker: Default::default(),
     };
     let route = |bins: &str, acquirer: &str| RouteConfig {
         bins: vec![bins.into()],

@@ -178,6 +178,7 @@ impl ServeArgs {
                 ca: self.acquirer_ca.clone(),
                 timeout_ms: self.acquirer_timeout_ms,
                 max_in_flight: 4_096,
+                breaker: Default::default(),
             });
         }
         if !self.acquirers.is_empty() && self.acquirer_ca.is_none() {

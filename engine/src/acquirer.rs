@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
@@ -28,6 +28,8 @@ use dashmap::DashMap;
 use payswitch_net::{quic, ClientTrust, FrameReader};
 use payswitch_protocol::{fields, Message, Stan};
 use thiserror::Error;
+
+use crate::breaker::{Admit, Breaker, BreakerConfig, State as BreakerState, Transition};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +85,9 @@ pub enum LinkError {
     /// The link has `max_in_flight` requests outstanding: nothing was sent.
     #[error("acquirer link is at its in-flight limit")]
     Busy,
+    /// The acquirer's circuit breaker is open: nothing was sent.
+    #[error("acquirer circuit breaker is open")]
+    Open,
     /// Sent, but no answer within the timeout.
     #[error("acquirer did not answer in time")]
     Timeout,
@@ -108,8 +113,12 @@ pub struct LinkStats {
     pub timeouts: AtomicU64,
     /// Requests outstanding when the connection was lost.
     pub lost: AtomicU64,
-    /// Requests refused because the link was down or full.
+    /// Requests refused because the link was down or full, or its breaker open.
     pub refused: AtomicU64,
+    /// Of those, refused by the open breaker.
+    pub breaker_refused: AtomicU64,
+    /// Times the breaker opened.
+    pub breaker_opened: AtomicU64,
     /// Frames from the acquirer that matched no outstanding request or did not decode.
     pub unmatched: AtomicU64,
     /// Answers that came after their request had timed out.
@@ -134,6 +143,10 @@ pub struct AcquirerLink {
     reversal_slots: Semaphore,
     up: AtomicBool,
     draining: AtomicBool,
+    /// Health judged from what the acquirer does (`crate::breaker`).
+    breaker: Mutex<Breaker>,
+    /// The breaker's clock: monotonic, from the link's start.
+    epoch: Instant,
     /// Counters.
     pub stats: LinkStats,
 }
@@ -164,6 +177,7 @@ impl AcquirerLink {
             config.max_in_flight
         );
         let max_in_flight = config.max_in_flight;
+        let breaker = Breaker::new(config.breaker, config.timeout_ms);
         let link = Arc::new(AcquirerLink {
             config,
             endpoint,
@@ -175,6 +189,8 @@ impl AcquirerLink {
             reversal_slots: Semaphore::new(REVERSAL_SLOTS_PER_LINK),
             up: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            breaker: Mutex::new(breaker),
+            epoch: Instant::now(),
             stats: LinkStats::default(),
         });
         tokio::spawn(Arc::clone(&link).supervise(shutdown));
@@ -211,6 +227,45 @@ impl AcquirerLink {
         }
     }
 
+    /// The breaker's state now: `closed`, `open` or `half-open`.
+    pub fn breaker_state(&self) -> &'static str {
+        let (state, transition) = self.with_breaker(|b, now| b.state(now));
+        self.report(transition);
+        state.name()
+    }
+
+    /// Whether the breaker lets traffic through now (closed, or half-open with a probe
+    /// to send).
+    pub fn breaker_closed(&self) -> bool {
+        !matches!(
+            self.with_breaker(|b, now| b.state(now)).0,
+            BreakerState::Open { .. }
+        )
+    }
+
+    fn with_breaker<T>(&self, f: impl FnOnce(&mut Breaker, u64) -> T) -> T {
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut breaker = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut breaker, now)
+    }
+
+    /// Logs a change of the breaker's state: WARN when it opens.
+    fn report(&self, transition: Option<Transition>) {
+        match transition {
+            None => {}
+            Some(Transition::Opened { trip, open_ms }) => {
+                self.stats.breaker_opened.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(acquirer = %self.config.name, reason = %trip, probe_in_ms = open_ms, "acquirer circuit breaker opened: routes skip it");
+            }
+            Some(Transition::HalfOpened) => {
+                tracing::info!(acquirer = %self.config.name, "acquirer circuit breaker half-open: probing with live traffic");
+            }
+            Some(Transition::Closed) => {
+                tracing::warn!(acquirer = %self.config.name, "acquirer circuit breaker closed: back in service");
+            }
+        }
+    }
+
     /// Authorizations outstanding now.
     pub fn in_flight(&self) -> usize {
         self.config.max_in_flight - self.in_flight.available_permits()
@@ -229,7 +284,15 @@ impl AcquirerLink {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(LinkError::Down);
         };
+        let (admit, transition) = self.with_breaker(|b, now| b.admit(now));
+        self.report(transition);
+        if admit == Admit::No {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            self.stats.breaker_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(LinkError::Open);
+        }
         let Ok(permit) = self.in_flight.try_acquire() else {
+            self.with_breaker(|b, _| b.not_sent(admit));
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(LinkError::Busy);
         };
@@ -238,6 +301,8 @@ impl AcquirerLink {
             writer,
             _permit: permit,
             stan: self.allocate_stan(),
+            admit,
+            sent: false,
         })
     }
 
@@ -557,6 +622,19 @@ pub struct Reservation<'a> {
     writer: Arc<mpsc::Sender<Bytes>>,
     _permit: tokio::sync::SemaphorePermit<'a>,
     stan: Stan,
+    /// What the breaker said: a probe's outcome decides whether it closes.
+    admit: Admit,
+    /// Whether the request left; if not, the breaker hears so when this is dropped.
+    sent: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            let admit = self.admit;
+            self.link.with_breaker(|b, _| b.not_sent(admit));
+        }
+    }
 }
 
 impl Reservation<'_> {
@@ -566,8 +644,9 @@ impl Reservation<'_> {
     }
 
     /// Sends `request` with the reserved STAN and waits for the answer.
-    pub async fn send(self, request: &Message) -> Result<Message, LinkError> {
+    pub async fn send(mut self, request: &Message) -> Result<Message, LinkError> {
         let link = self.link;
+        let admit = self.admit;
         let stan = self.stan;
         let frame = link.encode_with_stan(request, stan)?;
         let (answer_tx, answer_rx) = oneshot::channel();
@@ -588,7 +667,18 @@ impl Reservation<'_> {
             link.pending.remove(&stan.get());
             return Err(LinkError::Down);
         }
-        match tokio::time::timeout(link.config.timeout(), answer_rx).await {
+        self.sent = true;
+        let sent_at = link.with_breaker(|b, now| {
+            b.sent(now);
+            now
+        });
+        let result = tokio::time::timeout(link.config.timeout(), answer_rx).await;
+        let transition = link.with_breaker(|b, now| match result {
+            Ok(Ok(_)) => b.answered(now, now.saturating_sub(sent_at), admit),
+            _ => b.failed(now, admit),
+        });
+        link.report(transition);
+        match result {
             Ok(Ok(answer)) => {
                 link.stats.answered.fetch_add(1, Ordering::Relaxed);
                 Ok(answer)
@@ -643,6 +733,9 @@ pub struct AcquirerConfig {
     /// Requests outstanding at this acquirer; beyond it the next acquirer is tried, or 91.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// When routes skip it for what it does (`crate::breaker`).
+    #[serde(default)]
+    pub breaker: BreakerConfig,
 }
 
 fn default_server_name() -> String {

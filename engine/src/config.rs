@@ -18,6 +18,10 @@
 //! ca = "certs/north-ca.pem"
 //! timeout_ms = 2000
 //! max_in_flight = 4096
+//! [acquirers.breaker]            # optional; these are the defaults
+//! stall_ms = 250                 # no answer this long with requests out: skip it
+//! failure_percent = 50           # or this share of the last `window` outcomes failed
+//! open_ms = 1000                 # then probe with one live authorization at a time
 //!
 //! [[routes]]
 //! bins = ["4", "222100-272099"] # BIN prefixes or inclusive ranges of equal length
@@ -326,6 +330,9 @@ impl Config {
                 1..=MAX_IN_FLIGHT_PER_LINK,
                 "beyond it a switch STAN could come round while its request is open",
             )?;
+            if let Err(reason) = a.breaker.check() {
+                return invalid(key(&reason));
+            }
         }
         Ok(())
     }

@@ -35,6 +35,7 @@
 //! tools.
 
 pub mod acquirer;
+pub mod breaker;
 pub mod clock;
 pub mod config;
 pub mod ingress;

@@ -426,6 +426,122 @@ async fn acquirer_slower_than_its_timeout_gets_91_within_the_timeout() {
     );
 }
 
+/// An acquirer that turns slow (answers after 3 s, timeout 2 s) while a healthy backup
+/// shares its route: its circuit breaker opens on the stall, well before the first
+/// timeout, and the backup takes the traffic; once it is quick again, probes close the
+/// breaker and it takes its traffic back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_acquirer_is_skipped_once_its_breaker_opens_and_comes_back_when_quick() {
+    let north = start_sim(SimConfig {
+        name: "north".into(),
+        ..sim_config()
+    })
+    .await;
+    let south = start_sim(SimConfig {
+        name: "south".into(),
+        ..sim_config()
+    })
+    .await;
+    let switch = start_switch(
+        &config(
+            vec![
+                acquirer("north", &north, 2_000),
+                acquirer("south", &south, 2_000),
+            ],
+            vec![],
+        ),
+        vec![trust(&north), trust(&south)],
+    )
+    .await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    let acquirer_of = |r: &Message| {
+        let tags = r.get_str(48).unwrap_or_default().to_string();
+        tags.split(';')
+            .find_map(|t| t.strip_prefix("acquirer=").map(str::to_string))
+            .unwrap_or_default()
+    };
+    for stan in 1..=20 {
+        let r = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
+        assert_eq!(
+            (r.get_str(39), acquirer_of(&r).as_str()),
+            (Some("00"), "north")
+        );
+    }
+
+    // North turns slow; a request every 10 ms for 2.5 s, each on its own stream.
+    north.set_delay(Duration::from_secs(3));
+    let slow_since = Instant::now();
+    let mut tasks = Vec::new();
+    for stan in 100..350 {
+        let conn = conn.clone();
+        let sent = slow_since.elapsed();
+        tasks.push(tokio::spawn(async move {
+            let r = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
+            (sent, r)
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut before = (0, 0); // (91s, all) sent within the first 500 ms
+    let mut after = Vec::new(); // (code, acquirer) of those sent later
+    for task in tasks {
+        let (sent, r) = task.await.unwrap();
+        let code = r.get_str(39).unwrap().to_string();
+        if sent < Duration::from_millis(500) {
+            before.0 += usize::from(code == "91");
+            before.1 += 1;
+        } else {
+            after.push((code, acquirer_of(&r)));
+        }
+    }
+    let link = &switch.switch.links()[0];
+    assert_ne!(link.breaker_state(), "closed");
+    assert!(
+        link.stats
+            .breaker_opened
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // Sent after the breaker opened: the backup approves all but the probes (one per
+    // open period, each a real authorization that times out at north).
+    let by_south = after
+        .iter()
+        .filter(|(code, acquirer)| code == "00" && acquirer == "south")
+        .count();
+    let probes = after.len() - by_south;
+    assert!(
+        probes <= 3,
+        "{probes} of {} requests sent after the stall were not approved by the backup: {after:?}",
+        after.len()
+    );
+    assert!(
+        after
+            .iter()
+            .all(|(code, acquirer)| (code == "00" && acquirer == "south") || code == "91"),
+        "{after:?}"
+    );
+    eprintln!(
+        "sent in the first 500 ms: {} of {} answered 91; later: {probes} of {} (probes)",
+        before.0,
+        before.1,
+        after.len()
+    );
+
+    // North is quick again: probes close its breaker and it takes its traffic back.
+    north.set_delay(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut stan = 400;
+    loop {
+        let r = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
+        stan += 1;
+        if acquirer_of(&r) == "north" && link.breaker_state() == "closed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "north never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn routes_by_bin_between_two_acquirers() {
     let visa = start_sim(sim_config()).await;
@@ -492,7 +608,7 @@ async fn admin_health_answers_once_listeners_are_up() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         ready(&body),
-        serde_json::json!({"ready": true, "reasons": []})
+        serde_json::json!({"ready": true, "reasons": [], "degraded": []})
     );
 
     // The only acquirer gone: still alive, no longer ready, and /ready says why.
@@ -509,7 +625,11 @@ async fn admin_health_answers_once_listeners_are_up() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(
         ready(&body),
-        serde_json::json!({"ready": false, "reasons": ["no acquirer connected"]})
+        serde_json::json!({
+            "ready": false,
+            "reasons": ["no acquirer connected"],
+            "degraded": ["acquirer north: down"],
+        })
     );
     assert_eq!(get("/health").await, (200, "ok\n".to_string()));
 }

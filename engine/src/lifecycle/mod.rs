@@ -593,12 +593,12 @@ impl Lifecycle {
                 self.on_gateway_reversal(own, original, now, acquirers)
             }
             // Reached no acquirer and did nothing: no record (`crate::ingress::shed`).
-            ShardVerdict::Shed => self.reply(
+            ShardVerdict::Shed(own) => self.reply(
                 Answer::new(
                     ResponseCode::IssuerInoperative,
                     crate::ingress::SHED_TAGS.to_string(),
                 ),
-                None,
+                Some(&own),
             ),
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! - `GET /` — the live dashboard (one page, assets embedded).
 //! - `GET /health` — the process is alive; `GET /ready` — listeners up, an acquirer
-//!   connected, the configured model loaded (503 with the reasons otherwise).
+//!   connected whose circuit breaker is not open, the configured model loaded (503 with
+//!   the reasons otherwise); `degraded` lists acquirers down, drained or tripped even
+//!   when the switch is ready.
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET /api/stats` — percentiles per stage over the last 10 s and since start, TPS,
 //!   code mix, acquirers, models, journal, reversals, and the per-second series.
@@ -201,14 +203,31 @@ async fn dashboard() -> Html<&'static str> {
 async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
     let snapshot = state.sources.snapshot();
     let mut reasons = Vec::new();
+    let mut degraded = Vec::new();
     if !snapshot.acquirers.iter().any(|a| a.state == "up") {
-        reasons.push("no acquirer connected");
+        reasons.push("no acquirer connected".to_string());
+    } else if !snapshot
+        .acquirers
+        .iter()
+        .any(|a| a.state == "up" && a.breaker != "open")
+    {
+        reasons.push("every connected acquirer's circuit breaker is open".to_string());
+    }
+    for a in &snapshot.acquirers {
+        match (a.state, a.breaker) {
+            ("down", _) => degraded.push(format!("acquirer {}: down", a.name)),
+            ("draining", _) => degraded.push(format!("acquirer {}: drained", a.name)),
+            (_, "closed") => {}
+            (_, breaker) => {
+                degraded.push(format!("acquirer {}: circuit breaker {breaker}", a.name))
+            }
+        }
     }
     if state.ready.model_required && snapshot.champion.is_none() {
-        reasons.push("the configured model is not loaded");
+        reasons.push("the configured model is not loaded".to_string());
     }
     if snapshot.journal.as_ref().is_some_and(|j| j.failed) {
-        reasons.push("the journal has stopped after an I/O error");
+        reasons.push("the journal has stopped after an I/O error".to_string());
     }
     let status = if reasons.is_empty() {
         StatusCode::OK
@@ -217,7 +236,9 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
     };
     (
         status,
-        Json(serde_json::json!({ "ready": reasons.is_empty(), "reasons": reasons })),
+        Json(
+            serde_json::json!({ "ready": reasons.is_empty(), "reasons": reasons, "degraded": degraded }),
+        ),
     )
 }
 

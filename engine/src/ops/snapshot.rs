@@ -20,6 +20,12 @@ pub struct AcquirerSnapshot {
     pub state: &'static str,
     /// Connected.
     pub up: bool,
+    /// The circuit breaker: `closed`, `open` or `half-open` (`crate::breaker`).
+    pub breaker: &'static str,
+    /// Times the breaker opened.
+    pub breaker_opened: u64,
+    /// Authorizations the open breaker turned away (nothing sent).
+    pub breaker_refused: u64,
     /// Requests outstanding.
     pub in_flight: usize,
     /// Requests answered, timed out, lost with the connection, refused (down or full).
@@ -264,6 +270,9 @@ impl Sources {
                     name: link.name().to_string(),
                     state: link.state(),
                     up: link.is_up(),
+                    breaker: link.breaker_state(),
+                    breaker_opened: load(&s.breaker_opened),
+                    breaker_refused: load(&s.breaker_refused),
                     in_flight: link.in_flight(),
                     answered: load(&s.answered),
                     timeouts: load(&s.timeouts),

@@ -81,6 +81,9 @@ pub fn acquirers(snapshot: &Snapshot) -> Value {
             json!({
                 "name": a.name,
                 "state": a.state,
+                "breaker": a.breaker,
+                "breaker_opened": a.breaker_opened,
+                "breaker_refused": a.breaker_refused,
                 "in_flight": a.in_flight,
                 "answered": a.answered,
                 "timeouts": a.timeouts,
@@ -408,6 +411,50 @@ fn acquirer_gauges(out: &mut String, snapshot: &Snapshot) {
             );
         }
     }
+    header(
+        out,
+        "payswitch_acquirer_breaker",
+        "gauge",
+        "1 for the state of the acquirer's circuit breaker: closed (in service), open (routes skip it) or half-open (probing with live traffic).",
+    );
+    for a in &snapshot.acquirers {
+        for state in ["closed", "open", "half-open"] {
+            let _ = writeln!(
+                out,
+                "payswitch_acquirer_breaker{{acquirer=\"{}\",state=\"{state}\"}} {}",
+                escape(&a.name),
+                u8::from(a.breaker == state)
+            );
+        }
+    }
+    header(
+        out,
+        "payswitch_acquirer_breaker_opened_total",
+        "counter",
+        "Times the acquirer's circuit breaker opened (a stall, a failure ratio or a failed probe).",
+    );
+    for a in &snapshot.acquirers {
+        let _ = writeln!(
+            out,
+            "payswitch_acquirer_breaker_opened_total{{acquirer=\"{}\"}} {}",
+            escape(&a.name),
+            a.breaker_opened
+        );
+    }
+    header(
+        out,
+        "payswitch_acquirer_breaker_refused_total",
+        "counter",
+        "Authorizations the open breaker turned away from the acquirer: nothing was sent; the route's next acquirer was tried.",
+    );
+    for a in &snapshot.acquirers {
+        let _ = writeln!(
+            out,
+            "payswitch_acquirer_breaker_refused_total{{acquirer=\"{}\"}} {}",
+            escape(&a.name),
+            a.breaker_refused
+        );
+    }
 }
 
 /// The models loaded.
@@ -565,6 +612,9 @@ mod tests {
                 name: "north \"1\"".into(),
                 state: "draining",
                 up: true,
+                breaker: "half-open",
+                breaker_opened: 2,
+                breaker_refused: 17,
                 in_flight: 4,
                 answered: 95,
                 timeouts: 4,

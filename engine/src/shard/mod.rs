@@ -125,13 +125,14 @@ impl Shard {
         let verdict = if let Some(original) = self.window.get(&key, received_ms) {
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             ShardVerdict::Duplicate(original)
-        } else if matches!(request, ShardRequest::Shed) {
-            // Not remembered: it did nothing, and may be sent again.
-            ShardVerdict::Shed
         } else {
+            // A shed request is remembered too, with its 91: a copy of it (a network
+            // duplicate, or a retransmission sent before the 91 arrived) must get the
+            // same 91, not be authorized behind the gateway's back.
             let own = Arc::new(Original::new());
             self.window.insert(key, received_ms, Arc::clone(&own));
             match request {
+                ShardRequest::Shed => ShardVerdict::Shed(own),
                 ShardRequest::Authorization(auth, transaction) => {
                     let started = timed.then(Instant::now);
                     let verdict = scoring.decide(&mut self.scoring, &transaction);
@@ -152,7 +153,6 @@ impl Shard {
                     own,
                     original: self.window.find_original(&request),
                 },
-                ShardRequest::Shed => unreachable!("shed before the window"),
             }
         };
         self.stats
@@ -224,8 +224,9 @@ pub enum ShardVerdict {
     },
     /// A retransmission of a request seen within the window.
     Duplicate(Arc<Original>),
-    /// Shed: answered 91 at once, nothing done, nothing journaled.
-    Shed,
+    /// Shed: answered 91 at once, nothing done, nothing journaled; its entry in the
+    /// window answers its copies.
+    Shed(Arc<Original>),
     /// A new reversal from the gateway.
     Reversal {
         /// The reversal's own entry, for its retransmissions.

@@ -67,12 +67,15 @@ impl Faults {
         overload: true,
     };
 
-    /// The families the switch survives in every combination. Slow acquirers and overload
-    /// are survived on their own (their tests below), but all families together still
-    /// break the gateway deadline on a few seeds (`--faults all --seeds 50 --steps 20000`:
-    /// seeds 16, 28, 36, 45), so they stay out until that is fixed.
+    /// The families the switch survives in every combination. Overload is survived on
+    /// its own and with every family but crashes, except for the gateway deadline: a
+    /// burst offers three times what the switch can even *read*, so frames wait in the
+    /// socket however fast the switch sheds (`--faults all --seeds 50 --steps 20000`:
+    /// seed 16 misses the 10 s deadline). With crashes a shed 91 is not durable, so a copy
+    /// of the shed request that arrives after a restart is authorized afresh behind the
+    /// gateway's back (`--seed 51 --seeds 100`: seeds 55, 72, 123). It stays out until
+    /// both are fixed.
     pub const SURVIVED: Faults = Faults {
-        slow_acquirers: false,
         overload: false,
         ..Faults::ALL
     };
@@ -151,6 +154,10 @@ pub struct Counts {
     pub repeated_reversals: u64,
     /// Requests answered 91 at the door because their stream was at its bound.
     pub shed: u64,
+    /// Times an acquirer's circuit breaker opened.
+    pub breaker_opened: u64,
+    /// Authorizations an open breaker kept from an acquirer.
+    pub breaker_refused: u64,
 }
 
 /// An invariant that did not hold.
@@ -187,7 +194,7 @@ impl fmt::Display for Report {
         let c = &self.counts;
         write!(
             f,
-            "seed={} authorizations={} approved={} simulated={:.1}s events={} faults: crashes={} torn_writes={} dropped={} duplicated={} acquirer_faults={} overload_bursts={} shed={} late_answers={} retransmissions={} gateway_reversals={} reversals_acknowledged={} repeated_reversals={} invariant: ",
+            "seed={} authorizations={} approved={} simulated={:.1}s events={} faults: crashes={} torn_writes={} dropped={} duplicated={} acquirer_faults={} overload_bursts={} shed={} breaker_opened={} breaker_refused={} late_answers={} retransmissions={} gateway_reversals={} reversals_acknowledged={} repeated_reversals={} invariant: ",
             self.seed,
             self.authorizations,
             c.approved,
@@ -200,6 +207,8 @@ impl fmt::Display for Report {
             c.acquirer_faults,
             c.overload_bursts,
             c.shed,
+            c.breaker_opened,
+            c.breaker_refused,
             c.late_answers,
             c.retransmissions,
             c.gateway_reversals,

@@ -14,6 +14,7 @@ use super::disk::Disk;
 use super::peers::{Mode, RequestId, Time, MS, SECOND};
 use super::Env;
 use crate::acquirer::REVERSAL_SLOTS_PER_LINK;
+use crate::breaker::{Admit, Breaker, BreakerConfig, Transition};
 use crate::config::Config;
 use crate::ingress::{self, Admission};
 use crate::journal::{JournalError, PanKey, Record, RecordKind};
@@ -163,9 +164,14 @@ struct SimShard {
     busy: bool,
 }
 
-#[derive(Default)]
 struct Link {
     up: bool,
+    /// The same breaker as the switch's links, on simulated time.
+    breaker: Breaker,
+    /// What the breaker said to each reservation not yet sent, by STAN.
+    admits: BTreeMap<u32, Admit>,
+    /// When each outstanding request left, and what the breaker said to it.
+    sent: BTreeMap<u32, (u64, Admit)>,
     connection: u64,
     in_flight: usize,
     next_stan: u32,
@@ -174,6 +180,28 @@ struct Link {
     watches: BTreeMap<u32, u64>,
     /// Reversal attempts out now, at most `REVERSAL_SLOTS_PER_LINK`.
     reversals_in_flight: usize,
+}
+
+impl Link {
+    fn new(timeout: Time) -> Link {
+        Link {
+            up: false,
+            breaker: Breaker::new(BreakerConfig::default(), timeout / MS),
+            admits: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            connection: 0,
+            in_flight: 0,
+            next_stan: 0,
+            outstanding: BTreeMap::new(),
+            watches: BTreeMap::new(),
+            reversals_in_flight: 0,
+        }
+    }
+}
+
+/// The breaker's clock: simulated microseconds.
+fn breaker_now(at: Time) -> u64 {
+    at
 }
 
 impl Link {
@@ -396,7 +424,7 @@ impl Node {
         self.waiting.clear();
         self.journal = JournalState::default();
         self.links = (0..self.config.acquirers)
-            .map(|_| Link::default())
+            .map(|_| Link::new(self.config.timeout))
             .collect();
         self.streams = (0..self.config.gateways)
             .map(|_| Stream::default())
@@ -541,6 +569,10 @@ impl Node {
                 if link.outstanding.get(&stan) == Some(&owner) {
                     link.outstanding.remove(&stan);
                     link.in_flight -= 1;
+                    if let Some((_, admit)) = link.sent.remove(&stan) {
+                        let transition = link.breaker.failed(breaker_now(env.now), admit);
+                        count_transition(env, transition);
+                    }
                     self.resume(env, owner, Resumed::NoAnswer);
                 }
             }
@@ -626,6 +658,11 @@ impl Node {
         };
         if let Some(owner) = link.outstanding.remove(&stan) {
             link.in_flight -= 1;
+            if let Some((sent_at, admit)) = link.sent.remove(&stan) {
+                let now = breaker_now(env.now);
+                let transition = link.breaker.answered(now, now - sent_at, admit);
+                count_transition(env, transition);
+            }
             self.resume(env, owner, Resumed::Answered(answer));
             return;
         }
@@ -672,6 +709,10 @@ impl Node {
             .into_values()
             .collect();
         link.in_flight -= lost.len();
+        for (_, admit) in std::mem::take(&mut link.sent).into_values() {
+            let transition = link.breaker.failed(breaker_now(env.now), admit);
+            count_transition(env, transition);
+        }
         for owner in lost {
             self.resume(env, owner, Resumed::NoAnswer);
         }
@@ -814,6 +855,10 @@ impl Node {
         loop {
             let event = match step {
                 Step::Reply(reply) => {
+                    // Reserved and never sent (the journal refused the forwarded record).
+                    if let Some((acquirer, stan)) = live.reservation.take() {
+                        self.release(acquirer, stan);
+                    }
                     self.replied(
                         env,
                         live.gateway,
@@ -829,7 +874,7 @@ impl Node {
                     Some(durable) => Event::Durable(durable),
                     None => break,
                 },
-                Step::Reserve(acquirer) => match self.reserve(acquirer) {
+                Step::Reserve(acquirer) => match self.reserve(env, acquirer) {
                     Some(stan) => {
                         live.reservation = Some((acquirer, stan));
                         Event::Reserved(stan)
@@ -981,13 +1026,34 @@ impl Node {
         );
     }
 
-    fn reserve(&mut self, acquirer: usize) -> Option<Stan> {
+    fn reserve(&mut self, env: &mut Env, acquirer: usize) -> Option<Stan> {
         let link = &mut self.links[acquirer];
-        if !link.up || link.in_flight >= self.config.max_in_flight {
+        if !link.up {
+            return None;
+        }
+        let (admit, transition) = link.breaker.admit(breaker_now(env.now));
+        count_transition(env, transition);
+        if admit == Admit::No {
+            env.counts.breaker_refused += 1;
+            return None;
+        }
+        if link.in_flight >= self.config.max_in_flight {
+            link.breaker.not_sent(admit);
             return None;
         }
         link.in_flight += 1;
-        Some(link.allocate_stan())
+        let stan = link.allocate_stan();
+        link.admits.insert(stan.get(), admit);
+        Some(stan)
+    }
+
+    /// A reservation given back unused.
+    fn release(&mut self, acquirer: usize, stan: Stan) {
+        let link = &mut self.links[acquirer];
+        link.in_flight -= 1;
+        if let Some(admit) = link.admits.remove(&stan.get()) {
+            link.breaker.not_sent(admit);
+        }
     }
 
     /// Sends `message` with `stan` on the link; `false` when the link is down (nothing
@@ -1001,10 +1067,15 @@ impl Node {
         message: &Message,
     ) -> bool {
         let link = &mut self.links[acquirer];
+        let admit = link.admits.remove(&stan.get()).unwrap_or(Admit::Yes);
         if !link.up {
             link.in_flight -= 1;
+            link.breaker.not_sent(admit);
             return false;
         }
+        let now = breaker_now(env.now);
+        link.breaker.sent(now);
+        link.sent.insert(stan.get(), (now, admit));
         let mut builder = message.to_builder();
         builder
             .set(fields::STAN, &stan.to_digits())
@@ -1198,4 +1269,11 @@ fn new_scoring() -> Scoring {
         EventTime::Clock,
         10_000,
     )
+}
+
+/// Counts a breaker's opening in the run's figures.
+fn count_transition(env: &mut Env, transition: Option<Transition>) {
+    if let Some(Transition::Opened { .. }) = transition {
+        env.counts.breaker_opened += 1;
+    }
 }

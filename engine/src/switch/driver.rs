@@ -145,7 +145,7 @@ impl Switch {
                         self.stats.count(&code);
                         return Reply::Message(response);
                     };
-                    if matches!(verdict, ShardVerdict::Shed) {
+                    if matches!(verdict, ShardVerdict::Shed(_)) {
                         let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed);
                         self.log_shedding(
                             shed,
@@ -316,7 +316,7 @@ impl Switch {
                     assert_eq!(reserved.stan(), stan, "sent with the STAN reserved");
                     match reserved.send(life.request()).await {
                         Ok(answer) => Event::Answered(answer),
-                        Err(LinkError::Down | LinkError::Busy) => Event::NotSent,
+                        Err(LinkError::Down | LinkError::Busy | LinkError::Open) => Event::NotSent,
                         Err(e) => {
                             debug_assert!(e.maybe_delivered());
                             Event::NoAnswer

@@ -22,6 +22,7 @@ pub fn acquirer(name: &str, sim: &RunningSim, timeout_ms: u64) -> AcquirerConfig
         ca: None,
         timeout_ms,
         max_in_flight: 1024,
+        breaker: Default::default(),
     }
 }
 

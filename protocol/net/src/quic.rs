@@ -22,12 +22,15 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Idle timeout of links the switch keeps to acquirers: a peer that vanished without
 /// closing (killed, network gone) is noticed within this time, the link is marked down and
-/// its traffic fails over, instead of timing out request by request for `IDLE_TIMEOUT`.
-pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// its reversals wait for the next connection. With traffic on the link the acquirer's
+/// circuit breaker (`payswitch::breaker`) notices a stall sooner still, from the answers
+/// that stop coming.
+pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_millis(800);
 
-/// Keep-alive of acquirer links: three per `LINK_IDLE_TIMEOUT`, so one lost packet does
-/// not take a healthy link down.
-pub const LINK_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Keep-alive of acquirer links: four per `LINK_IDLE_TIMEOUT`, so a lost packet or two do
+/// not take a healthy link down (QUIC never times out sooner than three probe timeouts,
+/// so a link with a long round trip gets longer on its own).
+pub const LINK_KEEP_ALIVE: Duration = Duration::from_millis(200);
 
 fn transport(idle_timeout: Duration, keep_alive: Duration) -> Arc<TransportConfig> {
     let mut transport = TransportConfig::default();
