@@ -12,7 +12,7 @@
 //! Requests older than the window whose story is complete are dropped as the replay goes,
 //! so memory follows the window and the backlog, not the journal's length.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -40,6 +40,9 @@ pub struct Recovery {
     pub recent: Vec<(u128, DupKey, i64, Arc<Original>)>,
     /// Records naming an acquirer that is no longer configured (left in the journal).
     pub unknown_acquirers: usize,
+    /// Complete requests within the window not remembered: newer ones filled
+    /// `journal.max_duplicates`, as the shards' windows would have.
+    pub dropped_over_capacity: u64,
 }
 
 impl Recovery {
@@ -61,18 +64,53 @@ impl Recovery {
     }
 }
 
+/// What the replay keeps of one request: compact once its story is told (about 400 bytes
+/// rather than the ~7.7 KB of its journal records), in full only what a reversal still
+/// owed must be rebuilt from.
 #[derive(Debug)]
 struct Life {
-    request: Record,
-    forwarded: Option<Record>,
-    response: Option<Record>,
-    reversal_queued: Option<Record>,
+    /// What it is remembered by (`None` when its key fields are unusable).
+    key: Option<DupKey>,
+    pan_hash: u128,
+    /// When it was first seen.
+    time_ms: i64,
+    forwarded: Option<Sent>,
+    /// The answer the gateway got.
+    response: Option<Outcome>,
+    /// The reversal queued and not yet acknowledged, in full (to deliver it).
+    reversal_queued: Option<Box<Record>>,
+    /// A reversal was queued at some point (acknowledged or not).
+    reversal_claimed: bool,
     /// The last attempt sent: the reversal's link STAN and attempt number.
     reversal_sent: Option<(u32, u32)>,
     reversal_acked: bool,
 }
 
+/// Where a request was forwarded.
+#[derive(Debug)]
+enum Sent {
+    /// The `forwarded` record, while the request may be in doubt (a reversal would be
+    /// built from it) or its acquirer is not configured.
+    Full(Box<Record>),
+    /// Once answered: what the duplicate window keeps.
+    Compact(Forwarded),
+}
+
 impl Life {
+    fn of(record: &Record) -> Life {
+        Life {
+            key: DupKey::of_record(record),
+            pan_hash: record.pan_hash,
+            time_ms: record.time_ms,
+            forwarded: None,
+            response: None,
+            reversal_queued: None,
+            reversal_claimed: false,
+            reversal_sent: None,
+            reversal_acked: false,
+        }
+    }
+
     fn done(&self) -> bool {
         let reversal_done = self.reversal_queued.is_none() || self.reversal_acked;
         (self.response.is_some() || self.forwarded.is_none()) && reversal_done
@@ -81,7 +119,7 @@ impl Life {
     /// Forwarded, with no recorded response and no reversal: the acquirer may have
     /// approved it and the gateway never heard.
     fn in_doubt(&self) -> bool {
-        self.forwarded.is_some() && self.response.is_none() && self.reversal_queued.is_none()
+        self.forwarded.is_some() && self.response.is_none() && !self.reversal_claimed
     }
 
     /// The record a reversal still owed is built from, and whether it is owed because the
@@ -89,8 +127,29 @@ impl Life {
     fn reversal_owed(&self) -> Option<(&Record, bool)> {
         match (&self.reversal_queued, self.in_doubt()) {
             (Some(queued), _) if !self.reversal_acked => Some((queued, false)),
-            (None, true) => self.forwarded.as_ref().map(|f| (f, true)),
+            (None, true) => match &self.forwarded {
+                Some(Sent::Full(record)) => Some((record, true)),
+                _ => None,
+            },
             _ => None,
+        }
+    }
+
+    /// Keeps only what the window and any reversal still owed need.
+    fn compact(&mut self, acquirers: &[String]) {
+        if self.response.is_some() {
+            if let Some(Sent::Full(record)) = &self.forwarded {
+                if let (Some(acquirer), Some(link_stan)) = (
+                    acquirer_index(acquirers, &record.acquirer),
+                    Stan::new(record.link_stan),
+                ) {
+                    let compact = Forwarded::new(acquirer, link_stan, record.request_seq, record);
+                    self.forwarded = Some(Sent::Compact(compact));
+                }
+            }
+        }
+        if self.reversal_acked {
+            self.reversal_queued = None;
         }
     }
 
@@ -100,11 +159,7 @@ impl Life {
     /// records alone (the request record was older than the replay keeps).
     fn outcome(&self) -> Option<Outcome> {
         match (&self.response, self.forwarded.is_some()) {
-            (Some(response), _) => Some(Outcome {
-                code: two(&response.code),
-                approval: response.approval_code.as_bytes().try_into().ok(),
-                private_data: response.private_data.clone(),
-            }),
+            (Some(response), _) => Some(response.clone()),
             (None, true) => Some(Outcome {
                 code: two(ResponseCode::IssuerInoperative.as_str()),
                 approval: None,
@@ -117,32 +172,52 @@ impl Life {
 
 /// Replays the journal in `dir`, cutting off a torn tail. `acquirers` are the configured
 /// acquirer names (their index is the link's); requests at or after `window_start_ms`
-/// are recent.
+/// are recent, and at most `max_recent` of them are remembered (the newest).
 pub fn recover(
     dir: &Path,
     acquirers: &[String],
     window_start_ms: i64,
+    max_recent: usize,
 ) -> Result<Recovery, ScanError> {
-    let mut replay = Replay::new(window_start_ms);
+    let mut replay = Replay::new(window_start_ms, acquirers, max_recent);
     let report = scan(dir, true, |seq, record| replay.record(seq, record))?;
-    Ok(replay.finish(report, acquirers))
+    Ok(replay.finish(report))
 }
 
 /// The replay of a journal, record by record, in sequence order: what each request's
 /// records say about it. Performs no I/O: `recover` feeds it from the segment files,
 /// the simulator from its simulated disk.
+///
+/// Memory is bounded by what the switch will hold anyway, not by the journal's length:
+/// a request whose story is complete is dropped once it is older than the duplicate
+/// window, kept compact (about 400 bytes) within it, and only the newest `max_recent` of
+/// those are kept, as the shards' windows would keep no more. Requests that still owe
+/// something (in doubt, a reversal unacknowledged) are always kept.
 #[derive(Debug)]
 pub struct Replay {
-    lives: HashMap<u64, Life>,
+    /// By request sequence number: in order, and freed as `finish` walks it.
+    lives: BTreeMap<u64, Life>,
+    /// Request sequence numbers in the order they were first seen, to drop the oldest
+    /// complete ones beyond `max_recent`.
+    order: VecDeque<u64>,
     window_start_ms: i64,
+    max_recent: usize,
+    acquirers: Vec<String>,
+    /// Complete requests within the window dropped because `max_recent` were newer.
+    dropped_over_capacity: u64,
 }
 
 impl Replay {
-    /// A replay remembering requests at or after `window_start_ms`.
-    pub fn new(window_start_ms: i64) -> Replay {
+    /// A replay remembering at most `max_recent` requests at or after `window_start_ms`,
+    /// for the configured `acquirers`.
+    pub fn new(window_start_ms: i64, acquirers: &[String], max_recent: usize) -> Replay {
         Replay {
-            lives: HashMap::new(),
+            lives: BTreeMap::new(),
+            order: VecDeque::new(),
             window_start_ms,
+            max_recent: max_recent.max(1),
+            acquirers: acquirers.to_vec(),
+            dropped_over_capacity: 0,
         }
     }
 
@@ -150,42 +225,58 @@ impl Replay {
     pub fn record(&mut self, seq: u64, record: Record) {
         let request_seq = record.request_of(seq);
         if record.kind == RecordKind::Request {
-            self.lives.insert(
-                request_seq,
-                Life {
-                    request: record,
-                    forwarded: None,
-                    response: None,
-                    reversal_queued: None,
-                    reversal_sent: None,
-                    reversal_acked: false,
-                },
-            );
+            self.lives.insert(request_seq, Life::of(&record));
+            self.order.push_back(request_seq);
+            self.bound();
             return;
         }
-        let life = self.lives.entry(request_seq).or_insert_with(|| Life {
-            request: record.clone(),
-            forwarded: None,
-            response: None,
-            reversal_queued: None,
-            reversal_sent: None,
-            reversal_acked: false,
-        });
+        let life = self
+            .lives
+            .entry(request_seq)
+            .or_insert_with(|| Life::of(&record));
         match record.kind {
             RecordKind::Request => {}
             RecordKind::ReversalSent => {
                 life.reversal_sent = Some((record.reversal_stan, record.attempt))
             }
-            RecordKind::Forwarded => life.forwarded = Some(resolved(record, request_seq)),
+            RecordKind::Forwarded => {
+                life.forwarded = Some(Sent::Full(Box::new(resolved(record, request_seq))));
+            }
             RecordKind::Response if record.duplicate => {}
-            RecordKind::Response => life.response = Some(record),
+            RecordKind::Response => {
+                life.response = Some(Outcome {
+                    code: two(&record.code),
+                    approval: record.approval_code.as_bytes().try_into().ok(),
+                    private_data: record.private_data,
+                });
+            }
             RecordKind::ReversalQueued => {
-                life.reversal_queued = Some(resolved(record, request_seq))
+                life.reversal_claimed = true;
+                life.reversal_acked = false;
+                life.reversal_queued = Some(Box::new(resolved(record, request_seq)));
             }
             RecordKind::ReversalAck => life.reversal_acked = true,
         }
-        if life.done() && life.request.time_ms < self.window_start_ms {
-            self.lives.remove(&request_seq);
+        if life.done() {
+            if life.time_ms < self.window_start_ms {
+                self.lives.remove(&request_seq);
+            } else {
+                life.compact(&self.acquirers);
+            }
+        }
+    }
+
+    /// Drops the oldest complete requests beyond `max_recent`. Each sequence number
+    /// leaves `order` once, so this costs O(1) a record over the replay.
+    fn bound(&mut self) {
+        while self.lives.len() > self.max_recent {
+            let Some(oldest) = self.order.pop_front() else {
+                return;
+            };
+            if self.lives.get(&oldest).is_some_and(Life::done) {
+                self.lives.remove(&oldest);
+                self.dropped_over_capacity += 1;
+            }
         }
     }
 
@@ -199,21 +290,20 @@ impl Replay {
         self.lives.is_empty()
     }
 
-    /// What the switch owes and remembers, given the scan's `report` and the configured
-    /// `acquirers`.
-    pub fn finish(self, report: ScanReport, acquirers: &[String]) -> Recovery {
+    /// What the switch owes and remembers, given the scan's `report`.
+    pub fn finish(self, report: ScanReport) -> Recovery {
         let mut recovery = Recovery {
             report,
+            dropped_over_capacity: self.dropped_over_capacity,
             ..Recovery::default()
         };
-        let mut lives: Vec<(u64, Life)> = self.lives.into_iter().collect();
-        lives.sort_by_key(|(seq, _)| *seq);
-        for (request_seq, life) in lives {
-            recovery.owe_reversal(request_seq, &life, acquirers);
-            if life.request.time_ms < self.window_start_ms {
+        let acquirers = self.acquirers;
+        for (request_seq, life) in self.lives {
+            recovery.owe_reversal(request_seq, &life, &acquirers);
+            if life.time_ms < self.window_start_ms {
                 continue;
             }
-            if let Some(recent) = remembered(request_seq, &life, acquirers) {
+            if let Some(recent) = remembered(request_seq, &life, &acquirers) {
                 recovery.recent.push(recent);
             }
         }
@@ -258,27 +348,24 @@ fn remembered(
     life: &Life,
     acquirers: &[String],
 ) -> Option<(u128, DupKey, i64, Arc<Original>)> {
-    let key = DupKey::of_record(&life.request)?;
+    let key = life.key?;
     let outcome = life.outcome()?;
     let original = Original::new();
-    if let Some(forwarded) = &life.forwarded {
-        if let (Some(acquirer), Some(link_stan)) = (
-            acquirer_index(acquirers, &forwarded.acquirer),
-            Stan::new(forwarded.link_stan),
-        ) {
-            original.set_forwarded(Forwarded::new(acquirer, link_stan, request_seq, forwarded));
-        }
+    let forwarded = match &life.forwarded {
+        Some(Sent::Compact(forwarded)) => Some(forwarded.clone()),
+        Some(Sent::Full(record)) => acquirer_index(acquirers, &record.acquirer)
+            .zip(Stan::new(record.link_stan))
+            .map(|(acquirer, link_stan)| Forwarded::new(acquirer, link_stan, request_seq, record)),
+        None => None,
+    };
+    if let Some(forwarded) = forwarded {
+        original.set_forwarded(forwarded);
     }
-    if life.reversal_queued.is_some() || life.in_doubt() {
+    if life.reversal_claimed || life.in_doubt() {
         original.claim_reversal();
     }
     original.set_outcome(outcome);
-    Some((
-        life.request.pan_hash,
-        key,
-        life.request.time_ms,
-        Arc::new(original),
-    ))
+    Some((life.pan_hash, key, life.time_ms, Arc::new(original)))
 }
 
 /// The link index of the acquirer named `name`.
@@ -295,4 +382,106 @@ fn resolved(mut record: Record, request_seq: u64) -> Record {
 
 fn two(code: &str) -> [u8; 2] {
     code.as_bytes().try_into().unwrap_or(*b"96")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(stan: u32, time_ms: i64) -> Record {
+        Record {
+            kind: RecordKind::Request,
+            time_ms,
+            mti: "0100".into(),
+            processing_code: "000000".into(),
+            transmission_time: "1201000000".into(),
+            stan: format!("{:06}", stan % 1_000_000),
+            rrn: format!("{stan:012}"),
+            terminal: "TERM0001".into(),
+            merchant: "MERCHANT0000001".into(),
+            pan_masked: "411111******1111".into(),
+            pan_hash: u128::from(stan),
+            amount_minor: 1_250,
+            currency: 840,
+            ..Record::default()
+        }
+    }
+
+    /// Feeds `n` requests, each forwarded and answered (the first `in_doubt` forwarded
+    /// only), to a replay remembering at most `max_recent`; the largest number of
+    /// requests it held at once, and what it found.
+    fn replay(n: u32, in_doubt: u32, max_recent: usize, window_start_ms: i64) -> (usize, Recovery) {
+        let acquirers = ["north".to_string()];
+        let mut replay = Replay::new(window_start_ms, &acquirers, max_recent);
+        let mut seq = 0;
+        let mut peak = 0;
+        for stan in 1..=n {
+            let r = request(stan, i64::from(stan));
+            seq += 1;
+            replay.record(seq, r.clone());
+            let mut forwarded = r.follow_up(RecordKind::Forwarded, 0, r.time_ms);
+            forwarded.request_back = 1;
+            forwarded.acquirer = "north".into();
+            forwarded.link_stan = stan % 999_999 + 1;
+            seq += 1;
+            replay.record(seq, forwarded);
+            if stan > in_doubt {
+                let mut response = r.follow_up(RecordKind::Response, 0, r.time_ms);
+                response.request_back = 2;
+                response.code = "00".into();
+                response.approval_code = "A1B2C3".into();
+                seq += 1;
+                replay.record(seq, response);
+            }
+            peak = peak.max(replay.len());
+        }
+        let report = ScanReport::default();
+        (peak, replay.finish(report))
+    }
+
+    #[test]
+    fn the_replay_keeps_at_most_max_recent_complete_requests_and_every_one_in_doubt() {
+        let (peak, recovery) = replay(20_000, 5, 1_000, 0);
+        assert!(peak <= 1_000 + 5, "held {peak}");
+        assert_eq!(recovery.in_doubt.len(), 5);
+        assert_eq!(recovery.recent.len(), 1_000);
+        assert_eq!(recovery.dropped_over_capacity, 20_000 - 1_000);
+        // The newest are the ones remembered, with their outcome and where they went.
+        let newest = recovery.recent.iter().map(|(hash, ..)| *hash).max();
+        assert_eq!(newest, Some(20_000));
+        let (_, _, _, original) = recovery.recent.last().unwrap();
+        assert_eq!(&original.outcome_now().unwrap().code, b"00");
+        assert!(original.forwarded().is_some());
+    }
+
+    #[test]
+    fn requests_older_than_the_window_are_dropped_as_the_replay_goes() {
+        let (peak, recovery) = replay(20_000, 0, 1_000_000, 19_000);
+        assert!(peak <= 1_002, "held {peak}");
+        assert_eq!(recovery.recent.len(), 1_001);
+        assert_eq!(recovery.dropped_over_capacity, 0);
+    }
+
+    #[test]
+    fn a_complete_request_within_the_window_is_kept_compact() {
+        let acquirers = ["north".to_string()];
+        let mut replay = Replay::new(0, &acquirers, 10);
+        let r = request(7, 1);
+        replay.record(1, r.clone());
+        let mut forwarded = r.follow_up(RecordKind::Forwarded, 1, 1);
+        forwarded.acquirer = "north".into();
+        forwarded.link_stan = 9;
+        replay.record(2, forwarded);
+        let mut response = r.follow_up(RecordKind::Response, 1, 1);
+        response.code = "05".into();
+        replay.record(3, response);
+        let life = replay.lives.get(&1).unwrap();
+        assert!(matches!(life.forwarded, Some(Sent::Compact(_))));
+        assert!(life.reversal_queued.is_none());
+        assert!(
+            std::mem::size_of::<Life>() < 512,
+            "{}",
+            std::mem::size_of::<Life>()
+        );
+    }
 }

@@ -247,7 +247,8 @@ async fn recovery_finds_what_is_in_doubt_and_what_is_owed() {
     journal.append(&[queued]).await.unwrap();
     drop(journal);
 
-    let recovery = payswitch::recovery::recover(dir.path(), &["north".to_string()], 0).unwrap();
+    let recovery =
+        payswitch::recovery::recover(dir.path(), &["north".to_string()], 0, 1_000).unwrap();
     let stans = |v: &[payswitch::reversal::PendingReversal]| {
         v.iter()
             .map(|p| p.original.stan.clone())

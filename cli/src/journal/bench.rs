@@ -22,9 +22,14 @@ pub struct BenchArgs {
     /// Concurrent appenders: requests in flight at once.
     #[arg(long, default_value_t = 64)]
     pub appenders: usize,
-    /// Records per append (a request and its response: 2).
+    /// Records per append (a request and its response: 2; with 3, a request, forwarded
+    /// and response, as an authorization journals them).
     #[arg(long, default_value_t = 2)]
     pub records_per_append: usize,
+    /// Write the journal to this (new or empty) directory and keep it, to measure what a
+    /// start makes of it (`payswitch journal replay`).
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
     /// How long to run.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -64,12 +69,20 @@ pub struct BenchReport {
     pub bytes_per_record: f64,
 }
 
-fn sample_record(i: u64) -> Record {
+/// The `k`-th record of append `i` of `per`: with three or more per append, a request, its
+/// `forwarded` and its response; otherwise requests. Stamped `time_ms`.
+fn sample_record(i: u64, k: usize, per: usize, time_ms: i64) -> Record {
+    let kind = match (per >= 3, k) {
+        (true, 1) => RecordKind::Forwarded,
+        (true, 2) => RecordKind::Response,
+        _ => RecordKind::Request,
+    };
+    let request_back = if per >= 3 { k.min(2) as u8 } else { 0 };
     Record {
-        kind: RecordKind::Request,
-        time_ms: 1_764_000_000_000 + i as i64,
+        kind,
+        time_ms,
         request_seq: 0,
-        request_back: 0,
+        request_back,
         mti: "0100".into(),
         processing_code: "000000".into(),
         transmission_time: "1125123045".into(),
@@ -99,11 +112,15 @@ fn sample_record(i: u64) -> Record {
 
 /// Runs the bench.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    let dir = tempfile::Builder::new()
+    let temp = tempfile::Builder::new()
         .prefix("payswitch-journal-bench-")
         .tempdir_in(&args.dir)?;
+    let dir = match &args.keep {
+        Some(keep) => keep.clone(),
+        None => temp.path().to_owned(),
+    };
     let config = JournalConfig {
-        dir: dir.path().to_owned(),
+        dir,
         fsync: args.fsync.into(),
         group_commit_window_us: args.group_commit_window_us,
         ..JournalConfig::default()
@@ -120,7 +137,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 .expect("static bounds are valid");
             let mut i = a as u64 * 1_000_000_000;
             while Instant::now() < end {
-                let records: Vec<Record> = (0..per).map(|k| sample_record(i + k as u64)).collect();
+                let now_ms = payswitch::clock::now().unix_ms();
+                let records: Vec<Record> = (0..per)
+                    .map(|k| sample_record(i + (k as u64 * u64::from(per < 3)), k, per, now_ms))
+                    .collect();
                 i += per as u64;
                 let t = Instant::now();
                 if journal.append(&records).await.is_err() {

@@ -58,6 +58,22 @@ pub enum JournalCommand {
     },
     /// Measure append throughput and latency with group commit.
     Bench(bench::BenchArgs),
+    /// Replay the journal as a start would, without starting: what is in doubt, what is
+    /// owed, how many requests the duplicate window gets back, the time it took and the
+    /// peak memory.
+    Replay {
+        /// The journal directory.
+        dir: std::path::PathBuf,
+        /// `journal.duplicate_window_s`.
+        #[arg(long, default_value_t = 600)]
+        window_s: u64,
+        /// `journal.max_duplicates`.
+        #[arg(long, default_value_t = 500_000)]
+        max_duplicates: usize,
+        /// The configured acquirers' names.
+        #[arg(long = "acquirer", default_value = "north")]
+        acquirers: Vec<String>,
+    },
     /// Write every record as JSON lines or CSV to standard output.
     Export {
         /// The journal directory.
@@ -71,6 +87,30 @@ pub enum JournalCommand {
 /// Runs a `journal` subcommand.
 pub fn run(command: JournalCommand) -> anyhow::Result<()> {
     match command {
+        JournalCommand::Replay {
+            dir,
+            window_s,
+            max_duplicates,
+            acquirers,
+        } => {
+            anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
+            let started = std::time::Instant::now();
+            let window_ms = i64::try_from(window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let since = payswitch::clock::now().unix_ms().saturating_sub(window_ms);
+            let recovery = payswitch::recovery::recover(&dir, &acquirers, since, max_duplicates)?;
+            let elapsed = started.elapsed();
+            println!(
+                "replayed {} records in {:.2} s: {} in doubt, {} reversals owed, {} requests remembered, {} beyond max_duplicates; peak RSS {} MiB",
+                recovery.report.records,
+                elapsed.as_secs_f64(),
+                recovery.in_doubt.len(),
+                recovery.pending.len(),
+                recovery.recent.len(),
+                recovery.dropped_over_capacity,
+                peak_rss_kib().map_or_else(|| "?".to_string(), |k| (k / 1024).to_string()),
+            );
+            Ok(())
+        }
         JournalCommand::Verify { dir, dry_run } => {
             anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
             let report = journal::scan(&dir, !dry_run, |_, _| {})?;
@@ -117,4 +157,13 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The process's peak resident memory, KiB (Linux `VmHWM`).
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -405,7 +405,11 @@ impl Node {
         self.epoch += 1;
         self.up = true;
         let now = now_of(env.now);
-        let mut replay = Replay::new(now.unix_ms() - self.config.window_ms);
+        let mut replay = Replay::new(
+            now.unix_ms() - self.config.window_ms,
+            &self.names,
+            self.config.window_capacity * self.config.shards,
+        );
         let report = match self.disk.replay(|seq, record| replay.record(seq, record)) {
             Ok(report) => report,
             Err(e) => {
@@ -416,7 +420,7 @@ impl Node {
                 return;
             }
         };
-        let mut recovery = replay.finish(report, &self.names);
+        let mut recovery = replay.finish(report);
         self.scoring = Arc::new(new_scoring());
         self.shards = self.new_shards(std::mem::take(&mut recovery.recent));
         self.lives.clear();

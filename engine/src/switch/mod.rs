@@ -356,6 +356,7 @@ fn open_journal(
         dir,
         &acquirers,
         crate::clock::now().unix_ms().saturating_sub(window_ms),
+        journal_config.max_duplicates,
     )
     .with_context(|| format!("replaying the journal in {}", dir.display()))?;
     let report = &recovery.report;
@@ -373,6 +374,8 @@ fn open_journal(
         records = report.records,
         in_doubt = recovery.in_doubt.len(),
         reversals_pending = recovery.pending.len(),
+        remembered = recovery.recent.len(),
+        beyond_max_duplicates = recovery.dropped_over_capacity,
         remembered = recovery.recent.len(),
         "journal replayed"
     );
