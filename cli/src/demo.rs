@@ -462,6 +462,7 @@ async fn start_switch(
             ClientTrust::Roots(vec![north.certificate.clone()]),
             ClientTrust::Roots(vec![south.certificate.clone()]),
         ],
+        gateways: None,
     };
     let running = switch::start(&config, security).await?;
     if let Some(model) = model {

@@ -46,6 +46,14 @@ pub struct ServeArgs {
     /// The switch's private key (PEM).
     #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
+    /// CA certificate (PEM) gateways' client certificates must chain to: with it every
+    /// gateway needs one, on QUIC and on TCP (which then speaks TLS).
+    #[arg(long, requires = "cert")]
+    pub client_ca: Option<PathBuf>,
+    /// A gateway name (DNS name in its certificate) allowed to connect; repeat for
+    /// several. Without any, every certificate the client CA issued is accepted.
+    #[arg(long = "allowed-client", requires = "client_ca")]
+    pub allowed_clients: Vec<String>,
     /// Number of shards (default: one per core).
     #[arg(long)]
     pub shards: Option<usize>,
@@ -125,9 +133,19 @@ impl ServeArgs {
         config.listen.tcp = self.tcp_listen.or(config.listen.tcp);
         config.listen.admin = self.admin.or(config.listen.admin);
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            let file = config.tls.take();
+            let (client_ca, allowed_clients) = file
+                .map(|tls| (tls.client_ca, tls.allowed_clients))
+                .unwrap_or_default();
             config.tls = Some(TlsConfig {
                 cert: cert.clone(),
                 key: key.clone(),
+                client_ca: self.client_ca.clone().or(client_ca),
+                allowed_clients: if self.allowed_clients.is_empty() {
+                    allowed_clients
+                } else {
+                    self.allowed_clients.clone()
+                },
             });
         }
     }

@@ -171,6 +171,14 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// Private key.
     pub key: PathBuf,
+    /// CA certificate(s) (PEM) gateways' client certificates must chain to. When set,
+    /// every gateway connection, QUIC and TCP, needs one, and the TCP listener speaks TLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Gateway names (DNS names in their certificates) allowed to connect; empty: any
+    /// certificate `client_ca` issued.
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
 }
 
 /// Sizes and limits of the pipeline.
@@ -190,6 +198,8 @@ pub struct PipelineConfig {
     pub max_in_flight_per_connection: usize,
     /// Open gateway connections per listener.
     pub max_connections: usize,
+    /// Open gateway connections per listener from one IP address.
+    pub max_connections_per_peer: usize,
     /// Record latency histograms per stage (turn off only to measure what they cost).
     pub metrics: bool,
 }
@@ -207,6 +217,7 @@ impl Default for PipelineConfig {
             max_in_flight_per_stream: limits.max_in_flight_per_stream,
             max_in_flight_per_connection: limits.max_in_flight_per_connection,
             max_connections: limits.max_connections,
+            max_connections_per_peer: limits.max_connections_per_peer,
             metrics: true,
         }
     }
@@ -390,6 +401,11 @@ impl PipelineConfig {
             "pipeline.max_connections",
             self.max_connections,
             1..=MAX_CONNECTIONS,
+        )?;
+        within(
+            "pipeline.max_connections_per_peer",
+            self.max_connections_per_peer,
+            1..=self.max_connections,
         )
     }
 }

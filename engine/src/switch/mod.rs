@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use payswitch_net::serve::{self, Limits, ServeStats};
+use payswitch_net::tls::{self, ClientAuth};
 use payswitch_net::{quic, ClientTrust, TlsIdentity};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::acquirer::AcquirerLink;
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 mod driver;
 
 use crate::journal::{Journal, PanKey};
@@ -84,6 +85,8 @@ pub struct Security {
     pub identity: TlsIdentity,
     /// Trust for each acquirer, in configuration order.
     pub acquirer_trust: Vec<ClientTrust>,
+    /// Which gateways may connect, when client certificates are required.
+    pub gateways: Option<ClientAuth>,
 }
 
 impl Security {
@@ -94,6 +97,20 @@ impl Security {
             None => {
                 tracing::warn!("no certificate configured: using a self-signed one, gateways must be told to trust it");
                 TlsIdentity::self_signed(&["localhost", "127.0.0.1"])?
+            }
+        };
+        let gateways = match &config.tls {
+            Some(TlsConfig {
+                client_ca: Some(ca),
+                allowed_clients,
+                ..
+            }) => Some(
+                ClientAuth::from_pem_file(ca, allowed_clients.clone())
+                    .with_context(|| format!("reading the gateways' CA {}", ca.display()))?,
+            ),
+            _ => {
+                tracing::warn!("no client CA configured (tls.client_ca): any gateway that reaches the listeners may send authorizations, and TCP is plaintext");
+                None
             }
         };
         config.check_acquirer_trust()?;
@@ -112,6 +129,7 @@ impl Security {
         Ok(Security {
             identity,
             acquirer_trust,
+            gateways,
         })
     }
 }
@@ -160,7 +178,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let links = config
         .acquirers
         .iter()
-        .zip(security.acquirer_trust)
+        .zip(security.acquirer_trust.iter().cloned())
         .map(|(acquirer, trust)| {
             AcquirerLink::start(acquirer.clone(), trust, links_shutdown.clone())
         })
@@ -195,7 +213,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     ));
     let serve_stats = Arc::new(ServeStats::default());
     let certificate = security.identity.certs[0].clone();
-    let listening = listen(config, &security.identity, &switch, &serve_stats, &shutdown).await?;
+    let listening = listen(config, &security, &switch, &serve_stats, &shutdown).await?;
     let mut tasks = listening.tasks;
     let mut admin_addr = None;
     if let Some(addr) = config.listen.admin {
@@ -291,7 +309,7 @@ struct Listening {
 /// Binds the configured QUIC and TCP listeners and serves `switch` on them.
 async fn listen(
     config: &Config,
-    identity: &TlsIdentity,
+    security: &Security,
     switch: &Arc<Switch>,
     serve_stats: &Arc<ServeStats>,
     shutdown: &CancellationToken,
@@ -301,14 +319,17 @@ async fn listen(
         max_in_flight_per_stream: config.pipeline.max_in_flight_per_stream,
         max_in_flight_per_connection: config.pipeline.max_in_flight_per_connection,
         max_connections: config.pipeline.max_connections,
+        max_connections_per_peer: config.pipeline.max_connections_per_peer,
     };
+    let identity = &security.identity;
+    let gateways = security.gateways.as_ref();
     let mut listening = Listening {
         quic: None,
         tcp: None,
         tasks: Vec::new(),
     };
     if let Some(addr) = config.listen.quic {
-        let endpoint = quic::server_endpoint(addr, identity.clone())
+        let endpoint = quic::server_endpoint_with(addr, identity.clone(), gateways)
             .with_context(|| format!("binding QUIC listener {addr}"))?;
         listening.quic = Some(endpoint.local_addr()?);
         listening.tasks.push(tokio::spawn(serve::serve_quic(
@@ -324,8 +345,15 @@ async fn listen(
             .await
             .with_context(|| format!("binding TCP listener {addr}"))?;
         listening.tcp = Some(listener.local_addr()?);
-        listening.tasks.push(tokio::spawn(serve::serve_tcp(
+        // With client certificates required, TCP is TLS with the same check; without,
+        // plain (the warning at start says so).
+        let tls = gateways
+            .map(|clients| tls::server_config(identity.clone(), Some(clients)).map(Arc::new))
+            .transpose()
+            .context("TLS for the TCP listener")?;
+        listening.tasks.push(tokio::spawn(serve::serve_tcp_with(
             listener,
+            tls,
             Arc::clone(switch),
             limits,
             Arc::clone(serve_stats),

@@ -66,6 +66,7 @@ pub async fn start_switch(config: &Config, trust: Vec<ClientTrust>) -> RunningSw
     let security = Security {
         identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
         acquirer_trust: trust,
+        gateways: None,
     };
     switch::start(config, security).await.unwrap()
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use quinn::{ClientConfig, Endpoint, ServerConfig, TransportConfig, VarInt};
 
-use crate::tls::{self, ClientTrust, TlsIdentity};
+use crate::tls::{self, ClientAuth, ClientTrust, TlsIdentity};
 use crate::NetError;
 
 /// Concurrent bidirectional streams a peer may open on one connection. Gateways open one
@@ -48,7 +48,17 @@ fn transport(idle_timeout: Duration, keep_alive: Duration) -> Arc<TransportConfi
 
 /// A QUIC server endpoint bound to `addr`.
 pub fn server_endpoint(addr: SocketAddr, identity: TlsIdentity) -> Result<Endpoint, NetError> {
-    let crypto = tls::server_crypto(identity)?;
+    server_endpoint_with(addr, identity, None)
+}
+
+/// A QUIC server endpoint bound to `addr` that requires client certificates as
+/// `clients` says, when given: a handshake without one is refused.
+pub fn server_endpoint_with(
+    addr: SocketAddr,
+    identity: TlsIdentity,
+    clients: Option<&ClientAuth>,
+) -> Result<Endpoint, NetError> {
+    let crypto = tls::server_crypto_with(identity, clients)?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(IDLE_TIMEOUT, KEEP_ALIVE));
     Ok(Endpoint::server(config, addr)?)
@@ -70,6 +80,21 @@ pub fn link_endpoint(trust: ClientTrust) -> Result<Endpoint, NetError> {
 /// A QUIC client endpoint bound to `bind`.
 pub fn client_endpoint_bound(bind: SocketAddr, trust: ClientTrust) -> Result<Endpoint, NetError> {
     client_endpoint_with(bind, trust, transport(IDLE_TIMEOUT, KEEP_ALIVE))
+}
+
+/// A QUIC client endpoint on an ephemeral port presenting `identity` as its client
+/// certificate (a gateway in front of a switch that requires one).
+pub fn client_endpoint_with_identity(
+    trust: ClientTrust,
+    identity: Option<TlsIdentity>,
+) -> Result<Endpoint, NetError> {
+    let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    let crypto = tls::client_crypto_with(trust, identity)?;
+    let mut config = ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport(IDLE_TIMEOUT, KEEP_ALIVE));
+    let mut endpoint = Endpoint::client(bind)?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
 }
 
 fn client_endpoint_with(

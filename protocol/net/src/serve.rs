@@ -74,6 +74,9 @@ pub struct Limits {
     pub max_in_flight_per_connection: usize,
     /// Open connections (QUIC and TCP each); more are refused.
     pub max_connections: usize,
+    /// Open connections from one IP address (QUIC and TCP each), so one peer opening
+    /// connections it never uses cannot take every place and lock other gateways out.
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -90,6 +93,9 @@ impl Default for Limits {
             // Gateways hold few long-lived connections; 1024 bounds per-connection state
             // (buffers, QUIC state of a few KiB each) to a few tens of MiB.
             max_connections: 1024,
+            // A gateway behind one address holds a handful of connections; a quarter of
+            // the places leaves three quarters to everyone else whatever one peer does.
+            max_connections_per_peer: 256,
         }
     }
 }
@@ -99,8 +105,11 @@ impl Default for Limits {
 pub struct ServeStats {
     /// Connections accepted (QUIC and TCP).
     pub connections: AtomicU64,
-    /// Connections refused at the limit.
+    /// Connections refused at the limit (all connections, or one peer's).
     pub connections_refused: AtomicU64,
+    /// Handshakes that failed or timed out: no client certificate, one the CA did not
+    /// issue or not on the allowlist, or a peer that stalled.
+    pub handshakes_failed: AtomicU64,
     /// Streams served (a TCP connection counts as one).
     pub streams: AtomicU64,
     /// Frames handed to the handler.
@@ -121,6 +130,54 @@ pub enum StreamEnd {
     Abort(u32),
     /// The transport failed; nothing more can be written.
     Failed,
+}
+
+/// How long a TLS handshake may take (QUIC or TCP) before the connection is dropped: a
+/// peer that stalls mid-handshake holds a connection place no longer than this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections open per peer address, bounded by `Limits::max_connections_per_peer`.
+#[derive(Debug, Default)]
+struct PerPeer {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A peer's place, given back when dropped.
+struct PeerPlace {
+    peers: Arc<PerPeer>,
+    ip: std::net::IpAddr,
+}
+
+impl PerPeer {
+    /// A place for one more connection from `ip`, or `None` at `max`. The map holds only
+    /// addresses with connections open, so it is bounded by `max_connections`.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<PeerPlace> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                open.remove(&ip);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(PeerPlace {
+            peers: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// How long a shutting-down server waits for requests in progress to be answered before
@@ -258,6 +315,7 @@ pub async fn serve_quic<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = Arc::new(PerPeer::default());
     let streams = TaskTracker::new();
     loop {
         let incoming = tokio::select! {
@@ -265,20 +323,30 @@ pub async fn serve_quic<H: Handler>(
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+        let peer = peers.take(
+            incoming.remote_address().ip(),
+            limits.max_connections_per_peer,
+        );
+        let (Some(peer), Ok(permit)) = (peer, Arc::clone(&connections).try_acquire_owned()) else {
             stats.connections_refused.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         };
-        stats.connections.fetch_add(1, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
         let streams = streams.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Ok(connection) = incoming.await {
-                serve_quic_connection(connection, handler, limits, stats, shutdown, streams).await;
+            let _places = (permit, peer);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(connection)) => {
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    serve_quic_connection(connection, handler, limits, stats, shutdown, streams)
+                        .await;
+                }
+                _ => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                }
             }
         });
     }
@@ -354,6 +422,22 @@ pub async fn serve_tcp<H: Handler>(
     stats: Arc<ServeStats>,
     shutdown: CancellationToken,
 ) {
+    serve_tcp_with(listener, None, handler, limits, stats, shutdown).await;
+}
+
+/// As [`serve_tcp`], with TLS (and client certificates, as `tls` requires them) on every
+/// connection when `tls` is given; a connection whose handshake fails or does not finish
+/// within [`HANDSHAKE_TIMEOUT`] is dropped and counted.
+pub async fn serve_tcp_with<H: Handler>(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handler: Arc<H>,
+    limits: Limits,
+    stats: Arc<ServeStats>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let peers = Arc::new(PerPeer::default());
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF_START;
@@ -362,7 +446,7 @@ pub async fn serve_tcp<H: Handler>(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
             Ok(accepted) => {
                 backoff = ACCEPT_BACKOFF_START;
                 accepted
@@ -374,38 +458,72 @@ pub async fn serve_tcp<H: Handler>(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+        let place = peers.take(peer.ip(), limits.max_connections_per_peer);
+        let (Some(place), Ok(permit)) = (place, Arc::clone(&connections).try_acquire_owned())
+        else {
             stats.connections_refused.fetch_add(1, Ordering::Relaxed);
             continue; // dropping the stream closes it
         };
         let _ = stream.set_nodelay(true);
-        stats.connections.fetch_add(1, Ordering::Relaxed);
-        stats.streams.fetch_add(1, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
+        let acceptor = acceptor.clone();
         tracker.spawn(async move {
-            let _permit = permit;
-            let (read, mut write) = stream.into_split();
-            let mut reader = FrameReader::new(read, limits.max_frame);
-            let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
-            let end = serve_stream(
-                &mut reader,
-                &mut write,
-                &handler,
-                limits.max_in_flight_per_stream,
-                &in_flight,
-                &stats,
-                &shutdown,
-            )
-            .await;
-            if end == StreamEnd::Finished {
-                let _ = write.shutdown().await;
+            let _places = (permit, place);
+            match acceptor {
+                None => {
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let (read, write) = stream.into_split();
+                    serve_tcp_connection(read, write, &handler, limits, &stats, &shutdown).await;
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let Ok(Ok(stream)) = handshake.await else {
+                        stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let (read, write) = tokio::io::split(stream);
+                    serve_tcp_connection(read, write, &handler, limits, &stats, &shutdown).await;
+                }
             }
         });
     }
     tracker.close();
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await;
+}
+
+/// One TCP connection (plain or TLS): one stream of frames.
+async fn serve_tcp_connection<R, W, H>(
+    read: R,
+    mut write: W,
+    handler: &Arc<H>,
+    limits: Limits,
+    stats: &ServeStats,
+    shutdown: &CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    H: Handler,
+{
+    stats.streams.fetch_add(1, Ordering::Relaxed);
+    let mut reader = FrameReader::new(read, limits.max_frame);
+    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
+    let end = serve_stream(
+        &mut reader,
+        &mut write,
+        handler,
+        limits.max_in_flight_per_stream,
+        &in_flight,
+        stats,
+        shutdown,
+    )
+    .await;
+    if end == StreamEnd::Finished {
+        let _ = write.shutdown().await;
+    }
 }
 
 /// First wait after a failed accept.

@@ -1,4 +1,6 @@
-//! TLS 1.3 for QUIC: server identities (from PEM files or self-signed) and client trust.
+//! TLS 1.3 for QUIC and TCP: server identities (from PEM files or self-signed), client
+//! trust, and client certificates: gateways authenticated against a CA and, optionally,
+//! an allowlist of their names.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,7 +10,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::NetError;
 
@@ -92,36 +96,196 @@ impl ClientTrust {
 
 /// The rustls server config of a QUIC listener: TLS 1.3 only, ALPN `iso8583`.
 pub fn server_crypto(identity: TlsIdentity) -> Result<QuicServerConfig, NetError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    server_crypto_with(identity, None)
+}
+
+/// As [`server_crypto`], requiring client certificates as `clients` says when given.
+pub fn server_crypto_with(
+    identity: TlsIdentity,
+    clients: Option<&ClientAuth>,
+) -> Result<QuicServerConfig, NetError> {
+    let config = server_config(identity, clients)?;
+    QuicServerConfig::try_from(config).map_err(|e| NetError::Tls(e.to_string()))
+}
+
+/// The rustls server config, TLS 1.3 only, with the wire contract's ALPN. Early data
+/// (0-RTT) is never enabled: an authorization replayed by an attacker must not be taken.
+pub fn server_config(
+    identity: TlsIdentity,
+    clients: Option<&ClientAuth>,
+) -> Result<rustls::ServerConfig, NetError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| NetError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(clients) => builder.with_client_cert_verifier(clients.verifier()?),
+    };
+    let mut config = builder
         .with_single_cert(identity.certs, identity.key)
         .map_err(|e| NetError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    QuicServerConfig::try_from(config).map_err(|e| NetError::Tls(e.to_string()))
+    config.max_early_data_size = 0;
+    Ok(config)
+}
+
+/// Which gateways may connect: a client certificate issued by one of `roots` and, when
+/// `allowed` is not empty, valid for one of its names (a DNS name in the certificate's
+/// subject alternative names).
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// CA certificates gateway certificates must chain to.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Gateway names accepted; empty: any certificate from the CA.
+    pub allowed: Vec<String>,
+}
+
+impl ClientAuth {
+    /// Reads the CA certificates from a PEM file.
+    pub fn from_pem_file(ca: &Path, allowed: Vec<String>) -> Result<ClientAuth, NetError> {
+        let roots = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| NetError::Tls(format!("{}: {e}", ca.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NetError::Tls(format!("{}: {e}", ca.display())))?;
+        if roots.is_empty() {
+            return Err(NetError::Tls(format!("{}: no certificate", ca.display())));
+        }
+        for name in &allowed {
+            ServerName::try_from(name.as_str())
+                .map_err(|_| NetError::Tls(format!("allowed client {name:?} is not a DNS name")))?;
+        }
+        Ok(ClientAuth { roots, allowed })
+    }
+
+    fn verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, NetError> {
+        let mut store = RootCertStore::empty();
+        for root in &self.roots {
+            store
+                .add(root.clone())
+                .map_err(|e| NetError::Tls(e.to_string()))?;
+        }
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+            .build()
+            .map_err(|e| NetError::Tls(e.to_string()))?;
+        Ok(Arc::new(AllowlistVerifier {
+            inner,
+            allowed: self.allowed.clone(),
+        }))
+    }
+
+    /// The allowed name `certificate` is valid for (the first), or `None`; with no
+    /// allowlist, `Some("")` for any certificate.
+    pub fn identity_of(&self, certificate: &CertificateDer<'_>) -> Option<String> {
+        if self.allowed.is_empty() {
+            return Some(String::new());
+        }
+        allowed_name(&self.allowed, certificate).map(str::to_string)
+    }
+}
+
+fn allowed_name<'a>(allowed: &'a [String], certificate: &CertificateDer<'_>) -> Option<&'a str> {
+    let cert = webpki::EndEntityCert::try_from(certificate).ok()?;
+    allowed.iter().map(String::as_str).find(|name| {
+        ServerName::try_from(*name)
+            .is_ok_and(|server_name| cert.verify_is_valid_for_subject_name(&server_name).is_ok())
+    })
+}
+
+/// The CA's check, then the allowlist's.
+#[derive(Debug)]
+struct AllowlistVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<String>,
+}
+
+impl ClientCertVerifier for AllowlistVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if !self.allowed.is_empty() && allowed_name(&self.allowed, end_entity).is_none() {
+            return Err(rustls::Error::General(
+                "client certificate names no allowed gateway".into(),
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The rustls client config for connecting to a QUIC peer speaking the wire contract.
 pub fn client_crypto(trust: ClientTrust) -> Result<QuicClientConfig, NetError> {
+    client_crypto_with(trust, None)
+}
+
+/// As [`client_crypto`], presenting `identity` as the client certificate when given.
+pub fn client_crypto_with(
+    trust: ClientTrust,
+    identity: Option<TlsIdentity>,
+) -> Result<QuicClientConfig, NetError> {
+    let config = client_config(trust, identity)?;
+    QuicClientConfig::try_from(config).map_err(|e| NetError::Tls(e.to_string()))
+}
+
+/// The rustls client config (for QUIC or TCP), TLS 1.3 only, with the wire contract's
+/// ALPN, presenting `identity` when given.
+pub fn client_config(
+    trust: ClientTrust,
+    identity: Option<TlsIdentity>,
+) -> Result<rustls::ClientConfig, NetError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Tls(e.to_string()))?;
-    let mut config = match trust {
+    let builder = match trust {
         ClientTrust::Roots(certs) => {
             let mut roots = RootCertStore::empty();
             for cert in certs {
                 roots.add(cert).map_err(|e| NetError::Tls(e.to_string()))?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         ClientTrust::AcceptAny => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider())))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider()))),
+    };
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => builder
+            .with_client_auth_cert(identity.certs, identity.key)
+            .map_err(|e| NetError::Tls(e.to_string()))?,
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
-    QuicClientConfig::try_from(config).map_err(|e| NetError::Tls(e.to_string()))
+    Ok(config)
 }
 
 /// Skips the certificate check but still checks the handshake signature, so the session

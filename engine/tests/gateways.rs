@@ -1,0 +1,278 @@
+//! Who may connect: gateways authenticated by client certificates (a CA and an allowlist)
+//! on QUIC and on TLS over TCP, and one peer's idle connections not locking others out.
+//! Real sockets on loopback; certificates made in memory.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use payswitch::switch::{self, RunningSwitch, Security};
+use payswitch_loadtest::acquirer_sim::{self, SimConfig};
+use payswitch_net::tls::ClientAuth;
+use payswitch_net::{framed, quic, tls, ClientTrust, FrameReader, TlsIdentity};
+use payswitch_protocol::{Message, Mti};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
+use support::{acquirer, config, trust, wait_links_up};
+
+mod support;
+
+/// A CA that issues gateway certificates.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+
+    /// A client certificate for `name`, issued by this CA.
+    fn issue(&self, name: &str) -> TlsIdentity {
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        TlsIdentity {
+            certs: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        }
+    }
+}
+
+fn authorization(stan: u32) -> Message {
+    let mut b = Message::builder(Mti::AUTHORIZATION_REQUEST);
+    b.set_str(2, "4111111111111111").unwrap();
+    b.set_str(3, "000000").unwrap();
+    b.set_str(4, "000000012500").unwrap();
+    b.set_str(7, "1125123045").unwrap();
+    b.set_str(11, &format!("{stan:06}")).unwrap();
+    b.set_str(14, "9912").unwrap();
+    b.set_str(22, "051").unwrap();
+    b.set_str(37, &format!("7770{stan:08}")).unwrap();
+    b.set_str(41, "TERM0001").unwrap();
+    b.set_str(42, "MERCHANT0000001").unwrap();
+    b.set_str(49, "840").unwrap();
+    b.build()
+}
+
+/// A switch (QUIC and TCP) that requires certificates from `ca` naming `allowed`.
+async fn switch_requiring(ca: &Ca, allowed: &[&str]) -> (acquirer_sim::RunningSim, RunningSwitch) {
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    let security = Security {
+        identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
+        acquirer_trust: vec![trust(&sim)],
+        gateways: Some(ClientAuth {
+            roots: vec![ca.der()],
+            allowed: allowed.iter().map(|s| s.to_string()).collect(),
+        }),
+    };
+    let switch = switch::start(&config, security).await.unwrap();
+    wait_links_up(&switch).await;
+    (sim, switch)
+}
+
+/// One authorization over QUIC presenting `identity`: its response code, or why none came.
+async fn over_quic(
+    switch: &RunningSwitch,
+    identity: Option<TlsIdentity>,
+    stan: u32,
+) -> Result<String, String> {
+    let endpoint = quic::client_endpoint_with_identity(
+        ClientTrust::Roots(vec![switch.certificate.clone()]),
+        identity,
+    )
+    .unwrap();
+    let attempt = async {
+        let conn = quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        framed::write_message(&mut send, &authorization(stan), &mut BytesMut::new())
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let mut reader = FrameReader::new(recv, 8192);
+        let frame = reader
+            .next_frame()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no response")?;
+        let response = Message::decode(frame).map_err(|e| e.to_string())?;
+        Ok(response.get_str(39).unwrap_or_default().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// One authorization over TLS on TCP from `source` (a loopback address) presenting
+/// `identity`.
+async fn over_tls_tcp(
+    switch: &RunningSwitch,
+    source: [u8; 4],
+    identity: Option<TlsIdentity>,
+    stan: u32,
+) -> Result<String, String> {
+    let config = tls::client_config(
+        ClientTrust::Roots(vec![switch.certificate.clone()]),
+        identity,
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let attempt = async {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::from((source, 0)))
+            .map_err(|e| e.to_string())?;
+        let tcp = socket
+            .connect(switch.tcp_addr.unwrap())
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("localhost").unwrap();
+        let stream = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (read, mut write) = tokio::io::split(stream);
+        framed::write_message(&mut write, &authorization(stan), &mut BytesMut::new())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reader = FrameReader::new(read, 8192);
+        let frame = reader
+            .next_frame()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no response")?;
+        let response = Message::decode(frame).map_err(|e| e.to_string())?;
+        Ok(response.get_str(39).unwrap_or_default().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+#[tokio::test]
+async fn only_gateways_with_an_allowed_certificate_from_the_ca_are_served_on_quic() {
+    let ca = Ca::new("gateways CA");
+    let rogue = Ca::new("rogue CA");
+    let (_sim, switch) = switch_requiring(&ca, &["gw1.psp.example"]).await;
+
+    let allowed = over_quic(&switch, Some(ca.issue("gw1.psp.example")), 1).await;
+    assert_eq!(allowed.as_deref(), Ok("00"));
+
+    let refusals = [
+        ("no certificate", None),
+        ("not on the allowlist", Some(ca.issue("gw2.psp.example"))),
+        ("another CA", Some(rogue.issue("gw1.psp.example"))),
+    ];
+    for (i, (why, identity)) in refusals.into_iter().enumerate() {
+        let result = over_quic(&switch, identity, 10 + i as u32).await;
+        assert!(result.is_err(), "{why}: served {result:?}");
+    }
+    assert!(switch.serve_stats.handshakes_failed.load(Relaxed) >= 3);
+    // The refused gateways never reached an acquirer.
+    assert_eq!(switch.switch.links()[0].stats.answered.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn tcp_speaks_tls_with_the_same_check_and_refuses_plaintext() {
+    let ca = Ca::new("gateways CA");
+    let (_sim, switch) = switch_requiring(&ca, &["gw1.psp.example"]).await;
+
+    let served = over_tls_tcp(
+        &switch,
+        [127, 0, 0, 1],
+        Some(ca.issue("gw1.psp.example")),
+        1,
+    )
+    .await;
+    assert_eq!(served.as_deref(), Ok("00"));
+    let refused = over_tls_tcp(
+        &switch,
+        [127, 0, 0, 1],
+        Some(ca.issue("gw2.psp.example")),
+        2,
+    )
+    .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let refused = over_tls_tcp(&switch, [127, 0, 0, 1], None, 3).await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // A plaintext frame is not a TLS handshake: the connection is dropped unanswered.
+    let mut plain = tokio::net::TcpStream::connect(switch.tcp_addr.unwrap())
+        .await
+        .unwrap();
+    framed::write_message(&mut plain, &authorization(4), &mut BytesMut::new())
+        .await
+        .unwrap();
+    let mut reader = FrameReader::new(plain, 8192);
+    let answer = tokio::time::timeout(Duration::from_secs(10), reader.next_frame()).await;
+    assert!(
+        !matches!(answer, Ok(Ok(Some(_)))),
+        "plaintext answered: {answer:?}"
+    );
+    assert!(switch.serve_stats.handshakes_failed.load(Relaxed) >= 3);
+}
+
+/// 2 000 connections from one address that never say anything take at most that
+/// address's share of the places; a gateway from another address is still served.
+#[tokio::test]
+async fn idle_connections_from_one_peer_do_not_lock_out_another_gateway() {
+    let ca = Ca::new("gateways CA");
+    let (_sim, switch) = switch_requiring(&ca, &["gw1.psp.example"]).await;
+    let addr = switch.tcp_addr.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..2_000 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+            idle.push(stream);
+        }
+    }
+    // Let the accept loop take them all (and refuse those over the bound).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while switch.serve_stats.connections_refused.load(Relaxed) < 2_000 - 256 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "refused only {}",
+            switch.serve_stats.connections_refused.load(Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        switch.serve_stats.connections_refused.load(Relaxed),
+        2_000 - 256,
+        "one peer holds at most max_connections_per_peer"
+    );
+    let served = over_tls_tcp(
+        &switch,
+        [127, 0, 0, 2],
+        Some(ca.issue("gw1.psp.example")),
+        1,
+    )
+    .await;
+    assert_eq!(served.as_deref(), Ok("00"));
+    drop(idle);
+}
