@@ -30,7 +30,7 @@ use payswitch_protocol::{fields, Message, Stan};
 use thiserror::Error;
 
 use crate::breaker::{Admit, Breaker, BreakerConfig, State as BreakerState, Transition};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use std::net::SocketAddr;
@@ -143,6 +143,8 @@ pub struct AcquirerLink {
     reversal_slots: Semaphore,
     up: AtomicBool,
     draining: AtomicBool,
+    /// Woken when a connection is made: reversals waiting out a backoff go at once.
+    connected: Notify,
     /// Health judged from what the acquirer does (`crate::breaker`).
     breaker: Mutex<Breaker>,
     /// The breaker's clock: monotonic, from the link's start.
@@ -189,6 +191,7 @@ impl AcquirerLink {
             reversal_slots: Semaphore::new(REVERSAL_SLOTS_PER_LINK),
             up: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            connected: Notify::new(),
             breaker: Mutex::new(breaker),
             epoch: Instant::now(),
             stats: LinkStats::default(),
@@ -336,6 +339,26 @@ impl AcquirerLink {
         Ok(ReversalSlot { _permit: permit })
     }
 
+    /// As [`AcquirerLink::reserve_reversal`], but waits up to the link's timeout for a
+    /// place when all are taken (they free as attempts are answered or time out), so a
+    /// backlog of reversals drains in turn instead of backing off. `Down` at once when
+    /// there is no connection.
+    pub async fn reserve_reversal_wait(&self) -> Result<ReversalSlot<'_>, LinkError> {
+        if self.writer.load().is_none() {
+            return Err(LinkError::Down);
+        }
+        match tokio::time::timeout(self.config.timeout(), self.reversal_slots.acquire()).await {
+            Ok(Ok(permit)) if self.writer.load().is_some() => Ok(ReversalSlot { _permit: permit }),
+            Ok(Ok(_)) => Err(LinkError::Down),
+            _ => Err(LinkError::Busy),
+        }
+    }
+
+    /// Resolves when the link next connects.
+    pub fn connected(&self) -> tokio::sync::futures::Notified<'_> {
+        self.connected.notified()
+    }
+
     /// Registers a reversal under one STAN for its whole delivery: `wanted` (its STAN
     /// before a restart) when no one holds it, else a new one. Answers with that STAN
     /// (and the original's RRN) reach the watch until it is dropped, across reconnects.
@@ -476,6 +499,7 @@ impl AcquirerLink {
         self.writer.store(Some(Arc::new(tx)));
         self.up.store(true, Ordering::Release);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        self.connected.notify_waiters();
         tracing::info!(acquirer = %self.config.name, address = %connection.remote_address(), "acquirer link up");
         tokio::select! {
             _ = shutdown.cancelled() => {}

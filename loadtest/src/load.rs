@@ -424,6 +424,10 @@ struct RecordLine<'a> {
     code: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     approval_code: Option<&'a str>,
+    /// When the request was due to be sent (the open-loop schedule), Unix milliseconds.
+    intended_ms: i64,
+    /// From then to the answer, microseconds.
+    latency_us: u64,
 }
 
 impl Recorder {
@@ -438,7 +442,7 @@ impl Recorder {
         })
     }
 
-    fn write(&self, response: &Message) {
+    fn write(&self, response: &Message, latency: Duration) {
         // The request's MTI: the response's minus 10 (0110 -> 0100).
         let response_mti = response.mti();
         let mti = response_mti.as_str();
@@ -469,6 +473,10 @@ impl Recorder {
                 .get_str(payswitch_protocol::fields::RESPONSE_CODE)
                 .unwrap_or(""),
             approval_code: response.get_str(payswitch_protocol::fields::APPROVAL_CODE),
+            intended_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.saturating_sub(latency).as_millis() as i64),
+            latency_us: latency.as_micros() as u64,
         };
         let Ok(mut text) = serde_json::to_vec(&line) else {
             return;
@@ -486,7 +494,7 @@ impl Recorder {
 impl Shared {
     fn answered(&self, intended: Instant, response: &Message, label: Option<Label>) {
         if let Some(record) = &self.record {
-            record.write(response);
+            record.write(response, intended.elapsed());
         }
         self.lock().answered(intended.elapsed(), response, label);
         self.finished.fetch_add(1, Ordering::Relaxed);

@@ -255,6 +255,32 @@ pub fn prometheus(snapshot: &Snapshot, serve: &ServeStats) -> String {
         "payswitch_gateway_connections_total {}",
         serve.connections.load(Ordering::Relaxed)
     );
+    let counters: [(&str, &str, &AtomicU64); 4] = [
+        (
+            "payswitch_gateway_connections_refused_total",
+            "Gateway connections refused: every place taken, or the peer's share (pipeline.max_connections_per_peer).",
+            &serve.connections_refused,
+        ),
+        (
+            "payswitch_gateway_handshakes_failed_total",
+            "Gateway TLS handshakes that failed or stalled: no client certificate, one the CA did not issue or not on the allowlist.",
+            &serve.handshakes_failed,
+        ),
+        (
+            "payswitch_gateway_streams_aborted_total",
+            "Gateway streams ended because of a frame that could not be answered.",
+            &serve.streams_aborted,
+        ),
+        (
+            "payswitch_gateway_streams_total",
+            "Gateway streams served (a TCP connection counts as one).",
+            &serve.streams,
+        ),
+    ];
+    for (name, help, value) in counters {
+        header(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+    }
     out
 }
 

@@ -173,7 +173,7 @@ impl StoreAndForward {
             }
             let event = match step {
                 DeliveryStep::Done(outcome) => break Some(outcome),
-                DeliveryStep::Reserve { .. } => match link.reserve_reversal() {
+                DeliveryStep::Reserve { .. } => match link.reserve_reversal_wait().await {
                     Ok(reserved) => {
                         slot = Some(reserved);
                         DeliveryEvent::Reserved(watch.stan())
@@ -208,6 +208,8 @@ impl StoreAndForward {
                             None => DeliveryEvent::Woke,
                         },
                         _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => DeliveryEvent::Woke,
+                        // The acquirer is back: no need to wait out the backoff.
+                        _ = link.connected() => DeliveryEvent::Woke,
                     }
                 }
             };
