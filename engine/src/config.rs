@@ -200,6 +200,9 @@ pub struct PipelineConfig {
     pub max_connections: usize,
     /// Open gateway connections per listener from one IP address.
     pub max_connections_per_peer: usize,
+    /// Seconds a TCP gateway connection may stay idle (nothing in progress, no frame)
+    /// before it is closed.
+    pub tcp_idle_timeout_s: u64,
     /// Record latency histograms per stage (turn off only to measure what they cost).
     pub metrics: bool,
 }
@@ -218,6 +221,7 @@ impl Default for PipelineConfig {
             max_in_flight_per_connection: limits.max_in_flight_per_connection,
             max_connections: limits.max_connections,
             max_connections_per_peer: limits.max_connections_per_peer,
+            tcp_idle_timeout_s: limits.tcp_idle_timeout.as_secs(),
             metrics: true,
         }
     }
@@ -406,6 +410,11 @@ impl PipelineConfig {
             "pipeline.max_connections_per_peer",
             self.max_connections_per_peer,
             1..=self.max_connections,
+        )?;
+        within(
+            "pipeline.tcp_idle_timeout_s",
+            self.tcp_idle_timeout_s,
+            1..=86_400,
         )
     }
 }

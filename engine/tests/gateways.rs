@@ -276,3 +276,51 @@ async fn idle_connections_from_one_peer_do_not_lock_out_another_gateway() {
     assert_eq!(served.as_deref(), Ok("00"));
     drop(idle);
 }
+
+/// A TCP gateway that says nothing, or half a frame and then nothing, is closed after the
+/// idle timeout; one that keeps sending is not.
+#[tokio::test]
+async fn silent_and_stalled_tcp_connections_are_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.pipeline.tcp_idle_timeout_s = 1;
+    let switch = support::start_switch(&config, vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    let addr = switch.tcp_addr.unwrap();
+
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(&[0x00, 0x40, b'0', b'1']).await.unwrap(); // 64 bytes announced, 2 sent
+    let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut stan = 1;
+    while started.elapsed() < Duration::from_millis(2_500) {
+        framed::write_message(&mut busy, &authorization(stan), &mut BytesMut::new())
+            .await
+            .unwrap();
+        stan += 1;
+        let mut len = [0u8; 2];
+        busy.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        busy.read_exact(&mut body).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for (name, stream) in [("silent", &mut silent), ("stalled", &mut stalled)] {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{name}: {read:?}");
+    }
+    assert!(switch.serve_stats.idle_closed.load(Relaxed) >= 2);
+    // The busy one is still served.
+    framed::write_message(&mut busy, &authorization(stan), &mut BytesMut::new())
+        .await
+        .unwrap();
+    let mut len = [0u8; 2];
+    busy.read_exact(&mut len).await.unwrap();
+}

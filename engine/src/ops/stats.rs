@@ -255,7 +255,12 @@ pub fn prometheus(snapshot: &Snapshot, serve: &ServeStats) -> String {
         "payswitch_gateway_connections_total {}",
         serve.connections.load(Ordering::Relaxed)
     );
-    let counters: [(&str, &str, &AtomicU64); 4] = [
+    let counters: [(&str, &str, &AtomicU64); 5] = [
+        (
+            "payswitch_gateway_idle_closed_total",
+            "TCP gateway connections closed after pipeline.tcp_idle_timeout_s without a frame.",
+            &serve.idle_closed,
+        ),
         (
             "payswitch_gateway_connections_refused_total",
             "Gateway connections refused: every place taken, or the peer's share (pipeline.max_connections_per_peer).",

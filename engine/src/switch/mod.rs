@@ -320,6 +320,7 @@ async fn listen(
         max_in_flight_per_connection: config.pipeline.max_in_flight_per_connection,
         max_connections: config.pipeline.max_connections,
         max_connections_per_peer: config.pipeline.max_connections_per_peer,
+        tcp_idle_timeout: std::time::Duration::from_secs(config.pipeline.tcp_idle_timeout_s),
     };
     let identity = &security.identity;
     let gateways = security.gateways.as_ref();

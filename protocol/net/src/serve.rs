@@ -77,6 +77,10 @@ pub struct Limits {
     /// Open connections from one IP address (QUIC and TCP each), so one peer opening
     /// connections it never uses cannot take every place and lock other gateways out.
     pub max_connections_per_peer: usize,
+    /// A TCP connection with nothing in progress that completes no frame for this long is
+    /// closed: an idle or stalled peer (half a frame, then nothing) gives its place back.
+    /// QUIC has its transport's idle timeout and keep-alives instead.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -96,6 +100,9 @@ impl Default for Limits {
             // A gateway behind one address holds a handful of connections; a quarter of
             // the places leaves three quarters to everyone else whatever one peer does.
             max_connections_per_peer: 256,
+            // Gateways that keep a TCP connection open across quiet hours send a network
+            // echo (0800) every minute or so; twice that tells a live one from a dead one.
+            tcp_idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -116,6 +123,8 @@ pub struct ServeStats {
     pub frames: AtomicU64,
     /// Streams ended because of a frame that could not be answered.
     pub streams_aborted: AtomicU64,
+    /// TCP connections closed after `Limits::tcp_idle_timeout` without a frame.
+    pub idle_closed: AtomicU64,
     /// Frames answered by [`Handler::shed`] because a stream or connection was at its
     /// in-flight bound.
     pub shed: AtomicU64,
@@ -196,6 +205,7 @@ pub async fn serve_stream<R, W, H>(
     connection: &Arc<Semaphore>,
     stats: &ServeStats,
     shutdown: &CancellationToken,
+    idle_timeout: Option<Duration>,
 ) -> StreamEnd
 where
     R: AsyncRead + Unpin,
@@ -214,10 +224,22 @@ where
     let mut out = BytesMut::with_capacity(1024);
     let mut reading = true;
     let mut end = StreamEnd::Finished;
+    // Without a timeout the branch is disabled, but select! still builds its future: a
+    // year keeps the deadline's arithmetic far from overflow.
+    let idle_for = idle_timeout.unwrap_or(Duration::from_secs(365 * 86_400));
+    let mut idle_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled(), if reading => reading = false,
+            _ = tokio::time::sleep_until(idle_since + idle_for),
+                if reading && tasks.is_empty() && idle_timeout.is_some() =>
+            {
+                stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                reading = false;
+                end = StreamEnd::Failed;
+            }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                idle_since = tokio::time::Instant::now();
                 out.clear();
                 let mut close = collect(done, &mut out);
                 // Batch whatever else is ready into the same write.
@@ -238,6 +260,7 @@ where
             frame = reader.next_frame(), if reading && tasks.len() < max_tasks => {
                 match frame {
                     Ok(Some(frame)) => {
+                        idle_since = tokio::time::Instant::now();
                         stats.frames.fetch_add(1, Ordering::Relaxed);
                         let place = Arc::clone(&places).try_acquire_owned().ok().and_then(|stream| {
                             Some((stream, Arc::clone(connection).try_acquire_owned().ok()?))
@@ -392,6 +415,7 @@ async fn serve_quic_connection<H: Handler>(
                 &in_flight,
                 &stats,
                 &shutdown,
+                None,
             )
             .await;
             match end {
@@ -519,6 +543,7 @@ async fn serve_tcp_connection<R, W, H>(
         &in_flight,
         stats,
         shutdown,
+        Some(limits.tcp_idle_timeout),
     )
     .await;
     if end == StreamEnd::Finished {

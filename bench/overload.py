@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Overload over real processes: an acquirer simulator, the switch and an open-loop load,
+each its own process. The load offers `--rate` for `--duration` seconds, pipelined on a
+few connections or one stream per request; the switch's RSS is sampled every 250 ms.
+
+    python3 bench/overload.py --rate 6000 --duration 10 [--pipelined]
+
+Prints what was answered, the codes, how many were shed (field 48 `shed=overload`), the
+latency of the admitted requests (everything not shed) and of all, goodput (approvals a
+second), and the switch's RSS at the start, peak and end.
+
+Needs the release binary: cargo build --release --bin payswitch.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "payswitch")
+
+
+def free_port(kind=socket.SOCK_DGRAM):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def wait_ready(admin, deadline_s=30):
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the switch never became ready")
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rate", type=int, required=True)
+    p.add_argument("--duration", type=int, default=10)
+    p.add_argument("--pipelined", action="store_true")
+    p.add_argument("--connections", type=int, default=8)
+    args = p.parse_args()
+
+    work = tempfile.mkdtemp(prefix="payswitch-overload-")
+    acq_port, quic_port = free_port(), free_port()
+    admin = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
+    procs = []
+
+    def spawn(cmd, log):
+        out = open(os.path.join(work, log), "w")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    rss = []
+    try:
+        spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--approval-rate", "1"],
+              "acquirer.log")
+        switch = spawn([BIN, "serve", "--listen", f"127.0.0.1:{quic_port}", "--admin", admin,
+                        "--acquirer", f"127.0.0.1:{acq_port}",
+                        "--journal", os.path.join(work, "journal"), "--fsync", "never"],
+                       "switch.log")
+        wait_ready(admin)
+        time.sleep(1.0)
+        record = os.path.join(work, "record.jsonl")
+        cmd = [BIN, "load", "--target", f"127.0.0.1:{quic_port}", "--rate", str(args.rate),
+               "--duration", f"{args.duration}s", "--connections", str(args.connections),
+               "--record", record, "--json", os.path.join(work, "load.json"), "--quiet",
+               "--max-outstanding", "50000"]
+        if args.pipelined:
+            cmd.append("--pipelined")
+        load = spawn(cmd, "load.log")
+        while load.poll() is None:
+            rss.append(rss_kib(switch.pid))
+            time.sleep(0.25)
+        rss.append(rss_kib(switch.pid))
+        with urllib.request.urlopen(f"http://{admin}/api/stats", timeout=5) as r:
+            final = json.load(r)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    report = json.load(open(os.path.join(work, "load.json")))
+    lines = [json.loads(line) for line in open(record)]
+    codes = {}
+    for l in lines:
+        codes[l["code"]] = codes.get(l["code"], 0) + 1
+    admitted = sorted(l["latency_us"] for l in lines if l["code"] != "91")
+    every = sorted(l["latency_us"] for l in lines)
+    approvals = codes.get("00", 0)
+    rss = [r for r in rss if r is not None]
+    mode = "pipelined" if args.pipelined else "one stream per request"
+    print(f"offered {args.rate} TPS for {args.duration} s, {mode}, {args.connections} connections; work dir {work}")
+    print(f"sent {report.get('sent')}, answered {len(lines)}, load errors {report.get('errors', report.get('failures'))}")
+    print(f"codes {json.dumps(codes, sort_keys=True)}; switch shed {final.get('shed')}")
+    print(f"goodput {approvals / args.duration:.0f} approvals/s")
+    for name, values in (("admitted (not 91)", admitted), ("all", every)):
+        if values:
+            print(f"latency {name}: p50 {percentile(values, 0.5) / 1000:.1f} ms, "
+                  f"p99 {percentile(values, 0.99) / 1000:.1f} ms, max {values[-1] / 1000:.1f} ms")
+    if rss:
+        print(f"switch RSS: start {rss[0] // 1024} MiB, peak {max(rss) // 1024} MiB, end {rss[-1] // 1024} MiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
