@@ -194,6 +194,16 @@ impl Drop for PeerPlace {
 /// waiting on an acquirer still gets its answer.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One stream's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamBounds {
+    /// Requests in progress before the stream is shed or no longer read.
+    pub max_in_flight: usize,
+    /// Nothing in progress and no frame for this long ends the stream (TCP); `None`: the
+    /// transport's own idle timeout governs (QUIC).
+    pub idle_timeout: Option<Duration>,
+}
+
 /// Serves one stream until the peer finishes it, it fails, a frame cannot be answered, or
 /// `shutdown` fires. Responses still in progress when reading stops are written before
 /// returning, so a shutdown drains the stream instead of dropping its requests.
@@ -201,17 +211,20 @@ pub async fn serve_stream<R, W, H>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
     handler: &Arc<H>,
-    max_in_flight: usize,
+    bounds: StreamBounds,
     connection: &Arc<Semaphore>,
     stats: &ServeStats,
     shutdown: &CancellationToken,
-    idle_timeout: Option<Duration>,
 ) -> StreamEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
     H: Handler,
 {
+    let StreamBounds {
+        max_in_flight,
+        idle_timeout,
+    } = bounds;
     let mut tasks: JoinSet<Reply> = JoinSet::new();
     // Admitted requests hold a place of the stream's and one of the connection's; shed
     // ones hold none, and all together are at most twice the stream's bound.
@@ -411,11 +424,13 @@ async fn serve_quic_connection<H: Handler>(
                 &mut reader,
                 &mut send,
                 &handler,
-                limits.max_in_flight_per_stream,
+                StreamBounds {
+                    max_in_flight: limits.max_in_flight_per_stream,
+                    idle_timeout: None,
+                },
                 &in_flight,
                 &stats,
                 &shutdown,
-                None,
             )
             .await;
             match end {
@@ -539,11 +554,13 @@ async fn serve_tcp_connection<R, W, H>(
         &mut reader,
         &mut write,
         handler,
-        limits.max_in_flight_per_stream,
+        StreamBounds {
+            max_in_flight: limits.max_in_flight_per_stream,
+            idle_timeout: Some(limits.tcp_idle_timeout),
+        },
         &in_flight,
         stats,
         shutdown,
-        Some(limits.tcp_idle_timeout),
     )
     .await;
     if end == StreamEnd::Finished {
