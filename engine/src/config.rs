@@ -320,6 +320,16 @@ impl Config {
         if self.listen.quic.is_none() && self.listen.tcp.is_none() {
             return invalid("no listener: set listen.quic or listen.tcp");
         }
+        // The admin API speaks plain HTTP with a bearer token: off the loopback interface
+        // the token would cross the network in clear. A TLS-terminating proxy on the same
+        // host is the way to reach it from elsewhere.
+        if let Some(admin) = self.listen.admin {
+            if !admin.ip().is_loopback() {
+                return invalid(format!(
+                    "listen.admin = {admin}: the admin API is plain HTTP, so it binds a loopback address only; put a TLS-terminating proxy in front of it to reach it from elsewhere"
+                ));
+            }
+        }
         self.check_acquirers()?;
         self.check_routes()?;
         self.pipeline.check()?;
@@ -567,6 +577,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no `ca`"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_api_binds_loopback_only() {
+        let exposed = EXAMPLE.replace("admin = \"127.0.0.1:9583\"", "admin = \"0.0.0.0:9583\"");
+        let err = parse(&exposed).unwrap_err().to_string();
+        assert!(err.contains("listen.admin = 0.0.0.0:9583"), "{err}");
+        let v6 = EXAMPLE.replace("admin = \"127.0.0.1:9583\"", "admin = \"[::1]:9583\"");
+        assert!(parse(&v6).is_ok());
     }
 
     #[test]

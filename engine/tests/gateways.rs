@@ -324,3 +324,105 @@ async fn silent_and_stalled_tcp_connections_are_closed_after_the_idle_timeout() 
     let mut len = [0u8; 2];
     busy.read_exact(&mut len).await.unwrap();
 }
+
+/// `POST /api/tls/reload` swaps a new client CA in without a restart: a certificate from
+/// the old CA no longer connects, one from the new does. Every mutating admin call, with a
+/// wrong token too, is in the audit log.
+#[tokio::test]
+async fn a_new_client_ca_is_reloaded_without_a_restart_and_admin_calls_are_audited() {
+    use payswitch::config::TlsConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let old_ca = Ca::new("old gateways CA");
+    let new_ca = Ca::new("new gateways CA");
+    let files = tempfile::tempdir().unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&server_key)
+        .unwrap();
+    let write = |name: &str, text: String| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cert = write("switch.pem", server.pem());
+    let key = write("switch.key", server_key.serialize_pem());
+    let client_ca = write("gateways-ca.pem", old_ca.cert.pem());
+
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.tls = Some(TlsConfig {
+        cert,
+        key,
+        client_ca: Some(client_ca.clone()),
+        allowed_clients: vec!["gw1.psp.example".into()],
+    });
+    config.admin_token = Some("s3cret".into());
+    // The simulator's certificate is trusted below, as the other tests do.
+    config.insecure_acquirers = true;
+    let mut security = Security::from_config(&config).unwrap();
+    security.acquirer_trust = vec![trust(&sim)];
+    let switch = switch::start(&config, security).await.unwrap();
+    wait_links_up(&switch).await;
+    assert_eq!(
+        over_quic(&switch, Some(old_ca.issue("gw1.psp.example")), 1)
+            .await
+            .as_deref(),
+        Ok("00")
+    );
+
+    let admin = switch.admin_addr.unwrap();
+    let post = |path: &'static str, token: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await.unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        text[9..12].parse::<u16>().unwrap()
+    };
+    std::fs::write(&client_ca, new_ca.cert.pem()).unwrap();
+    assert_eq!(post("/api/tls/reload", "wrong").await, 401);
+    assert_eq!(post("/api/tls/reload", "s3cret").await, 200);
+
+    let old = over_quic(&switch, Some(old_ca.issue("gw1.psp.example")), 2).await;
+    assert!(
+        old.is_err(),
+        "a certificate from the old CA still connects: {old:?}"
+    );
+    assert_eq!(
+        over_quic(&switch, Some(new_ca.issue("gw1.psp.example")), 3)
+            .await
+            .as_deref(),
+        Ok("00")
+    );
+
+    let audit = std::fs::read_to_string(config.journal.dir.join("admin-audit.jsonl")).unwrap();
+    let entries: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 2, "{audit}");
+    assert_eq!(entries[0]["token_ok"], false);
+    assert_eq!(entries[0]["status"], 401);
+    assert_eq!(entries[1]["token_ok"], true);
+    assert_eq!(entries[1]["status"], 200);
+    assert_eq!(entries[1]["call"], "POST /api/tls/reload");
+    assert!(entries[1]["peer"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(config.journal.dir.join("admin-audit.jsonl"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

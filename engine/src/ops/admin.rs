@@ -13,8 +13,13 @@
 //! - `GET /api/models`; `POST /api/models?role=champion|challenger` (deploy a model file);
 //!   `POST /api/models/promote?id=ID` (a challenger becomes champion).
 //!
+//! - `POST /api/tls/reload` — read the certificate, key, client CA and allowlist files
+//!   again; new gateway connections use them.
+//!
 //! Mutating calls need the bearer token from the configuration; without a configured
-//! token they are refused.
+//! token they are refused. Every mutating call, allowed or not, is written to the audit
+//! log (`admin-audit.jsonl` in the journal directory, synced before the answer): when,
+//! from which address, whether the token was right, what was asked and the outcome.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,9 +27,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::Path;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use payswitch_models::model::Model;
@@ -55,6 +61,43 @@ pub struct Readiness {
     pub config_source: Option<std::path::PathBuf>,
     /// Counters of the gateway listeners (streams served).
     pub serve_stats: Arc<payswitch_net::ServeStats>,
+    /// The listeners' TLS settings, for `POST /api/tls/reload`.
+    pub tls: Arc<crate::switch::TlsReload>,
+    /// Where mutating calls are recorded; `None` without a journal directory.
+    pub audit: Option<AuditLog>,
+}
+
+/// The admin audit log: one JSON line per mutating call, appended and synced before the
+/// call is answered. Its file is the switch's user's alone (0600).
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    file: Arc<std::sync::Mutex<std::fs::File>>,
+}
+
+impl AuditLog {
+    /// Opens (or creates) `admin-audit.jsonl` in `dir`.
+    pub fn open(dir: &std::path::Path) -> anyhow::Result<AuditLog> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join("admin-audit.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening the admin audit log {}", path.display()))?;
+        Ok(AuditLog {
+            file: Arc::new(std::sync::Mutex::new(file)),
+        })
+    }
+
+    fn record(&self, entry: &serde_json::Value) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut line = entry.to_string();
+        line.push('\n');
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        (&*file).write_all(line.as_bytes())?;
+        file.sync_data()
+    }
 }
 
 /// Binds the admin listener and serves it until `shutdown`.
@@ -89,14 +132,60 @@ pub async fn start(
         .route("/api/routes/reload", post(reload_routes))
         .route("/api/models", get(models).post(deploy))
         .route("/api/models/promote", post(promote))
+        .route("/api/tls/reload", post(reload_tls))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
         .layer(DefaultBodyLimit::max(MAX_MODEL_BYTES))
         .with_state(state);
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
     });
     Ok((bound, task))
+}
+
+/// Records every call that is not a read in the audit log, with its outcome. A call whose
+/// record cannot be written is answered 500 (it has been carried out: the log says
+/// what failed).
+async fn audit(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let token_ok = authorized(&state, request.headers()).is_ok();
+    let call = format!("{} {}", request.method(), request.uri());
+    let response = next.run(request).await;
+    let entry = serde_json::json!({
+        "time_ms": crate::clock::now().unix_ms(),
+        "peer": peer,
+        "token_ok": token_ok,
+        "call": call,
+        "status": response.status().as_u16(),
+    });
+    tracing::info!(peer = ?peer, call = %call, token_ok, status = response.status().as_u16(), "admin call");
+    if let Some(log) = &state.ready.audit {
+        if let Err(e) = log.record(&entry) {
+            tracing::error!(error = %e, "admin audit log not written");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "audit log not written\n").into_response();
+        }
+    }
+    response
+}
+
+/// `POST /api/tls/reload`.
+async fn reload_tls(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    authorized(&state, &headers)?;
+    match state.ready.tls.reload() {
+        Ok(loaded) => Ok(Json(serde_json::json!({ "reloaded": loaded }))),
+        Err(e) => Err((StatusCode::CONFLICT, format!("{e:#}\n"))),
+    }
 }
 
 fn authorized(state: &AdminState, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {

@@ -213,7 +213,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     ));
     let serve_stats = Arc::new(ServeStats::default());
     let certificate = security.identity.certs[0].clone();
-    let listening = listen(config, &security, &switch, &serve_stats, &shutdown).await?;
+    let mut listening = listen(config, &security, &switch, &serve_stats, &shutdown).await?;
+    let tls_reload = Arc::new(std::mem::take(&mut listening.reload));
     let mut tasks = listening.tasks;
     let mut admin_addr = None;
     if let Some(addr) = config.listen.admin {
@@ -221,6 +222,12 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
             model_required: config.scoring.model.is_some(),
             config_source: config.source.clone(),
             serve_stats: Arc::clone(&serve_stats),
+            tls: Arc::clone(&tls_reload),
+            audit: if config.journal.enabled {
+                Some(crate::ops::admin::AuditLog::open(&config.journal.dir)?)
+            } else {
+                None
+            },
         };
         let token = config.admin_token.clone();
         let (bound, task) =
@@ -304,6 +311,60 @@ struct Listening {
     quic: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// What a certificate reload swaps.
+    reload: TlsReload,
+}
+
+/// The listeners' TLS settings, to reload the certificate, key, client CA and allowlist
+/// from their files without a restart (`POST /api/tls/reload`): new connections get the
+/// new ones, connections open keep theirs.
+#[derive(Debug, Default)]
+pub struct TlsReload {
+    files: Option<TlsConfig>,
+    quic: Option<quinn::Endpoint>,
+    tcp: Option<serve::TlsSource>,
+}
+
+impl TlsReload {
+    /// Reads the configured files again and swaps them in; what was loaded, or why
+    /// nothing was (the old settings stay).
+    pub fn reload(&self) -> anyhow::Result<String> {
+        let Some(files) = &self.files else {
+            anyhow::bail!("no certificate files configured ([tls]): nothing to reload");
+        };
+        let identity = TlsIdentity::from_pem_files(&files.cert, &files.key)?;
+        let gateways = match &files.client_ca {
+            Some(ca) => Some(ClientAuth::from_pem_file(
+                ca,
+                files.allowed_clients.clone(),
+            )?),
+            None => None,
+        };
+        if let Some(endpoint) = &self.quic {
+            endpoint.set_server_config(Some(quic::server_config_with(
+                identity.clone(),
+                gateways.as_ref(),
+            )?));
+        }
+        if let Some(tcp) = &self.tcp {
+            let config = Arc::new(tls::server_config(identity, gateways.as_ref())?);
+            *tcp.write().unwrap_or_else(|e| e.into_inner()) = config;
+        }
+        let what = match &gateways {
+            Some(g) => format!(
+                "certificate {} and client CA {} ({} allowed gateway names)",
+                files.cert.display(),
+                files
+                    .client_ca
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+                g.allowed.len()
+            ),
+            None => format!("certificate {}", files.cert.display()),
+        };
+        tracing::info!(loaded = %what, "TLS settings reloaded: new connections use them");
+        Ok(what)
+    }
 }
 
 /// Binds the configured QUIC and TCP listeners and serves `switch` on them.
@@ -328,11 +389,16 @@ async fn listen(
         quic: None,
         tcp: None,
         tasks: Vec::new(),
+        reload: TlsReload {
+            files: config.tls.clone(),
+            ..TlsReload::default()
+        },
     };
     if let Some(addr) = config.listen.quic {
         let endpoint = quic::server_endpoint_with(addr, identity.clone(), gateways)
             .with_context(|| format!("binding QUIC listener {addr}"))?;
         listening.quic = Some(endpoint.local_addr()?);
+        listening.reload.quic = Some(endpoint.clone());
         listening.tasks.push(tokio::spawn(serve::serve_quic(
             endpoint,
             Arc::clone(switch),
@@ -349,9 +415,13 @@ async fn listen(
         // With client certificates required, TCP is TLS with the same check; without,
         // plain (the warning at start says so).
         let tls = gateways
-            .map(|clients| tls::server_config(identity.clone(), Some(clients)).map(Arc::new))
+            .map(|clients| {
+                tls::server_config(identity.clone(), Some(clients))
+                    .map(|c| Arc::new(std::sync::RwLock::new(Arc::new(c))))
+            })
             .transpose()
             .context("TLS for the TCP listener")?;
+        listening.reload.tcp = tls.clone();
         listening.tasks.push(tokio::spawn(serve::serve_tcp_with(
             listener,
             tls,

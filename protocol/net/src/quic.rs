@@ -58,10 +58,20 @@ pub fn server_endpoint_with(
     identity: TlsIdentity,
     clients: Option<&ClientAuth>,
 ) -> Result<Endpoint, NetError> {
+    let config = server_config_with(identity, clients)?;
+    Ok(Endpoint::server(config, addr)?)
+}
+
+/// The server settings of a gateway endpoint (for a new endpoint, or to swap into one
+/// with `Endpoint::set_server_config`).
+pub fn server_config_with(
+    identity: TlsIdentity,
+    clients: Option<&ClientAuth>,
+) -> Result<ServerConfig, NetError> {
     let crypto = tls::server_crypto_with(identity, clients)?;
     let mut config = ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(IDLE_TIMEOUT, KEEP_ALIVE));
-    Ok(Endpoint::server(config, addr)?)
+    Ok(config)
 }
 
 /// A QUIC client endpoint on an ephemeral port, trusting servers as `trust` says.

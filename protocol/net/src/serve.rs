@@ -464,18 +464,21 @@ pub async fn serve_tcp<H: Handler>(
     serve_tcp_with(listener, None, handler, limits, stats, shutdown).await;
 }
 
+/// The TLS settings of a TCP listener, swapped whole to reload certificates: each new
+/// connection takes the current one.
+pub type TlsSource = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
+
 /// As [`serve_tcp`], with TLS (and client certificates, as `tls` requires them) on every
 /// connection when `tls` is given; a connection whose handshake fails or does not finish
 /// within [`HANDSHAKE_TIMEOUT`] is dropped and counted.
 pub async fn serve_tcp_with<H: Handler>(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<TlsSource>,
     handler: Arc<H>,
     limits: Limits,
     stats: Arc<ServeStats>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let peers = Arc::new(PerPeer::default());
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
@@ -507,7 +510,10 @@ pub async fn serve_tcp_with<H: Handler>(
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = tls.as_ref().map(|tls| {
+            let config = tls.read().unwrap_or_else(|e| e.into_inner());
+            tokio_rustls::TlsAcceptor::from(Arc::clone(&config))
+        });
         tracker.spawn(async move {
             let _places = (permit, place);
             match acceptor {
