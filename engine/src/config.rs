@@ -477,7 +477,16 @@ fn check_journal(journal: &JournalConfig, shards: usize) -> Result<(), ConfigErr
         journal.max_duplicates,
         shards..=MAX_DUPLICATES,
         &format!("at least one per shard, {shards} shards"),
-    )
+    )?;
+    if journal.retention_days > 0 {
+        within_because(
+            "journal.retention_days",
+            journal.retention_days,
+            1..=36_500,
+            "0 keeps everything; otherwise at least a day, longer than the duplicate window and the velocity a start replays",
+        )?;
+    }
+    Ok(())
 }
 
 fn invalid(message: impl Into<String>) -> Result<(), ConfigError> {

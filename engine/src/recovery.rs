@@ -40,6 +40,8 @@ pub struct Recovery {
     pub recent: Vec<(u128, DupKey, i64, Arc<Original>)>,
     /// Records naming an acquirer that is no longer configured (left in the journal).
     pub unknown_acquirers: usize,
+    /// Their requests' sequence numbers: retention keeps their records.
+    pub unknown_owed: Vec<u64>,
     /// Complete requests within the window not remembered: newer ones filled
     /// `journal.max_duplicates`, as the shards' windows would have.
     pub dropped_over_capacity: u64,
@@ -320,6 +322,7 @@ impl Recovery {
         };
         let Some(acquirer) = acquirer_index(acquirers, &record.acquirer) else {
             self.unknown_acquirers += 1;
+            self.unknown_owed.push(request_seq);
             return;
         };
         let (stan, attempts) = life

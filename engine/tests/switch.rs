@@ -942,3 +942,93 @@ async fn a_gateway_reversal_reaches_the_original_acquirer_once() {
         assert_eq!((r.mti.as_str(), r.stan.as_str()), ("0100", "000060"));
     }
 }
+
+/// `journal.retention_days`: at start, closed segments last written before the retention
+/// are deleted, except one holding a reversal still owed (its acquirer never answered),
+/// which the next start needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_segments_but_keeps_what_a_reversal_owed_needs() {
+    use payswitch::journal::segment::list_segments;
+    use payswitch_loadtest::acquirer_sim::{self, SimConfig};
+    use std::time::{Duration, SystemTime};
+
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        latency_median: Duration::ZERO,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 300)], vec![]);
+    let age = |dir: &std::path::Path, days: u64| {
+        for (_, path) in list_segments(dir).unwrap() {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - Duration::from_secs(days * 86_400))
+                .unwrap();
+        }
+    };
+    let run = |config: payswitch::config::Config, stans: std::ops::Range<u32>| {
+        let sim_trust = trust(&sim);
+        async move {
+            let switch = start_switch(&config, vec![sim_trust]).await;
+            wait_links_up(&switch).await;
+            let conn = gateway(&switch).await;
+            let mut codes = Vec::new();
+            for stan in stans {
+                let response = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
+                codes.push(response.get_str(39).unwrap().to_string());
+            }
+            switch.shutdown().await;
+            codes
+        }
+    };
+    // First run: approved, then shut down; its segment ages 10 days.
+    assert_eq!(run(config.clone(), 1..3).await, ["00", "00"]);
+    age(&config.journal.dir, 10);
+    // Second run: the acquirer answers after the timeout: 91, a reversal queued and not
+    // acknowledged before the shutdown. Its segment ages 10 days too.
+    sim.set_delay(Duration::from_secs(5));
+    assert_eq!(run(config.clone(), 10..11).await, ["91"]);
+    age(&config.journal.dir, 10);
+    let before: Vec<u64> = list_segments(&config.journal.dir)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(before.len(), 2, "{before:?}");
+    // Third run, retention 1 day: the first run's segment goes; the second's (a reversal
+    // owed) stays, as does the new one.
+    config.journal.retention_days = 1;
+    let switch = start_switch(&config, vec![trust(&sim)]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after: Vec<u64> = list_segments(&config.journal.dir)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        if !after.contains(&before[0]) {
+            break after;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old segment was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        after.contains(&before[1]),
+        "the segment a reversal needs was deleted: {after:?}"
+    );
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(
+        switch
+            .switch
+            .reversals
+            .stats
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    switch.shutdown().await;
+}

@@ -11,6 +11,7 @@
 //! queue, the duplicate window) lives in `crate::recovery`.
 
 pub mod record;
+pub mod retention;
 pub mod segment;
 pub mod writer;
 

@@ -103,6 +103,10 @@ pub struct JournalConfig {
     pub duplicate_window_s: u64,
     /// Requests remembered for duplicate detection, over all shards.
     pub max_duplicates: usize,
+    /// Days a closed segment is kept after its last record (`journal::retention`); 0
+    /// keeps every segment. A segment holding a record of a reversal still owed is kept
+    /// whatever its age.
+    pub retention_days: u64,
 }
 
 impl Default for JournalConfig {
@@ -124,6 +128,9 @@ impl Default for JournalConfig {
             // RSS by 89 MB): 500 k ≈ 280 MiB, ten minutes at 830 TPS. Beyond that the
             // oldest are forgotten first (counted) and the window is shorter.
             max_duplicates: 500_000,
+            // Card-scheme rules and disputes want months of records; deleting them is
+            // the operator's choice, not a default.
+            retention_days: 0,
         }
     }
 }

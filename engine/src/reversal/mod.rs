@@ -103,6 +103,11 @@ pub struct StoreAndForward {
     shutdown: CancellationToken,
     /// Escalated reversals by request sequence number; bounded by the queue's slots.
     escalated: Mutex<BTreeMap<u64, Escalated>>,
+    /// Requests owed a reversal not yet acknowledged (delivering, deferred, or left for
+    /// the next start), by sequence number: journal retention keeps their records. One
+    /// entry per reversal queued in this run or recovered; at most the queue's slots plus
+    /// those deferred, which are few unless the queue overflowed.
+    owed: Mutex<BTreeMap<u64, u32>>,
     /// Counters.
     pub stats: ReversalStats,
 }
@@ -128,12 +133,14 @@ impl StoreAndForward {
             slots: Arc::new(Semaphore::new(MAX_PENDING_REVERSALS)),
             shutdown,
             escalated: Mutex::new(BTreeMap::new()),
+            owed: Mutex::new(BTreeMap::new()),
             stats: ReversalStats::default(),
         })
     }
 
     /// Starts delivering a reversal whose `reversal_queued` record is already durable.
     pub fn push(self: &Arc<Self>, reversal: PendingReversal) {
+        self.hold(reversal.request_seq);
         let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
             self.stats.deferred.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(rrn = %reversal.original.rrn, "reversal queue full: this reversal is sent after the next restart");
@@ -150,6 +157,29 @@ impl StoreAndForward {
             queue.stats.pending.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
+    }
+
+    /// Marks request `request_seq` as owed a reversal whose records the journal must keep
+    /// (one queued, or one left for an acquirer no longer configured).
+    pub fn hold(&self, request_seq: u64) {
+        let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        *owed.entry(request_seq).or_insert(0) += 1;
+    }
+
+    /// The oldest request still owed a reversal, if any: retention keeps its records.
+    pub fn oldest_owed(&self) -> Option<u64> {
+        let owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        owed.keys().next().copied()
+    }
+
+    fn release(&self, request_seq: u64) {
+        let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = owed.get_mut(&request_seq) {
+            *count -= 1;
+            if *count == 0 {
+                owed.remove(&request_seq);
+            }
+        }
     }
 
     /// The escalated reversals, oldest first (at most `limit`).
@@ -227,6 +257,7 @@ impl StoreAndForward {
             }
         }
         if outcome == Some(Delivered::Acknowledged) {
+            self.release(delivery.reversal().request_seq);
             self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
             if delivery.escalated() {
                 let original = &delivery.reversal().original;

@@ -192,6 +192,14 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let recent = std::mem::take(&mut recovery.recent);
     let (shards, shard_stats) = start_shards(config, &table, &scoring, recent);
     deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?;
+    if config.journal.enabled && config.journal.retention_days > 0 {
+        tokio::spawn(keep_retention(
+            config.journal.dir.clone(),
+            config.journal.retention_days,
+            Arc::clone(&reversals),
+            shutdown.child_token(),
+        ));
+    }
     let acquirer_names = links.iter().map(|l| l.name().to_string()).collect();
     let switch = Arc::new(Switch {
         shards,
@@ -300,10 +308,54 @@ async fn deliver_what_is_owed(
             .await
             .context("journaling the reversals of in-doubt authorizations")?;
     }
+    for &request_seq in &recovery.unknown_owed {
+        reversals.hold(request_seq);
+    }
     for pending in recovery.in_doubt.into_iter().chain(recovery.pending) {
         reversals.push(pending);
     }
     Ok(())
+}
+
+/// Deletes expired journal segments now and every `retention::CHECK_EVERY`
+/// (`journal.retention_days`; see `journal::retention`).
+async fn keep_retention(
+    dir: std::path::PathBuf,
+    retention_days: u64,
+    reversals: Arc<StoreAndForward>,
+    shutdown: CancellationToken,
+) {
+    use crate::journal::retention;
+    let retention = std::time::Duration::from_secs(retention_days.saturating_mul(86_400));
+    loop {
+        let keep_from = reversals.oldest_owed();
+        let swept = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                retention::apply(&dir, retention, std::time::SystemTime::now(), keep_from)
+            })
+            .await
+        };
+        match swept {
+            Ok(Ok((deleted, bytes))) if !deleted.is_empty() => {
+                tracing::info!(
+                    segments = deleted.len(),
+                    bytes,
+                    retention_days,
+                    "journal: expired segments deleted"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "journal retention: cannot delete expired segments")
+            }
+            Err(e) => tracing::error!(error = %e, "journal retention task failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(retention::CHECK_EVERY) => {}
+        }
+    }
 }
 
 /// The gateway listeners that are up, and their tasks.
