@@ -498,6 +498,7 @@ fn demo_config(
         currencies: vec![],
         mccs: vec![],
         acquirers: vec![acquirer.into()],
+        balance: false,
     };
     Ok(Config {
         listen: ListenConfig {

@@ -30,6 +30,7 @@ use payswitch_protocol::{fields, Message, Stan};
 use thiserror::Error;
 
 use crate::breaker::{Admit, Breaker, BreakerConfig, State as BreakerState, Transition};
+use crate::routing::AcquirerWeights;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -149,6 +150,8 @@ pub struct AcquirerLink {
     breaker: Mutex<Breaker>,
     /// The breaker's clock: monotonic, from the link's start.
     epoch: Instant,
+    /// Where balanced routes read this acquirer's health, and its index there.
+    weights: std::sync::OnceLock<(Arc<AcquirerWeights>, usize)>,
     /// Counters.
     pub stats: LinkStats,
 }
@@ -194,6 +197,7 @@ impl AcquirerLink {
             connected: Notify::new(),
             breaker: Mutex::new(breaker),
             epoch: Instant::now(),
+            weights: std::sync::OnceLock::new(),
             stats: LinkStats::default(),
         });
         tokio::spawn(Arc::clone(&link).supervise(shutdown));
@@ -246,10 +250,19 @@ impl AcquirerLink {
         )
     }
 
+    /// Publishes this acquirer's health to `weights` at `index`, for balanced routes.
+    pub fn weigh_into(&self, weights: Arc<AcquirerWeights>, index: usize) {
+        let _ = self.weights.set((weights, index));
+    }
+
     fn with_breaker<T>(&self, f: impl FnOnce(&mut Breaker, u64) -> T) -> T {
         let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut breaker = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut breaker, now)
+        let result = f(&mut breaker, now);
+        if let Some((weights, index)) = self.weights.get() {
+            weights.set(*index, breaker.success_permille());
+        }
+        result
     }
 
     /// Logs a change of the breaker's state: WARN when it opens.

@@ -231,6 +231,20 @@ impl Breaker {
         (self.state, transition)
     }
 
+    /// The share of recent requests answered in time, thousandths, as balanced routes
+    /// weigh it: 0 while open, a trickle (50) while half-open so probes still come.
+    pub fn success_permille(&self) -> u32 {
+        match self.state {
+            State::Open { .. } if self.config.enabled => 0,
+            State::HalfOpen { .. } if self.config.enabled => 50,
+            _ if self.outcomes.is_empty() => 1_000,
+            _ => {
+                let len = self.outcomes.len();
+                ((len - self.failures) * 1_000 / len) as u32
+            }
+        }
+    }
+
     /// The state as last seen, without looking at the clock.
     pub fn last_state(&self) -> State {
         self.state

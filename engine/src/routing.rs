@@ -1,6 +1,7 @@
 //! Routing: which acquirers, in which order, may take an authorization. Pure data and
 //! functions; the table is built once from the configuration and swapped whole on reload.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use payswitch_protocol::{CurrencyCode, Mcc, Pan};
@@ -23,6 +24,37 @@ pub struct RouteConfig {
     pub mccs: Vec<String>,
     /// Acquirer names, tried in order.
     pub acquirers: Vec<String>,
+    /// The acquirers are of equal priority: each authorization goes first to one drawn
+    /// with a probability that follows its recent success rate (squared, so a failing
+    /// acquirer loses traffic quickly; none while its breaker is open), then to the
+    /// others, healthiest first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub balance: bool,
+}
+
+/// Each acquirer's recent health as routing weighs it: the share of its recent requests
+/// answered in time, in thousandths, 0 while its circuit breaker is open. Written by the
+/// links (or the simulator's), read by the shards for balanced routes.
+#[derive(Debug)]
+pub struct AcquirerWeights(Box<[AtomicU32]>);
+
+impl AcquirerWeights {
+    /// `n` acquirers, all healthy.
+    pub fn new(n: usize) -> AcquirerWeights {
+        AcquirerWeights((0..n).map(|_| AtomicU32::new(1_000)).collect())
+    }
+
+    /// Sets acquirer `index`'s success rate (thousandths; 0: skip it).
+    pub fn set(&self, index: AcquirerIndex, permille: u32) {
+        if let Some(w) = self.0.get(index) {
+            w.store(permille.min(1_000), Ordering::Relaxed);
+        }
+    }
+
+    /// Acquirer `index`'s success rate, thousandths.
+    pub fn get(&self, index: AcquirerIndex) -> u32 {
+        self.0.get(index).map_or(0, |w| w.load(Ordering::Relaxed))
+    }
 }
 
 /// Index of an acquirer in the configuration's list.
@@ -71,6 +103,7 @@ struct Rule {
     currencies: Vec<u16>,
     mccs: Vec<PrefixRange>,
     acquirers: Arc<[AcquirerIndex]>,
+    balance: bool,
 }
 
 impl Rule {
@@ -133,6 +166,7 @@ impl Router {
                 currencies: route.currencies.clone(),
                 mccs: ranges(&route.mccs, "MCC")?,
                 acquirers: indexes,
+                balance: route.balance,
             });
         }
         Ok(Router {
@@ -163,6 +197,59 @@ impl Router {
             .find(|rule| rule.matches(pan, currency, mcc))
             .map(|rule| Arc::clone(&rule.acquirers))
     }
+
+    /// As [`Router::route`], ordering a balanced route's acquirers for this request:
+    /// the first drawn with `draw` (uniform over `u64`) weighted by the square of each
+    /// one's success rate in `weights`, the rest healthiest first. A route that is not
+    /// balanced keeps its configured order (and costs no allocation).
+    pub fn route_weighted(
+        &self,
+        pan: &Pan,
+        currency: CurrencyCode,
+        mcc: Option<Mcc>,
+        weights: &AcquirerWeights,
+        draw: u64,
+    ) -> Option<Arc<[AcquirerIndex]>> {
+        let rule = if self.rules.is_empty() {
+            None
+        } else {
+            Some(
+                self.rules
+                    .iter()
+                    .find(|rule| rule.matches(pan, currency, mcc))?,
+            )
+        };
+        let Some(rule) = rule.filter(|rule| rule.balance && rule.acquirers.len() > 1) else {
+            return self.route(pan, currency, mcc);
+        };
+        Some(balanced(&rule.acquirers, weights, draw))
+    }
+}
+
+/// `acquirers` in the order a balanced route tries them for one request.
+fn balanced(
+    acquirers: &[AcquirerIndex],
+    weights: &AcquirerWeights,
+    draw: u64,
+) -> Arc<[AcquirerIndex]> {
+    let weight = |a: AcquirerIndex| u64::from(weights.get(a)).pow(2);
+    let mut order: Vec<AcquirerIndex> = acquirers.to_vec();
+    // Healthiest first, configured order among equals.
+    order.sort_by_key(|&a| std::cmp::Reverse(weight(a)));
+    let total: u64 = order.iter().map(|&a| weight(a)).sum();
+    if total > 0 {
+        let mut point = draw % total;
+        if let Some(pick) = order.iter().position(|&a| {
+            let w = weight(a);
+            let hit = point < w;
+            point = point.saturating_sub(w);
+            hit
+        }) {
+            let first = order.remove(pick);
+            order.insert(0, first);
+        }
+    }
+    order.into()
 }
 
 #[cfg(test)]
@@ -247,6 +334,54 @@ mod tests {
         assert_eq!(
             router.route(&pan("6011000000000004"), usd, None).as_deref(),
             None
+        );
+    }
+
+    #[test]
+    fn a_balanced_route_shares_by_success_rate_and_skips_an_open_breaker() {
+        let router = config(
+            r#"
+            [[routes]]
+            acquirers = ["a", "b"]
+            balance = true
+            "#,
+        )
+        .router()
+        .unwrap();
+        let usd = CurrencyCode::parse(USD).unwrap();
+        let card = pan("4111111111111111");
+        let weights = AcquirerWeights::new(2);
+        let firsts = |weights: &AcquirerWeights| {
+            let mut firsts = [0u32; 2];
+            let mut draw = 0x9E37_79B9_7F4A_7C15u64;
+            for _ in 0..10_000 {
+                draw ^= draw << 13;
+                draw ^= draw >> 7;
+                draw ^= draw << 17;
+                let order = router
+                    .route_weighted(&card, usd, None, weights, draw)
+                    .unwrap();
+                assert_eq!(order.len(), 2);
+                firsts[order[0]] += 1;
+            }
+            firsts
+        };
+        let even = firsts(&weights);
+        assert!((4_500..=5_500).contains(&even[0]), "{even:?}");
+        // b answers half its requests in time: (0.5)^2 against 1 -> a fifth of the traffic.
+        weights.set(1, 500);
+        let skewed = firsts(&weights);
+        assert!((1_700..=2_300).contains(&skewed[1]), "{skewed:?}");
+        // b's breaker is open: it is only ever the fallback.
+        weights.set(1, 0);
+        assert_eq!(firsts(&weights), [10_000, 0]);
+        // An unbalanced route keeps its order whatever the weights.
+        let plain = config("").router().unwrap();
+        assert_eq!(
+            plain
+                .route_weighted(&card, usd, None, &weights, 1)
+                .as_deref(),
+            Some(&[0, 1][..])
         );
     }
 

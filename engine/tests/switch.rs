@@ -542,6 +542,79 @@ async fn a_slow_acquirer_is_skipped_once_its_breaker_opens_and_comes_back_when_q
     }
 }
 
+/// A balanced route: two healthy acquirers share the traffic; one that stalls loses its
+/// share as soon as its breaker opens, and the other carries everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balanced_route_shares_traffic_by_health() {
+    let north = start_sim(SimConfig {
+        name: "north".into(),
+        ..sim_config()
+    })
+    .await;
+    let south = start_sim(SimConfig {
+        name: "south".into(),
+        ..sim_config()
+    })
+    .await;
+    let route = RouteConfig {
+        bins: vec![],
+        currencies: vec![],
+        mccs: vec![],
+        acquirers: vec!["north".into(), "south".into()],
+        balance: true,
+    };
+    let switch = start_switch(
+        &config(
+            vec![
+                acquirer("north", &north, 2_000),
+                acquirer("south", &south, 2_000),
+            ],
+            vec![route],
+        ),
+        vec![trust(&north), trust(&south)],
+    )
+    .await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    let acquirer_of = |r: &Message| {
+        let tags = r.get_str(48).unwrap_or_default().to_string();
+        tags.split(';')
+            .find_map(|t| t.strip_prefix("acquirer=").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let mut shares = std::collections::HashMap::new();
+    for stan in 1..=200 {
+        let r = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
+        assert_eq!(r.get_str(39), Some("00"));
+        *shares.entry(acquirer_of(&r)).or_insert(0) += 1;
+    }
+    let (n, s) = (shares["north"], shares["south"]);
+    assert!((60..=140).contains(&n) && n + s == 200, "{shares:?}");
+
+    // North stalls: after its breaker opens, south gets everything but the probes.
+    north.set_delay(Duration::from_secs(3));
+    let mut tasks = Vec::new();
+    for stan in 300..400 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            transact(&conn, &authorization(VISA_TEST_CARD, stan)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut late = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let r = task.await.unwrap();
+        if i >= 50 {
+            late.push((r.get_str(39).unwrap().to_string(), acquirer_of(&r)));
+        }
+    }
+    let by_south = late
+        .iter()
+        .filter(|(code, acquirer)| code == "00" && acquirer == "south")
+        .count();
+    assert!(by_south >= late.len() - 3, "{late:?}");
+}
+
 #[tokio::test]
 async fn routes_by_bin_between_two_acquirers() {
     let visa = start_sim(sim_config()).await;
@@ -552,12 +625,14 @@ async fn routes_by_bin_between_two_acquirers() {
             currencies: vec![],
             mccs: vec![],
             acquirers: vec!["visa".into()],
+            balance: false,
         },
         RouteConfig {
             bins: vec!["510000-559999".into()],
             currencies: vec![],
             mccs: vec![],
             acquirers: vec!["mastercard".into()],
+            balance: false,
         },
     ];
     let config = config(

@@ -19,8 +19,8 @@ use duplicates::{DupKey, DuplicateWindow, Original};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ingress::validate::Authorization;
-use crate::routing::AcquirerIndex;
 use crate::routing::Router;
+use crate::routing::{AcquirerIndex, AcquirerWeights};
 use crate::scoring::{Scoring, ShardScoring, Verdict};
 
 /// What a shard is asked to decide.
@@ -88,16 +88,35 @@ pub struct Shard {
     scoring: ShardScoring,
     window: DuplicateWindow,
     stats: Arc<ShardStats>,
+    /// Acquirers' health, for balanced routes.
+    weights: Arc<AcquirerWeights>,
+    /// Draws for balanced routes (xorshift; per shard, so the simulator replays it).
+    draw: u64,
 }
 
 impl Shard {
-    /// A shard with velocity state for `max_cards` cards and `window` of recent requests.
-    pub fn new(max_cards: usize, window: DuplicateWindow, stats: Arc<ShardStats>) -> Shard {
+    /// A shard with velocity state for `max_cards` cards and `window` of recent requests,
+    /// weighing balanced routes by `weights`.
+    pub fn new(
+        max_cards: usize,
+        window: DuplicateWindow,
+        stats: Arc<ShardStats>,
+        weights: Arc<AcquirerWeights>,
+    ) -> Shard {
         Shard {
             scoring: ShardScoring::new(max_cards),
             window,
             stats,
+            weights,
+            draw: 0x9E37_79B9_7F4A_7C15,
         }
+    }
+
+    fn next_draw(&mut self) -> u64 {
+        self.draw ^= self.draw << 13;
+        self.draw ^= self.draw >> 7;
+        self.draw ^= self.draw << 17;
+        self.draw
     }
 
     /// Puts a request the journal says was seen at `at_ms` back in the window.
@@ -137,7 +156,14 @@ impl Shard {
                     let started = timed.then(Instant::now);
                     let verdict = scoring.decide(&mut self.scoring, &transaction);
                     let scored = started.map(|_| Instant::now());
-                    let route = router.route(&auth.pan, auth.currency, auth.mcc);
+                    let draw = self.next_draw();
+                    let route = router.route_weighted(
+                        &auth.pan,
+                        auth.currency,
+                        auth.mcc,
+                        &self.weights,
+                        draw,
+                    );
                     if let (Some(started), Some(scored)) = (started, scored) {
                         timings.score = Some(scored - started);
                         timings.route = Some(scored.elapsed());

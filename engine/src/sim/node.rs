@@ -21,7 +21,7 @@ use crate::journal::{JournalError, PanKey, Record, RecordKind};
 use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
 use crate::recovery::Replay;
 use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
-use crate::routing::Router;
+use crate::routing::{AcquirerWeights, Router};
 use crate::scoring::rules::RuleSet;
 use crate::scoring::{EventTime, Scoring};
 use crate::shard::duplicates::{DupKey, DuplicateWindow, Original};
@@ -259,6 +259,8 @@ pub struct Node {
     disk: Disk,
     pan_key: PanKey,
     router: Router,
+    /// The links' health for balanced routes, as the switch's links publish it.
+    weights: Arc<AcquirerWeights>,
     names: Vec<String>,
     scoring: Arc<Scoring>,
     shards: Vec<SimShard>,
@@ -289,11 +291,12 @@ impl Node {
                 "[[acquirers]]\nname = \"{name}\"\naddress = \"127.0.0.1:9\"\n"
             ));
         }
-        // Visa-like cards to the first acquirer, others to the last; each falls back to
-        // the other.
+        // Visa-like cards to the first acquirer, falling back to the last; others shared
+        // between the two by their health (a balanced route), each falling back to the
+        // other.
         let last = &names[names.len() - 1];
         toml.push_str(&format!(
-            "[[routes]]\nbins = [\"4\"]\nacquirers = [\"{}\", \"{last}\"]\n[[routes]]\nbins = [\"5\"]\nacquirers = [\"{last}\", \"{}\"]\n",
+            "[[routes]]\nbins = [\"4\"]\nacquirers = [\"{}\", \"{last}\"]\n[[routes]]\nbins = [\"5\"]\nacquirers = [\"{last}\", \"{}\"]\nbalance = true\n",
             names[0], names[0]
         ));
         let parsed: Config = toml::from_str(&toml).expect("the simulator's configuration parses");
@@ -306,6 +309,7 @@ impl Node {
             disk: Disk::new(),
             pan_key: PanKey::from_bytes(rng.gen()),
             router,
+            weights: Arc::new(AcquirerWeights::new(names.len())),
             names,
             scoring: Arc::new(new_scoring()),
             shards: Vec::new(),
@@ -459,6 +463,7 @@ impl Node {
                     10_000,
                     DuplicateWindow::new(window, self.config.window_capacity),
                     Arc::new(ShardStats::default()),
+                    Arc::clone(&self.weights),
                 ),
                 queue: VecDeque::new(),
                 busy: false,
@@ -575,6 +580,7 @@ impl Node {
                     link.in_flight -= 1;
                     if let Some((_, admit)) = link.sent.remove(&stan) {
                         let transition = link.breaker.failed(breaker_now(env.now), admit);
+                        self.weights.set(acquirer, link.breaker.success_permille());
                         count_transition(env, transition);
                     }
                     self.resume(env, owner, Resumed::NoAnswer);
@@ -665,6 +671,7 @@ impl Node {
             if let Some((sent_at, admit)) = link.sent.remove(&stan) {
                 let now = breaker_now(env.now);
                 let transition = link.breaker.answered(now, now - sent_at, admit);
+                self.weights.set(acquirer, link.breaker.success_permille());
                 count_transition(env, transition);
             }
             self.resume(env, owner, Resumed::Answered(answer));
@@ -715,6 +722,7 @@ impl Node {
         link.in_flight -= lost.len();
         for (_, admit) in std::mem::take(&mut link.sent).into_values() {
             let transition = link.breaker.failed(breaker_now(env.now), admit);
+            self.weights.set(acquirer, link.breaker.success_permille());
             count_transition(env, transition);
         }
         for owner in lost {
@@ -1036,6 +1044,7 @@ impl Node {
             return None;
         }
         let (admit, transition) = link.breaker.admit(breaker_now(env.now));
+        self.weights.set(acquirer, link.breaker.success_permille());
         count_transition(env, transition);
         if admit == Admit::No {
             env.counts.breaker_refused += 1;

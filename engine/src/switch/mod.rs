@@ -183,6 +183,10 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
             AcquirerLink::start(acquirer.clone(), trust, links_shutdown.clone())
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let weights = Arc::new(crate::routing::AcquirerWeights::new(links.len()));
+    for (index, link) in links.iter().enumerate() {
+        link.weigh_into(Arc::clone(&weights), index);
+    }
     let table = Arc::new(ArcSwap::from_pointee(config.router()?));
     let scoring = start_scoring(config, links_shutdown.clone())?;
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
@@ -190,7 +194,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let (journal, pan_key, mut recovery) = open_journal(config)?;
     let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone());
     let recent = std::mem::take(&mut recovery.recent);
-    let (shards, shard_stats) = start_shards(config, &table, &scoring, recent);
+    let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, &weights);
     deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?;
     if config.journal.enabled && config.journal.retention_days > 0 {
         tokio::spawn(keep_retention(
@@ -263,6 +267,7 @@ fn start_shards(
     table: &Arc<ArcSwap<crate::routing::Router>>,
     scoring: &Arc<Scoring>,
     recent: Vec<(u128, DupKey, i64, Arc<Original>)>,
+    weights: &Arc<crate::routing::AcquirerWeights>,
 ) -> (Vec<mpsc::Sender<ShardJob>>, Vec<Arc<ShardStats>>) {
     let shard_count = config.pipeline.shard_count();
     let mut recovered: Vec<RecoveredEntries> = (0..shard_count).map(|_| Vec::new()).collect();
@@ -286,7 +291,12 @@ fn start_shards(
             rx,
             Arc::clone(table),
             Arc::clone(scoring),
-            Shard::new(cards_per_shard, duplicates, Arc::clone(&stats)),
+            Shard::new(
+                cards_per_shard,
+                duplicates,
+                Arc::clone(&stats),
+                Arc::clone(weights),
+            ),
         ));
         shards.push(tx);
         shard_stats.push(stats);
