@@ -592,13 +592,19 @@ impl Lifecycle {
             ShardVerdict::Reversal { own, original } => {
                 self.on_gateway_reversal(own, original, now, acquirers)
             }
-            // Reached no acquirer and did nothing: no record (`crate::ingress::shed`).
-            ShardVerdict::Shed(own) => self.reply(
+            // Reached no acquirer and did nothing, but its 91 is journaled like any
+            // answer: a copy of the request (a network duplicate, a retransmission sent
+            // before the 91 arrived) that comes after a crash must get the same 91 from
+            // the rebuilt window, not be authorized behind the gateway's back (the
+            // simulator found it). Group commit makes that one shared sync per batch.
+            ShardVerdict::Shed(own) => self.finish(
                 Answer::new(
                     ResponseCode::IssuerInoperative,
                     crate::ingress::SHED_TAGS.to_string(),
                 ),
-                Some(&own),
+                Some(own),
+                now,
+                acquirers,
             ),
         }
     }

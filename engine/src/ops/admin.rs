@@ -62,7 +62,7 @@ pub struct Readiness {
     /// Counters of the gateway listeners (streams served).
     pub serve_stats: Arc<payswitch_net::ServeStats>,
     /// The listeners' TLS settings, for `POST /api/tls/reload`.
-    pub tls: Arc<crate::switch::TlsReload>,
+    pub tls: Arc<crate::ops::tls_reload::TlsReload>,
     /// Where mutating calls are recorded; `None` without a journal directory.
     pub audit: Option<AuditLog>,
 }

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod metrics;
 pub mod snapshot;
 pub mod stats;
+pub mod tls_reload;
 
 use std::sync::Arc;
 

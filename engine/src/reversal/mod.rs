@@ -239,7 +239,7 @@ impl StoreAndForward {
                         },
                         _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => DeliveryEvent::Woke,
                         // The acquirer is back: no need to wait out the backoff.
-                        _ = link.connected() => DeliveryEvent::Woke,
+                        _ = link.connected(), if !delivery.is_holding() => DeliveryEvent::Woke,
                     }
                 }
             };
@@ -300,6 +300,13 @@ const RETRY_BACKOFF_START_MS: u64 = 200;
 const RETRY_BACKOFF_MAX_MS: u64 = 10_000;
 /// Unanswered attempts after which a reversal is escalated: about a minute of retries.
 pub const ESCALATE_AFTER_ATTEMPTS: u32 = 10;
+/// No reversal leaves within this long of its record's time (the forwarding, or the
+/// queueing after it): an original still in the network — delayed, or sent just before a
+/// crash and reversed at once by the restart — must reach the acquirer first, or the
+/// reversal finds nothing to reverse and the late original stands. Longer than the
+/// default acquirer timeout with room for the network; reversals are store-and-forward,
+/// so the wait costs nothing but a few seconds.
+pub const REVERSAL_HOLD_MS: i64 = 5_000;
 /// Wait between attempts of an escalated reversal: slow, but never given up.
 const ESCALATED_RETRY_MS: u64 = 60_000;
 
@@ -386,6 +393,8 @@ pub struct Delivery {
     /// The last attempt's record and when it was sent.
     last_sent: Option<(Record, Now)>,
     state: DeliveryState,
+    /// How long to wait before the first attempt ([`REVERSAL_HOLD_MS`] from its record).
+    hold_ms: u64,
 }
 
 impl Delivery {
@@ -400,6 +409,7 @@ impl Delivery {
         if reversal.attempts > 0 {
             message = as_repeat(&message);
         }
+        let reversal_time_ms = reversal.original.time_ms;
         Some(Delivery {
             stan: reversal.stan,
             attempt: reversal.attempts,
@@ -408,6 +418,10 @@ impl Delivery {
             backoff_ms: RETRY_BACKOFF_START_MS,
             last_sent: None,
             state: DeliveryState::Idle,
+            hold_ms: u64::try_from(
+                (reversal_time_ms + REVERSAL_HOLD_MS).saturating_sub(now.unix_ms()),
+            )
+            .unwrap_or(0),
         })
     }
 
@@ -453,12 +467,23 @@ impl Delivery {
         matches!(self.state, DeliveryState::Sleeping)
     }
 
+    /// Whether it waits out [`REVERSAL_HOLD_MS`] before its first attempt: a link that
+    /// comes up must not cut that wait short.
+    pub fn is_holding(&self) -> bool {
+        self.is_sleeping() && self.hold_ms > 0
+    }
+
     /// The first step.
     pub fn start(&mut self) -> DeliveryStep {
         assert!(
             matches!(self.state, DeliveryState::Idle),
             "delivery started twice"
         );
+        let hold = self.hold_ms;
+        if hold > 0 {
+            self.state = DeliveryState::Sleeping;
+            return DeliveryStep::Sleep(hold);
+        }
         self.reserve()
     }
 
@@ -549,7 +574,10 @@ impl Delivery {
                     DeliveryStep::Done(Delivered::LeftForRestart)
                 }
             },
-            (DeliveryState::Sleeping, DeliveryEvent::Woke) => self.reserve(),
+            (DeliveryState::Sleeping, DeliveryEvent::Woke) => {
+                self.hold_ms = 0;
+                self.reserve()
+            }
             (state, event) => panic!("reversal delivery: {event:?} does not answer {state:?}"),
         }
     }
@@ -622,6 +650,8 @@ mod tests {
     fn pending(stan: Option<Stan>, attempts: u32) -> PendingReversal {
         let mut original = sample(RecordKind::Forwarded);
         original.link_stan = 42;
+        // Forwarded long enough ago that no hold applies (see the test of the hold).
+        original.time_ms = T0.unix_ms() - REVERSAL_HOLD_MS;
         PendingReversal {
             request_seq: 7,
             acquirer: 0,
@@ -646,6 +676,22 @@ mod tests {
         assert_eq!(records[0].reversal_stan, stan.get());
         assert_eq!(records[0].attempt, delivery.attempts());
         delivery.handle(DeliveryEvent::Durable(Ok(1)), T0)
+    }
+
+    #[test]
+    fn a_reversal_waits_until_its_original_cannot_still_be_on_its_way() {
+        let mut fresh = pending(None, 0);
+        fresh.original.time_ms = T0.unix_ms() - 1_000;
+        let mut delivery = Delivery::new(fresh, T0).unwrap();
+        let step = delivery.start();
+        assert!(
+            matches!(step, DeliveryStep::Sleep(ms) if ms == (REVERSAL_HOLD_MS - 1_000) as u64),
+            "{step:?}"
+        );
+        assert!(delivery.is_holding());
+        let step = delivery.handle(DeliveryEvent::Woke, T0);
+        assert!(matches!(step, DeliveryStep::Reserve { .. }), "{step:?}");
+        assert!(!delivery.is_holding());
     }
 
     #[test]

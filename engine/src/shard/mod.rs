@@ -32,8 +32,9 @@ pub enum ShardRequest {
     Authorization(Authorization, Transaction),
     /// The reversal request itself: its field 90 names the original.
     Reversal(Message),
-    /// A request read while its gateway was at its in-flight bound: a retransmission is
-    /// answered from its original as always; anything else is shed (91, nothing done).
+    /// An authorization read while its gateway was at its in-flight bound: a
+    /// retransmission is answered from its original as always; anything else is shed
+    /// (91, nothing done). Reversals are never shed.
     Shed,
 }
 
@@ -48,7 +49,10 @@ impl ShardRequest {
         scoring: &Scoring,
         received_ms: i64,
     ) -> ShardRequest {
-        if shed {
+        // A reversal is never shed: it only lowers the risk the switch holds, and a
+        // gateway told 91 for its 0400 may never send it again (the simulator found an
+        // approval left standing that way).
+        if shed && !reversal {
             ShardRequest::Shed
         } else if reversal {
             ShardRequest::Reversal(request.clone())
