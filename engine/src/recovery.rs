@@ -100,12 +100,20 @@ enum Sent {
 
 impl Life {
     fn of(record: &Record) -> Life {
+        // A request shed at the door is journaled as its request record carrying the
+        // answer it got (`lifecycle`): nothing else follows it.
+        let shed =
+            (record.kind == RecordKind::Request && !record.code.is_empty()).then(|| Outcome {
+                code: two(&record.code),
+                approval: None,
+                private_data: record.private_data.clone(),
+            });
         Life {
             key: DupKey::of_record(record),
             pan_hash: record.pan_hash,
             time_ms: record.time_ms,
             forwarded: None,
-            response: None,
+            response: shed,
             reversal_queued: None,
             reversal_claimed: false,
             reversal_sent: None,

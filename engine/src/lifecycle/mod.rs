@@ -592,20 +592,29 @@ impl Lifecycle {
             ShardVerdict::Reversal { own, original } => {
                 self.on_gateway_reversal(own, original, now, acquirers)
             }
-            // Reached no acquirer and did nothing, but its 91 is journaled like any
-            // answer: a copy of the request (a network duplicate, a retransmission sent
-            // before the 91 arrived) that comes after a crash must get the same 91 from
-            // the rebuilt window, not be authorized behind the gateway's back (the
-            // simulator found it). Group commit makes that one shared sync per batch.
-            ShardVerdict::Shed(own) => self.finish(
-                Answer::new(
+            // Reached no acquirer and did nothing, but its 91 is journaled: a copy of
+            // the request (a network duplicate, a retransmission sent before the 91
+            // arrived) that comes after a crash must get the same 91 from the rebuilt
+            // window, not be authorized behind the gateway's back (the simulator found
+            // it). One record, the request carrying its answer, in the group commit.
+            ShardVerdict::Shed(own) => {
+                let answer = Answer::new(
                     ResponseCode::IssuerInoperative,
                     crate::ingress::SHED_TAGS.to_string(),
-                ),
-                Some(own),
-                now,
-                acquirers,
-            ),
+                );
+                if self.journal_failed {
+                    return self.reply(answer, Some(&own));
+                }
+                let mut record = self.record.clone();
+                record.code = code_str(&answer.code);
+                record.private_data = answer.private_data.clone();
+                self.append_since = Some(now);
+                self.state = State::JournalingResponse {
+                    answer,
+                    original: Some(own),
+                };
+                Step::Append(vec![record])
+            }
         }
     }
 

@@ -340,7 +340,11 @@ impl Node {
         let records = self.disk.records().map_err(|e| format!("{e:?}"))?;
         Ok(records
             .into_iter()
-            .filter(|r| r.kind == RecordKind::Response)
+            // A shed request's answer is on its request record.
+            .filter(|r| {
+                r.kind == RecordKind::Response
+                    || (r.kind == RecordKind::Request && !r.code.is_empty())
+            })
             .map(|r| (r.terminal, r.rrn, r.mti, r.code))
             .collect())
     }
