@@ -474,6 +474,25 @@ mod tests {
     }
 
     #[test]
+    fn a_shed_request_comes_back_with_its_91() {
+        let acquirers = ["north".to_string()];
+        let mut replay = Replay::new(0, &acquirers, 10);
+        let mut shed = request(9, 5);
+        shed.code = "91".into();
+        shed.private_data = crate::ingress::SHED_TAGS.into();
+        replay.record(1, shed);
+        replay.record(2, request(10, 6));
+        let recovery = replay.finish(ScanReport::default());
+        assert!(recovery.in_doubt.is_empty() && recovery.pending.is_empty());
+        // The plain request has no outcome to answer a copy with; the shed one does.
+        assert_eq!(recovery.recent.len(), 1);
+        let (_, _, _, original) = &recovery.recent[0];
+        let outcome = original.outcome_now().unwrap();
+        assert_eq!(&outcome.code, b"91");
+        assert_eq!(outcome.private_data, crate::ingress::SHED_TAGS);
+    }
+
+    #[test]
     fn a_complete_request_within_the_window_is_kept_compact() {
         let acquirers = ["north".to_string()];
         let mut replay = Replay::new(0, &acquirers, 10);
