@@ -438,6 +438,10 @@ impl Node {
         self.links = (0..self.config.acquirers)
             .map(|_| Link::new(self.config.timeout))
             .collect();
+        // A restarted switch starts with every acquirer healthy, as the real one does.
+        for acquirer in 0..self.config.acquirers {
+            self.weights.set(acquirer, 1_000);
+        }
         self.streams = (0..self.config.gateways)
             .map(|_| Stream::default())
             .collect();
