@@ -8,18 +8,21 @@
 //!   and velocity; decides retransmission, new authorization or reversal — pure.
 //! - [`scoring`]: features, models, challengers and the risk team's rules
 //!   ([`scoring::rules`]).
-//! - [`routing`]: BIN / currency / MCC rules to an ordered acquirer list — pure.
+//! - [`routing`]: BIN / currency / MCC rules to an ordered acquirer list, or one ordered
+//!   per request by the acquirers' health on a balanced route — pure.
 //! - [`lifecycle`]: one request from the shard's verdict to the reply, as a state machine
 //!   with no I/O and no clock: journal before send, timeout → reversal, retransmission
 //!   answered from its original.
 //! - [`journal`]: checksummed segments, group commit, verify and export.
 //! - [`recovery`]: what the journal says at start (pure: [`recovery::Replay`]).
 //! - [`acquirer`]: long-lived pipelined QUIC links to acquirers, with the switch's own STAN
-//!   per link, timeouts and reconnects.
+//!   per link, timeouts and reconnects; each judged by its circuit breaker ([`breaker`],
+//!   pure: a stall, a failure ratio or a failed probe takes it out of routing).
 //! - [`reversal`]: the store-and-forward queue of reversals, each delivered by a pure
 //!   state machine ([`reversal::Delivery`]).
 //! - [`ops`]: latency histograms ([`ops::metrics`]), the counters and snapshots operators
-//!   read ([`ops::stats`]), the admin HTTP listener and dashboard ([`ops::admin`]).
+//!   read ([`ops::stats`]), the admin HTTP listener, dashboard and audit log
+//!   ([`ops::admin`]), and the reload of the listeners' certificates ([`ops::tls_reload`]).
 //! - [`switch`]: wires them together and runs them ([`switch::start`]); its driver is the
 //!   ingress handler that puts each request in its card's shard and carries out its
 //!   lifecycle's steps ([`switch::Switch`]).
