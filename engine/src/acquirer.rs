@@ -318,7 +318,7 @@ impl AcquirerLink {
             _permit: permit,
             stan: self.allocate_stan(),
             admit,
-            sent: false,
+            sent: Sent::No,
         })
     }
 
@@ -661,15 +661,29 @@ pub struct Reservation<'a> {
     stan: Stan,
     /// What the breaker said: a probe's outcome decides whether it closes.
     admit: Admit,
-    /// Whether the request left; if not, the breaker hears so when this is dropped.
-    sent: bool,
+    /// Where the request is, so the breaker hears of it exactly once whatever happens:
+    /// dropped unsent, it was not sent; dropped while out (the caller gave up), it is
+    /// counted as failed, so the breaker never waits on a request no one will settle.
+    sent: Sent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    No,
+    Out,
+    Settled,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if !self.sent {
-            let admit = self.admit;
-            self.link.with_breaker(|b, _| b.not_sent(admit));
+        let admit = self.admit;
+        match self.sent {
+            Sent::No => self.link.with_breaker(|b, _| b.not_sent(admit)),
+            Sent::Out => {
+                let transition = self.link.with_breaker(|b, now| b.failed(now, admit));
+                self.link.report(transition);
+            }
+            Sent::Settled => {}
         }
     }
 }
@@ -704,12 +718,13 @@ impl Reservation<'_> {
             link.pending.remove(&stan.get());
             return Err(LinkError::Down);
         }
-        self.sent = true;
+        self.sent = Sent::Out;
         let sent_at = link.with_breaker(|b, now| {
             b.sent(now);
             now
         });
         let result = tokio::time::timeout(link.config.timeout(), answer_rx).await;
+        self.sent = Sent::Settled;
         let transition = link.with_breaker(|b, now| match result {
             Ok(Ok(_)) => b.answered(now, now.saturating_sub(sent_at), admit),
             _ => b.failed(now, admit),
