@@ -95,6 +95,17 @@ async fn switch_requiring(ca: &Ca, allowed: &[&str]) -> (acquirer_sim::RunningSi
     (sim, switch)
 }
 
+/// The response code (39) of the one answer read from `stream`, or why there is none.
+async fn response_code<R: tokio::io::AsyncRead + Unpin>(stream: R) -> Result<String, String> {
+    let frame = FrameReader::new(stream, 8192)
+        .next_frame()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no response")?;
+    let response = Message::decode(frame).map_err(|e| e.to_string())?;
+    Ok(response.get_str(39).unwrap_or_default().to_string())
+}
+
 /// One authorization over QUIC presenting `identity`: its response code, or why none came.
 async fn over_quic(
     switch: &RunningSwitch,
@@ -115,14 +126,7 @@ async fn over_quic(
             .await
             .map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
-        let mut reader = FrameReader::new(recv, 8192);
-        let frame = reader
-            .next_frame()
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("no response")?;
-        let response = Message::decode(frame).map_err(|e| e.to_string())?;
-        Ok(response.get_str(39).unwrap_or_default().to_string())
+        response_code(recv).await
     };
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await
@@ -161,14 +165,7 @@ async fn over_tls_tcp(
         framed::write_message(&mut write, &authorization(stan), &mut BytesMut::new())
             .await
             .map_err(|e| e.to_string())?;
-        let mut reader = FrameReader::new(read, 8192);
-        let frame = reader
-            .next_frame()
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("no response")?;
-        let response = Message::decode(frame).map_err(|e| e.to_string())?;
-        Ok(response.get_str(39).unwrap_or_default().to_string())
+        response_code(read).await
     };
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await

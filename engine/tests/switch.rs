@@ -426,12 +426,9 @@ async fn acquirer_slower_than_its_timeout_gets_91_within_the_timeout() {
     );
 }
 
-/// An acquirer that turns slow (answers after 3 s, timeout 2 s) while a healthy backup
-/// shares its route: its circuit breaker opens on the stall, well before the first
-/// timeout, and the backup takes the traffic; once it is quick again, probes close the
-/// breaker and it takes its traffic back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_acquirer_is_skipped_once_its_breaker_opens_and_comes_back_when_quick() {
+/// Two approving simulators, `north` and `south` (2 s timeouts), and a switch in front
+/// of them with `routes` (none: every card to north, then south), links up.
+async fn north_and_south(routes: Vec<RouteConfig>) -> (RunningSim, RunningSim, RunningSwitch) {
     let north = start_sim(SimConfig {
         name: "north".into(),
         ..sim_config()
@@ -448,19 +445,33 @@ async fn a_slow_acquirer_is_skipped_once_its_breaker_opens_and_comes_back_when_q
                 acquirer("north", &north, 2_000),
                 acquirer("south", &south, 2_000),
             ],
-            vec![],
+            routes,
         ),
         vec![trust(&north), trust(&south)],
     )
     .await;
     wait_links_up(&switch).await;
+    (north, south, switch)
+}
+
+/// The acquirer an answer names in field 48 (`acquirer=NAME`), or "".
+fn acquirer_of(response: &Message) -> String {
+    response
+        .get_str(48)
+        .unwrap_or_default()
+        .split(';')
+        .find_map(|t| t.strip_prefix("acquirer=").map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// An acquirer that turns slow (answers after 3 s, timeout 2 s) while a healthy backup
+/// shares its route: its circuit breaker opens on the stall, well before the first
+/// timeout, and the backup takes the traffic; once it is quick again, probes close the
+/// breaker and it takes its traffic back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_acquirer_is_skipped_once_its_breaker_opens_and_comes_back_when_quick() {
+    let (north, _south, switch) = north_and_south(vec![]).await;
     let conn = gateway(&switch).await;
-    let acquirer_of = |r: &Message| {
-        let tags = r.get_str(48).unwrap_or_default().to_string();
-        tags.split(';')
-            .find_map(|t| t.strip_prefix("acquirer=").map(str::to_string))
-            .unwrap_or_default()
-    };
     for stan in 1..=20 {
         let r = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
         assert_eq!(
@@ -546,16 +557,6 @@ async fn a_slow_acquirer_is_skipped_once_its_breaker_opens_and_comes_back_when_q
 /// share as soon as its breaker opens, and the other carries everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balanced_route_shares_traffic_by_health() {
-    let north = start_sim(SimConfig {
-        name: "north".into(),
-        ..sim_config()
-    })
-    .await;
-    let south = start_sim(SimConfig {
-        name: "south".into(),
-        ..sim_config()
-    })
-    .await;
     let route = RouteConfig {
         bins: vec![],
         currencies: vec![],
@@ -563,25 +564,8 @@ async fn a_balanced_route_shares_traffic_by_health() {
         acquirers: vec!["north".into(), "south".into()],
         balance: true,
     };
-    let switch = start_switch(
-        &config(
-            vec![
-                acquirer("north", &north, 2_000),
-                acquirer("south", &south, 2_000),
-            ],
-            vec![route],
-        ),
-        vec![trust(&north), trust(&south)],
-    )
-    .await;
-    wait_links_up(&switch).await;
+    let (north, _south, switch) = north_and_south(vec![route]).await;
     let conn = gateway(&switch).await;
-    let acquirer_of = |r: &Message| {
-        let tags = r.get_str(48).unwrap_or_default().to_string();
-        tags.split(';')
-            .find_map(|t| t.strip_prefix("acquirer=").map(str::to_string))
-            .unwrap_or_default()
-    };
     let mut shares = std::collections::HashMap::new();
     for stan in 1..=200 {
         let r = transact(&conn, &authorization(VISA_TEST_CARD, stan)).await;
