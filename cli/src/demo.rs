@@ -499,6 +499,7 @@ fn demo_config(
         mccs: vec![],
         acquirers: vec![acquirer.into()],
         balance: false,
+        stand_in: None,
     };
     Ok(Config {
         listen: ListenConfig {

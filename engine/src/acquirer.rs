@@ -322,6 +322,12 @@ impl AcquirerLink {
         })
     }
 
+    /// Hands out STANs after `stan` from now on (see
+    /// [`crate::recovery::Recovery::highest_wanted_stan`]).
+    pub fn allocate_after(&self, stan: Stan) {
+        self.next_stan.store(stan.get(), Ordering::Relaxed);
+    }
+
     /// The next STAN no open request or reversal holds. A STAN remembered only as timed
     /// out is taken over. At most `max_in_flight` authorizations and
     /// [`crate::reversal::MAX_PENDING_REVERSALS`] reversals hold STANs, far fewer than the

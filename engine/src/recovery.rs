@@ -5,6 +5,8 @@
 //! - forwarded, with no recorded response and no reversal: **in doubt** — the acquirer
 //!   may have approved it and the gateway never heard. It is reversed.
 //! - a reversal queued and not acknowledged: queued again.
+//! - a stand-in approval whose advice is not acknowledged: the advice queued again, before
+//!   any reversal of it.
 //! - seen within the duplicate window: put back in its shard's window with its outcome,
 //!   so a gateway retransmitting after the crash gets the recorded answer (or, when in
 //!   doubt, 91 — it is being reversed) and nothing reaches an acquirer twice.
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use payswitch_protocol::{ResponseCode, Stan};
 
 use crate::journal::{scan, Record, RecordKind, ScanError, ScanReport};
-use crate::reversal::PendingReversal;
+use crate::reversal::{Owed, PendingReversal};
 use crate::shard::duplicates::{DupKey, Forwarded, Original, Outcome};
 
 /// Field 48 given to retransmissions of an authorization that was in doubt at a crash.
@@ -30,7 +32,8 @@ pub const IN_DOUBT_TAGS: &str = "in_doubt=1;reversal=queued";
 pub struct Recovery {
     /// The replay's findings (records, sequence numbers, torn tail).
     pub report: ScanReport,
-    /// Reversals queued before and not acknowledged.
+    /// Reversals and advices queued before and not acknowledged; a request's advice
+    /// before its reversal.
     pub pending: Vec<PendingReversal>,
     /// Forwarded authorizations without an outcome: each needs a `reversal_queued` record
     /// and then delivery.
@@ -48,6 +51,18 @@ pub struct Recovery {
 }
 
 impl Recovery {
+    /// The highest link STAN a recovered reversal or advice of `acquirer` wants again
+    /// (its STAN before the restart). The link hands out new STANs after it, so no
+    /// authorization or other delivery takes one of these before its delivery holds it
+    /// again: a repeat (0401, 0121) must carry the STAN of its first transmission.
+    pub fn highest_wanted_stan(&self, acquirer: usize) -> Option<Stan> {
+        self.pending
+            .iter()
+            .filter(|p| p.acquirer == acquirer)
+            .filter_map(|p| p.stan)
+            .max_by_key(Stan::get)
+    }
+
     /// The `reversal_queued` records of the in-doubt authorizations, stamped `now_ms`: to
     /// be made durable before anything else happens, then their reversals delivered.
     pub fn in_doubt_records(&self, now_ms: i64) -> Vec<Record> {
@@ -86,6 +101,14 @@ struct Life {
     /// The last attempt sent: the reversal's link STAN and attempt number.
     reversal_sent: Option<(u32, u32)>,
     reversal_acked: bool,
+    /// A stand-in approval's advice queued and not yet acknowledged, in full.
+    advice_queued: Option<Box<Record>>,
+    /// The last advice attempt sent: its link STAN and attempt number.
+    advice_sent: Option<(u32, u32)>,
+    advice_acked: bool,
+    /// A stand-in approval, as its window entry remembers it (the advice's acquirer and
+    /// STAN): what a reversal of it is built from.
+    stand_in: Option<Box<Forwarded>>,
 }
 
 /// Where a request was forwarded.
@@ -118,12 +141,22 @@ impl Life {
             reversal_claimed: false,
             reversal_sent: None,
             reversal_acked: false,
+            advice_queued: None,
+            advice_sent: None,
+            advice_acked: false,
+            stand_in: None,
         }
     }
 
     fn done(&self) -> bool {
         let reversal_done = self.reversal_queued.is_none() || self.reversal_acked;
-        (self.response.is_some() || self.forwarded.is_none()) && reversal_done
+        let advice_done = self.advice_queued.is_none() || self.advice_acked;
+        (self.response.is_some() || self.forwarded.is_none()) && reversal_done && advice_done
+    }
+
+    /// The advice still owed, if any, and its last attempt.
+    fn advice_owed(&self) -> Option<&Record> {
+        self.advice_queued.as_deref().filter(|_| !self.advice_acked)
     }
 
     /// Forwarded, with no recorded response and no reversal: the acquirer may have
@@ -160,6 +193,9 @@ impl Life {
         }
         if self.reversal_acked {
             self.reversal_queued = None;
+        }
+        if self.advice_acked {
+            self.advice_queued = None;
         }
     }
 
@@ -266,6 +302,22 @@ impl Replay {
                 life.reversal_queued = Some(Box::new(resolved(record, request_seq)));
             }
             RecordKind::ReversalAck => life.reversal_acked = true,
+            RecordKind::AdviceQueued => {
+                let record = resolved(record, request_seq);
+                life.stand_in = acquirer_index(&self.acquirers, &record.acquirer)
+                    .map(|acquirer| Box::new(Forwarded::stand_in(acquirer, request_seq, &record)));
+                life.advice_acked = false;
+                life.advice_queued = Some(Box::new(record));
+            }
+            RecordKind::AdviceSent => {
+                life.advice_sent = Some((record.reversal_stan, record.attempt));
+                if let (Some(stand_in), Some(stan)) =
+                    (life.stand_in.as_mut(), Stan::new(record.reversal_stan))
+                {
+                    stand_in.link_stan = stan;
+                }
+            }
+            RecordKind::AdviceAck => life.advice_acked = true,
         }
         if life.done() {
             if life.time_ms < self.window_start_ms {
@@ -309,19 +361,52 @@ impl Replay {
         };
         let acquirers = self.acquirers;
         for (request_seq, life) in self.lives {
+            let recent = (life.time_ms >= self.window_start_ms)
+                .then(|| remembered(request_seq, &life, &acquirers))
+                .flatten();
+            // The advice tells the window entry its STAN, for a reversal of it to name.
+            let entry = recent
+                .as_ref()
+                .map(|(_, _, _, original)| Arc::clone(original));
+            recovery.owe_advice(request_seq, &life, &acquirers, entry);
             recovery.owe_reversal(request_seq, &life, &acquirers);
-            if life.time_ms < self.window_start_ms {
-                continue;
-            }
-            if let Some(recent) = remembered(request_seq, &life, &acquirers) {
-                recovery.recent.push(recent);
-            }
+            recovery.recent.extend(recent);
         }
         recovery
     }
 }
 
 impl Recovery {
+    /// Takes on the advice `life` still owes, if any (queued before, not acknowledged).
+    fn owe_advice(
+        &mut self,
+        request_seq: u64,
+        life: &Life,
+        acquirers: &[String],
+        entry: Option<Arc<Original>>,
+    ) {
+        let Some(record) = life.advice_owed() else {
+            return;
+        };
+        let Some(acquirer) = acquirer_index(acquirers, &record.acquirer) else {
+            self.unknown_acquirers += 1;
+            self.unknown_owed.push(request_seq);
+            return;
+        };
+        let (stan, attempts) = life
+            .advice_sent
+            .map_or((None, 0), |(stan, attempt)| (Stan::new(stan), attempt));
+        self.pending.push(PendingReversal {
+            owed: Owed::Advice,
+            request_seq,
+            acquirer,
+            original: record.clone(),
+            stan,
+            attempts,
+            entry,
+        });
+    }
+
     /// Takes on the reversal `life` still owes, if any: to deliver (queued before) or to
     /// queue first (in doubt). One owed to an acquirer no longer configured is counted.
     fn owe_reversal(&mut self, request_seq: u64, life: &Life, acquirers: &[String]) {
@@ -336,12 +421,20 @@ impl Recovery {
         let (stan, attempts) = life
             .reversal_sent
             .map_or((None, 0), |(stan, attempt)| (Stan::new(stan), attempt));
+        let mut original = record.clone();
+        if life.stand_in.is_some() {
+            // The reversal of a stand-in approval names its advice by the STAN of the
+            // advice's last attempt (none yet: 0, set when the advice is acknowledged).
+            original.link_stan = life.advice_sent.map_or(0, |(stan, _)| stan);
+        }
         let pending = PendingReversal {
+            owed: Owed::Reversal,
             request_seq,
             acquirer,
-            original: record.clone(),
+            original,
             stan,
             attempts,
+            entry: None,
         };
         if in_doubt {
             self.in_doubt.push(pending);
@@ -363,6 +456,8 @@ fn remembered(
     let outcome = life.outcome()?;
     let original = Original::new();
     let forwarded = match &life.forwarded {
+        // A stand-in approval goes to its advice's acquirer, whatever was tried before.
+        _ if life.stand_in.is_some() => life.stand_in.as_deref().cloned(),
         Some(Sent::Compact(forwarded)) => Some(forwarded.clone()),
         Some(Sent::Full(record)) => acquirer_index(acquirers, &record.acquirer)
             .zip(Stan::new(record.link_stan))
@@ -513,5 +608,71 @@ mod tests {
             "{}",
             std::mem::size_of::<Life>()
         );
+    }
+
+    /// A stand-in approval, reversed by the gateway, whose advice was attempted (STAN 44)
+    /// but never acknowledged: after a restart the advice goes first, then the reversal,
+    /// which names the advice; the window remembers the approval and where it went.
+    #[test]
+    fn an_unacknowledged_advice_comes_back_before_the_reversal_of_its_approval() {
+        let acquirers = ["north".to_string()];
+        let mut replay = Replay::new(0, &acquirers, 10);
+        let r = request(7, 1);
+        replay.record(1, r.clone());
+        let mut response = r.follow_up(RecordKind::Response, 1, 1);
+        response.code = "00".into();
+        response.approval_code = "S12345".into();
+        response.private_data = "stand_in=1;advice=north".into();
+        replay.record(2, response);
+        let mut advice = r.follow_up(RecordKind::AdviceQueued, 1, 1);
+        advice.acquirer = "north".into();
+        advice.code = "00".into();
+        advice.approval_code = "S12345".into();
+        replay.record(3, advice.clone());
+        // Reversed before the advice had a STAN.
+        let mut reversal = r.follow_up(RecordKind::ReversalQueued, 1, 2);
+        reversal.acquirer = "north".into();
+        reversal.mti = "0120".into();
+        replay.record(4, reversal);
+        let mut sent = advice.clone();
+        sent.kind = RecordKind::AdviceSent;
+        sent.attempt = 1;
+        sent.reversal_stan = 44;
+        replay.record(5, sent);
+        let recovery = replay.finish(ScanReport::default());
+        assert!(recovery.in_doubt.is_empty());
+        let owed: Vec<_> = recovery
+            .pending
+            .iter()
+            .map(|p| {
+                (
+                    p.owed,
+                    p.stan.map(|s| s.get()),
+                    p.attempts,
+                    p.original.link_stan,
+                )
+            })
+            .collect();
+        assert_eq!(
+            owed,
+            [
+                (Owed::Advice, Some(44), 1, 0),
+                (Owed::Reversal, None, 0, 44)
+            ]
+        );
+        assert_eq!(recovery.pending[0].original.approval_code, "S12345");
+        let (_, _, _, original) = &recovery.recent[0];
+        let forwarded = original.forwarded().expect("remembered as stood in");
+        assert_eq!(forwarded.link_stan.get(), 44);
+        assert_eq!(forwarded.record("north").mti, "0120");
+        assert!(original.reversal_claimed());
+        // Acknowledged: nothing owed.
+        let mut replay = Replay::new(0, &acquirers, 10);
+        replay.record(1, r.clone());
+        replay.record(2, advice.clone());
+        let mut ack = advice;
+        ack.kind = RecordKind::AdviceAck;
+        replay.record(3, ack);
+        assert!(replay.finish(ScanReport::default()).pending.is_empty());
     }
 }

@@ -30,6 +30,54 @@ pub struct RouteConfig {
     /// others, healthiest first.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub balance: bool,
+    /// Stand-in processing: what the switch may approve on the issuer's behalf when none
+    /// of the route's acquirers can be reached and none has received the request.
+    /// Without it such a request is answered 91.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stand_in: Option<StandIn>,
+}
+
+/// A route's stand-in rule (STIP). It applies only when every acquirer of the route was
+/// unavailable (down, breaker open, drained or full) and nothing was sent to any: never
+/// after a send that timed out, since that acquirer may have approved the request. A
+/// request the fraud decision approved, at most `max_amount_minor`, and scored at most
+/// `max_score`, is approved with an approval code of the switch's own (`S` and five
+/// characters), marked `stand_in=1` in field 48 and in the journal, and owed to the
+/// route's first acquirer as an advice (0120, repeated as 0121 until it answers 0130).
+/// Anything else is answered 91.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandIn {
+    /// Largest amount approved in stand-in, minor units of the request's currency
+    /// (give the route `currencies` when amounts in different currencies differ).
+    pub max_amount_minor: u64,
+    /// Highest fraud score approved in stand-in (0 to 1). Unset: the fraud decision
+    /// alone; set, a request without a score (no model) is not stood in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_score: Option<f32>,
+}
+
+impl StandIn {
+    /// Whether a request of `amount_minor`, decided `approve` (`approved`) with `score`,
+    /// is approved in stand-in.
+    pub fn admits(&self, amount_minor: u64, approved: bool, score: Option<f32>) -> bool {
+        let score_ok = match (self.max_score, score) {
+            (None, _) => true,
+            (Some(max), Some(score)) => score <= max,
+            (Some(_), None) => false,
+        };
+        approved && amount_minor <= self.max_amount_minor && score_ok
+    }
+}
+
+/// The acquirers an authorization may go to, in the order to try them, and what to do
+/// when none can take it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Acquirers, in order.
+    pub acquirers: Arc<[AcquirerIndex]>,
+    /// The route's stand-in rule, if it has one.
+    pub stand_in: Option<StandIn>,
 }
 
 /// Each acquirer's recent health as routing weighs it: the share of its recent requests
@@ -104,6 +152,7 @@ struct Rule {
     mccs: Vec<PrefixRange>,
     acquirers: Arc<[AcquirerIndex]>,
     balance: bool,
+    stand_in: Option<StandIn>,
 }
 
 impl Rule {
@@ -161,12 +210,20 @@ impl Router {
                     index_of(name).ok_or_else(|| format!("route {i}: unknown acquirer {name:?}"))
                 })
                 .collect::<Result<Arc<[_]>, _>>()?;
+            if let Some(max) = route.stand_in.and_then(|s| s.max_score) {
+                if !(0.0..=1.0).contains(&max) {
+                    return Err(format!(
+                        "route {i}: stand_in.max_score {max} is not between 0 and 1"
+                    ));
+                }
+            }
             rules.push(Rule {
                 bins: ranges(&route.bins, "BIN")?,
                 currencies: route.currencies.clone(),
                 mccs: ranges(&route.mccs, "MCC")?,
                 acquirers: indexes,
                 balance: route.balance,
+                stand_in: route.stand_in,
             });
         }
         Ok(Router {
@@ -209,20 +266,26 @@ impl Router {
         mcc: Option<Mcc>,
         weights: &AcquirerWeights,
         draw: u64,
-    ) -> Option<Arc<[AcquirerIndex]>> {
-        let rule = if self.rules.is_empty() {
-            None
+    ) -> Option<Route> {
+        if self.rules.is_empty() {
+            return Some(Route {
+                acquirers: Arc::clone(&self.all),
+                stand_in: None,
+            });
+        }
+        let rule = self
+            .rules
+            .iter()
+            .find(|rule| rule.matches(pan, currency, mcc))?;
+        let acquirers = if rule.balance && rule.acquirers.len() > 1 {
+            balanced(&rule.acquirers, weights, draw)
         } else {
-            Some(
-                self.rules
-                    .iter()
-                    .find(|rule| rule.matches(pan, currency, mcc))?,
-            )
+            Arc::clone(&rule.acquirers)
         };
-        let Some(rule) = rule.filter(|rule| rule.balance && rule.acquirers.len() > 1) else {
-            return self.route(pan, currency, mcc);
-        };
-        Some(balanced(&rule.acquirers, weights, draw))
+        Some(Route {
+            acquirers,
+            stand_in: rule.stand_in,
+        })
     }
 }
 
@@ -360,7 +423,8 @@ mod tests {
                 draw ^= draw << 17;
                 let order = router
                     .route_weighted(&card, usd, None, weights, draw)
-                    .unwrap();
+                    .unwrap()
+                    .acquirers;
                 assert_eq!(order.len(), 2);
                 firsts[order[0]] += 1;
             }
@@ -380,9 +444,52 @@ mod tests {
         assert_eq!(
             plain
                 .route_weighted(&card, usd, None, &weights, 1)
+                .map(|route| route.acquirers)
                 .as_deref(),
             Some(&[0, 1][..])
         );
+    }
+
+    #[test]
+    fn stand_in_admits_approved_small_low_score_requests_only() {
+        let router = config(
+            r#"
+            [[routes]]
+            bins = ["4"]
+            acquirers = ["a"]
+            stand_in = { max_amount_minor = 5000, max_score = 0.3 }
+            [[routes]]
+            acquirers = ["b"]
+            "#,
+        )
+        .router()
+        .unwrap();
+        let usd = CurrencyCode::parse(USD).unwrap();
+        let weights = AcquirerWeights::new(2);
+        let visa = router
+            .route_weighted(&pan("4111111111111111"), usd, None, &weights, 1)
+            .unwrap();
+        let rule = visa.stand_in.expect("the first route stands in");
+        assert!(rule.admits(5_000, true, Some(0.3)));
+        assert!(!rule.admits(5_001, true, Some(0.1)), "over the amount");
+        assert!(!rule.admits(100, true, Some(0.31)), "over the score");
+        assert!(
+            !rule.admits(100, true, None),
+            "unscored, with a score bound"
+        );
+        assert!(
+            !rule.admits(100, false, Some(0.0)),
+            "the fraud decision was not approve"
+        );
+        let other = router
+            .route_weighted(&pan("5500000000000004"), usd, None, &weights, 1)
+            .unwrap();
+        assert!(other.stand_in.is_none());
+        let any_score = StandIn {
+            max_amount_minor: 10,
+            max_score: None,
+        };
+        assert!(any_score.admits(10, true, None));
     }
 
     #[test]

@@ -563,6 +563,7 @@ async fn a_balanced_route_shares_traffic_by_health() {
         mccs: vec![],
         acquirers: vec!["north".into(), "south".into()],
         balance: true,
+        stand_in: None,
     };
     let (north, _south, switch) = north_and_south(vec![route]).await;
     let conn = gateway(&switch).await;
@@ -610,6 +611,7 @@ async fn routes_by_bin_between_two_acquirers() {
             mccs: vec![],
             acquirers: vec!["visa".into()],
             balance: false,
+            stand_in: None,
         },
         RouteConfig {
             bins: vec!["510000-559999".into()],
@@ -617,6 +619,7 @@ async fn routes_by_bin_between_two_acquirers() {
             mccs: vec![],
             acquirers: vec!["mastercard".into()],
             balance: false,
+            stand_in: None,
         },
     ];
     let config = config(
@@ -1090,4 +1093,147 @@ async fn retention_deletes_old_segments_but_keeps_what_a_reversal_owed_needs() {
         1
     );
     switch.shutdown().await;
+}
+
+/// Stand-in (STIP): with the route's only acquirer unreachable, a small authorization is
+/// approved by the switch (`S…` approval code, `stand_in=1`) and a large one answered 91;
+/// once the acquirer is up the advice reaches it (0120, acknowledged by 0130) and books
+/// the approval, and a gateway reversal of the stand-in approval follows the advice,
+/// naming it in field 90.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_acquirer_is_stood_in_for_and_gets_the_advice_once_it_is_back() {
+    use payswitch::journal::RecordKind;
+    use payswitch::routing::StandIn;
+    use payswitch_net::TlsIdentity;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let identity = TlsIdentity::self_signed(&["localhost"]).unwrap();
+    let address = dead_address();
+    let north = payswitch::config::AcquirerConfig {
+        name: "north".into(),
+        address,
+        server_name: "localhost".into(),
+        ca: None,
+        timeout_ms: 1_000,
+        max_in_flight: 64,
+        breaker: Default::default(),
+    };
+    let route = RouteConfig {
+        bins: vec![],
+        currencies: vec![840],
+        mccs: vec![],
+        acquirers: vec!["north".into()],
+        balance: false,
+        stand_in: Some(StandIn {
+            max_amount_minor: 20_000,
+            max_score: None,
+        }),
+    };
+    let config = config(vec![north], vec![route]);
+    let switch = start_switch(
+        &config,
+        vec![ClientTrust::Roots(vec![identity.certs[0].clone()])],
+    )
+    .await;
+    let conn = gateway(&switch).await;
+
+    let small = authorization(VISA_TEST_CARD, 70);
+    let stood_in = transact(&conn, &small).await;
+    assert_eq!(stood_in.get_str(39), Some("00"));
+    let approval = stood_in.get_str(38).unwrap().to_string();
+    assert!(approval.starts_with('S'), "{approval}");
+    assert!(
+        stood_in
+            .get_str(48)
+            .unwrap()
+            .contains("stand_in=1;advice=north"),
+        "{:?}",
+        stood_in.get_str(48)
+    );
+    let large = authorization_with(VISA_TEST_CARD, 71, &[(4, Some("000000020001"))]);
+    assert_eq!(transact(&conn, &large).await.get_str(39), Some("91"));
+    // A retransmission gets the stand-in answer, not a second approval.
+    assert_eq!(transact(&conn, &small).await.get_str(38), Some(&*approval));
+    // The gateway reverses the stand-in approval while the acquirer is still away.
+    let reversal = {
+        let mut b = Message::builder(Mti::REVERSAL_REQUEST);
+        for n in small.field_numbers() {
+            b.set(n, small.get(n).unwrap()).unwrap();
+        }
+        b.set_str(11, "000072").unwrap();
+        b.set_str(90, &format!("0100{:06}1125123045{:022}", 70, 0))
+            .unwrap();
+        b.build()
+    };
+    let answer = transact(&conn, &reversal).await;
+    assert_eq!(answer.get_str(48), Some("reversal=queued"));
+    let stats = &switch.switch.reversals.stats;
+    assert_eq!(stats.advices_acknowledged.load(Relaxed), 0);
+
+    // The acquirer comes up where the switch expects it.
+    let ledger = tempfile::tempdir().unwrap();
+    let ledger_path = ledger.path().join("ledger.jsonl");
+    let sim = start_sim(SimConfig {
+        quic_listen: address,
+        identity: Some(identity.clone()),
+        ledger: Some(ledger_path.clone()),
+        ..sim_config()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.acknowledged.load(Relaxed) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "advice and reversal not acknowledged: {} advices, {} reversals at the acquirer",
+            sim.stats.advices.load(Relaxed),
+            sim.stats.reversals.load(Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.advices_acknowledged.load(Relaxed), 1);
+    assert_eq!(
+        sim.stats.requests.load(Relaxed),
+        0,
+        "no authorization reached it"
+    );
+    sim.shutdown().await;
+    // The acquirer's books: the advice (booked with the switch's approval code), then the
+    // reversal naming it.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&ledger_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["mti"], "0120");
+    assert_eq!(lines[0]["approval_code"], approval.as_str());
+    assert_eq!(lines[0]["rrn"], "533000000070");
+    assert_eq!(lines[0]["amount_minor"], 12_500);
+    assert_eq!(lines[1]["mti"], "0400");
+    let original = lines[1]["original"].as_str().unwrap();
+    let advice_stan = lines[0]["stan"].as_str().unwrap();
+    assert_eq!(&original[..10], &format!("0120{advice_stan}"), "{original}");
+    // The journal: the stand-in response and its advice, attempted and acknowledged.
+    let records = journal_records(&config);
+    let kinds: Vec<_> = records.iter().map(|(_, r)| r.kind).collect();
+    for kind in [
+        RecordKind::AdviceQueued,
+        RecordKind::AdviceSent,
+        RecordKind::AdviceAck,
+        RecordKind::ReversalQueued,
+        RecordKind::ReversalAck,
+    ] {
+        assert!(kinds.contains(&kind), "{kind:?} in {kinds:?}");
+    }
+    assert!(records
+        .iter()
+        .any(|(_, r)| r.kind == RecordKind::Response && r.private_data.contains("stand_in=1")));
+    let counters = &switch.switch.stats;
+    assert_eq!(
+        (
+            counters.stand_in_approved.load(Relaxed),
+            counters.stand_in_refused.load(Relaxed)
+        ),
+        (1, 1)
+    );
 }

@@ -186,6 +186,9 @@ enum Kind {
     Authorization,
     /// 0400, 0420 and their repeats 0401, 0421.
     Reversal,
+    /// 0120, 0220 and their repeats: an approval the switch gave in stand-in, booked as
+    /// given (answered 0130/0230 with 00, applied once per RRN and STAN).
+    Advice,
     /// 0800.
     Network,
     /// Any other request MTI: answered 12.
@@ -197,6 +200,7 @@ fn kind(mti: Mti) -> Kind {
     match mti.first_transmission() {
         Mti::AUTHORIZATION_REQUEST | Mti::FINANCIAL_REQUEST => Kind::Authorization,
         Mti::REVERSAL_REQUEST | Mti::REVERSAL_ADVICE => Kind::Reversal,
+        m if m.as_bytes()[1..] == *b"120" || m.as_bytes()[1..] == *b"220" => Kind::Advice,
         Mti::NETWORK_REQUEST => Kind::Network,
         _ => Kind::Unsupported,
     }
@@ -335,6 +339,11 @@ impl Issuer {
                 Err(code) => (code, None),
             },
             (None, Kind::Reversal | Kind::Network) => (ResponseCode::Approved, None),
+            // Booked as the switch approved it: its approval code is echoed.
+            (None, Kind::Advice) => (
+                ResponseCode::Approved,
+                request.get_str(fields::APPROVAL_CODE).map(str::to_string),
+            ),
             (None, Kind::Unsupported) => (ResponseCode::InvalidTransaction, None),
         }
     }
@@ -416,6 +425,8 @@ pub struct SimStats {
     pub network: AtomicU64,
     /// 0400/0420 answered.
     pub reversals: AtomicU64,
+    /// 0120/0220 (stand-in advices) answered, repeats included.
+    pub advices: AtomicU64,
     /// Other request MTIs, answered 12.
     pub unsupported: AtomicU64,
     /// Frames that could not be answered (stream closed with `GARBAGE_FRAME`).
@@ -462,6 +473,7 @@ impl SimStats {
             }
             Kind::Network => &self.network,
             Kind::Reversal => &self.reversals,
+            Kind::Advice => &self.advices,
             Kind::Unsupported => &self.unsupported,
         };
         counter.fetch_add(1, Ordering::Relaxed);

@@ -50,6 +50,13 @@ impl Mti {
     pub const FINANCIAL_REQUEST: Mti = Mti(*b"0200");
     /// 0210 financial response.
     pub const FINANCIAL_RESPONSE: Mti = Mti(*b"0210");
+    /// 0120 authorization advice: an authorization decided without the acquirer (stand-in)
+    /// that it must book.
+    pub const AUTHORIZATION_ADVICE: Mti = Mti(*b"0120");
+    /// 0121 authorization advice repeat.
+    pub const AUTHORIZATION_ADVICE_REPEAT: Mti = Mti(*b"0121");
+    /// 0130 authorization advice response.
+    pub const AUTHORIZATION_ADVICE_RESPONSE: Mti = Mti(*b"0130");
     /// 0400 reversal request.
     pub const REVERSAL_REQUEST: Mti = Mti(*b"0400");
     /// 0401 reversal request repeat: the same reversal sent again, not a new one.

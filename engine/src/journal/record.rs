@@ -18,6 +18,7 @@
 //! |---|---|
 //! | 0 | everything up to `attempt` |
 //! | 1 | `reversal_stan` |
+//! | 2 | the kinds `advice_queued`, `advice_sent`, `advice_ack` (stand-in); no new field |
 //!
 //! No record holds a full PAN, track data, a PIN block, a CVV or ICC data: the card is
 //! kept as its masked form (first six, last four) and a keyed hash that links the records
@@ -29,11 +30,11 @@ use serde::{Deserialize, Serialize};
 pub const FRAME_HEADER: usize = 16;
 
 /// The record format this switch writes (see the module docs).
-pub const RECORD_FORMAT: u8 = 1;
+pub const RECORD_FORMAT: u8 = 2;
 /// The tag of [`RECORD_FORMAT`]: the body's first byte.
 const FORMAT_TAG_BASE: u8 = 0x80;
 /// Encoding of the fields format 1 added, at their defaults (`reversal_stan` 0): appended
-/// to a format-0 body to read it.
+/// to a format-0 body to read it. Format 2 added no field: a format-1 body reads as is.
 const FORMAT_0_TRAILER: &[u8] = &[0];
 
 /// Largest body accepted when reading. Records are a few hundred bytes; field 48 (at most
@@ -57,6 +58,13 @@ pub enum RecordKind {
     ReversalSent,
     /// The acquirer answered the reversal: it is off the queue.
     ReversalAck,
+    /// A stand-in approval's advice the switch owes the route's first acquirer (with the
+    /// response code and approval code it tells). Format 2.
+    AdviceQueued,
+    /// One attempt to send a queued advice. Format 2.
+    AdviceSent,
+    /// The acquirer answered the advice: it is off the queue. Format 2.
+    AdviceAck,
 }
 
 impl RecordKind {
@@ -69,6 +77,9 @@ impl RecordKind {
             RecordKind::ReversalQueued => "reversal_queued",
             RecordKind::ReversalSent => "reversal_sent",
             RecordKind::ReversalAck => "reversal_ack",
+            RecordKind::AdviceQueued => "advice_queued",
+            RecordKind::AdviceSent => "advice_sent",
+            RecordKind::AdviceAck => "advice_ack",
         }
     }
 }
@@ -137,8 +148,8 @@ pub struct Record {
     pub acquirer_us: u64,
     /// Attempt number, on `reversal_sent`.
     pub attempt: u32,
-    /// The STAN a reversal the switch originates carries on the acquirer link: the same
-    /// on every attempt, so a repeat (0401) is recognisably the same reversal and a late
+    /// The STAN a reversal (or advice) the switch originates carries on the acquirer link:
+    /// the same on every attempt, so a repeat (0401) is recognisably the same reversal and a late
     /// 0410 to any attempt acknowledges it. On `reversal_sent` and `reversal_ack`; 0
     /// otherwise. Format 1.
     pub reversal_stan: u32,
@@ -252,7 +263,8 @@ pub fn decode_frame(buf: &[u8]) -> Result<(u64, Record, usize), FrameError> {
 /// A record from a frame's body, in any format this switch reads.
 fn decode_body(body: &[u8]) -> Result<Record, String> {
     match body.first() {
-        Some(&tag) if tag == FORMAT_TAG_BASE + RECORD_FORMAT => {
+        // Format 2 only added record kinds: format 1 bodies read as they are.
+        Some(&tag) if tag == FORMAT_TAG_BASE + RECORD_FORMAT || tag == FORMAT_TAG_BASE + 1 => {
             postcard::from_bytes(&body[1..]).map_err(|e| e.to_string())
         }
         Some(&kind) if kind < FORMAT_TAG_BASE => {
@@ -340,13 +352,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn format_1_records_are_read_as_they_are() {
+        let record = sample(RecordKind::ReversalAck);
+        let mut buf = Vec::new();
+        encode_frame(&record, &mut buf).unwrap();
+        buf[FRAME_HEADER] = FORMAT_TAG_BASE + 1;
+        seal_frame(&mut buf, 4);
+        assert_eq!(decode_frame(&buf).unwrap().1, record);
+    }
+
+    #[test]
     fn a_newer_format_is_refused_by_name() {
         let mut buf = Vec::new();
         encode_frame(&sample(RecordKind::Request), &mut buf).unwrap();
         buf[FRAME_HEADER] = FORMAT_TAG_BASE + RECORD_FORMAT + 1;
         seal_frame(&mut buf, 1);
         match decode_frame(&buf) {
-            Err(FrameError::Body(why)) => assert!(why.contains("format 2"), "{why}"),
+            Err(FrameError::Body(why)) => assert!(why.contains("format 3"), "{why}"),
             other => panic!("{other:?}"),
         }
     }

@@ -15,7 +15,10 @@
 //!   connection) is never followed by another; the request is reversed instead, and one
 //!   original is reversed at most once, whoever asks first (a timeout or the gateway's
 //!   own 0400);
-//! - **retransmissions** are answered from their original, waiting for it if it is out.
+//! - **retransmissions** are answered from their original, waiting for it if it is out;
+//! - **stand-in** only when no acquirer was sent the request: its route's rule may then
+//!   approve it, journaled with the advice owed to the route's first acquirer before the
+//!   answer leaves.
 //!
 //! Two drivers carry the steps out: the switch's async one (`crate::switch`) over real
 //! sockets, the journal writer and tokio timers, and the simulator's (`crate::sim`) on a
@@ -29,8 +32,8 @@ pub use crate::clock::Now;
 
 use crate::ingress::validate::{self, as_code, Authorization};
 use crate::journal::{JournalError, Record, RecordKind};
-use crate::reversal::PendingReversal;
-use crate::routing::AcquirerIndex;
+use crate::reversal::{Owed, PendingReversal};
+use crate::routing::{AcquirerIndex, StandIn};
 use crate::shard::duplicates::{Forwarded, Original, Outcome};
 use crate::shard::ShardVerdict;
 use payswitch_models::model::Decision;
@@ -54,8 +57,9 @@ pub enum Step {
         /// The STAN reserved.
         stan: Stan,
     },
-    /// Hand this reversal, already journaled as queued (or not journaled when the
-    /// journal has failed), to the store-and-forward queue; answer [`Event::Queued`].
+    /// Hand this reversal (or a stand-in approval's advice), already journaled as queued
+    /// (or not journaled when the journal has failed), to the store-and-forward queue;
+    /// answer [`Event::Queued`].
     QueueReversal(PendingReversal),
     /// Wait for this original's outcome (up to [`DUPLICATE_WAIT_MS`]); answer
     /// [`Event::Original`].
@@ -126,6 +130,10 @@ pub struct Counts {
     pub duplicate: bool,
     /// Reversals this request queued (0 or 1).
     pub reversals_queued: u8,
+    /// Approved in stand-in: no acquirer could take it; its advice is queued.
+    pub stand_in_approved: bool,
+    /// No acquirer could take it and its route's stand-in rule did not admit it (91).
+    pub stand_in_refused: bool,
 }
 
 /// An answer on its way: code, approval and field 48.
@@ -166,6 +174,9 @@ struct Routing {
     /// Position in `route` of the acquirer being tried.
     position: usize,
     original: Arc<Original>,
+    /// The route's stand-in rule, and whether the fraud decision was `approve`.
+    stand_in: Option<StandIn>,
+    approved: bool,
 }
 
 impl Routing {
@@ -210,6 +221,20 @@ enum State {
     /// The journal refused the response of an approval: its reversal was handed over
     /// ([`Step::QueueReversal`]); then answer this.
     QueueingUnjournaled(Answer),
+    /// [`Step::Append`] of a stand-in approval's `response` and `advice_queued` records
+    /// sent, the advice to `acquirer`.
+    JournalingStandIn {
+        answer: Answer,
+        original: Arc<Original>,
+        acquirer: AcquirerIndex,
+        advice: Record,
+    },
+    /// The stand-in approval's advice was handed over ([`Step::QueueReversal`]); then
+    /// answer.
+    QueueingAdvice {
+        answer: Answer,
+        original: Arc<Original>,
+    },
     /// [`Step::AwaitOriginal`] sent.
     AwaitingOriginal,
     /// [`Step::Append`] of a duplicate's `response` record sent.
@@ -361,6 +386,18 @@ impl Lifecycle {
                 self.on_response_durable(answer, original, durable, acquirers)
             }
             (State::QueueingUnjournaled(answer), Event::Queued) => self.reply(answer, None),
+            (
+                State::JournalingStandIn {
+                    answer,
+                    original,
+                    acquirer,
+                    advice,
+                },
+                Event::Durable(durable),
+            ) => self.on_stand_in_durable(answer, original, acquirer, advice, durable),
+            (State::QueueingAdvice { answer, original }, Event::Queued) => {
+                self.reply(answer, Some(&original))
+            }
             (State::AwaitingOriginal, Event::Original(outcome)) => self.on_original(outcome, now),
             (State::JournalingDuplicate(outcome), Event::Durable(durable)) => {
                 self.on_duplicate_durable(outcome, durable)
@@ -583,9 +620,11 @@ impl Lifecycle {
                 };
                 let routing = Routing {
                     tags,
-                    route,
+                    route: route.acquirers,
                     position: 0,
                     original,
+                    stand_in: route.stand_in,
+                    approved: scoring.decision == Decision::Approve,
                 };
                 self.try_acquirer(routing)
             }
@@ -663,8 +702,84 @@ impl Lifecycle {
         if routing.position < routing.route.len() {
             return self.try_acquirer(routing);
         }
+        // No acquirer took it, and none was sent it (a send without an answer never
+        // comes here: it is reversed and answered 91).
+        if let Some(rule) = routing.stand_in {
+            if !self.journal_failed
+                && rule.admits(
+                    self.record.amount_minor,
+                    routing.approved,
+                    self.record.score,
+                )
+            {
+                return self.stand_in(routing, now, acquirers);
+            }
+            self.counts.stand_in_refused = true;
+        }
         let answer = Answer::new(ResponseCode::IssuerInoperative, routing.tags);
         self.finish(answer, Some(routing.original), now, acquirers)
+    }
+
+    /// Approves on the issuer's behalf: the response, marked `stand_in=1`, and the advice
+    /// owed to the route's first acquirer are journaled together before the answer.
+    fn stand_in(&mut self, routing: Routing, now: Now, acquirers: &[String]) -> Step {
+        let acquirer = routing.route[0];
+        let name = &acquirers[acquirer];
+        let approval = stand_in_approval_code(&self.record);
+        let answer = Answer {
+            code: *b"00",
+            approval: Some(approval),
+            private_data: format!("{};stand_in=1;advice={name}", routing.tags),
+        };
+        let mut response = self.follow_up(RecordKind::Response, now);
+        response.code = code_str(&answer.code);
+        response.approval_code = String::from_utf8_lossy(&approval).into_owned();
+        response.private_data = answer.private_data.clone();
+        response.switch_us = now.since(self.received);
+        let mut advice = self.follow_up(RecordKind::AdviceQueued, now);
+        advice.acquirer = name.clone();
+        advice.code = response.code.clone();
+        advice.approval_code = response.approval_code.clone();
+        let step = self.append(vec![response, advice.clone()], now);
+        self.state = State::JournalingStandIn {
+            answer,
+            original: routing.original,
+            acquirer,
+            advice,
+        };
+        step
+    }
+
+    /// A stand-in approval and its advice are durable: hand the advice to the queue, then
+    /// answer. Not durable: nothing was approved, the answer is the journal's refusal.
+    fn on_stand_in_durable(
+        &mut self,
+        answer: Answer,
+        original: Arc<Original>,
+        acquirer: AcquirerIndex,
+        mut advice: Record,
+        durable: Result<u64, JournalError>,
+    ) -> Step {
+        if let Err(e) = self.durable(durable) {
+            self.counts.journal_refused = true;
+            let refusal = Answer::new(journal_refusal(e), String::new());
+            return self.reply(refusal, Some(&original));
+        }
+        advice.request_seq = self.request_seq;
+        advice.request_back = 0;
+        original.set_forwarded(Forwarded::stand_in(acquirer, self.request_seq, &advice));
+        self.counts.stand_in_approved = true;
+        let pending = PendingReversal {
+            owed: Owed::Advice,
+            request_seq: self.request_seq,
+            acquirer,
+            original: advice,
+            stan: None,
+            attempts: 0,
+            entry: Some(Arc::clone(&original)),
+        };
+        self.state = State::QueueingAdvice { answer, original };
+        Step::QueueReversal(pending)
     }
 
     /// Journals a reversal of `original` as queued and hands it to the queue, unless one
@@ -804,12 +919,39 @@ fn claim(original: &Original, acquirers: &[String]) -> Option<PendingReversal> {
         return None;
     }
     Some(PendingReversal {
+        owed: Owed::Reversal,
         request_seq: forwarded.request_seq,
         acquirer: forwarded.acquirer,
         original: forwarded.record(&acquirers[forwarded.acquirer]),
         stan: None,
         attempts: 0,
+        entry: None,
     })
+}
+
+/// The approval code (38) of a stand-in approval: `S` and five characters `0-9A-Z` drawn
+/// from the request's identity, so the same request always gets the same code and the
+/// acquirer and the gateway can tell the switch's approvals from the issuer's.
+pub fn stand_in_approval_code(record: &Record) -> [u8; 6] {
+    const BASE36: &[u8; 36] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    // FNV-1a over the request's key fields.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        &record.terminal,
+        &record.stan,
+        &record.rrn,
+        &record.transmission_time,
+    ] {
+        for &b in part.as_bytes().iter().chain(b"|") {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    let mut code = *b"S00000";
+    for slot in code[1..].iter_mut() {
+        *slot = BASE36[(hash % 36) as usize];
+        hash /= 36;
+    }
+    code
 }
 
 fn relay(answer: &Message, tags: String) -> Answer {
@@ -855,7 +997,10 @@ fn state_name(state: &State) -> &'static str {
         State::JournalingForward { .. } => "Append(forwarded)",
         State::Sending { .. } => "Send",
         State::JournalingReversal { .. } => "Append(reversal_queued)",
-        State::QueueingReversal { .. } | State::QueueingUnjournaled(_) => "QueueReversal",
+        State::QueueingReversal { .. }
+        | State::QueueingUnjournaled(_)
+        | State::QueueingAdvice { .. } => "QueueReversal",
+        State::JournalingStandIn { .. } => "Append(stand-in response, advice_queued)",
         State::JournalingResponse { .. } => "Append(response)",
         State::AwaitingOriginal => "AwaitOriginal",
         State::JournalingDuplicate(_) => "Append(duplicate response)",

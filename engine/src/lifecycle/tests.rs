@@ -50,12 +50,25 @@ fn lifecycle(request: Message, verdict: ShardVerdict, now: Now) -> Lifecycle {
 }
 
 fn fresh(original: &Arc<Original>) -> ShardVerdict {
+    fresh_with(original, None)
+}
+
+fn fresh_with(original: &Arc<Original>, stand_in: Option<StandIn>) -> ShardVerdict {
     ShardVerdict::Fresh {
         scoring: approve(),
-        route: Some(Arc::from(vec![0, 1])),
+        route: Some(crate::routing::Route {
+            acquirers: Arc::from(vec![0, 1]),
+            stand_in,
+        }),
         original: Arc::clone(original),
     }
 }
+
+/// Stands in for up to 12.50 (the test request's amount is exactly that).
+const STAND_IN: StandIn = StandIn {
+    max_amount_minor: 1_250,
+    max_score: None,
+};
 
 fn answer(request: &Message, code: &str) -> Message {
     let mut b = validate::respond(request, &[code.as_bytes()[0], code.as_bytes()[1]], None, "")
@@ -346,6 +359,117 @@ fn a_timeout_racing_the_gateways_reversal_reverses_once() {
 
 /// A retransmission while the original is still at the acquirer waits for it and
 /// gets its answer; nothing reaches an acquirer twice.
+#[test]
+fn with_no_acquirer_available_a_stand_in_route_approves_and_owes_an_advice() {
+    let names = names();
+    let request = message(Mti::AUTHORIZATION_REQUEST, "000001", None);
+    let original = Arc::new(Original::new());
+    let mut life = lifecycle(request, fresh_with(&original, Some(STAND_IN)), at(0));
+    let _ = life.start(at(0), &names);
+    let _ = life.handle(Event::Unavailable, at(0), &names);
+    let Step::Append(records) = life.handle(Event::Unavailable, at(1), &names) else {
+        panic!("the stand-in approval is journaled before anything else")
+    };
+    let kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            RecordKind::Request,
+            RecordKind::Response,
+            RecordKind::AdviceQueued
+        ]
+    );
+    let (response, advice) = (&records[1], &records[2]);
+    assert_eq!(response.code, "00");
+    assert!(response.approval_code.starts_with('S'), "{response:?}");
+    assert!(response.private_data.contains("stand_in=1"));
+    assert_eq!(advice.acquirer, "visa", "the route's first acquirer");
+    assert_eq!(advice.approval_code, response.approval_code);
+    assert_eq!((advice.request_back, advice.code.as_str()), (2, "00"));
+    assert!(
+        original.outcome_now().is_none(),
+        "nothing before it is durable"
+    );
+    let Step::QueueReversal(pending) = life.handle(Event::Durable(Ok(10)), at(2), &names) else {
+        panic!("the advice is queued once durable")
+    };
+    assert_eq!(pending.owed, Owed::Advice);
+    assert_eq!((pending.request_seq, pending.acquirer), (10, 0));
+    assert_eq!(pending.original.request_seq, 10);
+    let reply = replied(life.handle(Event::Queued, at(2), &names));
+    assert_eq!(&reply.code, b"00");
+    assert_eq!(
+        reply.response.get_str(38).unwrap().as_bytes(),
+        stand_in_approval_code(&records[0])
+    );
+    assert!(reply
+        .response
+        .get_str(48)
+        .unwrap()
+        .contains("stand_in=1;advice=visa"));
+    assert!(life.counts().stand_in_approved);
+    // A reversal of it goes to the advice's acquirer, naming the advice.
+    let forwarded = original.forwarded().expect("the stand-in is remembered");
+    assert_eq!(forwarded.acquirer, 0);
+    let record = forwarded.record("visa");
+    assert_eq!((record.mti.as_str(), record.link_stan), ("0120", 0));
+    original.set_advice_stan(Stan::new(77).unwrap());
+    assert_eq!(original.forwarded().unwrap().link_stan.get(), 77);
+}
+
+#[test]
+fn stand_in_refuses_what_its_rule_does_not_admit_and_never_follows_a_send() {
+    let names = names();
+    // Over the amount: 91, nothing owed.
+    let small = StandIn {
+        max_amount_minor: 1_249,
+        ..STAND_IN
+    };
+    let request = message(Mti::AUTHORIZATION_REQUEST, "000001", None);
+    let original = Arc::new(Original::new());
+    let mut life = lifecycle(request, fresh_with(&original, Some(small)), at(0));
+    let _ = life.start(at(0), &names);
+    let _ = life.handle(Event::Unavailable, at(0), &names);
+    let mut books = Books::default();
+    let mut queued = Vec::new();
+    let step = life.handle(Event::Unavailable, at(0), &names);
+    let reply = replied(run_until_wait(
+        &mut life,
+        step,
+        &mut books,
+        &mut queued,
+        at(0),
+    ));
+    assert_eq!(&reply.code, b"91");
+    assert!(queued.is_empty());
+    assert!(life.counts().stand_in_refused);
+    assert_eq!(books.kinds(), [RecordKind::Request, RecordKind::Response]);
+
+    // Sent, and no answer: the acquirer may have approved it. 91 and a reversal, never
+    // a stand-in approval.
+    let request = message(Mti::AUTHORIZATION_REQUEST, "000002", None);
+    let original = Arc::new(Original::new());
+    let mut life = lifecycle(request, fresh_with(&original, Some(STAND_IN)), at(0));
+    let step = life.start(at(0), &names);
+    let mut books = Books::default();
+    let mut queued = Vec::new();
+    let Step::Send { .. } = run_until_wait(&mut life, step, &mut books, &mut queued, at(0)) else {
+        panic!("sent to the first acquirer")
+    };
+    let step = life.handle(Event::NoAnswer, at(2_000), &names);
+    let reply = replied(run_until_wait(
+        &mut life,
+        step,
+        &mut books,
+        &mut queued,
+        at(2_000),
+    ));
+    assert_eq!(&reply.code, b"91");
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].owed, Owed::Reversal);
+    assert!(!life.counts().stand_in_approved);
+}
+
 #[test]
 fn a_retransmission_while_the_original_is_out_gets_its_answer() {
     let names = names();

@@ -95,6 +95,10 @@ pub struct ReversalSnapshot {
     pub deferred: u64,
     /// Escalated: unacknowledged after many attempts, retried every minute.
     pub escalated: u64,
+    /// Stand-in advices among `pending`.
+    pub advices_pending: u64,
+    /// Stand-in advices acknowledged.
+    pub advices_acknowledged: u64,
 }
 
 /// One shard.
@@ -123,6 +127,10 @@ pub struct Snapshot {
     pub duplicates: u64,
     /// Requests refused because their shard's queue was full.
     pub shed: u64,
+    /// Approved in stand-in (no acquirer reachable).
+    pub stand_in_approved: u64,
+    /// No acquirer reachable and not admitted by the route's stand-in rule (91).
+    pub stand_in_refused: u64,
     /// Decisions: approve, review, decline.
     pub decisions: [u64; 3],
     /// The champion model.
@@ -188,6 +196,8 @@ impl Sources {
             window_seconds,
             duplicates: load(&self.counters.duplicates),
             shed: load(&self.counters.shed),
+            stand_in_approved: load(&self.counters.stand_in_approved),
+            stand_in_refused: load(&self.counters.stand_in_refused),
             decisions: std::array::from_fn(|i| load(&self.scoring.stats.decisions[i])),
             champion: self.champion(),
             challengers: self.challengers(),
@@ -209,6 +219,8 @@ impl Sources {
                 acknowledged: load(&self.reversals.stats.acknowledged),
                 deferred: load(&self.reversals.stats.deferred),
                 escalated: load(&self.reversals.stats.escalated),
+                advices_pending: load(&self.reversals.stats.advices_pending),
+                advices_acknowledged: load(&self.reversals.stats.advices_acknowledged),
             },
             shards: self
                 .shard_stats

@@ -198,6 +198,12 @@ pub fn stats(snapshot: &Snapshot) -> Value {
             "deferred": reversals.deferred,
             "escalated": reversals.escalated,
         },
+        "stand_in": {
+            "approved": snapshot.stand_in_approved,
+            "refused": snapshot.stand_in_refused,
+            "advices_pending": reversals.advices_pending,
+            "advices_acknowledged": reversals.advices_acknowledged,
+        },
         "duplicates": snapshot.duplicates,
         "shed": snapshot.shed,
         "shards": snapshot.shards.iter().map(|s| json!({
@@ -556,6 +562,39 @@ fn journal_gauges(out: &mut String, snapshot: &Snapshot) {
     );
     header(
         out,
+        "payswitch_stand_in_total",
+        "counter",
+        "Authorizations no acquirer could take: approved in stand-in (an advice owed), or refused by the route's stand-in rule (91).",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_stand_in_total{{result=\"approved\"}} {}\npayswitch_stand_in_total{{result=\"refused\"}} {}",
+        snapshot.stand_in_approved, snapshot.stand_in_refused
+    );
+    header(
+        out,
+        "payswitch_advices_pending",
+        "gauge",
+        "Stand-in advices owed to acquirers and not yet acknowledged.",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_advices_pending {}",
+        snapshot.reversals.advices_pending
+    );
+    header(
+        out,
+        "payswitch_advices_acknowledged_total",
+        "counter",
+        "Stand-in advices acknowledged by their acquirer (0130).",
+    );
+    let _ = writeln!(
+        out,
+        "payswitch_advices_acknowledged_total {}",
+        snapshot.reversals.advices_acknowledged
+    );
+    header(
+        out,
         "payswitch_acquirer_late_answers_total",
         "counter",
         "Answers that came after their request had timed out (approvals among them: the reversal queued at the timeout undoes them).",
@@ -589,6 +628,10 @@ pub struct SwitchStats {
     pub duplicates: AtomicU64,
     /// Reversals queued because an acquirer's answer did not reach the gateway.
     pub reversals_queued: AtomicU64,
+    /// Approved in stand-in.
+    pub stand_in_approved: AtomicU64,
+    /// Not admitted by the route's stand-in rule with no acquirer reachable.
+    pub stand_in_refused: AtomicU64,
     /// Uptime second (plus one) of the last overload log line.
     pub shed_logged_s: AtomicU64,
     /// Requests being handled now.
@@ -618,6 +661,12 @@ impl SwitchStats {
             self.reversals_queued
                 .fetch_add(u64::from(counts.reversals_queued), Ordering::Relaxed);
         }
+        if counts.stand_in_approved {
+            self.stand_in_approved.fetch_add(1, Ordering::Relaxed);
+        }
+        if counts.stand_in_refused {
+            self.stand_in_refused.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -636,6 +685,8 @@ mod tests {
             window_seconds: 10.0,
             duplicates: 2,
             shed: 1,
+            stand_in_approved: 3,
+            stand_in_refused: 1,
             decisions: [97, 2, 1],
             champion: None,
             challengers: Vec::new(),

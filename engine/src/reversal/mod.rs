@@ -16,13 +16,21 @@
 //! `payswitch_reversals_escalated`, `/api/reversals`) and retried once a minute, never
 //! dropped.
 //!
+//! The same queue delivers **advices**: a stand-in approval (`crate::routing::StandIn`)
+//! is owed to the route's first acquirer as an authorization advice, 0120 (0220 for a
+//! 0200), repeated as 0121 until the acquirer answers 0130 (any code: an advice is booked,
+//! not decided). An advice has no hold: nothing of it was ever sent. Deliveries for one
+//! request go one after the other: a reversal of a stand-in approval waits until its advice
+//! is acknowledged, so the acquirer books the approval before it is asked to reverse it;
+//! that reversal names the advice in field 90 (its MTI and STAN).
+//!
 //! A reversal is built from the journal's record of the forwarded original: 0400 with the
 //! original's amount, RRN, terminal and merchant, and field 90 naming the original by its
 //! MTI, the STAN the acquirer saw (the switch's link STAN) and its transmission time. It
 //! carries no PAN: the journal never holds one, and field 90 with the RRN identifies the
 //! original at the acquirer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -37,25 +45,42 @@ use crate::acquirer::{AcquirerLink, ReversalSlot};
 use crate::clock::Now;
 use crate::journal::{Journal, JournalError, Record, RecordKind};
 use crate::routing::AcquirerIndex;
+use crate::shard::duplicates::Original;
 
 /// Reversals being delivered at once. Each is a task holding one message; 100 k is far
 /// beyond any real backlog (an acquirer down for minutes at high load) and a few tens of
 /// MiB. Past it a reversal stays queued in the journal only and is sent after a restart.
 pub const MAX_PENDING_REVERSALS: usize = 100_000;
 
-/// A reversal to deliver.
-#[derive(Debug, Clone)]
+/// What the switch owes an acquirer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Owed {
+    /// A reversal (0400, repeated as 0401).
+    #[default]
+    Reversal,
+    /// The advice of a stand-in approval (0120, repeated as 0121).
+    Advice,
+}
+
+/// A reversal or an advice to deliver.
+#[derive(Debug, Clone, Default)]
 pub struct PendingReversal {
+    /// A reversal or an advice.
+    pub owed: Owed,
     /// Sequence number of the original request's journal record.
     pub request_seq: u64,
     /// The acquirer that handled the original.
     pub acquirer: AcquirerIndex,
-    /// The `forwarded` record of the original (identity, acquirer, link STAN).
+    /// The `forwarded` record of the original (identity, acquirer, link STAN); for an
+    /// advice, its `advice_queued` record (identity, acquirer, code, approval code).
     pub original: Record,
     /// The reversal's own link STAN, when attempts were sent before (a restart).
     pub stan: Option<Stan>,
     /// Attempts sent before (a restart): the next is a repeat.
     pub attempts: u32,
+    /// For an advice sent in this run: the stand-in approval's entry in its shard's
+    /// window, told the advice's STAN so that a reversal of it names the advice.
+    pub entry: Option<Arc<Original>>,
 }
 
 /// Counters of the queue.
@@ -72,11 +97,17 @@ pub struct ReversalStats {
     /// Reversals escalated (unacknowledged after [`ESCALATE_AFTER_ATTEMPTS`] attempts) and
     /// still not acknowledged.
     pub escalated: AtomicU64,
+    /// Advices among `pending`.
+    pub advices_pending: AtomicU64,
+    /// Advices acknowledged (not counted in `acknowledged`).
+    pub advices_acknowledged: AtomicU64,
 }
 
 /// An escalated reversal, as `/api/reversals` shows it: no card data.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Escalated {
+    /// `reversal` or `advice`.
+    pub owed: &'static str,
     /// Sequence number of the original's request record.
     pub request_seq: u64,
     /// The acquirer.
@@ -108,6 +139,10 @@ pub struct StoreAndForward {
     /// entry per reversal queued in this run or recovered; at most the queue's slots plus
     /// those deferred, which are few unless the queue overflowed.
     owed: Mutex<BTreeMap<u64, u32>>,
+    /// Requests with a delivery in progress, each with the deliveries waiting to follow it
+    /// (a reversal of a stand-in approval waits for its advice). One entry per delivery
+    /// task, so at most [`MAX_PENDING_REVERSALS`]; at most two deliveries per request.
+    active: Mutex<HashMap<u64, VecDeque<PendingReversal>>>,
     /// Counters.
     pub stats: ReversalStats,
 }
@@ -134,29 +169,74 @@ impl StoreAndForward {
             shutdown,
             escalated: Mutex::new(BTreeMap::new()),
             owed: Mutex::new(BTreeMap::new()),
+            active: Mutex::new(HashMap::new()),
             stats: ReversalStats::default(),
         })
     }
 
-    /// Starts delivering a reversal whose `reversal_queued` record is already durable.
+    /// Starts delivering a reversal (or advice) whose `reversal_queued` (`advice_queued`)
+    /// record is already durable; after the one in progress for its request, if any.
     pub fn push(self: &Arc<Self>, reversal: PendingReversal) {
         self.hold(reversal.request_seq);
+        if reversal.acquirer >= self.links.len() {
+            tracing::error!(acquirer = %reversal.original.acquirer, "reversal for an acquirer no longer configured: left in the journal");
+            return;
+        }
+        let request_seq = reversal.request_seq;
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(waiting) = active.get_mut(&request_seq) {
+            waiting.push_back(reversal);
+            return;
+        }
         let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
             self.stats.deferred.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(rrn = %reversal.original.rrn, "reversal queue full: this reversal is sent after the next restart");
             return;
         };
-        if reversal.acquirer >= self.links.len() {
-            tracing::error!(acquirer = %reversal.original.acquirer, "reversal for an acquirer no longer configured: left in the journal");
-            return;
-        }
-        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        active.insert(request_seq, VecDeque::new());
+        drop(active);
         let queue = Arc::clone(self);
         tokio::spawn(async move {
-            queue.deliver(reversal).await;
-            queue.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            let mut next = Some(reversal);
+            while let Some(reversal) = next.take() {
+                let owed = reversal.owed;
+                queue.stats.pending.fetch_add(1, Ordering::Relaxed);
+                if owed == Owed::Advice {
+                    queue.stats.advices_pending.fetch_add(1, Ordering::Relaxed);
+                }
+                let (outcome, stan) = queue.deliver(reversal).await;
+                queue.stats.pending.fetch_sub(1, Ordering::Relaxed);
+                if owed == Owed::Advice {
+                    queue.stats.advices_pending.fetch_sub(1, Ordering::Relaxed);
+                }
+                let mut active = queue.active.lock().unwrap_or_else(|e| e.into_inner());
+                if outcome == Some(Delivered::Acknowledged) {
+                    next = active.get_mut(&request_seq).and_then(VecDeque::pop_front);
+                }
+                match &mut next {
+                    Some(following) => {
+                        // A reversal queued behind its advice names the advice by the
+                        // STAN it was acknowledged with.
+                        if owed == Owed::Advice {
+                            if let Some(stan) = stan {
+                                following.original.link_stan = stan.get();
+                            }
+                        }
+                    }
+                    // Stopping, or the journal failed: what waits stays owed in the
+                    // journal and goes after the next start.
+                    None => {
+                        active.remove(&request_seq);
+                    }
+                }
+            }
             drop(slot);
         });
+    }
+
+    /// The links it delivers over.
+    pub fn links(&self) -> &[Arc<AcquirerLink>] {
+        &self.links
     }
 
     /// Marks request `request_seq` as owed a reversal whose records the journal must keep
@@ -188,10 +268,12 @@ impl StoreAndForward {
         escalated.values().take(limit).cloned().collect()
     }
 
-    async fn deliver(&self, reversal: PendingReversal) {
+    /// Delivers `reversal` until it is acknowledged, the journal fails or the switch
+    /// stops; how it ended (`None`: stopped) and its STAN on the link.
+    async fn deliver(&self, reversal: PendingReversal) -> (Option<Delivered>, Option<Stan>) {
         let link = &self.links[reversal.acquirer];
         let Some(mut delivery) = Delivery::new(reversal, crate::clock::now()) else {
-            return;
+            return (None, None);
         };
         // The reversal's STAN on the link, for every attempt; answers to any reach it.
         let mut watch = link.watch(delivery.stan(), &delivery.reversal().original.rrn);
@@ -213,7 +295,12 @@ impl StoreAndForward {
                 DeliveryStep::Append(records) => {
                     DeliveryEvent::Durable(self.journal_append(&records).await)
                 }
-                DeliveryStep::Send { .. } => {
+                DeliveryStep::Send { stan, .. } => {
+                    // The attempt is journaled with its STAN: a reversal of this stand-in
+                    // approval names it from now on.
+                    if let Some(entry) = &delivery.reversal().entry {
+                        entry.set_advice_stan(stan);
+                    }
                     let reserved = slot.take().expect("a Send step follows its reservation");
                     self.stats.sent.fetch_add(1, Ordering::Relaxed);
                     if watch.send(&reserved, delivery.message()).is_err() {
@@ -230,6 +317,8 @@ impl StoreAndForward {
                     }
                 }
                 DeliveryStep::Sleep(wait_ms) => {
+                    // A place reserved for an attempt that did not leave goes back.
+                    slot = None;
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break None,
                         // An earlier attempt's answer that comes late still acknowledges it.
@@ -258,18 +347,27 @@ impl StoreAndForward {
         }
         if outcome == Some(Delivered::Acknowledged) {
             self.release(delivery.reversal().request_seq);
-            self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            match delivery.reversal().owed {
+                Owed::Reversal => &self.stats.acknowledged,
+                Owed::Advice => &self.stats.advices_acknowledged,
+            }
+            .fetch_add(1, Ordering::Relaxed);
             if delivery.escalated() {
                 let original = &delivery.reversal().original;
                 tracing::info!(rrn = %original.rrn, acquirer = %original.acquirer, attempts = delivery.attempts(), "escalated reversal acknowledged");
             }
         }
+        (outcome, Some(watch.stan()))
     }
 
     fn escalate(&self, delivery: &Delivery, stan: Stan) {
         let original = &delivery.reversal().original;
         tracing::warn!(rrn = %original.rrn, terminal = %original.terminal, acquirer = %original.acquirer, attempts = delivery.attempts(), "reversal unacknowledged: escalated, repeated every minute until the acquirer answers");
         let entry = Escalated {
+            owed: match delivery.reversal().owed {
+                Owed::Reversal => "reversal",
+                Owed::Advice => "advice",
+            },
             request_seq: delivery.reversal().request_seq,
             acquirer: original.acquirer.clone(),
             rrn: original.rrn.clone(),
@@ -402,14 +500,22 @@ impl Delivery {
     /// cannot make a reversal (logged).
     pub fn new(reversal: PendingReversal, now: Now) -> Option<Delivery> {
         let stamped = UtcDateTime::from_unix_ms(u64::try_from(now.unix_ms()).unwrap_or(0));
-        let Some(mut message) = reversal_message(&reversal.original, stamped) else {
-            tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal from the journal record");
+        let message = match reversal.owed {
+            Owed::Reversal => reversal_message(&reversal.original, stamped),
+            Owed::Advice => advice_message(&reversal.original, stamped),
+        };
+        let Some(mut message) = message else {
+            tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal or advice from the journal record");
             return None;
         };
         if reversal.attempts > 0 {
             message = as_repeat(&message);
         }
-        let reversal_time_ms = reversal.original.time_ms;
+        // An advice has no hold: nothing of its request was ever sent.
+        let reversal_time_ms = match reversal.owed {
+            Owed::Reversal => reversal.original.time_ms,
+            Owed::Advice => i64::MIN / 2,
+        };
         Some(Delivery {
             stan: reversal.stan,
             attempt: reversal.attempts,
@@ -502,7 +608,7 @@ impl Delivery {
             self.backoff_ms
         };
         self.backoff_ms = (self.backoff_ms * 2).min(RETRY_BACKOFF_MAX_MS);
-        if self.attempt > 0 && self.message.mti() == Mti::REVERSAL_REQUEST {
+        if self.attempt > 0 && !self.message.mti().is_repeat() {
             // Sent once: every later attempt is a repeat of it.
             self.message = as_repeat(&self.message);
         }
@@ -532,7 +638,16 @@ impl Delivery {
             }
             (DeliveryState::JournalingAttempt { stan }, DeliveryEvent::Durable(durable)) => {
                 match durable {
-                    // The disk is behind: the attempt goes, and the next one is journaled.
+                    // An advice leaves only with its STAN durable: sent under a STAN the
+                    // journal lost, its repeat after a crash would carry another one, and
+                    // an acquirer that tells advices apart by STAN would book it twice.
+                    Err(JournalError::Overloaded) if reversal.owed == Owed::Advice => {
+                        self.attempt -= 1;
+                        self.last_sent = None;
+                        self.back_off()
+                    }
+                    // The disk is behind: the reversal goes (field 90 names its original
+                    // whatever its STAN), and the next attempt is journaled.
                     Ok(_) | Err(JournalError::Overloaded) => {
                         if let Some((_, since)) = &mut self.last_sent {
                             *since = now;
@@ -557,7 +672,10 @@ impl Delivery {
                     let stan = self.stan.map_or(0, |s| s.get());
                     (attempt_record(reversal, self.attempt, stan, now), now)
                 });
-                ack.kind = RecordKind::ReversalAck;
+                ack.kind = match reversal.owed {
+                    Owed::Reversal => RecordKind::ReversalAck,
+                    Owed::Advice => RecordKind::AdviceAck,
+                };
                 ack.time_ms = now.unix_ms();
                 ack.code = answer
                     .get_str(fields::RESPONSE_CODE)
@@ -587,26 +705,70 @@ impl Delivery {
 /// `stan`, made `now`.
 fn attempt_record(reversal: &PendingReversal, attempt: u32, stan: u32, now: Now) -> Record {
     let original = &reversal.original;
-    let mut sent = original.follow_up(
-        RecordKind::ReversalSent,
-        reversal.request_seq,
-        now.unix_ms(),
-    );
+    let kind = match reversal.owed {
+        Owed::Reversal => RecordKind::ReversalSent,
+        Owed::Advice => RecordKind::AdviceSent,
+    };
+    let mut sent = original.follow_up(kind, reversal.request_seq, now.unix_ms());
     sent.acquirer = original.acquirer.clone();
     sent.link_stan = original.link_stan;
+    if reversal.owed == Owed::Advice {
+        // What the advice tells the acquirer, on each of its records.
+        sent.code = original.code.clone();
+        sent.approval_code = original.approval_code.clone();
+    }
     sent.attempt = attempt;
     sent.reversal_stan = stan;
     sent
 }
 
-/// `message` as a repeat: 0401 for a 0400, 0421 for a 0420; the rest unchanged.
+/// `message` as a repeat: 0401 for a 0400, 0421 for a 0420, 0121 for a 0120 (the
+/// origin digit made odd); a repeat unchanged.
 fn as_repeat(message: &Message) -> Message {
-    let repeat = match message.mti() {
-        Mti::REVERSAL_REQUEST => Mti::REVERSAL_REQUEST_REPEAT,
-        Mti::REVERSAL_ADVICE => Mti::REVERSAL_ADVICE_REPEAT,
-        other => other,
-    };
+    let mti = message.mti();
+    if mti.is_repeat() {
+        return message.clone();
+    }
+    let mut digits = *mti.as_bytes();
+    digits[3] += 1;
+    let repeat = Mti::parse(&digits).unwrap_or(mti);
     message.to_builder().set_mti(repeat).build()
+}
+
+/// The advice of the stand-in approval recorded in `queued` (its `advice_queued` record),
+/// sent at `now`: 0120 for an authorization (x20 for the original's class: 0220 for a
+/// 0200) with the original's amount, RRN, terminal and merchant, the switch's approval
+/// code (38) and response code (39), and `stand_in=1` in field 48.
+pub fn advice_message(queued: &Record, now: UtcDateTime) -> Option<Message> {
+    let mut digits: [u8; 4] = queued.mti.as_bytes().try_into().ok()?;
+    digits[2] = b'2';
+    digits[3] = b'0';
+    let mti = Mti::parse(&digits).ok()?;
+    let mut b = Message::builder(mti);
+    b.set_str(fields::PROCESSING_CODE, &queued.processing_code)
+        .ok()?
+        .set_str(fields::AMOUNT, &format!("{:012}", queued.amount_minor))
+        .ok()?
+        .set_str(fields::TRANSMISSION_TIME, &now.transmission_time())
+        .ok()?
+        // The link puts its own STAN here.
+        .set_str(fields::STAN, "000000")
+        .ok()?
+        .set_str(fields::RRN, &queued.rrn)
+        .ok()?
+        .set_str(fields::APPROVAL_CODE, &queued.approval_code)
+        .ok()?
+        .set_str(fields::RESPONSE_CODE, &queued.code)
+        .ok()?
+        .set_str(fields::TERMINAL, &queued.terminal)
+        .ok()?
+        .set_str(fields::MERCHANT, &queued.merchant)
+        .ok()?
+        .set_str(fields::PRIVATE_DATA, "stand_in=1")
+        .ok()?
+        .set_str(fields::CURRENCY, &format!("{:03}", queued.currency))
+        .ok()?;
+    Some(b.build())
 }
 
 /// The 0400 reversing the forwarded original `original`, sent at `now`.
@@ -658,6 +820,7 @@ mod tests {
             original,
             stan,
             attempts,
+            ..PendingReversal::default()
         }
     }
 
@@ -787,5 +950,60 @@ mod tests {
         let step = attempt(&mut delivery, step, stan);
         assert!(matches!(step, DeliveryStep::Send { .. }));
         assert_eq!(delivery.attempts(), 3);
+    }
+
+    #[test]
+    fn an_advice_is_sent_at_once_as_0120_repeated_as_0121_and_acknowledged_by_0130() {
+        let mut queued = sample(RecordKind::AdviceQueued);
+        queued.approval_code = "S1A2B3".into();
+        // Just now: an advice has no hold.
+        queued.time_ms = T0.unix_ms();
+        let advice = PendingReversal {
+            owed: Owed::Advice,
+            request_seq: 7,
+            acquirer: 0,
+            original: queued,
+            ..PendingReversal::default()
+        };
+        let stan = Stan::new(31).unwrap();
+        let mut delivery = Delivery::new(advice, T0).unwrap();
+        assert_eq!(delivery.message().mti(), Mti::AUTHORIZATION_ADVICE);
+        assert_eq!(
+            delivery.message().get_str(fields::APPROVAL_CODE),
+            Some("S1A2B3")
+        );
+        assert_eq!(
+            delivery.message().get_str(fields::RESPONSE_CODE),
+            Some("00")
+        );
+        assert_eq!(
+            delivery.message().get_str(fields::RRN),
+            Some("533012000001")
+        );
+        assert!(!delivery.message().has(fields::ORIGINAL_DATA));
+        let step = delivery.start();
+        assert!(
+            matches!(step, DeliveryStep::Reserve { .. }),
+            "no hold: {step:?}"
+        );
+        let step = delivery.handle(DeliveryEvent::Reserved(stan), T0);
+        let DeliveryStep::Append(records) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(records[0].kind, RecordKind::AdviceSent);
+        assert_eq!(records[0].approval_code, "S1A2B3");
+        let step = delivery.handle(DeliveryEvent::Durable(Ok(1)), T0);
+        assert!(matches!(step, DeliveryStep::Send { .. }), "{step:?}");
+        let step = delivery.handle(DeliveryEvent::NoAnswer, T0);
+        assert!(matches!(step, DeliveryStep::Sleep(_)), "{step:?}");
+        assert_eq!(delivery.message().mti(), Mti::AUTHORIZATION_ADVICE_REPEAT);
+        let response = crate::ingress::validate::respond(delivery.message(), b"00", None, "");
+        assert_eq!(response.mti(), Mti::AUTHORIZATION_ADVICE_RESPONSE);
+        let step = delivery.handle(DeliveryEvent::Answered(response), T0);
+        let DeliveryStep::Append(records) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!(records[0].kind, RecordKind::AdviceAck);
+        assert_eq!(records[0].reversal_stan, 31);
     }
 }

@@ -122,6 +122,20 @@ impl Forwarded {
         }
     }
 
+    /// A stand-in approval, from its `advice_queued` record: "forwarded" to the acquirer
+    /// its advice goes to, as an advice (MTI x20), with the advice's link STAN once it has
+    /// one (0 before). A reversal of it goes to that acquirer after the advice and names
+    /// the advice in field 90.
+    pub fn stand_in(acquirer: AcquirerIndex, request_seq: u64, r: &Record) -> Forwarded {
+        let mut forwarded =
+            Forwarded::new(acquirer, Stan::new(0).expect("0 is a STAN"), request_seq, r);
+        let mut advice = *forwarded.mti.bytes.first_chunk::<4>().expect("4 bytes");
+        advice[2] = b'2';
+        advice[3] = b'0';
+        forwarded.mti = Text::new(std::str::from_utf8(&advice).unwrap_or("0120"));
+        forwarded
+    }
+
     /// The `forwarded` journal record again: the original's identity, the acquirer (whose
     /// name the caller has from `acquirer`) and the link STAN, naming the request by
     /// `request_seq`.
@@ -199,6 +213,14 @@ impl Original {
     /// Records where the request was sent.
     pub fn set_forwarded(&self, forwarded: Forwarded) {
         *self.forwarded.lock().unwrap_or_else(|e| e.into_inner()) = Some(forwarded);
+    }
+
+    /// The STAN the advice of this stand-in approval carries on its link.
+    pub fn set_advice_stan(&self, stan: Stan) {
+        let mut forwarded = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(forwarded) = forwarded.as_mut() {
+            forwarded.link_stan = stan;
+        }
     }
 
     /// Where the request was sent, if it was.

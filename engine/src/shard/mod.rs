@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ingress::validate::Authorization;
 use crate::routing::Router;
-use crate::routing::{AcquirerIndex, AcquirerWeights};
+use crate::routing::{AcquirerWeights, Route};
 use crate::scoring::{Scoring, ShardScoring, Verdict};
 
 /// What a shard is asked to decide.
@@ -247,8 +247,9 @@ pub enum ShardVerdict {
     Fresh {
         /// The fraud decision and what explains it.
         scoring: Verdict,
-        /// Acquirers to try, in order; `None`: no route (92).
-        route: Option<Arc<[AcquirerIndex]>>,
+        /// Acquirers to try, in order, and the route's stand-in rule; `None`: no route
+        /// (92).
+        route: Option<Route>,
         /// Where its outcome goes, for retransmissions and reversals.
         original: Arc<Original>,
     },

@@ -150,6 +150,10 @@ pub struct Counts {
     pub breaker_opened: u64,
     /// Authorizations an open breaker kept from an acquirer.
     pub breaker_refused: u64,
+    /// Authorizations approved in stand-in (no acquirer reachable).
+    pub stand_in: u64,
+    /// Stand-in advices acknowledged.
+    pub advices_acknowledged: u64,
 }
 
 /// An invariant that did not hold.
@@ -186,7 +190,7 @@ impl fmt::Display for Report {
         let c = &self.counts;
         write!(
             f,
-            "seed={} authorizations={} approved={} simulated={:.1}s events={} faults: crashes={} torn_writes={} dropped={} duplicated={} acquirer_faults={} overload_bursts={} shed={} breaker_opened={} breaker_refused={} late_answers={} retransmissions={} gateway_reversals={} reversals_acknowledged={} repeated_reversals={} invariant: ",
+            "seed={} authorizations={} approved={} simulated={:.1}s events={} faults: crashes={} torn_writes={} dropped={} duplicated={} acquirer_faults={} overload_bursts={} shed={} breaker_opened={} breaker_refused={} late_answers={} retransmissions={} gateway_reversals={} reversals_acknowledged={} repeated_reversals={} stand_in={} advices_acknowledged={} invariant: ",
             self.seed,
             self.authorizations,
             c.approved,
@@ -206,6 +210,8 @@ impl fmt::Display for Report {
             c.gateway_reversals,
             c.reversals_acknowledged,
             c.repeated_reversals,
+            c.stand_in,
+            c.advices_acknowledged,
         )?;
         match &self.violation {
             None => write!(f, "none broken"),
@@ -953,7 +959,14 @@ mod tests {
         assert_eq!(caught, again);
         let violation = caught.violation.unwrap();
         assert!(
-            ["approved once", "reversals converge", "books balance"].contains(&violation.invariant),
+            // Or the gateway heard an answer the journal then lost.
+            [
+                "approved once",
+                "reversals converge",
+                "books balance",
+                "answered"
+            ]
+            .contains(&violation.invariant),
             "{violation:?}"
         );
     }

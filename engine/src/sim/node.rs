@@ -20,7 +20,7 @@ use crate::ingress::{self, Admission};
 use crate::journal::{JournalError, PanKey, Record, RecordKind};
 use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
 use crate::recovery::Replay;
-use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, PendingReversal};
+use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, Owed, PendingReversal};
 use crate::routing::{AcquirerWeights, Router};
 use crate::scoring::rules::RuleSet;
 use crate::scoring::{EventTime, Scoring};
@@ -266,6 +266,9 @@ pub struct Node {
     shards: Vec<SimShard>,
     lives: BTreeMap<u64, Live>,
     deliveries: BTreeMap<u64, LiveDelivery>,
+    /// Requests with a delivery in progress, and the deliveries waiting to follow it, as
+    /// the switch's queue keeps them (a reversal of a stand-in approval after its advice).
+    active: BTreeMap<u64, VecDeque<PendingReversal>>,
     next_id: u64,
     links: Vec<Link>,
     streams: Vec<Stream>,
@@ -291,12 +294,13 @@ impl Node {
                 "[[acquirers]]\nname = \"{name}\"\naddress = \"127.0.0.1:9\"\n"
             ));
         }
-        // Visa-like cards to the first acquirer, falling back to the last; others shared
+        // Visa-like cards to the first acquirer, falling back to the last, approved in
+        // stand-in up to 100.00 when neither can be reached; others shared
         // between the two by their health (a balanced route), each falling back to the
         // other.
         let last = &names[names.len() - 1];
         toml.push_str(&format!(
-            "[[routes]]\nbins = [\"4\"]\nacquirers = [\"{}\", \"{last}\"]\n[[routes]]\nbins = [\"5\"]\nacquirers = [\"{last}\", \"{}\"]\nbalance = true\n",
+            "[[routes]]\nbins = [\"4\"]\nacquirers = [\"{}\", \"{last}\"]\nstand_in = {{ max_amount_minor = 10000 }}\n[[routes]]\nbins = [\"5\"]\nacquirers = [\"{last}\", \"{}\"]\nbalance = true\n",
             names[0], names[0]
         ));
         let parsed: Config = toml::from_str(&toml).expect("the simulator's configuration parses");
@@ -315,6 +319,7 @@ impl Node {
             shards: Vec::new(),
             lives: BTreeMap::new(),
             deliveries: BTreeMap::new(),
+            active: BTreeMap::new(),
             next_id: 0,
             links: Vec::new(),
             streams: Vec::new(),
@@ -433,6 +438,7 @@ impl Node {
         self.shards = self.new_shards(std::mem::take(&mut recovery.recent));
         self.lives.clear();
         self.deliveries.clear();
+        self.active.clear();
         self.waiting.clear();
         self.journal = JournalState::default();
         self.links = (0..self.config.acquirers)
@@ -453,7 +459,12 @@ impl Node {
             let point = self.disk.written();
             self.disk.synced_to(point);
         }
-        for pending in recovery.in_doubt.into_iter().chain(recovery.pending) {
+        for (acquirer, link) in self.links.iter_mut().enumerate() {
+            if let Some(stan) = recovery.highest_wanted_stan(acquirer) {
+                link.next_stan = stan.get();
+            }
+        }
+        for pending in recovery.pending.into_iter().chain(recovery.in_doubt) {
             self.start_delivery(pending, env);
         }
         for acquirer in 0..self.config.acquirers {
@@ -996,6 +1007,10 @@ impl Node {
         if shed {
             env.counts.shed += 1;
         }
+        let tags = reply.response.get_str(fields::PRIVATE_DATA).unwrap_or("");
+        if tags.contains("stand_in=1") && !tags.contains("dup=1") {
+            env.counts.stand_in += 1;
+        }
         let answer = super::peers::Answer {
             code: reply.code,
             tags: reply
@@ -1119,9 +1134,14 @@ impl Node {
     }
 
     fn start_delivery(&mut self, pending: PendingReversal, env: &mut Env) {
+        if let Some(waiting) = self.active.get_mut(&pending.request_seq) {
+            waiting.push_back(pending);
+            return;
+        }
         if self.deliveries.len() >= crate::reversal::MAX_PENDING_REVERSALS {
             return; // Left in the journal for the next start, as the switch does.
         }
+        self.active.insert(pending.request_seq, VecDeque::new());
         let Some(mut delivery) = Delivery::new(pending, now_of(env.now)) else {
             env.violate(
                 "reversals converge",
@@ -1157,11 +1177,30 @@ impl Node {
         loop {
             let event = match step {
                 DeliveryStep::Done(done) => {
+                    let reversal = live.delivery.reversal();
+                    let advice = reversal.owed == Owed::Advice;
                     if done == Delivered::Acknowledged {
-                        env.counts.reversals_acknowledged += 1;
+                        if advice {
+                            env.counts.advices_acknowledged += 1;
+                        } else {
+                            env.counts.reversals_acknowledged += 1;
+                        }
                     }
-                    let acquirer = live.delivery.reversal().acquirer;
+                    let (acquirer, request_seq) = (reversal.acquirer, reversal.request_seq);
                     self.links[acquirer].watches.remove(&live.stan.get());
+                    // Left for the next start: what waits stays in the journal too.
+                    let mut waiting = self.active.remove(&request_seq).unwrap_or_default();
+                    if done == Delivered::Acknowledged {
+                        if let Some(mut next) = waiting.pop_front() {
+                            if advice {
+                                next.original.link_stan = live.stan.get();
+                            }
+                            self.start_delivery(next, env);
+                            if let Some(queue) = self.active.get_mut(&request_seq) {
+                                queue.extend(waiting);
+                            }
+                        }
+                    }
                     return;
                 }
                 DeliveryStep::Reserve { acquirer, .. } => {
@@ -1183,6 +1222,9 @@ impl Node {
                 DeliveryStep::Send { acquirer, stan } => {
                     assert!(live.reserved, "sent on a place reserved");
                     assert_eq!(stan, live.stan, "every attempt carries the reversal's STAN");
+                    if let Some(entry) = &live.delivery.reversal().entry {
+                        entry.set_advice_stan(stan);
+                    }
                     let link = &mut self.links[acquirer];
                     if !link.up {
                         link.reversals_in_flight -= 1;
@@ -1213,6 +1255,12 @@ impl Node {
                     }
                 }
                 DeliveryStep::Sleep(ms) => {
+                    if live.reserved {
+                        // An attempt that did not leave gives its place back.
+                        let acquirer = live.delivery.reversal().acquirer;
+                        self.links[acquirer].reversals_in_flight -= 1;
+                        live.reserved = false;
+                    }
                     if let Some(answer) = live.answer.take() {
                         DeliveryEvent::Answered(answer)
                     } else {

@@ -359,6 +359,22 @@ impl Acquirer {
                     key,
                 })
             }
+            // A stand-in approval's advice: booked as approved, once per link STAN (a
+            // repeat, 0121, or a network duplicate is the same advice).
+            b"0120" | b"0121" | b"0220" | b"0221" => {
+                let forwards = self.ledger.entry(key.clone()).or_default();
+                if !forwards.iter().any(|f| f.link_stan == link_stan) {
+                    forwards.push(Forward {
+                        link_stan,
+                        approved: true,
+                        reversed: false,
+                    });
+                }
+                Some(Handled {
+                    answer: validate::respond(request, b"00", None, ""),
+                    key,
+                })
+            }
             b"0400" | b"0401" | b"0420" | b"0421" => {
                 let original = text(fields::ORIGINAL_DATA);
                 let named: Option<u32> = original.get(4..10).and_then(|s| s.parse().ok());

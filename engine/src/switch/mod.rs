@@ -322,7 +322,12 @@ async fn deliver_what_is_owed(
     for &request_seq in &recovery.unknown_owed {
         reversals.hold(request_seq);
     }
-    for pending in recovery.in_doubt.into_iter().chain(recovery.pending) {
+    for (acquirer, link) in reversals.links().iter().enumerate() {
+        if let Some(stan) = recovery.highest_wanted_stan(acquirer) {
+            link.allocate_after(stan);
+        }
+    }
+    for pending in recovery.pending.into_iter().chain(recovery.in_doubt) {
         reversals.push(pending);
     }
     Ok(())
