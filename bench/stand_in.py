@@ -6,8 +6,8 @@ later; the switch stands in meanwhile and owes it the advices.
 
     python3 bench/stand_in.py [--rate 2000] [--duration 20] [--at 6] [--down 6] [--max-amount 10000]
 
-Prints the answers by code, how many were approved in stand-in (the journal's responses
-marked `stand_in=1`) during the outage, and the acquirer's books once it is back: the
+Prints the answers by code, how many were approved in stand-in (the journal's
+`advice_queued` records, each the stand-in answer and the advice owed) during the outage, and the acquirer's books once it is back: the
 advices it booked (0120/0121 lines of its ledger, by RRN and STAN) against the stand-in
 approvals the gateways were told of. Every stand-in approval must be booked once, under
 one STAN, and nothing else; exits 1 otherwise.
@@ -130,14 +130,13 @@ stand_in = {{ max_amount_minor = {args.max_amount} }}
     lines = [json.loads(line) for line in open(record)]
     told = {(l["terminal"], l["rrn"]): l for l in lines}
     codes = collections.Counter(l["code"] for l in lines)
-    # Which approvals the switch gave in stand-in: its journal says (field 48 `stand_in=1`
-    # on the response); an acquirer's approval code may start with S too.
+    # Which approvals the switch gave in stand-in: its journal says (the `advice_queued`
+    # record is the stand-in answer); an acquirer's approval code may start with S too.
     export = subprocess.run([BIN, "journal", "export", os.path.join(work, "journal")],
                             check=True, capture_output=True, text=True).stdout
     journal = [json.loads(line) for line in export.splitlines()]
     stood_in = {(r["terminal"], r["rrn"]): r["approval_code"] for r in journal
-                if r["kind"] == "response" and "stand_in=1" in r["private_data"]
-                and not r["duplicate"]}
+                if r["kind"] == "advice_queued"}
     told_differently = [k for k, code in stood_in.items()
                         if k in told and (told[k]["code"], told[k].get("approval_code"))
                         != ("00", code)]

@@ -452,6 +452,18 @@ impl ScoringConfig {
 /// when the journal is off: the duplicate window is kept in memory regardless, and a typo
 /// should not wait for the day the journal is turned on.
 fn check_journal(journal: &JournalConfig, shards: usize) -> Result<(), ConfigError> {
+    if let Some(key_file) = &journal.pan_key_file {
+        // Inside the journal's directory, a copy of the journal would take its key along.
+        let dir = std::path::absolute(&journal.dir).unwrap_or_else(|_| journal.dir.clone());
+        let file = std::path::absolute(key_file).unwrap_or_else(|_| key_file.clone());
+        if file.starts_with(&dir) {
+            return invalid(format!(
+                "journal.pan_key_file {} is inside the journal directory {}: keep it apart",
+                key_file.display(),
+                journal.dir.display()
+            ));
+        }
+    }
     within(
         "journal.group_commit_window_us",
         journal.group_commit_window_us,

@@ -303,6 +303,12 @@ impl Replay {
             }
             RecordKind::ReversalAck => life.reversal_acked = true,
             RecordKind::AdviceQueued => {
+                // The stand-in answer itself, and the advice it owes.
+                life.response = Some(Outcome {
+                    code: two(&record.code),
+                    approval: record.approval_code.as_bytes().try_into().ok(),
+                    private_data: record.private_data.clone(),
+                });
                 let record = resolved(record, request_seq);
                 life.stand_in = acquirer_index(&self.acquirers, &record.acquirer)
                     .map(|acquirer| Box::new(Forwarded::stand_in(acquirer, request_seq, &record)));
@@ -619,15 +625,12 @@ mod tests {
         let mut replay = Replay::new(0, &acquirers, 10);
         let r = request(7, 1);
         replay.record(1, r.clone());
-        let mut response = r.follow_up(RecordKind::Response, 1, 1);
-        response.code = "00".into();
-        response.approval_code = "S12345".into();
-        response.private_data = "stand_in=1;advice=north".into();
-        replay.record(2, response);
+        // The stand-in answer and the advice owed, one record.
         let mut advice = r.follow_up(RecordKind::AdviceQueued, 1, 1);
         advice.acquirer = "north".into();
         advice.code = "00".into();
         advice.approval_code = "S12345".into();
+        advice.private_data = "stand_in=1;advice=north".into();
         replay.record(3, advice.clone());
         // Reversed before the advice had a STAN.
         let mut reversal = r.follow_up(RecordKind::ReversalQueued, 1, 2);
@@ -662,6 +665,8 @@ mod tests {
         );
         assert_eq!(recovery.pending[0].original.approval_code, "S12345");
         let (_, _, _, original) = &recovery.recent[0];
+        let outcome = original.outcome_now().expect("the stand-in answer");
+        assert_eq!((&outcome.code, outcome.approval), (b"00", Some(*b"S12345")));
         let forwarded = original.forwarded().expect("remembered as stood in");
         assert_eq!(forwarded.link_stan.get(), 44);
         assert_eq!(forwarded.record("north").mti, "0120");

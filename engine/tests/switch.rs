@@ -1225,9 +1225,13 @@ async fn an_unreachable_acquirer_is_stood_in_for_and_gets_the_advice_once_it_is_
     ] {
         assert!(kinds.contains(&kind), "{kind:?} in {kinds:?}");
     }
+    // The stand-in answer is journaled on its advice_queued record.
     assert!(records
         .iter()
-        .any(|(_, r)| r.kind == RecordKind::Response && r.private_data.contains("stand_in=1")));
+        .any(|(_, r)| r.kind == RecordKind::AdviceQueued
+            && r.code == "00"
+            && r.approval_code == approval
+            && r.private_data.contains("stand_in=1")));
     let counters = &switch.switch.stats;
     assert_eq!(
         (
@@ -1236,4 +1240,84 @@ async fn an_unreachable_acquirer_is_stood_in_for_and_gets_the_advice_once_it_is_
         ),
         (1, 1)
     );
+}
+
+/// With `journal.pan_key_file`, the PAN is sealed in the journal (never in clear), and a
+/// reversal rebuilt from the journal after a restart carries it in field 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_pan_key_file_a_reversal_rebuilt_after_a_restart_carries_the_pan() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("pan-data.key");
+    payswitch::journal::vault::add_key(&key_file).unwrap();
+    let ledger = tempfile::tempdir().unwrap();
+    let ledger_path = ledger.path().join("ledger.jsonl");
+    let sim = start_sim(SimConfig {
+        latency_median: Duration::ZERO,
+        ledger: Some(ledger_path.clone()),
+        ..sim_config()
+    })
+    .await;
+    let mut config = config(vec![acquirer("north", &sim, 200)], vec![]);
+    config.journal.pan_key_file = Some(key_file.clone());
+    let switch = start_switch(&config, vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    sim.set_delay(Duration::from_millis(1_500));
+    let conn = gateway(&switch).await;
+    let response = transact(&conn, &authorization(VISA_TEST_CARD, 80)).await;
+    assert_eq!(response.get_str(39), Some("91"), "timeout: reversal queued");
+    // Stopped before the reversal leaves (it waits 5 s after its original).
+    switch.shutdown().await;
+    sim.set_delay(Duration::ZERO);
+    let journal_bytes: Vec<u8> = std::fs::read_dir(&config.journal.dir)
+        .unwrap()
+        .flat_map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(
+        !journal_bytes
+            .windows(VISA_TEST_CARD.len())
+            .any(|w| w == VISA_TEST_CARD.as_bytes()),
+        "the PAN in clear in the journal"
+    );
+    let sealed = journal_records(&config)
+        .into_iter()
+        .filter(|(_, r)| r.pan_sealed.is_some())
+        .map(|(_, r)| r.kind)
+        .collect::<Vec<_>>();
+    use payswitch::journal::RecordKind;
+    assert_eq!(
+        sealed,
+        [RecordKind::Forwarded, RecordKind::ReversalQueued],
+        "sealed where a reversal is built from, nowhere else"
+    );
+
+    let switch = start_switch(&config, vec![trust(&sim)]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while switch.switch.reversals.stats.acknowledged.load(Relaxed) < 1 {
+        assert!(Instant::now() < deadline, "reversal not acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    switch.shutdown().await;
+    sim.shutdown().await;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&ledger_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reversal = lines
+        .iter()
+        .find(|l| l["mti"] == "0400" || l["mti"] == "0401")
+        .expect("the reversal reached the acquirer");
+    assert_eq!(reversal["rrn"], "533000000080");
+    assert_eq!(reversal["pan"], "411111******1111", "{reversal}");
+    // A key file others may read is refused at start.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let security = payswitch::switch::Security {
+        identity: payswitch_net::TlsIdentity::self_signed(&["localhost"]).unwrap(),
+        acquirer_trust: vec![],
+        gateways: None,
+    };
+    let refused = payswitch::switch::start(&config, security).await;
+    assert!(refused.is_err(), "a key file readable by its group");
 }

@@ -66,7 +66,8 @@ pub struct SimArgs {
     #[arg(long, default_value = "sim")]
     pub name: String,
     /// Append one JSON line per message answered to this file (`mti`, `stan`, `rrn`,
-    /// `terminal`, `amount_minor`, `code`, and `original` for reversals): the acquirer's
+    /// `terminal`, `amount_minor`, `code`, `original` for reversals, `pan` masked when
+    /// field 2 came): the acquirer's
     /// side of the books.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
@@ -510,6 +511,9 @@ struct LedgerLine<'a> {
     /// Field 90 of a reversal: original MTI, STAN, transmission time, …
     #[serde(skip_serializing_if = "Option::is_none")]
     original: Option<&'a str>,
+    /// Field 2 when the message carried it, masked (first six, last four): never the PAN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pan: Option<String>,
 }
 
 fn ledger_line(request: &Message, response: &Message) -> Option<Vec<u8>> {
@@ -526,6 +530,10 @@ fn ledger_line(request: &Message, response: &Message) -> Option<Vec<u8>> {
         code: response.get_str(fields::RESPONSE_CODE).unwrap_or(""),
         approval_code: response.get_str(fields::APPROVAL_CODE),
         original: request.get_str(fields::ORIGINAL_DATA),
+        pan: request
+            .get(fields::PAN)
+            .and_then(|p| Pan::parse(p).ok())
+            .map(|p| p.to_string()),
     };
     let mut text = serde_json::to_vec(&line).ok()?;
     text.push(b'\n');

@@ -107,6 +107,13 @@ fn sample_record(i: u64, k: usize, per: usize, time_ms: i64) -> Record {
         acquirer_us: 700,
         attempt: 0,
         reversal_stan: 0,
+        // The size of a 16-digit PAN sealed with a PAN key file (key id, nonce, digits and
+        // tag), on the record a reversal is built from.
+        pan_sealed: (kind == RecordKind::Forwarded).then(|| payswitch::journal::SealedPan {
+            key: 1,
+            nonce: [7; 12],
+            data: vec![0x5a; 32],
+        }),
     }
 }
 

@@ -4,6 +4,8 @@ pub mod bench;
 
 use std::io;
 
+use anyhow::Context;
+
 use payswitch::journal::{self, ExportFormat, FsyncPolicy};
 
 /// `--fsync` values: when journal records reach the disk.
@@ -58,6 +60,13 @@ pub enum JournalCommand {
     },
     /// Measure append throughput and latency with group commit.
     Bench(bench::BenchArgs),
+    /// Add a new random key to a PAN key file (`journal.pan_key_file`; created readable by
+    /// its owner only): from the next start it seals new PANs, the older keys still open
+    /// what they sealed. Keep the file outside the journal directory.
+    NewPanKey {
+        /// The key file.
+        file: std::path::PathBuf,
+    },
     /// Replay the journal as a start would, without starting: what is in doubt, what is
     /// owed, how many requests the duplicate window gets back, the time it took and the
     /// peak memory.
@@ -108,6 +117,15 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
                 recovery.recent.len(),
                 recovery.dropped_over_capacity,
                 peak_rss_kib().map_or_else(|| "?".to_string(), |k| (k / 1024).to_string()),
+            );
+            Ok(())
+        }
+        JournalCommand::NewPanKey { file } => {
+            let id = payswitch::journal::vault::add_key(&file)
+                .with_context(|| format!("adding a key to {}", file.display()))?;
+            println!(
+                "key {id} added to {}: it seals PANs from the next start",
+                file.display()
             );
             Ok(())
         }

@@ -13,6 +13,7 @@
 pub mod record;
 pub mod retention;
 pub mod segment;
+pub mod vault;
 pub mod writer;
 
 use std::io::{self, Write};
@@ -23,6 +24,7 @@ use siphasher::sip128::{Hasher128, SipHasher24};
 
 pub use record::{Record, RecordKind};
 pub use segment::{scan, ScanError, ScanReport};
+pub use vault::{PanVault, SealedPan};
 pub use writer::{FsyncPolicy, Journal, JournalConfig, JournalError, JournalStats};
 
 /// File in the journal directory holding the PAN hash key.

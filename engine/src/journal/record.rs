@@ -19,10 +19,13 @@
 //! | 0 | everything up to `attempt` |
 //! | 1 | `reversal_stan` |
 //! | 2 | the kinds `advice_queued`, `advice_sent`, `advice_ack` (stand-in); no new field |
+//! | 3 | `pan_sealed` |
 //!
-//! No record holds a full PAN, track data, a PIN block, a CVV or ICC data: the card is
-//! kept as its masked form (first six, last four) and a keyed hash that links the records
-//! of one card without revealing it.
+//! No record holds a full PAN in clear, track data, a PIN block, a CVV or ICC data: the
+//! card is kept as its masked form (first six, last four) and a keyed hash that links the
+//! records of one card without revealing it; with `journal.pan_key_file` configured, the
+//! records a reversal or advice is built from also hold the PAN sealed under a key kept
+//! outside the journal (`super::vault`).
 
 use serde::{Deserialize, Serialize};
 
@@ -30,12 +33,15 @@ use serde::{Deserialize, Serialize};
 pub const FRAME_HEADER: usize = 16;
 
 /// The record format this switch writes (see the module docs).
-pub const RECORD_FORMAT: u8 = 2;
+pub const RECORD_FORMAT: u8 = 3;
 /// The tag of [`RECORD_FORMAT`]: the body's first byte.
 const FORMAT_TAG_BASE: u8 = 0x80;
-/// Encoding of the fields format 1 added, at their defaults (`reversal_stan` 0): appended
-/// to a format-0 body to read it. Format 2 added no field: a format-1 body reads as is.
-const FORMAT_0_TRAILER: &[u8] = &[0];
+/// Encoding of the fields formats 1 to 3 added, at their defaults (`reversal_stan` 0,
+/// `pan_sealed` none): appended to a format-0 body to read it.
+const FORMAT_0_TRAILER: &[u8] = &[0, 0];
+/// Encoding of the fields format 3 added, at their defaults (`pan_sealed` none): appended
+/// to a format-1 or format-2 body (format 2 added no field).
+const FORMAT_1_TRAILER: &[u8] = &[0];
 
 /// Largest body accepted when reading. Records are a few hundred bytes; field 48 (at most
 /// 999 bytes) is the largest part, so anything near this is corruption, not a record.
@@ -58,8 +64,9 @@ pub enum RecordKind {
     ReversalSent,
     /// The acquirer answered the reversal: it is off the queue.
     ReversalAck,
-    /// A stand-in approval's advice the switch owes the route's first acquirer (with the
-    /// response code and approval code it tells). Format 2.
+    /// A stand-in approval: the answer the gateway got (code, approval code, field 48,
+    /// as on a `response`) and the advice it owes the route's first acquirer, in one
+    /// record. Format 2.
     AdviceQueued,
     /// One attempt to send a queued advice. Format 2.
     AdviceSent,
@@ -153,13 +160,25 @@ pub struct Record {
     /// 0410 to any attempt acknowledges it. On `reversal_sent` and `reversal_ack`; 0
     /// otherwise. Format 1.
     pub reversal_stan: u32,
+    /// The PAN, sealed (`super::vault`), on the records a reversal or an advice is built
+    /// from: `forwarded`, `reversal_queued`, `advice_queued`; none without a PAN key file.
+    /// Format 3.
+    pub pan_sealed: Option<super::vault::SealedPan>,
 }
 
 impl Record {
     /// A record of `kind` about the same request as `self`, with the step's own fields
-    /// cleared (the request's identity and its fraud decision are kept).
+    /// cleared (the request's identity and its fraud decision are kept; the sealed PAN
+    /// only on the kinds a reversal or advice is built from).
     pub fn follow_up(&self, kind: RecordKind, request_seq: u64, time_ms: i64) -> Record {
+        let pan_sealed = matches!(
+            kind,
+            RecordKind::Forwarded | RecordKind::ReversalQueued | RecordKind::AdviceQueued
+        )
+        .then(|| self.pan_sealed.clone())
+        .flatten();
         Record {
+            pan_sealed,
             kind,
             time_ms,
             request_seq,
@@ -263,9 +282,15 @@ pub fn decode_frame(buf: &[u8]) -> Result<(u64, Record, usize), FrameError> {
 /// A record from a frame's body, in any format this switch reads.
 fn decode_body(body: &[u8]) -> Result<Record, String> {
     match body.first() {
-        // Format 2 only added record kinds: format 1 bodies read as they are.
-        Some(&tag) if tag == FORMAT_TAG_BASE + RECORD_FORMAT || tag == FORMAT_TAG_BASE + 1 => {
+        Some(&tag) if tag == FORMAT_TAG_BASE + RECORD_FORMAT => {
             postcard::from_bytes(&body[1..]).map_err(|e| e.to_string())
+        }
+        Some(&tag) if tag == FORMAT_TAG_BASE + 1 || tag == FORMAT_TAG_BASE + 2 => {
+            let mut upgraded = Vec::with_capacity(body.len() + FORMAT_1_TRAILER.len());
+            upgraded.extend_from_slice(&body[1..]);
+            upgraded.extend_from_slice(FORMAT_1_TRAILER);
+            postcard::from_bytes(&upgraded)
+                .map_err(|e| format!("format {} record: {e}", tag - FORMAT_TAG_BASE))
         }
         Some(&kind) if kind < FORMAT_TAG_BASE => {
             let mut upgraded = Vec::with_capacity(body.len() + FORMAT_0_TRAILER.len());
@@ -315,6 +340,7 @@ pub(crate) mod tests {
             acquirer_us: 300,
             attempt: 0,
             reversal_stan: 0,
+            pan_sealed: None,
         }
     }
 
@@ -352,13 +378,37 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn format_1_records_are_read_as_they_are() {
+    fn format_1_and_2_records_are_read() {
         let record = sample(RecordKind::ReversalAck);
+        for version in [1, 2] {
+            let mut buf = Vec::new();
+            encode_frame(&record, &mut buf).unwrap();
+            // Without the field format 3 added.
+            buf.truncate(buf.len() - FORMAT_1_TRAILER.len());
+            buf[FRAME_HEADER] = FORMAT_TAG_BASE + version;
+            let len = u32::try_from(buf.len() - 4).unwrap();
+            buf[0..4].copy_from_slice(&len.to_le_bytes());
+            seal_frame(&mut buf, 4);
+            assert_eq!(decode_frame(&buf).unwrap().1, record, "format {version}");
+        }
+    }
+
+    #[test]
+    fn a_sealed_pan_survives_the_frame_and_only_where_a_reversal_needs_it() {
+        let vault = super::super::vault::PanVault::from_keys(&[(3, [1; 32])]).unwrap();
+        let mut request = sample(RecordKind::Request);
+        request.pan_sealed = Some(vault.seal(b"4111111111111111", request.pan_hash));
         let mut buf = Vec::new();
-        encode_frame(&record, &mut buf).unwrap();
-        buf[FRAME_HEADER] = FORMAT_TAG_BASE + 1;
-        seal_frame(&mut buf, 4);
-        assert_eq!(decode_frame(&buf).unwrap().1, record);
+        encode_frame(&request, &mut buf).unwrap();
+        seal_frame(&mut buf, 1);
+        let (_, back, _) = decode_frame(&buf).unwrap();
+        assert_eq!(back, request);
+        assert!(!buf.windows(16).any(|w| w == b"4111111111111111"));
+        let forwarded = request.follow_up(RecordKind::Forwarded, 1, 2);
+        let pan = vault.open(forwarded.pan_sealed.as_ref().unwrap(), forwarded.pan_hash);
+        assert_eq!(pan.unwrap().expose(), b"4111111111111111");
+        let response = request.follow_up(RecordKind::Response, 1, 2);
+        assert!(response.pan_sealed.is_none());
     }
 
     #[test]
@@ -368,7 +418,7 @@ pub(crate) mod tests {
         buf[FRAME_HEADER] = FORMAT_TAG_BASE + RECORD_FORMAT + 1;
         seal_frame(&mut buf, 1);
         match decode_frame(&buf) {
-            Err(FrameError::Body(why)) => assert!(why.contains("format 3"), "{why}"),
+            Err(FrameError::Body(why)) => assert!(why.contains("format 4"), "{why}"),
             other => panic!("{other:?}"),
         }
     }

@@ -107,6 +107,10 @@ pub struct JournalConfig {
     /// keeps every segment. A segment holding a record of a reversal still owed is kept
     /// whatever its age.
     pub retention_days: u64,
+    /// The key file that seals PANs in the journal (`journal::vault`), outside the
+    /// journal's directory; none: the journal keeps no PAN and reversals and advices go
+    /// without field 2.
+    pub pan_key_file: Option<PathBuf>,
 }
 
 impl Default for JournalConfig {
@@ -131,6 +135,7 @@ impl Default for JournalConfig {
             // Card-scheme rules and disputes want months of records; deleting them is
             // the operator's choice, not a default.
             retention_days: 0,
+            pan_key_file: None,
         }
     }
 }

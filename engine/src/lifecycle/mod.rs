@@ -644,7 +644,7 @@ impl Lifecycle {
                 if self.journal_failed {
                     return self.reply(answer, Some(&own));
                 }
-                let mut record = self.record.clone();
+                let mut record = self.journaled_request();
                 record.code = code_str(&answer.code);
                 record.private_data = answer.private_data.clone();
                 self.append_since = Some(now);
@@ -720,8 +720,11 @@ impl Lifecycle {
         self.finish(answer, Some(routing.original), now, acquirers)
     }
 
-    /// Approves on the issuer's behalf: the response, marked `stand_in=1`, and the advice
-    /// owed to the route's first acquirer are journaled together before the answer.
+    /// Approves on the issuer's behalf: one `advice_queued` record, the answer (marked
+    /// `stand_in=1`) and the advice owed to the route's first acquirer at once, is durable
+    /// before the answer. One record, not a response and an advice: a crash that keeps
+    /// the first of two unsynced records would leave an approval the acquirer never hears
+    /// of (the simulator found it, seed 85).
     fn stand_in(&mut self, routing: Routing, now: Now, acquirers: &[String]) -> Step {
         let acquirer = routing.route[0];
         let name = &acquirers[acquirer];
@@ -731,16 +734,13 @@ impl Lifecycle {
             approval: Some(approval),
             private_data: format!("{};stand_in=1;advice={name}", routing.tags),
         };
-        let mut response = self.follow_up(RecordKind::Response, now);
-        response.code = code_str(&answer.code);
-        response.approval_code = String::from_utf8_lossy(&approval).into_owned();
-        response.private_data = answer.private_data.clone();
-        response.switch_us = now.since(self.received);
         let mut advice = self.follow_up(RecordKind::AdviceQueued, now);
         advice.acquirer = name.clone();
-        advice.code = response.code.clone();
-        advice.approval_code = response.approval_code.clone();
-        let step = self.append(vec![response, advice.clone()], now);
+        advice.code = code_str(&answer.code);
+        advice.approval_code = String::from_utf8_lossy(&approval).into_owned();
+        advice.private_data = answer.private_data.clone();
+        advice.switch_us = now.since(self.received);
+        let step = self.append(vec![advice.clone()], now);
         self.state = State::JournalingStandIn {
             answer,
             original: routing.original,
@@ -866,6 +866,15 @@ impl Lifecycle {
         })
     }
 
+    /// The request record as journaled: without the sealed PAN, which only the records a
+    /// reversal or advice is built from carry (`Record::follow_up`).
+    fn journaled_request(&self) -> Record {
+        Record {
+            pan_sealed: None,
+            ..self.record.clone()
+        }
+    }
+
     /// A follow-up record of the request.
     fn follow_up(&self, kind: RecordKind, now: Now) -> Record {
         let mut record = self.record.follow_up(kind, self.request_seq, now.unix_ms());
@@ -887,7 +896,7 @@ impl Lifecycle {
                     record.request_back = u8::try_from(i + 1).unwrap_or(u8::MAX);
                 }
             }
-            records.insert(0, self.record.clone());
+            records.insert(0, self.journaled_request());
         }
         self.append_since = Some(now);
         Step::Append(records)

@@ -37,13 +37,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use payswitch_protocol::time::UtcDateTime;
-use payswitch_protocol::{fields, Message, Mti, Stan};
+use payswitch_protocol::{fields, Message, Mti, Pan, Stan};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::acquirer::{AcquirerLink, ReversalSlot};
 use crate::clock::Now;
-use crate::journal::{Journal, JournalError, Record, RecordKind};
+use crate::journal::{Journal, JournalError, PanVault, Record, RecordKind};
 use crate::routing::AcquirerIndex;
 use crate::shard::duplicates::Original;
 
@@ -143,6 +143,8 @@ pub struct StoreAndForward {
     /// (a reversal of a stand-in approval waits for its advice). One entry per delivery
     /// task, so at most [`MAX_PENDING_REVERSALS`]; at most two deliveries per request.
     active: Mutex<HashMap<u64, VecDeque<PendingReversal>>>,
+    /// Opens the PANs sealed in the journal, for field 2; none without a PAN key file.
+    vault: Option<Arc<crate::journal::PanVault>>,
     /// Counters.
     pub stats: ReversalStats,
 }
@@ -170,8 +172,21 @@ impl StoreAndForward {
             escalated: Mutex::new(BTreeMap::new()),
             owed: Mutex::new(BTreeMap::new()),
             active: Mutex::new(HashMap::new()),
+            vault: None,
             stats: ReversalStats::default(),
         })
+    }
+
+    /// The queue, opening sealed PANs with `vault` (reversals and advices then carry
+    /// field 2). Before the first push.
+    pub fn with_vault(
+        mut self: Arc<Self>,
+        vault: Option<Arc<crate::journal::PanVault>>,
+    ) -> Arc<StoreAndForward> {
+        if let Some(queue) = Arc::get_mut(&mut self) {
+            queue.vault = vault;
+        }
+        self
     }
 
     /// Starts delivering a reversal (or advice) whose `reversal_queued` (`advice_queued`)
@@ -272,7 +287,9 @@ impl StoreAndForward {
     /// stops; how it ended (`None`: stopped) and its STAN on the link.
     async fn deliver(&self, reversal: PendingReversal) -> (Option<Delivered>, Option<Stan>) {
         let link = &self.links[reversal.acquirer];
-        let Some(mut delivery) = Delivery::new(reversal, crate::clock::now()) else {
+        let Some(mut delivery) =
+            Delivery::new(reversal, crate::clock::now(), self.vault.as_deref())
+        else {
             return (None, None);
         };
         // The reversal's STAN on the link, for every attempt; answers to any reach it.
@@ -496,13 +513,25 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// The delivery of `reversal`, its 0400 stamped `now`; `None` when the journal record
+    /// The delivery of `reversal`, its 0400 stamped `now`, with the PAN in field 2 when
+    /// its record holds it sealed and `vault` opens it; `None` when the journal record
     /// cannot make a reversal (logged).
-    pub fn new(reversal: PendingReversal, now: Now) -> Option<Delivery> {
+    pub fn new(reversal: PendingReversal, now: Now, vault: Option<&PanVault>) -> Option<Delivery> {
         let stamped = UtcDateTime::from_unix_ms(u64::try_from(now.unix_ms()).unwrap_or(0));
+        let original = &reversal.original;
+        let pan = match (vault, &original.pan_sealed) {
+            (Some(vault), Some(sealed)) => {
+                let pan = vault.open(sealed, original.pan_hash);
+                if pan.is_none() {
+                    tracing::warn!(rrn = %original.rrn, key = sealed.key, "the sealed PAN does not open (its key is not in the key file): sent without field 2");
+                }
+                pan
+            }
+            _ => None,
+        };
         let message = match reversal.owed {
-            Owed::Reversal => reversal_message(&reversal.original, stamped),
-            Owed::Advice => advice_message(&reversal.original, stamped),
+            Owed::Reversal => reversal_message(original, stamped, pan.as_ref()),
+            Owed::Advice => advice_message(original, stamped, pan.as_ref()),
         };
         let Some(mut message) = message else {
             tracing::error!(rrn = %reversal.original.rrn, "cannot build a reversal or advice from the journal record");
@@ -737,14 +766,17 @@ fn as_repeat(message: &Message) -> Message {
 
 /// The advice of the stand-in approval recorded in `queued` (its `advice_queued` record),
 /// sent at `now`: 0120 for an authorization (x20 for the original's class: 0220 for a
-/// 0200) with the original's amount, RRN, terminal and merchant, the switch's approval
-/// code (38) and response code (39), and `stand_in=1` in field 48.
-pub fn advice_message(queued: &Record, now: UtcDateTime) -> Option<Message> {
+/// 0200) with the PAN when known, the original's amount, RRN, terminal and merchant, the
+/// switch's approval code (38) and response code (39), and `stand_in=1` in field 48.
+pub fn advice_message(queued: &Record, now: UtcDateTime, pan: Option<&Pan>) -> Option<Message> {
     let mut digits: [u8; 4] = queued.mti.as_bytes().try_into().ok()?;
     digits[2] = b'2';
     digits[3] = b'0';
     let mti = Mti::parse(&digits).ok()?;
     let mut b = Message::builder(mti);
+    if let Some(pan) = pan {
+        b.set(fields::PAN, pan.expose()).ok()?;
+    }
     b.set_str(fields::PROCESSING_CODE, &queued.processing_code)
         .ok()?
         .set_str(fields::AMOUNT, &format!("{:012}", queued.amount_minor))
@@ -771,13 +803,17 @@ pub fn advice_message(queued: &Record, now: UtcDateTime) -> Option<Message> {
     Some(b.build())
 }
 
-/// The 0400 reversing the forwarded original `original`, sent at `now`.
-pub fn reversal_message(original: &Record, now: UtcDateTime) -> Option<Message> {
+/// The 0400 reversing the forwarded original `original`, sent at `now`, with the PAN in
+/// field 2 when known.
+pub fn reversal_message(original: &Record, now: UtcDateTime, pan: Option<&Pan>) -> Option<Message> {
     let original_data = format!(
         "{}{:06}{}{:011}{:011}",
         original.mti, original.link_stan, original.transmission_time, 0, 0
     );
     let mut b = Message::builder(Mti::REVERSAL_REQUEST);
+    if let Some(pan) = pan {
+        b.set(fields::PAN, pan.expose()).ok()?;
+    }
     b.set_str(fields::PROCESSING_CODE, &original.processing_code)
         .ok()?
         .set_str(fields::AMOUNT, &format!("{:012}", original.amount_minor))
@@ -845,7 +881,7 @@ mod tests {
     fn a_reversal_waits_until_its_original_cannot_still_be_on_its_way() {
         let mut fresh = pending(None, 0);
         fresh.original.time_ms = T0.unix_ms() - 1_000;
-        let mut delivery = Delivery::new(fresh, T0).unwrap();
+        let mut delivery = Delivery::new(fresh, T0, None).unwrap();
         let step = delivery.start();
         assert!(
             matches!(step, DeliveryStep::Sleep(ms) if ms == (REVERSAL_HOLD_MS - 1_000) as u64),
@@ -860,7 +896,7 @@ mod tests {
     #[test]
     fn every_retry_is_a_repeat_of_the_same_reversal() {
         let stan = Stan::new(500).unwrap();
-        let mut delivery = Delivery::new(pending(None, 0), T0).unwrap();
+        let mut delivery = Delivery::new(pending(None, 0), T0, None).unwrap();
         let mut step = delivery.start();
         assert!(matches!(step, DeliveryStep::Reserve { stan: None, .. }));
         for n in 1..=3 {
@@ -891,7 +927,7 @@ mod tests {
     #[test]
     fn a_late_answer_while_waiting_to_repeat_acknowledges_the_reversal() {
         let stan = Stan::new(9).unwrap();
-        let mut delivery = Delivery::new(pending(None, 0), T0).unwrap();
+        let mut delivery = Delivery::new(pending(None, 0), T0, None).unwrap();
         let step = delivery.start();
         let step = attempt(&mut delivery, step, stan);
         assert!(matches!(step, DeliveryStep::Send { .. }));
@@ -913,7 +949,7 @@ mod tests {
     #[test]
     fn an_unanswered_reversal_is_escalated_and_retried_slowly_never_dropped() {
         let stan = Stan::new(77).unwrap();
-        let mut delivery = Delivery::new(pending(None, 0), T0).unwrap();
+        let mut delivery = Delivery::new(pending(None, 0), T0, None).unwrap();
         let mut step = delivery.start();
         let mut waits = Vec::new();
         for _ in 0..ESCALATE_AFTER_ATTEMPTS + 3 {
@@ -940,7 +976,7 @@ mod tests {
     #[test]
     fn after_a_restart_the_next_attempt_repeats_with_the_journaled_stan() {
         let stan = Stan::new(123_456).unwrap();
-        let mut delivery = Delivery::new(pending(Some(stan), 2), T0).unwrap();
+        let mut delivery = Delivery::new(pending(Some(stan), 2), T0, None).unwrap();
         assert_eq!(delivery.message().mti(), Mti::REVERSAL_REQUEST_REPEAT);
         let step = delivery.start();
         assert!(
@@ -966,7 +1002,16 @@ mod tests {
             ..PendingReversal::default()
         };
         let stan = Stan::new(31).unwrap();
-        let mut delivery = Delivery::new(advice, T0).unwrap();
+        let vault = PanVault::from_keys(&[(1, [9; 32])]).unwrap();
+        let mut advice = advice;
+        advice.original.pan_sealed =
+            Some(vault.seal(b"4111111111111111", advice.original.pan_hash));
+        let mut delivery = Delivery::new(advice, T0, Some(&vault)).unwrap();
+        assert_eq!(
+            delivery.message().get(fields::PAN),
+            Some(&b"4111111111111111"[..]),
+            "the PAN sealed in the journal, in field 2"
+        );
         assert_eq!(delivery.message().mti(), Mti::AUTHORIZATION_ADVICE);
         assert_eq!(
             delivery.message().get_str(fields::APPROVAL_CODE),

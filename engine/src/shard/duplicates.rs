@@ -36,7 +36,7 @@ pub struct Outcome {
 /// Where an authorization was sent: what a reversal of it needs.
 ///
 /// Kept for every forwarded request in the duplicate window, so it holds its text in
-/// fixed arrays (under 192 bytes, no allocation of its own) rather than a journal
+/// fixed arrays (under 200 bytes; the sealed PAN, when kept, boxed) rather than a journal
 /// `Record` (a dozen `String`s, ~700 bytes with their heap); the acquirer's name comes from
 /// its index when a reversal needs it.
 #[derive(Debug, Clone)]
@@ -59,6 +59,8 @@ pub struct Forwarded {
     amount_minor: u64,
     currency: u16,
     time_ms: i64,
+    /// The PAN, sealed, when the journal keeps it (for field 2 of the reversal).
+    pan_sealed: Option<Box<crate::journal::SealedPan>>,
 }
 
 /// Up to `N` bytes of ASCII text in place.
@@ -119,6 +121,7 @@ impl Forwarded {
             amount_minor: r.amount_minor,
             currency: r.currency,
             time_ms: r.time_ms,
+            pan_sealed: r.pan_sealed.clone().map(Box::new),
         }
     }
 
@@ -158,6 +161,7 @@ impl Forwarded {
             currency: self.currency,
             acquirer: text(acquirer_name),
             link_stan: self.link_stan.get(),
+            pan_sealed: self.pan_sealed.as_deref().cloned(),
             ..Record::default()
         }
     }
@@ -439,6 +443,11 @@ mod tests {
             acquirer_us: 0,
             attempt: 0,
             reversal_stan: 0,
+            pan_sealed: Some(crate::journal::SealedPan {
+                key: 2,
+                nonce: [1; 12],
+                data: vec![3; 32],
+            }),
         };
         let forwarded = Forwarded::new(3, Stan::new(123).unwrap(), 77, &record);
         let back = forwarded.record("north");
@@ -456,7 +465,7 @@ mod tests {
             }
         );
         assert!(
-            std::mem::size_of::<Forwarded>() <= 192,
+            std::mem::size_of::<Forwarded>() <= 200,
             "{}",
             std::mem::size_of::<Forwarded>()
         );

@@ -352,6 +352,13 @@ pub fn run(options: Options) -> Report {
     let mut node = Node::new(config, &mut env.rng, options.bug);
     env.run(&mut node);
     env.counts.repeated_reversals = env.acquirers.iter().map(|a| a.repeated_reversals).sum();
+    let wrong_pans: u64 = env.acquirers.iter().map(|a| a.wrong_pans).sum();
+    if wrong_pans > 0 && env.violation.is_none() {
+        env.violate(
+            "reversals carry the PAN",
+            format!("{wrong_pans} reversal(s) or advice(s) without their card's PAN in field 2"),
+        );
+    }
     Report {
         seed: options.seed,
         authorizations: env.generated,

@@ -17,7 +17,7 @@ use crate::acquirer::REVERSAL_SLOTS_PER_LINK;
 use crate::breaker::{Admit, Breaker, BreakerConfig, Transition};
 use crate::config::Config;
 use crate::ingress::{self, Admission};
-use crate::journal::{JournalError, PanKey, Record, RecordKind};
+use crate::journal::{JournalError, PanKey, PanVault, Record, RecordKind};
 use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
 use crate::recovery::Replay;
 use crate::reversal::{Delivered, Delivery, DeliveryEvent, DeliveryStep, Owed, PendingReversal};
@@ -258,6 +258,9 @@ pub struct Node {
     up: bool,
     disk: Disk,
     pan_key: PanKey,
+    /// Seals PANs into the journal, as the switch does with a PAN key file: reversals and
+    /// advices carry field 2, which the simulated acquirers check.
+    vault: PanVault,
     router: Router,
     /// The links' health for balanced routes, as the switch's links publish it.
     weights: Arc<AcquirerWeights>,
@@ -312,6 +315,8 @@ impl Node {
             up: false,
             disk: Disk::new(),
             pan_key: PanKey::from_bytes(rng.gen()),
+            // A fixed key: the simulator needs no secret, and its random stream stays as it was.
+            vault: PanVault::from_keys(&[(1, [0x5e; 32])]).expect("one key"),
             router,
             weights: Arc::new(AcquirerWeights::new(names.len())),
             names,
@@ -347,7 +352,8 @@ impl Node {
             .into_iter()
             // A shed request's answer is on its request record.
             .filter(|r| {
-                r.kind == RecordKind::Response
+                // A stand-in answer's is its advice_queued record.
+                matches!(r.kind, RecordKind::Response | RecordKind::AdviceQueued)
                     || (r.kind == RecordKind::Request && !r.code.is_empty())
             })
             .map(|r| (r.terminal, r.rrn, r.mti, r.code))
@@ -786,7 +792,8 @@ impl Node {
                     &self.scoring,
                     received_ms,
                 );
-                let record = Lifecycle::request_record(&request, &auth, pan_hash, received);
+                let mut record = Lifecycle::request_record(&request, &auth, pan_hash, received);
+                record.pan_sealed = Some(self.vault.seal(auth.pan.expose(), pan_hash));
                 let job = Job {
                     request: shard_request,
                     key,
@@ -1142,7 +1149,7 @@ impl Node {
             return; // Left in the journal for the next start, as the switch does.
         }
         self.active.insert(pending.request_seq, VecDeque::new());
-        let Some(mut delivery) = Delivery::new(pending, now_of(env.now)) else {
+        let Some(mut delivery) = Delivery::new(pending, now_of(env.now), Some(&self.vault)) else {
             env.violate(
                 "reversals converge",
                 "a queued reversal cannot be built".into(),

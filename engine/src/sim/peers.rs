@@ -290,6 +290,11 @@ pub struct Acquirer {
     next_approval: u32,
     /// Reversals received that named no forward it knows.
     pub unknown_reversals: u64,
+    /// Reversals and advices without the PAN (field 2), or with another card's than the
+    /// authorization it saw for the same terminal and RRN.
+    pub wrong_pans: u64,
+    /// The PAN of each authorization it saw, by terminal and RRN.
+    pans: HashMap<(String, String), String>,
     /// Reversals of a forward already reversed (repeats; answered, not applied twice).
     pub repeated_reversals: u64,
 }
@@ -311,6 +316,8 @@ impl Acquirer {
             ledger: HashMap::new(),
             next_approval: 0,
             unknown_reversals: 0,
+            wrong_pans: 0,
+            pans: HashMap::new(),
             repeated_reversals: 0,
         }
     }
@@ -332,6 +339,18 @@ impl Acquirer {
         let text = |n| request.get_str(n).unwrap_or("").to_string();
         let key = (text(fields::TERMINAL), text(fields::RRN));
         let link_stan: u32 = text(fields::STAN).parse().ok()?;
+        let pan = text(fields::PAN);
+        match request.mti().as_bytes() {
+            b"0100" | b"0200" => {
+                self.pans.insert(key.clone(), pan);
+            }
+            _ => {
+                let known = self.pans.get(&key);
+                if pan.is_empty() || known.is_some_and(|known| *known != pan) {
+                    self.wrong_pans += 1;
+                }
+            }
+        }
         match request.mti().as_bytes() {
             b"0100" | b"0200" => {
                 let forwards = self.ledger.entry(key.clone()).or_default();

@@ -45,6 +45,9 @@ pub struct Switch {
     pub(crate) acquirer_names: Vec<String>,
     pub(crate) journal: Option<Journal>,
     pub(crate) pan_key: PanKey,
+    /// Seals the PAN into the records reversals and advices are built from, when a PAN
+    /// key file is configured.
+    pub(crate) vault: Option<Arc<crate::journal::PanVault>>,
     /// Reversals owed to acquirers.
     pub reversals: Arc<StoreAndForward>,
     /// Latency histograms.
@@ -260,7 +263,10 @@ impl Switch {
     /// A validated request's timings, the request itself and its journal record, for
     /// its lifecycle.
     fn take(&self, r: InFlight) -> (Times, Message, Record) {
-        let record = Lifecycle::request_record(&r.request, &r.auth, r.pan_hash, now());
+        let mut record = Lifecycle::request_record(&r.request, &r.auth, r.pan_hash, now());
+        if let Some(vault) = &self.vault {
+            record.pan_sealed = Some(vault.seal(r.auth.pan.expose(), r.pan_hash));
+        }
         let times = Times {
             received: r.received,
             received_at: r.received_at,

@@ -193,7 +193,17 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
     let (journal, pan_key, mut recovery) = open_journal(config)?;
-    let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone());
+    let vault = match &config.journal.pan_key_file {
+        Some(path) if config.journal.enabled => {
+            let vault = crate::journal::PanVault::load(path)
+                .with_context(|| format!("reading the PAN key file {}", path.display()))?;
+            tracing::info!(file = %path.display(), key = vault.active_key(), "PANs sealed in the journal: reversals and advices carry field 2");
+            Some(Arc::new(vault))
+        }
+        _ => None,
+    };
+    let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone())
+        .with_vault(vault.clone());
     let recent = std::mem::take(&mut recovery.recent);
     let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, &weights);
     deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?;
@@ -213,6 +223,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         acquirer_names,
         journal,
         pan_key,
+        vault,
         reversals,
         metrics,
         router: Arc::clone(&table),
