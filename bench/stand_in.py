@@ -4,7 +4,7 @@ stand-in rule on its only route, and an open-loop load, each its own process. Wh
 load runs the acquirer is killed (kill -9), and started again on the same port a while
 later; the switch stands in meanwhile and owes it the advices.
 
-    python3 bench/stand_in.py [--rate 2000] [--duration 20] [--at 6] [--down 6] [--max-amount 10000]
+    python3 bench/stand_in.py [--rate 2000] [--duration 20] [--at 6] [--down 6] [--max-amount 10000] [--pan-key]
 
 Prints the answers by code, how many were approved in stand-in (the journal's
 `advice_queued` records, each the stand-in answer and the advice owed) during the outage, and the acquirer's books once it is back: the
@@ -42,12 +42,21 @@ def main():
     p.add_argument("--at", type=float, default=6.0, help="seconds into the load")
     p.add_argument("--down", type=float, default=6.0, help="seconds the acquirer is gone")
     p.add_argument("--max-amount", type=int, default=10000, help="stand-in limit, minor units")
+    p.add_argument("--pan-key", action="store_true",
+                   help="seal PANs in the journal (journal.pan_key_file): advices carry field 2")
     args = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="payswitch-stand-in-")
     north_port, quic_port = free_port(), free_port()
     admin = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
     config = os.path.join(work, "switch.toml")
+    pan_key_line = ""
+    if args.pan_key:
+        key_file = os.path.join(work, "keys", "pan-data.key")
+        os.makedirs(os.path.dirname(key_file), mode=0o700)
+        subprocess.run([BIN, "journal", "new-pan-key", key_file], check=True,
+                       capture_output=True)
+        pan_key_line = f'pan_key_file = "{key_file}"'
     with open(config, "w") as f:
         f.write(f"""
 insecure_acquirers = true
@@ -57,6 +66,7 @@ admin = "{admin}"
 [journal]
 dir = "{os.path.join(work, 'journal')}"
 fsync = "never"
+{pan_key_line}
 [[acquirers]]
 name = "north"
 address = "127.0.0.1:{north_port}"
@@ -150,6 +160,7 @@ stand_in = {{ max_amount_minor = {args.max_amount} }}
         booked[(b["terminal"], b["rrn"])].add(b["stan"])
     advices = {k: len(stans) for k, stans in booked.items()}
     repeats = sum(1 for b in advice_lines if b["mti"] in ("0121", "0221"))
+    with_pan = sum(1 for b in advice_lines if b.get("pan"))
     authorized_there = {(b["terminal"], b["rrn"]) for b in books if b["mti"] in ("0100", "0200")}
     print(f"stand-in up to {args.max_amount} minor units; the only acquirer killed {args.at:.0f} s "
           f"into {args.duration} s at {args.rate} TPS (8 QUIC connections), back after "
@@ -161,7 +172,7 @@ stand_in = {{ max_amount_minor = {args.max_amount} }}
         print(f"from the acquirer's restart to the link up with no advice pending: "
               f"{drained_ms - back_ms} ms")
     print(f"advices booked by the acquirer: {len(advices)} RRNs, {len(advice_lines)} advice "
-          f"lines of which {repeats} repeats (0121)")
+          f"lines of which {repeats} repeats (0121), {with_pan} with field 2")
     missing = set(stood_in) - set(advices)
     extra = set(advices) - set(stood_in)
     twice = [k for k, n in advices.items() if n > 1]
@@ -174,7 +185,9 @@ stand_in = {{ max_amount_minor = {args.max_amount} }}
     if switch_cpu is not None:
         print(f"switch CPU: {switch_cpu:.1f} s, {1e6 * switch_cpu / max(len(lines), 1):.0f} us "
               f"per authorization")
-    return 1 if (missing or extra or twice or also_authorized or told_differently) else 0
+    pan_wrong = args.pan_key and with_pan != len(advice_lines)
+    return 1 if (missing or extra or twice or also_authorized or told_differently
+                 or pan_wrong) else 0
 
 
 if __name__ == "__main__":
