@@ -144,7 +144,7 @@ pub struct StoreAndForward {
     /// task, so at most [`MAX_PENDING_REVERSALS`]; at most two deliveries per request.
     active: Mutex<HashMap<u64, VecDeque<PendingReversal>>>,
     /// Opens the PANs sealed in the journal, for field 2; none without a PAN key file.
-    vault: Option<Arc<crate::journal::PanVault>>,
+    vault: Option<Arc<PanVault>>,
     /// Counters.
     pub stats: ReversalStats,
 }
@@ -158,10 +158,12 @@ impl std::fmt::Debug for StoreAndForward {
 }
 
 impl StoreAndForward {
-    /// A queue delivering over `links`, journaling to `journal`, until `shutdown`.
+    /// A queue delivering over `links`, journaling to `journal`, until `shutdown`; with
+    /// `vault`, reversals and advices carry the PAN their records hold sealed.
     pub fn new(
         links: Vec<Arc<AcquirerLink>>,
         journal: Option<Journal>,
+        vault: Option<Arc<PanVault>>,
         shutdown: CancellationToken,
     ) -> Arc<StoreAndForward> {
         Arc::new(StoreAndForward {
@@ -172,21 +174,9 @@ impl StoreAndForward {
             escalated: Mutex::new(BTreeMap::new()),
             owed: Mutex::new(BTreeMap::new()),
             active: Mutex::new(HashMap::new()),
-            vault: None,
+            vault,
             stats: ReversalStats::default(),
         })
-    }
-
-    /// The queue, opening sealed PANs with `vault` (reversals and advices then carry
-    /// field 2). Before the first push.
-    pub fn with_vault(
-        mut self: Arc<Self>,
-        vault: Option<Arc<crate::journal::PanVault>>,
-    ) -> Arc<StoreAndForward> {
-        if let Some(queue) = Arc::get_mut(&mut self) {
-            queue.vault = vault;
-        }
-        self
     }
 
     /// Starts delivering a reversal (or advice) whose `reversal_queued` (`advice_queued`)

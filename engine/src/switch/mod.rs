@@ -202,8 +202,12 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         }
         _ => None,
     };
-    let reversals = StoreAndForward::new(links.clone(), journal.clone(), links_shutdown.clone())
-        .with_vault(vault.clone());
+    let reversals = StoreAndForward::new(
+        links.clone(),
+        journal.clone(),
+        vault.clone(),
+        links_shutdown.clone(),
+    );
     let recent = std::mem::take(&mut recovery.recent);
     let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, &weights);
     deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?;
