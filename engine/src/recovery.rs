@@ -13,6 +13,11 @@
 //!
 //! Requests older than the window whose story is complete are dropped as the replay goes,
 //! so memory follows the window and the backlog, not the journal's length.
+//!
+//! With a [`VelocityReplay`], the scored requests of the last day (the longest velocity
+//! window) are replayed into the fraud features' velocity state as scoring them did, so
+//! a restarted switch's card, merchant and terminal windows are not blind. That state is
+//! bounded as it is live (`scoring.max_cards` and the entity tables).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -20,8 +25,11 @@ use std::sync::Arc;
 
 use payswitch_protocol::{ResponseCode, Stan};
 
+use payswitch_models::features::{self, Transaction};
+
 use crate::journal::{scan, Record, RecordKind, ScanError, ScanReport};
 use crate::reversal::{Owed, PendingReversal};
+use crate::scoring::{Scoring, ShardScoring};
 use crate::shard::duplicates::{DupKey, Forwarded, Original, Outcome};
 
 /// Field 48 given to retransmissions of an authorization that was in doubt at a crash.
@@ -48,6 +56,82 @@ pub struct Recovery {
     /// Complete requests within the window not remembered: newer ones filled
     /// `journal.max_duplicates`, as the shards' windows would have.
     pub dropped_over_capacity: u64,
+    /// The velocity state rebuilt, when asked for.
+    pub velocity: Option<VelocityReplay>,
+}
+
+/// The longest velocity window the features read (24 h): older requests add nothing to
+/// a restarted switch's windows.
+pub const VELOCITY_REPLAY_MS: i64 = 24 * 3_600_000;
+
+/// Velocity state rebuilt from the journal: each scored request's inputs (format 4
+/// records: event time, amount, currency, MCC, merchant, terminal, country, POS entry
+/// mode, keyed PAN hash) recorded into its shard's card state and the shared merchant
+/// and terminal state, in journal order, as scoring did.
+pub struct VelocityReplay {
+    scoring: Arc<Scoring>,
+    shards: Vec<ShardScoring>,
+    since_ms: i64,
+    /// Requests replayed into the state.
+    pub fed: u64,
+}
+
+impl std::fmt::Debug for VelocityReplay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VelocityReplay({} shards, {} fed)",
+            self.shards.len(),
+            self.fed
+        )
+    }
+}
+
+impl VelocityReplay {
+    /// State for `shards` shards of `max_cards` cards each, shared entities in
+    /// `scoring`, fed the requests whose event time is at or after `since_ms`.
+    pub fn new(
+        scoring: Arc<Scoring>,
+        shards: usize,
+        max_cards: usize,
+        since_ms: i64,
+    ) -> VelocityReplay {
+        VelocityReplay {
+            scoring,
+            shards: (0..shards.max(1))
+                .map(|_| ShardScoring::new(max_cards))
+                .collect(),
+            since_ms,
+            fed: 0,
+        }
+    }
+
+    /// Takes a `request` record: recorded when it was scored within the window.
+    fn feed(&mut self, record: &Record) {
+        // Scored requests carry their decision; format-4 ones their event time.
+        if record.decision.is_empty() || record.event_ms == 0 || record.event_ms < self.since_ms {
+            return;
+        }
+        let tx = Transaction {
+            timestamp_ms: record.event_ms,
+            card: features::card_key(record.pan_hash),
+            amount_minor: record.amount_minor,
+            currency: record.currency,
+            mcc: record.mcc,
+            merchant: features::entity_hash(record.merchant.as_bytes()),
+            terminal: features::entity_hash(record.terminal.as_bytes()),
+            country: record.country,
+            pos_entry_mode: record.pos_entry_mode,
+        };
+        let shard = crate::shard::shard_of(record.pan_hash, self.shards.len());
+        self.scoring.warm(&mut self.shards[shard], &tx);
+        self.fed += 1;
+    }
+
+    /// The shards' card state, by shard index.
+    pub fn into_shards(self) -> Vec<ShardScoring> {
+        self.shards
+    }
 }
 
 impl Recovery {
@@ -224,8 +308,12 @@ pub fn recover(
     acquirers: &[String],
     window_start_ms: i64,
     max_recent: usize,
+    velocity: Option<VelocityReplay>,
 ) -> Result<Recovery, ScanError> {
     let mut replay = Replay::new(window_start_ms, acquirers, max_recent);
+    if let Some(velocity) = velocity {
+        replay = replay.with_velocity(velocity);
+    }
     let report = scan(dir, true, |seq, record| replay.record(seq, record))?;
     Ok(replay.finish(report))
 }
@@ -251,6 +339,7 @@ pub struct Replay {
     acquirers: Vec<String>,
     /// Complete requests within the window dropped because `max_recent` were newer.
     dropped_over_capacity: u64,
+    velocity: Option<VelocityReplay>,
 }
 
 impl Replay {
@@ -264,13 +353,23 @@ impl Replay {
             max_recent: max_recent.max(1),
             acquirers: acquirers.to_vec(),
             dropped_over_capacity: 0,
+            velocity: None,
         }
+    }
+
+    /// The replay also rebuilds `velocity`.
+    pub fn with_velocity(mut self, velocity: VelocityReplay) -> Replay {
+        self.velocity = Some(velocity);
+        self
     }
 
     /// Takes the next record, numbered `seq`.
     pub fn record(&mut self, seq: u64, record: Record) {
         let request_seq = record.request_of(seq);
         if record.kind == RecordKind::Request {
+            if let Some(velocity) = &mut self.velocity {
+                velocity.feed(&record);
+            }
             self.lives.insert(request_seq, Life::of(&record));
             self.order.push_back(request_seq);
             self.bound();
@@ -363,6 +462,7 @@ impl Replay {
         let mut recovery = Recovery {
             report,
             dropped_over_capacity: self.dropped_over_capacity,
+            velocity: self.velocity,
             ..Recovery::default()
         };
         let acquirers = self.acquirers;
@@ -679,5 +779,33 @@ mod tests {
         ack.kind = RecordKind::AdviceAck;
         replay.record(3, ack);
         assert!(replay.finish(ScanReport::default()).pending.is_empty());
+    }
+
+    /// Only scored requests (with a decision) of the last day rebuild velocity.
+    #[test]
+    fn velocity_is_rebuilt_from_the_scored_requests_of_the_last_day() {
+        let rules = Arc::new(
+            crate::scoring::rules::RuleSet::load(None, crate::scoring::rule_variables()).unwrap(),
+        );
+        let scoring = Arc::new(Scoring::new(
+            rules,
+            std::time::Duration::from_millis(1),
+            crate::scoring::EventTime::Transmission,
+            1_000,
+        ));
+        let now = 10 * VELOCITY_REPLAY_MS;
+        let velocity = VelocityReplay::new(scoring, 2, 100, now - VELOCITY_REPLAY_MS);
+        let mut replay = Replay::new(0, &["north".to_string()], 10).with_velocity(velocity);
+        let scored = |stan, event_ms| Record {
+            decision: "approve".into(),
+            event_ms,
+            ..request(stan, event_ms)
+        };
+        replay.record(1, scored(1, now - 1_000));
+        replay.record(2, scored(2, now - 2 * VELOCITY_REPLAY_MS)); // older than a day
+        replay.record(3, request(3, now)); // not scored (a reversal, a shed request)
+        replay.record(4, scored(4, now));
+        let recovery = replay.finish(ScanReport::default());
+        assert_eq!(recovery.velocity.unwrap().fed, 2);
     }
 }

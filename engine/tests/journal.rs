@@ -248,7 +248,7 @@ async fn recovery_finds_what_is_in_doubt_and_what_is_owed() {
     drop(journal);
 
     let recovery =
-        payswitch::recovery::recover(dir.path(), &["north".to_string()], 0, 1_000).unwrap();
+        payswitch::recovery::recover(dir.path(), &["north".to_string()], 0, 1_000, None).unwrap();
     let stans = |v: &[payswitch::reversal::PendingReversal]| {
         v.iter()
             .map(|p| p.original.stan.clone())

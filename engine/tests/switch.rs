@@ -1321,3 +1321,53 @@ async fn with_a_pan_key_file_a_reversal_rebuilt_after_a_restart_carries_the_pan(
     let refused = payswitch::switch::start(&config, security).await;
     assert!(refused.is_err(), "a key file readable by its group");
 }
+
+/// Velocity survives a restart: the journal's scored requests of the last day are
+/// replayed into the card state, so a rule on the card's 24-hour count sees the requests
+/// made before the restart (before issue 10 the windows were empty after one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn velocity_windows_come_back_after_a_restart() {
+    use payswitch_protocol::time::UtcDateTime;
+    let rules_dir = tempfile::tempdir().unwrap();
+    let rules = rules_dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"fourth_in_a_day\"\nwhen = \"card_count_24h >= 3.0\"\naction = \"decline\"\n",
+    )
+    .unwrap();
+    let sim = start_sim(sim_config()).await;
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.scoring.rules = Some(rules);
+    // Field 7 now: velocity runs on the transactions' own time.
+    let now = UtcDateTime::from_unix_ms(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    )
+    .transmission_time();
+    let at_now = |pan: &str, stan: u32| authorization_with(pan, stan, &[(7, Some(&now))]);
+
+    let switch = start_switch(&config, vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    for stan in 90..93 {
+        let r = transact(&conn, &at_now(VISA_TEST_CARD, stan)).await;
+        assert_eq!(r.get_str(39), Some("00"), "stan {stan}");
+    }
+    switch.shutdown().await;
+
+    let switch = start_switch(&config, vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    let conn = gateway(&switch).await;
+    let fourth = transact(&conn, &at_now(VISA_TEST_CARD, 93)).await;
+    assert_eq!(
+        fourth.get_str(39),
+        Some("59"),
+        "the card's three requests before the restart count: {:?}",
+        fourth.get_str(48)
+    );
+    assert!(fourth.get_str(48).unwrap().contains("fourth_in_a_day"));
+    let other = transact(&conn, &at_now(MASTERCARD_TEST_CARD, 94)).await;
+    assert_eq!(other.get_str(39), Some("00"), "another card has no history");
+}

@@ -104,6 +104,14 @@ impl Transaction {
     }
 }
 
+/// The switch's card key for the velocity state: the journal's keyed PAN hash folded to
+/// 64 bits, so a restart can rebuild a card's history from the journal, which holds the
+/// hash and never the number. Training keys cards by [`entity_hash`] of the PAN; the key
+/// only tells cards apart, no feature reads its value.
+pub fn card_key(pan_hash: u128) -> u64 {
+    (pan_hash as u64) ^ ((pan_hash >> 64) as u64)
+}
+
 /// FNV-1a 64: stable across runs, versions and machines, which a model's features need.
 /// Not collision-resistant against an adversary; a collision only merges two histories.
 pub fn entity_hash(bytes: &[u8]) -> u64 {

@@ -114,6 +114,10 @@ fn sample_record(i: u64, k: usize, per: usize, time_ms: i64) -> Record {
             nonce: [7; 12],
             data: vec![0x5a; 32],
         }),
+        event_ms: time_ms,
+        mcc: 5411,
+        country: 840,
+        pos_entry_mode: 51,
     }
 }
 

@@ -106,16 +106,45 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let window_ms = i64::try_from(window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
             let since = payswitch::clock::now().unix_ms().saturating_sub(window_ms);
-            let recovery = payswitch::recovery::recover(&dir, &acquirers, since, max_duplicates)?;
+            // The velocity state a start rebuilds too, with the default scoring bounds and
+            // one shard per core, as `serve` would have.
+            let defaults = payswitch::config::ScoringConfig::default();
+            let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let rules = std::sync::Arc::new(payswitch::scoring::rules::RuleSet::load(
+                None,
+                payswitch::scoring::rule_variables(),
+            )?);
+            let scoring = std::sync::Arc::new(payswitch::scoring::Scoring::new(
+                rules,
+                std::time::Duration::from_micros(defaults.budget_us),
+                defaults.event_time,
+                defaults.max_entities,
+            ));
+            let now_ms = payswitch::clock::now().unix_ms();
+            let velocity = payswitch::recovery::VelocityReplay::new(
+                scoring,
+                shards,
+                defaults.max_cards / shards,
+                now_ms.saturating_sub(payswitch::recovery::VELOCITY_REPLAY_MS),
+            );
+            let recovery = payswitch::recovery::recover(
+                &dir,
+                &acquirers,
+                since,
+                max_duplicates,
+                Some(velocity),
+            )?;
             let elapsed = started.elapsed();
+            let velocity_fed = recovery.velocity.as_ref().map_or(0, |v| v.fed);
             println!(
-                "replayed {} records in {:.2} s: {} in doubt, {} reversals owed, {} requests remembered, {} beyond max_duplicates; peak RSS {} MiB",
+                "replayed {} records in {:.2} s: {} in doubt, {} reversals owed, {} requests remembered, {} beyond max_duplicates, {} requests replayed into velocity; peak RSS {} MiB",
                 recovery.report.records,
                 elapsed.as_secs_f64(),
                 recovery.in_doubt.len(),
                 recovery.pending.len(),
                 recovery.recent.len(),
                 recovery.dropped_over_capacity,
+                velocity_fed,
                 peak_rss_kib().map_or_else(|| "?".to_string(), |k| (k / 1024).to_string()),
             );
             Ok(())

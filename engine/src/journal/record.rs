@@ -20,6 +20,7 @@
 //! | 1 | `reversal_stan` |
 //! | 2 | the kinds `advice_queued`, `advice_sent`, `advice_ack` (stand-in); no new field |
 //! | 3 | `pan_sealed` |
+//! | 4 | `event_ms`, `mcc`, `country`, `pos_entry_mode`: what velocity needs at a restart |
 //!
 //! No record holds a full PAN in clear, track data, a PIN block, a CVV or ICC data: the
 //! card is kept as its masked form (first six, last four) and a keyed hash that links the
@@ -33,15 +34,18 @@ use serde::{Deserialize, Serialize};
 pub const FRAME_HEADER: usize = 16;
 
 /// The record format this switch writes (see the module docs).
-pub const RECORD_FORMAT: u8 = 3;
+pub const RECORD_FORMAT: u8 = 4;
 /// The tag of [`RECORD_FORMAT`]: the body's first byte.
 const FORMAT_TAG_BASE: u8 = 0x80;
-/// Encoding of the fields formats 1 to 3 added, at their defaults (`reversal_stan` 0,
-/// `pan_sealed` none): appended to a format-0 body to read it.
-const FORMAT_0_TRAILER: &[u8] = &[0, 0];
-/// Encoding of the fields format 3 added, at their defaults (`pan_sealed` none): appended
-/// to a format-1 or format-2 body (format 2 added no field).
-const FORMAT_1_TRAILER: &[u8] = &[0];
+/// Encoding of the fields formats 1 to 4 added, at their defaults (`reversal_stan` 0,
+/// `pan_sealed` none, `event_ms`, `mcc`, `country`, `pos_entry_mode` 0): appended to a
+/// format-0 body to read it.
+const FORMAT_0_TRAILER: &[u8] = &[0, 0, 0, 0, 0, 0];
+/// The fields formats 3 and 4 added, at their defaults: appended to a format-1 or
+/// format-2 body (format 2 added no field).
+const FORMAT_1_TRAILER: &[u8] = &[0, 0, 0, 0, 0];
+/// The fields format 4 added, at their defaults: appended to a format-3 body.
+const FORMAT_3_TRAILER: &[u8] = &[0, 0, 0, 0];
 
 /// Largest body accepted when reading. Records are a few hundred bytes; field 48 (at most
 /// 999 bytes) is the largest part, so anything near this is corruption, not a record.
@@ -164,6 +168,15 @@ pub struct Record {
     /// from: `forwarded`, `reversal_queued`, `advice_queued`; none without a PAN key file.
     /// Format 3.
     pub pan_sealed: Option<super::vault::SealedPan>,
+    /// The transaction's time for the velocity windows (field 7 or the switch's clock, as
+    /// `scoring.event_time` says), Unix ms; 0 when the request was not scored. Format 4.
+    pub event_ms: i64,
+    /// Merchant category code (18), as scored; 0 when absent. Format 4.
+    pub mcc: u16,
+    /// Merchant country (19), as scored; 0 when absent. Format 4.
+    pub country: u16,
+    /// POS entry mode (22), as scored; 0 when absent. Format 4.
+    pub pos_entry_mode: u16,
 }
 
 impl Record {
@@ -285,10 +298,15 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
         Some(&tag) if tag == FORMAT_TAG_BASE + RECORD_FORMAT => {
             postcard::from_bytes(&body[1..]).map_err(|e| e.to_string())
         }
-        Some(&tag) if tag == FORMAT_TAG_BASE + 1 || tag == FORMAT_TAG_BASE + 2 => {
-            let mut upgraded = Vec::with_capacity(body.len() + FORMAT_1_TRAILER.len());
+        Some(&tag) if (FORMAT_TAG_BASE + 1..FORMAT_TAG_BASE + RECORD_FORMAT).contains(&tag) => {
+            let trailer = if tag == FORMAT_TAG_BASE + 3 {
+                FORMAT_3_TRAILER
+            } else {
+                FORMAT_1_TRAILER
+            };
+            let mut upgraded = Vec::with_capacity(body.len() + trailer.len());
             upgraded.extend_from_slice(&body[1..]);
-            upgraded.extend_from_slice(FORMAT_1_TRAILER);
+            upgraded.extend_from_slice(trailer);
             postcard::from_bytes(&upgraded)
                 .map_err(|e| format!("format {} record: {e}", tag - FORMAT_TAG_BASE))
         }
@@ -341,6 +359,10 @@ pub(crate) mod tests {
             attempt: 0,
             reversal_stan: 0,
             pan_sealed: None,
+            event_ms: 1_764_000_000_000,
+            mcc: 5411,
+            country: 840,
+            pos_entry_mode: 51,
         }
     }
 
@@ -371,20 +393,38 @@ pub(crate) mod tests {
     #[test]
     fn journals_written_before_record_formats_are_read() {
         for kind in [RecordKind::Request, RecordKind::ReversalAck] {
-            let record = sample(kind);
+            // The fields added since, at the defaults a format-0 journal reads them with.
+            let record = Record {
+                event_ms: 0,
+                mcc: 0,
+                country: 0,
+                pos_entry_mode: 0,
+                ..sample(kind)
+            };
             let (seq, back, _) = decode_frame(&format_0_frame(&record)).unwrap();
             assert_eq!((seq, back), (3, record));
         }
     }
 
     #[test]
-    fn format_1_and_2_records_are_read() {
-        let record = sample(RecordKind::ReversalAck);
-        for version in [1, 2] {
+    fn format_1_to_3_records_are_read() {
+        let record = Record {
+            event_ms: 0,
+            mcc: 0,
+            country: 0,
+            pos_entry_mode: 0,
+            ..sample(RecordKind::ReversalAck)
+        };
+        for version in [1, 2, 3] {
             let mut buf = Vec::new();
             encode_frame(&record, &mut buf).unwrap();
-            // Without the field format 3 added.
-            buf.truncate(buf.len() - FORMAT_1_TRAILER.len());
+            // Without the fields later formats added.
+            let trailer = if version == 3 {
+                FORMAT_3_TRAILER
+            } else {
+                FORMAT_1_TRAILER
+            };
+            buf.truncate(buf.len() - trailer.len());
             buf[FRAME_HEADER] = FORMAT_TAG_BASE + version;
             let len = u32::try_from(buf.len() - 4).unwrap();
             buf[0..4].copy_from_slice(&len.to_le_bytes());
@@ -418,7 +458,7 @@ pub(crate) mod tests {
         buf[FRAME_HEADER] = FORMAT_TAG_BASE + RECORD_FORMAT + 1;
         seal_frame(&mut buf, 1);
         match decode_frame(&buf) {
-            Err(FrameError::Body(why)) => assert!(why.contains("format 4"), "{why}"),
+            Err(FrameError::Body(why)) => assert!(why.contains("format 5"), "{why}"),
             other => panic!("{other:?}"),
         }
     }

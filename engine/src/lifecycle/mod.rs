@@ -39,6 +39,9 @@ use crate::shard::ShardVerdict;
 use payswitch_models::model::Decision;
 
 /// What the driver must do next.
+// Moved once per step, and handed on by value: boxing the reply or the reversal would
+// cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Step {
     /// Append these records contiguously and wait until they are durable; answer
@@ -603,7 +606,13 @@ impl Lifecycle {
                 scoring,
                 route,
                 original,
+                transaction,
             } => {
+                // What velocity needs to be rebuilt from the journal at a restart.
+                self.record.event_ms = transaction.timestamp_ms;
+                self.record.mcc = transaction.mcc;
+                self.record.country = transaction.country;
+                self.record.pos_entry_mode = transaction.pos_entry_mode;
                 self.record.decision = scoring.decision_str().to_string();
                 self.record.score = scoring.score;
                 if let Some(model) = &scoring.model {

@@ -61,6 +61,17 @@ fn fresh_with(original: &Arc<Original>, stand_in: Option<StandIn>) -> ShardVerdi
             stand_in,
         }),
         original: Arc::clone(original),
+        transaction: payswitch_models::features::Transaction {
+            timestamp_ms: 1_796_000_000_000,
+            card: 7,
+            amount_minor: 1_250,
+            currency: 840,
+            mcc: 5411,
+            merchant: 1,
+            terminal: 2,
+            country: 840,
+            pos_entry_mode: 51,
+        },
     }
 }
 

@@ -293,8 +293,14 @@ impl Scoring {
         &self.rules
     }
 
-    /// The model input of an authorization.
-    pub fn transaction(&self, request: &Message, auth: &Authorization, now_ms: i64) -> Transaction {
+    /// The model input of an authorization whose keyed PAN hash is `pan_hash`.
+    pub fn transaction(
+        &self,
+        request: &Message,
+        auth: &Authorization,
+        pan_hash: u128,
+        now_ms: i64,
+    ) -> Transaction {
         let number = |n: u8| {
             request
                 .get(n)
@@ -309,7 +315,7 @@ impl Scoring {
         let merchant = request.get(fields::MERCHANT).unwrap_or_default();
         Transaction {
             timestamp_ms,
-            card: features::entity_hash(auth.pan.expose()),
+            card: features::card_key(pan_hash),
             amount_minor: auth.amount.get(),
             currency: auth.currency.get(),
             mcc: auth.mcc.map_or(0, |m| m.get()),
@@ -318,6 +324,21 @@ impl Scoring {
             country: number(19),
             pos_entry_mode: number(fields::POS_ENTRY_MODE),
         }
+    }
+
+    /// Records `tx` into the velocity state (the shard's cards, the shared merchants and
+    /// terminals) as scoring it would, without scoring: a restart replaying the journal.
+    pub fn warm(&self, shard: &mut ShardScoring, tx: &Transaction) {
+        let stripe = |hash: u64| (hash % ENTITY_STRIPES as u64) as usize;
+        let mut merchants = lock(&self.merchants[stripe(tx.merchant)]);
+        let mut terminals = lock(&self.terminals[stripe(tx.terminal)]);
+        features::extract(
+            tx,
+            &mut shard.cards,
+            &mut merchants,
+            &mut terminals,
+            &mut shard.features,
+        );
     }
 
     /// Scores and decides one transaction, updating the shard's and the shared state.

@@ -448,6 +448,10 @@ mod tests {
                 nonce: [1; 12],
                 data: vec![3; 32],
             }),
+            event_ms: 0,
+            mcc: 0,
+            country: 0,
+            pos_entry_mode: 0,
         };
         let forwarded = Forwarded::new(3, Stan::new(123).unwrap(), 77, &record);
         let back = forwarded.record("north");

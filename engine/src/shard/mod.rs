@@ -44,6 +44,7 @@ impl ShardRequest {
     pub fn new(
         request: &Message,
         auth: Authorization,
+        pan_hash: u128,
         reversal: bool,
         shed: bool,
         scoring: &Scoring,
@@ -57,7 +58,10 @@ impl ShardRequest {
         } else if reversal {
             ShardRequest::Reversal(request.clone())
         } else {
-            ShardRequest::Authorization(auth, scoring.transaction(request, &auth, received_ms))
+            ShardRequest::Authorization(
+                auth,
+                scoring.transaction(request, &auth, pan_hash, received_ms),
+            )
         }
     }
 }
@@ -107,8 +111,18 @@ impl Shard {
         stats: Arc<ShardStats>,
         weights: Arc<AcquirerWeights>,
     ) -> Shard {
+        Shard::with_scoring(ShardScoring::new(max_cards), window, stats, weights)
+    }
+
+    /// As [`Shard::new`], with velocity state rebuilt from the journal.
+    pub fn with_scoring(
+        scoring: ShardScoring,
+        window: DuplicateWindow,
+        stats: Arc<ShardStats>,
+        weights: Arc<AcquirerWeights>,
+    ) -> Shard {
         Shard {
-            scoring: ShardScoring::new(max_cards),
+            scoring,
             window,
             stats,
             weights,
@@ -177,6 +191,7 @@ impl Shard {
                         scoring: verdict,
                         route,
                         original: own,
+                        transaction,
                     }
                 }
                 ShardRequest::Reversal(request) => ShardVerdict::Reversal {
@@ -252,6 +267,8 @@ pub enum ShardVerdict {
         route: Option<Route>,
         /// Where its outcome goes, for retransmissions and reversals.
         original: Arc<Original>,
+        /// What was scored: the journal keeps its velocity inputs for a restart.
+        transaction: Transaction,
     },
     /// A retransmission of a request seen within the window.
     Duplicate(Arc<Original>),

@@ -787,6 +787,7 @@ impl Node {
                 let shard_request = ShardRequest::new(
                     &request,
                     auth,
+                    pan_hash,
                     reversal,
                     !admitted,
                     &self.scoring,

@@ -232,8 +232,15 @@ impl Switch {
         let received_at = now();
         let received_ms = received_at.unix_ms();
         let pan_hash = self.pan_key.hash(auth.pan.expose());
-        let shard_request =
-            ShardRequest::new(&request, auth, reversal, shed, &self.scoring, received_ms);
+        let shard_request = ShardRequest::new(
+            &request,
+            auth,
+            pan_hash,
+            reversal,
+            shed,
+            &self.scoring,
+            received_ms,
+        );
         let in_flight = InFlight {
             request,
             auth,

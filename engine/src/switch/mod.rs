@@ -192,7 +192,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let scoring = start_scoring(config, links_shutdown.clone())?;
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
-    let (journal, pan_key, mut recovery) = open_journal(config)?;
+    let (journal, pan_key, mut recovery) = open_journal(config, &scoring)?;
     let vault = match &config.journal.pan_key_file {
         Some(path) if config.journal.enabled => {
             let vault = crate::journal::PanVault::load(path)
@@ -209,7 +209,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         links_shutdown.clone(),
     );
     let recent = std::mem::take(&mut recovery.recent);
-    let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, &weights);
+    let velocity = recovery.velocity.take().map(|v| v.into_shards());
+    let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, velocity, &weights);
     deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?;
     if config.journal.enabled && config.journal.retention_days > 0 {
         tokio::spawn(keep_retention(
@@ -283,9 +284,14 @@ fn start_shards(
     table: &Arc<ArcSwap<crate::routing::Router>>,
     scoring: &Arc<Scoring>,
     recent: Vec<(u128, DupKey, i64, Arc<Original>)>,
+    velocity: Option<Vec<crate::scoring::ShardScoring>>,
     weights: &Arc<crate::routing::AcquirerWeights>,
 ) -> (Vec<mpsc::Sender<ShardJob>>, Vec<Arc<ShardStats>>) {
     let shard_count = config.pipeline.shard_count();
+    // The velocity state rebuilt from the journal, one per shard (same count and bound).
+    let mut velocity = velocity
+        .filter(|v| v.len() == shard_count)
+        .map(Vec::into_iter);
     let mut recovered: Vec<RecoveredEntries> = (0..shard_count).map(|_| Vec::new()).collect();
     for (pan_hash, key, at_ms, original) in recent {
         recovered[shard_of(pan_hash, shard_count)].push((key, at_ms, original));
@@ -303,12 +309,16 @@ fn start_shards(
         for (key, at_ms, original) in entries {
             duplicates.insert(key, at_ms, original);
         }
+        let shard_scoring = velocity
+            .as_mut()
+            .and_then(Iterator::next)
+            .unwrap_or_else(|| crate::scoring::ShardScoring::new(cards_per_shard));
         tokio::spawn(crate::shard::run(
             rx,
             Arc::clone(table),
             Arc::clone(scoring),
-            Shard::new(
-                cards_per_shard,
+            Shard::with_scoring(
+                shard_scoring,
                 duplicates,
                 Arc::clone(&stats),
                 Arc::clone(weights),
@@ -468,6 +478,7 @@ async fn listen(
 /// What the journal left: the writer, the PAN hash key, and what is owed and remembered.
 fn open_journal(
     config: &Config,
+    scoring: &Arc<Scoring>,
 ) -> anyhow::Result<(Option<Journal>, PanKey, crate::recovery::Recovery)> {
     let journal_config = &config.journal;
     if !journal_config.enabled {
@@ -482,11 +493,20 @@ fn open_journal(
     let acquirers: Vec<String> = config.acquirers.iter().map(|a| a.name.clone()).collect();
     let window_ms =
         i64::try_from(journal_config.duplicate_window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let now_ms = crate::clock::now().unix_ms();
+    let shard_count = config.pipeline.shard_count();
+    let velocity = crate::recovery::VelocityReplay::new(
+        Arc::clone(scoring),
+        shard_count,
+        config.scoring.max_cards / shard_count,
+        now_ms.saturating_sub(crate::recovery::VELOCITY_REPLAY_MS),
+    );
     let recovery = crate::recovery::recover(
         dir,
         &acquirers,
-        crate::clock::now().unix_ms().saturating_sub(window_ms),
+        now_ms.saturating_sub(window_ms),
         journal_config.max_duplicates,
+        Some(velocity),
     )
     .with_context(|| format!("replaying the journal in {}", dir.display()))?;
     let report = &recovery.report;
@@ -506,6 +526,7 @@ fn open_journal(
         reversals_pending = recovery.pending.len(),
         remembered = recovery.recent.len(),
         beyond_max_duplicates = recovery.dropped_over_capacity,
+        velocity_replayed = recovery.velocity.as_ref().map_or(0, |v| v.fed),
         remembered = recovery.recent.len(),
         "journal replayed"
     );
