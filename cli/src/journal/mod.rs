@@ -82,6 +82,9 @@ pub enum JournalCommand {
         /// The configured acquirers' names.
         #[arg(long = "acquirer", default_value = "north")]
         acquirers: Vec<String>,
+        /// Leave the velocity state out (what a start cost before it was rebuilt).
+        #[arg(long)]
+        no_velocity: bool,
     },
     /// Write every record as JSON lines or CSV to standard output.
     Export {
@@ -101,6 +104,7 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
             window_s,
             max_duplicates,
             acquirers,
+            no_velocity,
         } => {
             anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
             let started = std::time::Instant::now();
@@ -132,7 +136,7 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
                 &acquirers,
                 since,
                 max_duplicates,
-                Some(velocity),
+                (!no_velocity).then_some(velocity),
             )?;
             let elapsed = started.elapsed();
             let velocity_fed = recovery.velocity.as_ref().map_or(0, |v| v.fed);
