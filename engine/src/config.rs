@@ -203,6 +203,12 @@ pub struct PipelineConfig {
     /// Seconds a TCP gateway connection may stay idle (nothing in progress, no frame)
     /// before it is closed.
     pub tcp_idle_timeout_s: u64,
+    /// Requests one gateway (a client certificate, or an IP address without one) may have
+    /// in progress over all its connections to a listener; more are answered 91 at once.
+    pub max_in_flight_per_gateway: usize,
+    /// Requests a second one gateway may start (a second's worth as a burst); more are
+    /// answered 91 at once. 0: no rate bound.
+    pub max_rate_per_gateway: u32,
     /// Record latency histograms per stage (turn off only to measure what they cost).
     pub metrics: bool,
 }
@@ -222,6 +228,8 @@ impl Default for PipelineConfig {
             max_connections: limits.max_connections,
             max_connections_per_peer: limits.max_connections_per_peer,
             tcp_idle_timeout_s: limits.tcp_idle_timeout.as_secs(),
+            max_in_flight_per_gateway: limits.max_in_flight_per_gateway,
+            max_rate_per_gateway: limits.max_rate_per_gateway,
             metrics: true,
         }
     }
@@ -420,6 +428,16 @@ impl PipelineConfig {
             "pipeline.max_connections_per_peer",
             self.max_connections_per_peer,
             1..=self.max_connections,
+        )?;
+        within(
+            "pipeline.max_in_flight_per_gateway",
+            self.max_in_flight_per_gateway,
+            1..=MAX_IN_FLIGHT_PER_CONNECTION * MAX_CONNECTIONS,
+        )?;
+        within(
+            "pipeline.max_rate_per_gateway",
+            self.max_rate_per_gateway,
+            0..=10_000_000,
         )?;
         within(
             "pipeline.tcp_idle_timeout_s",

@@ -1,5 +1,6 @@
 //! Who may connect: gateways authenticated by client certificates (a CA and an allowlist)
-//! on QUIC and on TLS over TCP, and one peer's idle connections not locking others out.
+//! on QUIC and on TLS over TCP, one peer's idle connections not locking others out, and
+//! one gateway's in-flight and rate bounds not touching another's.
 //! Real sockets on loopback; certificates made in memory.
 
 use std::net::SocketAddr;
@@ -75,13 +76,23 @@ fn authorization(stan: u32) -> Message {
 
 /// A switch (QUIC and TCP) that requires certificates from `ca` naming `allowed`.
 async fn switch_requiring(ca: &Ca, allowed: &[&str]) -> (acquirer_sim::RunningSim, RunningSwitch) {
+    switch_requiring_with(ca, allowed, |_| {}).await
+}
+
+/// As [`switch_requiring`], with `change` made to the configuration.
+async fn switch_requiring_with(
+    ca: &Ca,
+    allowed: &[&str],
+    change: impl FnOnce(&mut payswitch::config::Config),
+) -> (acquirer_sim::RunningSim, RunningSwitch) {
     let sim = acquirer_sim::start(SimConfig {
         approval_rate: 1.0,
         ..SimConfig::default()
     })
     .await
     .unwrap();
-    let config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    change(&mut config);
     let security = Security {
         identity: TlsIdentity::self_signed(&["localhost"]).unwrap(),
         acquirer_trust: vec![trust(&sim)],
@@ -425,4 +436,102 @@ async fn a_new_client_ca_is_reloaded_without_a_restart_and_admin_calls_are_audit
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// `count` authorizations from one gateway presenting `identity`, spread over
+/// `connections` QUIC connections, one stream each, all sent at once: their codes.
+async fn burst(
+    switch: &RunningSwitch,
+    identity: &TlsIdentity,
+    connections: usize,
+    count: u32,
+    first_stan: u32,
+) -> Vec<String> {
+    let endpoint = quic::client_endpoint_with_identity(
+        ClientTrust::Roots(vec![switch.certificate.clone()]),
+        Some(identity.clone()),
+    )
+    .unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..connections {
+        conns.push(
+            quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
+                .await
+                .unwrap(),
+        );
+    }
+    let mut requests = Vec::new();
+    for i in 0..count {
+        let conn = conns[i as usize % connections].clone();
+        requests.push(tokio::spawn(async move {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            framed::write_message(
+                &mut send,
+                &authorization(first_stan + i),
+                &mut BytesMut::new(),
+            )
+            .await
+            .unwrap();
+            send.finish().unwrap();
+            response_code(recv).await.unwrap()
+        }));
+    }
+    let mut codes = Vec::new();
+    for request in requests {
+        codes.push(request.await.unwrap());
+    }
+    codes
+}
+
+/// A gateway (a client certificate) at `pipeline.max_in_flight_per_gateway` over all its
+/// connections gets 91 at once for more, counted; another gateway is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_at_its_in_flight_bound_is_shed_while_another_is_served() {
+    let ca = Ca::new("gateways");
+    let (sim, switch) = switch_requiring_with(&ca, &["gw1.test", "gw2.test"], |config| {
+        config.pipeline.max_in_flight_per_gateway = 4;
+    })
+    .await;
+    // Answers take 600 ms: gw1's first four are still out when the rest arrive.
+    sim.set_delay(Duration::from_millis(600));
+    let gw1 = ca.issue("gw1.test");
+    let gw2 = ca.issue("gw2.test");
+    let busy = burst(&switch, &gw1, 2, 10, 100);
+    let other = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        over_quic(&switch, Some(gw2.clone()), 200).await
+    };
+    let (codes, other) = tokio::join!(busy, other);
+    let approved = codes.iter().filter(|c| *c == "00").count();
+    let shed = codes.iter().filter(|c| *c == "91").count();
+    assert_eq!((approved, shed), (4, 6), "{codes:?}");
+    assert_eq!(other.as_deref(), Ok("00"), "another gateway is served");
+    assert_eq!(switch.serve_stats.gateway_shed.load(Relaxed), 6);
+    // Its places come back as its requests finish.
+    sim.set_delay(Duration::ZERO);
+    assert_eq!(
+        over_quic(&switch, Some(gw1), 300).await.as_deref(),
+        Ok("00")
+    );
+}
+
+/// `pipeline.max_rate_per_gateway`: a burst beyond a second's worth is shed, per gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_over_its_rate_is_shed_while_another_is_served() {
+    let ca = Ca::new("gateways");
+    let (_sim, switch) = switch_requiring_with(&ca, &["gw1.test", "gw2.test"], |config| {
+        config.pipeline.max_rate_per_gateway = 5;
+    })
+    .await;
+    let gw1 = ca.issue("gw1.test");
+    let codes = burst(&switch, &gw1, 1, 12, 400).await;
+    let approved = codes.iter().filter(|c| *c == "00").count();
+    // A second's burst (5), and perhaps one more token refilled while the burst arrived.
+    assert!((5..=6).contains(&approved), "{codes:?}");
+    assert_eq!(approved + codes.iter().filter(|c| *c == "91").count(), 12);
+    let gw2 = ca.issue("gw2.test");
+    assert_eq!(
+        over_quic(&switch, Some(gw2), 500).await.as_deref(),
+        Ok("00")
+    );
 }

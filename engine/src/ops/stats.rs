@@ -261,7 +261,12 @@ pub fn prometheus(snapshot: &Snapshot, serve: &ServeStats) -> String {
         "payswitch_gateway_connections_total {}",
         serve.connections.load(Ordering::Relaxed)
     );
-    let counters: [(&str, &str, &AtomicU64); 5] = [
+    let counters: [(&str, &str, &AtomicU64); 6] = [
+        (
+            "payswitch_gateway_shed_total",
+            "Requests answered 91 at once because their gateway was at pipeline.max_in_flight_per_gateway or pipeline.max_rate_per_gateway (also counted in shed).",
+            &serve.gateway_shed,
+        ),
         (
             "payswitch_gateway_idle_closed_total",
             "TCP gateway connections closed after pipeline.tcp_idle_timeout_s without a frame.",

@@ -423,6 +423,8 @@ async fn listen(
         max_connections: config.pipeline.max_connections,
         max_connections_per_peer: config.pipeline.max_connections_per_peer,
         tcp_idle_timeout: std::time::Duration::from_secs(config.pipeline.tcp_idle_timeout_s),
+        max_in_flight_per_gateway: config.pipeline.max_in_flight_per_gateway,
+        max_rate_per_gateway: config.pipeline.max_rate_per_gateway,
     };
     let identity = &security.identity;
     let gateways = security.gateways.as_ref();

@@ -10,6 +10,12 @@
 //! shed frames in progress are bounded by the stream's bound again, and past that, or with
 //! a handler that does not shed, the loop stops reading and transport flow control pushes
 //! back on the peer.
+//! A **gateway** — a client certificate, or an IP address where gateways present none —
+//! has its own bounds over all its connections to a listener:
+//! `Limits::max_in_flight_per_gateway` requests in progress and, when set,
+//! `Limits::max_rate_per_gateway` requests a second (a token bucket with a second's
+//! burst); beyond them its frames are shed (or, without shedding, wait) like beyond a
+//! connection's bound, so one gateway's burst cannot take the places the others need.
 //! A frame that cannot be answered ends only its own stream (QUIC: reset with an
 //! application error code; TCP: the connection, which is the stream).
 
@@ -81,6 +87,11 @@ pub struct Limits {
     /// closed: an idle or stalled peer (half a frame, then nothing) gives its place back.
     /// QUIC has its transport's idle timeout and keep-alives instead.
     pub tcp_idle_timeout: Duration,
+    /// Requests one gateway may have in progress over all its connections to a listener.
+    pub max_in_flight_per_gateway: usize,
+    /// Requests a second one gateway may start (a second's worth as a burst); 0: no rate
+    /// bound.
+    pub max_rate_per_gateway: u32,
 }
 
 impl Default for Limits {
@@ -103,6 +114,11 @@ impl Default for Limits {
             // Gateways that keep a TCP connection open across quiet hours send a network
             // echo (0800) every minute or so; twice that tells a live one from a dead one.
             tcp_idle_timeout: Duration::from_secs(120),
+            // Four connections' worth: a gateway that needs more is one to talk to, and
+            // no one gateway can hold every place of a busy switch.
+            max_in_flight_per_gateway: 2_048,
+            // Gateways' contracted rates differ; bounding them is the operator's choice.
+            max_rate_per_gateway: 0,
         }
     }
 }
@@ -128,6 +144,8 @@ pub struct ServeStats {
     /// Frames answered by [`Handler::shed`] because a stream or connection was at its
     /// in-flight bound.
     pub shed: AtomicU64,
+    /// Among `shed`, frames of a gateway at its own in-flight bound or rate.
+    pub gateway_shed: AtomicU64,
 }
 
 /// How a stream ended.
@@ -189,6 +207,107 @@ impl Drop for PeerPlace {
     }
 }
 
+/// The gateways connected to one listener, by identity: an entry lives while one of its
+/// connections is open, so the map is bounded by `Limits::max_connections`.
+#[derive(Default)]
+struct Gateways {
+    /// Each gateway with its connections open.
+    open: std::sync::Mutex<std::collections::HashMap<String, (Arc<Gateway>, usize)>>,
+}
+
+/// One gateway's share: its requests in progress and its rate.
+pub struct Gateway {
+    in_flight: Arc<Semaphore>,
+    /// Tokens and when they were counted; `None` without a rate bound.
+    bucket: Option<std::sync::Mutex<(f64, tokio::time::Instant)>>,
+    rate: u32,
+}
+
+impl Gateway {
+    /// Takes one request's token: `false` when the gateway is over its rate.
+    fn take_token(&self) -> bool {
+        let Some(bucket) = &self.bucket else {
+            return true;
+        };
+        let rate = f64::from(self.rate);
+        let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let (tokens, at) = *bucket;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate).min(rate);
+        if tokens >= 1.0 {
+            *bucket = (tokens - 1.0, now);
+            true
+        } else {
+            *bucket = (tokens, now);
+            false
+        }
+    }
+}
+
+/// A connection's membership of its gateway, given back when dropped.
+struct GatewayPlace {
+    gateways: Arc<Gateways>,
+    key: String,
+    gateway: Arc<Gateway>,
+}
+
+impl Gateways {
+    fn join(self: &Arc<Self>, key: String, limits: &Limits) -> GatewayPlace {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (gateway, connections) = open.entry(key.clone()).or_insert_with(|| {
+            let rate = limits.max_rate_per_gateway;
+            let gateway = Arc::new(Gateway {
+                in_flight: Arc::new(Semaphore::new(limits.max_in_flight_per_gateway)),
+                bucket: (rate > 0)
+                    .then(|| std::sync::Mutex::new((f64::from(rate), tokio::time::Instant::now()))),
+                rate,
+            });
+            (gateway, 0)
+        });
+        *connections += 1;
+        let gateway = Arc::clone(gateway);
+        GatewayPlace {
+            gateways: Arc::clone(self),
+            key,
+            gateway,
+        }
+    }
+}
+
+impl Drop for GatewayPlace {
+    fn drop(&mut self) {
+        let mut open = self.gateways.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, connections)) = open.get_mut(&self.key) {
+            *connections -= 1;
+            if *connections == 0 {
+                // Requests still draining keep their own reference.
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Who a connection's gateway is: its client certificate when it presented one (a hash of
+/// the leaf), else its IP address.
+fn gateway_key(certificate: Option<&[u8]>, ip: std::net::IpAddr) -> String {
+    match certificate {
+        Some(der) => {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            der.hash(&mut hasher);
+            format!("cert:{:016x}", hasher.finish())
+        }
+        None => format!("ip:{ip}"),
+    }
+}
+
+/// The places a stream's requests take beside the stream's own: its connection's and its
+/// gateway's.
+pub struct Places {
+    connection: Arc<Semaphore>,
+    gateway: Arc<Gateway>,
+}
+
 /// How long a shutting-down server waits for requests in progress to be answered before
 /// it closes what is left. Longer than a typical acquirer timeout (2 s), so a request
 /// waiting on an acquirer still gets its answer.
@@ -212,7 +331,7 @@ pub async fn serve_stream<R, W, H>(
     writer: &mut W,
     handler: &Arc<H>,
     bounds: StreamBounds,
-    connection: &Arc<Semaphore>,
+    places_of: &Places,
     stats: &ServeStats,
     shutdown: &CancellationToken,
 ) -> StreamEnd
@@ -275,21 +394,36 @@ where
                     Ok(Some(frame)) => {
                         idle_since = tokio::time::Instant::now();
                         stats.frames.fetch_add(1, Ordering::Relaxed);
+                        let connection = &places_of.connection;
+                        let gateway = &places_of.gateway;
+                        let mut gateway_full = false;
                         let place = Arc::clone(&places).try_acquire_owned().ok().and_then(|stream| {
-                            Some((stream, Arc::clone(connection).try_acquire_owned().ok()?))
+                            let conn = Arc::clone(connection).try_acquire_owned().ok()?;
+                            let gw = Arc::clone(&gateway.in_flight).try_acquire_owned().ok();
+                            gateway_full = gw.is_none() || !gateway.take_token();
+                            Some((stream, conn, gw.filter(|_| !gateway_full)?))
                         });
                         let place = match place {
                             Some(place) => Some(place),
-                            None if H::SHEDS => None,
+                            None if H::SHEDS => {
+                                if gateway_full {
+                                    stats.gateway_shed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                None
+                            }
                             // Not shedding: wait for places, as flow control would.
                             None => {
-                                let (Ok(stream), Ok(conn)) = (
+                                let (Ok(stream), Ok(conn), Ok(gw)) = (
                                     Arc::clone(&places).acquire_owned().await,
                                     Arc::clone(connection).acquire_owned().await,
+                                    Arc::clone(&gateway.in_flight).acquire_owned().await,
                                 ) else {
                                     return StreamEnd::Failed;
                                 };
-                                Some((stream, conn))
+                                while !gateway.take_token() {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                                Some((stream, conn, gw))
                             }
                         };
                         match place {
@@ -352,6 +486,7 @@ pub async fn serve_quic<H: Handler>(
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let peers = Arc::new(PerPeer::default());
+    let gateways = Arc::new(Gateways::default());
     let streams = TaskTracker::new();
     loop {
         let incoming = tokio::select! {
@@ -372,13 +507,32 @@ pub async fn serve_quic<H: Handler>(
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
         let streams = streams.clone();
+        let gateways = Arc::clone(&gateways);
         tokio::spawn(async move {
             let _places = (permit, peer);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                 Ok(Ok(connection)) => {
                     stats.connections.fetch_add(1, Ordering::Relaxed);
-                    serve_quic_connection(connection, handler, limits, stats, shutdown, streams)
-                        .await;
+                    let certificates = connection.peer_identity().and_then(|identity| {
+                        identity
+                            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                            .ok()
+                    });
+                    let leaf = certificates.as_ref().and_then(|c| c.first());
+                    let key =
+                        gateway_key(leaf.map(|c| c.as_ref()), connection.remote_address().ip());
+                    let gateway = gateways.join(key, &limits);
+                    serve_quic_connection(
+                        connection,
+                        handler,
+                        limits,
+                        Arc::clone(&gateway.gateway),
+                        stats,
+                        shutdown,
+                        streams,
+                    )
+                    .await;
+                    drop(gateway);
                 }
                 _ => {
                     stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
@@ -397,11 +551,15 @@ async fn serve_quic_connection<H: Handler>(
     connection: quinn::Connection,
     handler: Arc<H>,
     limits: Limits,
+    gateway: Arc<Gateway>,
     stats: Arc<ServeStats>,
     shutdown: CancellationToken,
     streams: TaskTracker,
 ) {
-    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
+    let places = Arc::new(Places {
+        connection: Arc::new(Semaphore::new(limits.max_in_flight_per_connection)),
+        gateway,
+    });
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -417,7 +575,7 @@ async fn serve_quic_connection<H: Handler>(
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
-        let in_flight = Arc::clone(&in_flight);
+        let places = Arc::clone(&places);
         streams.spawn(async move {
             let mut reader = FrameReader::new(recv, limits.max_frame);
             let end = serve_stream(
@@ -428,7 +586,7 @@ async fn serve_quic_connection<H: Handler>(
                     max_in_flight: limits.max_in_flight_per_stream,
                     idle_timeout: None,
                 },
-                &in_flight,
+                &places,
                 &stats,
                 &shutdown,
             )
@@ -480,6 +638,7 @@ pub async fn serve_tcp_with<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let peers = Arc::new(PerPeer::default());
+    let gateways = Arc::new(Gateways::default());
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF_START;
@@ -514,13 +673,17 @@ pub async fn serve_tcp_with<H: Handler>(
             let config = tls.read().unwrap_or_else(|e| e.into_inner());
             tokio_rustls::TlsAcceptor::from(Arc::clone(&config))
         });
+        let gateways = Arc::clone(&gateways);
         tracker.spawn(async move {
             let _places = (permit, place);
             match acceptor {
                 None => {
                     stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let gateway = gateways.join(gateway_key(None, peer.ip()), &limits);
                     let (read, write) = stream.into_split();
-                    serve_tcp_connection(read, write, &handler, limits, &stats, &shutdown).await;
+                    let gw = Arc::clone(&gateway.gateway);
+                    serve_tcp_connection(read, write, &handler, limits, gw, &stats, &shutdown)
+                        .await;
                 }
                 Some(acceptor) => {
                     let handshake =
@@ -530,8 +693,17 @@ pub async fn serve_tcp_with<H: Handler>(
                         return;
                     };
                     stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let leaf = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec());
+                    let gateway = gateways.join(gateway_key(leaf.as_deref(), peer.ip()), &limits);
                     let (read, write) = tokio::io::split(stream);
-                    serve_tcp_connection(read, write, &handler, limits, &stats, &shutdown).await;
+                    let gw = Arc::clone(&gateway.gateway);
+                    serve_tcp_connection(read, write, &handler, limits, gw, &stats, &shutdown)
+                        .await;
                 }
             }
         });
@@ -546,6 +718,7 @@ async fn serve_tcp_connection<R, W, H>(
     mut write: W,
     handler: &Arc<H>,
     limits: Limits,
+    gateway: Arc<Gateway>,
     stats: &ServeStats,
     shutdown: &CancellationToken,
 ) where
@@ -555,7 +728,10 @@ async fn serve_tcp_connection<R, W, H>(
 {
     stats.streams.fetch_add(1, Ordering::Relaxed);
     let mut reader = FrameReader::new(read, limits.max_frame);
-    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
+    let places = Places {
+        connection: Arc::new(Semaphore::new(limits.max_in_flight_per_connection)),
+        gateway,
+    };
     let end = serve_stream(
         &mut reader,
         &mut write,
@@ -564,7 +740,7 @@ async fn serve_tcp_connection<R, W, H>(
             max_in_flight: limits.max_in_flight_per_stream,
             idle_timeout: Some(limits.tcp_idle_timeout),
         },
-        &in_flight,
+        &places,
         stats,
         shutdown,
     )
