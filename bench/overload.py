@@ -49,6 +49,8 @@ def main():
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--pipelined", action="store_true")
     p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--gateway-in-flight", type=int, default=None,
+                   help="pipeline.max_in_flight_per_gateway (the load is one gateway)")
     args = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="payswitch-overload-")
@@ -66,7 +68,16 @@ def main():
     try:
         spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--approval-rate", "1"],
               "acquirer.log")
-        switch = spawn([BIN, "serve", "--listen", f"127.0.0.1:{quic_port}", "--admin", admin,
+        extra = []
+        if args.gateway_in_flight is not None:
+            config = os.path.join(work, "switch.toml")
+            with open(config, "w") as f:
+                f.write(f"insecure_acquirers = true\n[listen]\nquic = \"127.0.0.1:{quic_port}\"\n"
+                        f"admin = \"{admin}\"\n[pipeline]\n"
+                        f"max_in_flight_per_gateway = {args.gateway_in_flight}\n"
+                        f"[[acquirers]]\nname = \"sim\"\naddress = \"127.0.0.1:{acq_port}\"\n")
+            extra = ["--config", config]
+        switch = spawn([BIN, "serve", *extra, "--listen", f"127.0.0.1:{quic_port}", "--admin", admin,
                         "--acquirer", f"127.0.0.1:{acq_port}",
                         "--journal", os.path.join(work, "journal"), "--fsync", "never"],
                        "switch.log")

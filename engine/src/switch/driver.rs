@@ -152,7 +152,7 @@ impl Switch {
                         let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed);
                         self.log_shedding(
                             shed,
-                            "gateway stream or connection at its in-flight bound",
+                            "a gateway, connection or stream at its in-flight bound (or a gateway over its rate)",
                         );
                     }
                     let (times, request, record) = self.take(r);
