@@ -24,14 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-from procs import BIN, free_port, wait_ready
+from procs import BIN, free_port, spawner, stats, wait_ready
 
-
-def stats(admin):
-    with urllib.request.urlopen(f"http://{admin}/api/stats", timeout=5) as r:
-        return json.load(r)
 
 
 def main():
@@ -49,11 +44,7 @@ def main():
     admin = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
     procs = []
 
-    def spawn(cmd, log):
-        out = open(os.path.join(work, log), "w")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
+    spawn = spawner(work, procs)
 
     try:
         north = spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{north_port}",

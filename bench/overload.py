@@ -21,9 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-from procs import BIN, free_port, wait_ready
+from procs import BIN, free_port, spawner, stats, wait_ready
 
 
 def rss_kib(pid):
@@ -58,11 +57,7 @@ def main():
     admin = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
     procs = []
 
-    def spawn(cmd, log):
-        out = open(os.path.join(work, log), "w")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
+    spawn = spawner(work, procs)
 
     rss = []
     try:
@@ -95,8 +90,7 @@ def main():
             rss.append(rss_kib(switch.pid))
             time.sleep(0.25)
         rss.append(rss_kib(switch.pid))
-        with urllib.request.urlopen(f"http://{admin}/api/stats", timeout=5) as r:
-            final = json.load(r)
+        final = stats(admin)
     finally:
         for proc in procs:
             if proc.poll() is None:

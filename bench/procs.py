@@ -1,8 +1,11 @@
-"""What the real-process benches share: the release binary, free loopback ports, and
-waiting for a switch's /ready."""
+"""What the real-process benches share: the release binary, free loopback ports,
+starting processes with their logs in a work directory, waiting for a switch's /ready and
+reading its /api/stats."""
 
+import json
 import os
 import socket
+import subprocess
 import time
 import urllib.request
 
@@ -27,3 +30,19 @@ def wait_ready(admin, deadline_s=30):
             pass
         time.sleep(0.1)
     raise SystemExit("the switch never became ready")
+
+
+def spawner(work, procs, mode="w"):
+    """A function starting `cmd` with its output in `work/log`, remembered in `procs`."""
+    def spawn(cmd, log):
+        out = open(os.path.join(work, log), mode)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+    return spawn
+
+
+def stats(admin):
+    """The switch's /api/stats."""
+    with urllib.request.urlopen(f"http://{admin}/api/stats", timeout=5) as r:
+        return json.load(r)

@@ -25,14 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-from procs import BIN, free_port, wait_ready
+from procs import BIN, free_port, spawner, stats, wait_ready
 
-
-def stats(admin):
-    with urllib.request.urlopen(f"http://{admin}/api/stats", timeout=5) as r:
-        return json.load(r)
 
 
 def main():
@@ -77,11 +72,8 @@ stand_in = {{ max_amount_minor = {args.max_amount} }}
 """)
     procs = []
 
-    def spawn(cmd, log):
-        out = open(os.path.join(work, log), "a")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
+    # Appends: the acquirer is started twice with one log.
+    spawn = spawner(work, procs, "a")
 
     ledger = os.path.join(work, "ledger.jsonl")
     north_cmd = [BIN, "acquirer-sim", "--listen", f"127.0.0.1:{north_port}", "--name", "north",

@@ -494,23 +494,44 @@ impl Recovery {
         let Some(record) = life.advice_owed() else {
             return;
         };
+        let owed = self.owed(
+            Owed::Advice,
+            request_seq,
+            record,
+            life.advice_sent,
+            acquirers,
+        );
+        if let Some(advice) = owed {
+            self.pending.push(PendingReversal { entry, ..advice });
+        }
+    }
+
+    /// What `request_seq` owes, built from `record` with its last attempt `sent` (link STAN
+    /// and attempt number); `None`, counted, when the record's acquirer is no longer
+    /// configured (its records are kept for a later start).
+    fn owed(
+        &mut self,
+        owed: Owed,
+        request_seq: u64,
+        record: &Record,
+        sent: Option<(u32, u32)>,
+        acquirers: &[String],
+    ) -> Option<PendingReversal> {
         let Some(acquirer) = acquirer_index(acquirers, &record.acquirer) else {
             self.unknown_acquirers += 1;
             self.unknown_owed.push(request_seq);
-            return;
+            return None;
         };
-        let (stan, attempts) = life
-            .advice_sent
-            .map_or((None, 0), |(stan, attempt)| (Stan::new(stan), attempt));
-        self.pending.push(PendingReversal {
-            owed: Owed::Advice,
+        let (stan, attempts) = sent.map_or((None, 0), |(stan, attempt)| (Stan::new(stan), attempt));
+        Some(PendingReversal {
+            owed,
             request_seq,
             acquirer,
             original: record.clone(),
             stan,
             attempts,
-            entry,
-        });
+            entry: None,
+        })
     }
 
     /// Takes on the reversal `life` still owes, if any: to deliver (queued before) or to
@@ -519,29 +540,21 @@ impl Recovery {
         let Some((record, in_doubt)) = life.reversal_owed() else {
             return;
         };
-        let Some(acquirer) = acquirer_index(acquirers, &record.acquirer) else {
-            self.unknown_acquirers += 1;
-            self.unknown_owed.push(request_seq);
+        let owed = self.owed(
+            Owed::Reversal,
+            request_seq,
+            record,
+            life.reversal_sent,
+            acquirers,
+        );
+        let Some(mut pending) = owed else {
             return;
         };
-        let (stan, attempts) = life
-            .reversal_sent
-            .map_or((None, 0), |(stan, attempt)| (Stan::new(stan), attempt));
-        let mut original = record.clone();
         if life.stand_in.is_some() {
             // The reversal of a stand-in approval names its advice by the STAN of the
             // advice's last attempt (none yet: 0, set when the advice is acknowledged).
-            original.link_stan = life.advice_sent.map_or(0, |(stan, _)| stan);
+            pending.original.link_stan = life.advice_sent.map_or(0, |(stan, _)| stan);
         }
-        let pending = PendingReversal {
-            owed: Owed::Reversal,
-            request_seq,
-            acquirer,
-            original,
-            stan,
-            attempts,
-            entry: None,
-        };
         if in_doubt {
             self.in_doubt.push(pending);
         } else {

@@ -1095,6 +1095,15 @@ async fn retention_deletes_old_segments_but_keeps_what_a_reversal_owed_needs() {
     switch.shutdown().await;
 }
 
+/// The acquirer simulator's ledger (`--ledger`), a JSON value per message it answered.
+fn ledger_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Stand-in (STIP): with the route's only acquirer unreachable, a small authorization is
 /// approved by the switch (`S…` approval code, `stand_in=1`) and a large one answered 91;
 /// once the acquirer is up the advice reaches it (0120, acknowledged by 0130) and books
@@ -1199,11 +1208,7 @@ async fn an_unreachable_acquirer_is_stood_in_for_and_gets_the_advice_once_it_is_
     sim.shutdown().await;
     // The acquirer's books: the advice (booked with the switch's approval code), then the
     // reversal naming it.
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&ledger_path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = ledger_lines(&ledger_path);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["mti"], "0120");
     assert_eq!(lines[0]["approval_code"], approval.as_str());
@@ -1299,11 +1304,7 @@ async fn with_a_pan_key_file_a_reversal_rebuilt_after_a_restart_carries_the_pan(
     }
     switch.shutdown().await;
     sim.shutdown().await;
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&ledger_path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = ledger_lines(&ledger_path);
     let reversal = lines
         .iter()
         .find(|l| l["mti"] == "0400" || l["mti"] == "0401")

@@ -131,6 +131,13 @@ fn run_until_wait(
     }
 }
 
+/// The request `life` sent gets no answer within its timeout (2 s): its reply, once the
+/// steps that follow are done.
+fn time_out(life: &mut Lifecycle, books: &mut Books, queued: &mut Vec<PendingReversal>) -> Reply {
+    let step = life.handle(Event::NoAnswer, at(2_000), &names());
+    replied(run_until_wait(life, step, books, queued, at(2_000)))
+}
+
 fn replied(step: Step) -> Reply {
     match step {
         Step::Reply(reply) => reply,
@@ -217,14 +224,7 @@ fn an_unavailable_acquirer_is_followed_by_the_next_but_a_silent_one_never_is() {
     else {
         panic!("sent to the second acquirer")
     };
-    let step = life.handle(Event::NoAnswer, at(2_000), &names);
-    let reply = replied(run_until_wait(
-        &mut life,
-        step,
-        &mut books,
-        &mut queued,
-        at(2_000),
-    ));
+    let reply = time_out(&mut life, &mut books, &mut queued);
     assert_eq!(&reply.code, b"91", "never sent to a third acquirer");
     assert_eq!(queued.len(), 1, "reversed once");
     assert_eq!(queued[0].acquirer, 1);
@@ -254,14 +254,7 @@ fn an_approval_after_the_timeout_is_reversed_exactly_once() {
     let Step::Send { .. } = run_until_wait(&mut life, step, &mut books, &mut queued, at(0)) else {
         panic!("sent")
     };
-    let step = life.handle(Event::NoAnswer, at(2_000), &names);
-    let reply = replied(run_until_wait(
-        &mut life,
-        step,
-        &mut books,
-        &mut queued,
-        at(2_000),
-    ));
+    let reply = time_out(&mut life, &mut books, &mut queued);
     assert_eq!(&reply.code, b"91");
     assert_eq!(queued.len(), 1);
     // The gateway, told 91, reverses it too: already queued, not twice.
@@ -348,14 +341,7 @@ fn a_timeout_racing_the_gateways_reversal_reverses_once() {
     ));
     assert_eq!(reply.response.get_str(48), Some("reversal=queued"));
     assert_eq!(queued.len(), 1);
-    let step = life.handle(Event::NoAnswer, at(2_000), &names);
-    let reply = replied(run_until_wait(
-        &mut life,
-        step,
-        &mut books,
-        &mut queued,
-        at(2_000),
-    ));
+    let reply = time_out(&mut life, &mut books, &mut queued);
     assert_eq!(&reply.code, b"91");
     assert_eq!(queued.len(), 1, "the timeout finds the reversal taken");
     assert_eq!(
@@ -461,14 +447,7 @@ fn stand_in_refuses_what_its_rule_does_not_admit_and_never_follows_a_send() {
     let Step::Send { .. } = run_until_wait(&mut life, step, &mut books, &mut queued, at(0)) else {
         panic!("sent to the first acquirer")
     };
-    let step = life.handle(Event::NoAnswer, at(2_000), &names);
-    let reply = replied(run_until_wait(
-        &mut life,
-        step,
-        &mut books,
-        &mut queued,
-        at(2_000),
-    ));
+    let reply = time_out(&mut life, &mut books, &mut queued);
     assert_eq!(&reply.code, b"91");
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].owed, Owed::Reversal);

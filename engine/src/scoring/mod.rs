@@ -344,18 +344,9 @@ impl Scoring {
     /// Scores and decides one transaction, updating the shard's and the shared state.
     pub fn decide(&self, shard: &mut ShardScoring, tx: &Transaction) -> Verdict {
         let started = Instant::now();
-        {
-            let stripe = |hash: u64| (hash % ENTITY_STRIPES as u64) as usize;
-            let mut merchants = lock(&self.merchants[stripe(tx.merchant)]);
-            let mut terminals = lock(&self.terminals[stripe(tx.terminal)]);
-            features::extract(
-                tx,
-                &mut shard.cards,
-                &mut merchants,
-                &mut terminals,
-                &mut shard.features,
-            );
-        }
+        // The features, and the velocity state updated (the entity locks are released
+        // before the model runs).
+        self.warm(shard, tx);
         let champion = self.champion.load_full();
         let model_score = champion.as_ref().map(|m| m.score(&shard.features));
         let rules = self.rules.current();
