@@ -36,6 +36,16 @@ def rss_kib(pid):
     return None
 
 
+def cpu_s(pid):
+    """User plus system CPU seconds of a process so far (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
 def percentile(sorted_values, q):
     if not sorted_values:
         return None
@@ -61,7 +71,7 @@ def main():
 
     rss = []
     try:
-        spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--approval-rate", "1"],
+        acquirer = spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--approval-rate", "1"],
               "acquirer.log")
         extra = []
         if args.gateway_in_flight is not None:
@@ -85,10 +95,17 @@ def main():
                "--max-outstanding", "50000"]
         if args.pipelined:
             cmd.append("--pipelined")
+        cpu_before = {name: cpu_s(proc.pid) for name, proc in (("switch", switch), ("acquirer", acquirer))}
         load = spawn(cmd, "load.log")
+        load_cpu = 0.0
         while load.poll() is None:
             rss.append(rss_kib(switch.pid))
+            load_cpu = cpu_s(load.pid) or load_cpu
             time.sleep(0.25)
+        cpu = {name: (cpu_s(proc.pid) or 0.0) - (cpu_before[name] or 0.0)
+               for name, proc in (("switch", switch), ("acquirer", acquirer))}
+        # The load's last quarter second is not seen; its JSON report is written at the end.
+        cpu["load"] = load_cpu
         rss.append(rss_kib(switch.pid))
         final = stats(admin)
     finally:
@@ -119,6 +136,15 @@ def main():
         if values:
             print(f"latency {name}: p50 {percentile(values, 0.5) / 1000:.1f} ms, "
                   f"p99 {percentile(values, 0.99) / 1000:.1f} ms, max {values[-1] / 1000:.1f} ms")
+    stages = []
+    for entry in final.get("stages", []):
+        since = entry.get("since_start") or {}
+        if since.get("p99_us") is not None:
+            stages.append(f"{entry['stage']} {since.get('p50_us', 0) / 1000:.1f}/{since['p99_us'] / 1000:.1f}")
+    if stages:
+        print("switch's own stage p50/p99 in ms since start (admitted and shed): " + ", ".join(stages))
+    print("CPU seconds while the load ran: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+          + f" (of {2 * args.duration} on 2 cores for {args.duration} s)")
     if rss:
         print(f"switch RSS: start {rss[0] // 1024} MiB, peak {max(rss) // 1024} MiB, end {rss[-1] // 1024} MiB")
 

@@ -21,6 +21,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,9 +52,10 @@ pub enum Reply {
 /// Handles one frame (a message without its header) and says what to answer.
 pub trait Handler: Send + Sync + 'static {
     /// Handle `frame`. This is called in the order the stream's frames are read, and the
-    /// future it returns then runs on its own task: work done before the future is
-    /// returned (enqueueing to a card's shard, say) keeps the stream's order; work inside
-    /// it may complete in any order. The task runs to its end even if the stream fails
+    /// future it returns then runs concurrently with the stream's other requests (on the
+    /// stream's own task or a task of its own): work done before the future is returned
+    /// (enqueueing to a card's shard, say) keeps the stream's order; work inside it may
+    /// complete in any order. The future runs to its end even if the stream fails
     /// meanwhile.
     fn handle(self: Arc<Self>, frame: Bytes) -> impl Future<Output = Reply> + Send + 'static;
 
@@ -323,9 +325,30 @@ pub struct StreamBounds {
     pub idle_timeout: Option<Duration>,
 }
 
+/// A request in progress and whether it holds places (admitted) or was shed.
+type Running = (Reply, bool);
+
+/// A request polled by its stream's own task, boxed so one slot holds either kind.
+type InlineRequest = Pin<Box<dyn Future<Output = Running> + Send + 'static>>;
+
+/// Starts a request: on the stream's own task when its slot is free — a stream with one
+/// request at a time (a gateway opening a stream per request) then costs no task of its
+/// own — else on a task of its own, so a pipelined stream's requests run on every core.
+fn start<F>(request: F, inline: &mut Option<InlineRequest>, tasks: &mut JoinSet<Running>)
+where
+    F: Future<Output = Running> + Send + 'static,
+{
+    if inline.is_none() {
+        *inline = Some(Box::pin(request));
+    } else {
+        tasks.spawn(request);
+    }
+}
+
 /// Serves one stream until the peer finishes it, it fails, a frame cannot be answered, or
 /// `shutdown` fires. Responses still in progress when reading stops are written before
-/// returning, so a shutdown drains the stream instead of dropping its requests.
+/// returning, so a shutdown drains the stream instead of dropping its requests. Requests
+/// still in progress when the stream fails run on to their end on tasks of their own.
 pub async fn serve_stream<R, W, H>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
@@ -344,52 +367,74 @@ where
         max_in_flight,
         idle_timeout,
     } = bounds;
-    let mut tasks: JoinSet<Reply> = JoinSet::new();
-    // Admitted requests hold a place of the stream's and one of the connection's; shed
-    // ones hold none, and all together are at most twice the stream's bound.
-    let places = Arc::new(Semaphore::new(max_in_flight));
-    let max_tasks = if H::SHEDS {
+    // The first request in progress is polled here; the others each have a task.
+    let mut inline: Option<InlineRequest> = None;
+    let mut tasks: JoinSet<Running> = JoinSet::new();
+    // Admitted requests in progress (each holds a place of the connection's and of its
+    // gateway's too), and all requests in progress: shed ones hold no place, and all
+    // together are at most twice the stream's bound.
+    let mut admitted = 0usize;
+    let mut in_progress = 0usize;
+    let max_in_progress = if H::SHEDS {
         2 * max_in_flight
     } else {
         max_in_flight
     };
-    let mut out = BytesMut::with_capacity(1024);
+    let mut out = BytesMut::new();
     let mut reading = true;
     let mut end = StreamEnd::Finished;
-    // Without a timeout the branch is disabled, but select! still builds its future: a
-    // year keeps the deadline's arithmetic far from overflow.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    // A stream with nothing in progress and no frame for `idle_for` is closed. The timer
+    // is set once and, when it fires early (a frame came meanwhile), set again for the
+    // rest: resetting it on every frame would cost a timer-wheel update per request.
+    // Without a timeout the branch is disabled and a year keeps the arithmetic safe.
     let idle_for = idle_timeout.unwrap_or(Duration::from_secs(365 * 86_400));
     let mut idle_since = tokio::time::Instant::now();
-    loop {
+    let idle = tokio::time::sleep_until(idle_since + idle_for);
+    tokio::pin!(idle);
+    let end = loop {
         tokio::select! {
-            _ = shutdown.cancelled(), if reading => reading = false,
-            _ = tokio::time::sleep_until(idle_since + idle_for),
-                if reading && tasks.is_empty() && idle_timeout.is_some() =>
-            {
+            _ = &mut cancelled, if reading => reading = false,
+            _ = &mut idle, if reading && in_progress == 0 && idle_timeout.is_some() => {
+                if tokio::time::Instant::now() < idle_since + idle_for {
+                    idle.as_mut().reset(idle_since + idle_for);
+                    continue;
+                }
                 stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 reading = false;
                 end = StreamEnd::Failed;
             }
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+            done = std::future::poll_fn(|cx| match inline.as_mut() {
+                // A handler that panics ends its request and stream, not the stream's
+                // other requests: as it would on a task of its own.
+                Some(request) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                    || request.as_mut().poll(cx),
+                )) {
+                    Ok(poll) => poll.map(Some),
+                    Err(_) => std::task::Poll::Ready(None),
+                },
+                None => std::task::Poll::Pending,
+            }), if inline.is_some() => {
+                inline = None;
+                if let Some(failed) = answer(
+                    done, &mut tasks, &mut out, writer, (&mut admitted, &mut in_progress),
+                    (&mut reading, &mut end),
+                ).await {
+                    break failed;
+                }
                 idle_since = tokio::time::Instant::now();
-                out.clear();
-                let mut close = collect(done, &mut out);
-                // Batch whatever else is ready into the same write.
-                while let Some(more) = tasks.try_join_next() {
-                    close = close.or(collect(more, &mut out));
-                }
-                if !out.is_empty() && writer.write_all(&out).await.is_err() {
-                    // Requests in progress still run to their end (a switch journals
-                    // their outcome); only their answers have nowhere to go.
-                    tasks.detach_all();
-                    return StreamEnd::Failed;
-                }
-                if let Some(code) = close {
-                    reading = false;
-                    end = StreamEnd::Abort(code);
-                }
             }
-            frame = reader.next_frame(), if reading && tasks.len() < max_tasks => {
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Some(failed) = answer(
+                    done.ok(), &mut tasks, &mut out, writer, (&mut admitted, &mut in_progress),
+                    (&mut reading, &mut end),
+                ).await {
+                    break failed;
+                }
+                idle_since = tokio::time::Instant::now();
+            }
+            frame = reader.next_frame(), if reading && in_progress < max_in_progress => {
                 match frame {
                     Ok(Some(frame)) => {
                         idle_since = tokio::time::Instant::now();
@@ -397,11 +442,11 @@ where
                         let connection = &places_of.connection;
                         let gateway = &places_of.gateway;
                         let mut gateway_full = false;
-                        let place = Arc::clone(&places).try_acquire_owned().ok().and_then(|stream| {
+                        let place = (admitted < max_in_flight).then_some(()).and_then(|()| {
                             let conn = Arc::clone(connection).try_acquire_owned().ok()?;
                             let gw = Arc::clone(&gateway.in_flight).try_acquire_owned().ok();
                             gateway_full = gw.is_none() || !gateway.take_token();
-                            Some((stream, conn, gw.filter(|_| !gateway_full)?))
+                            Some((conn, gw.filter(|_| !gateway_full)?))
                         });
                         let place = match place {
                             Some(place) => Some(place),
@@ -411,33 +456,37 @@ where
                                 }
                                 None
                             }
-                            // Not shedding: wait for places, as flow control would.
+                            // Not shedding: wait for places, as flow control would (the
+                            // stream's own bound is kept by reading no further frame).
                             None => {
-                                let (Ok(stream), Ok(conn), Ok(gw)) = (
-                                    Arc::clone(&places).acquire_owned().await,
+                                let (Ok(conn), Ok(gw)) = (
                                     Arc::clone(connection).acquire_owned().await,
                                     Arc::clone(&gateway.in_flight).acquire_owned().await,
                                 ) else {
-                                    return StreamEnd::Failed;
+                                    break StreamEnd::Failed;
                                 };
                                 while !gateway.take_token() {
                                     tokio::time::sleep(Duration::from_millis(10)).await;
                                 }
-                                Some((stream, conn, gw))
+                                Some((conn, gw))
                             }
                         };
+                        in_progress += 1;
                         match place {
                             Some(place) => {
+                                admitted += 1;
                                 let request = Arc::clone(handler).handle(frame);
-                                tasks.spawn(async move {
+                                let request = async move {
                                     let reply = request.await;
                                     drop(place);
-                                    reply
-                                });
+                                    (reply, true)
+                                };
+                                start(request, &mut inline, &mut tasks);
                             }
                             None => {
                                 stats.shed.fetch_add(1, Ordering::Relaxed);
-                                tasks.spawn(Arc::clone(handler).shed(frame));
+                                let request = Arc::clone(handler).shed(frame);
+                                start(async move { (request.await, false) }, &mut inline, &mut tasks);
                             }
                         }
                     }
@@ -452,7 +501,15 @@ where
                     }
                 }
             }
-            else => break,
+            else => break end,
+        }
+    };
+    if end == StreamEnd::Failed {
+        // Requests in progress still run to their end (a switch journals their outcome);
+        // only their answers have nowhere to go.
+        tasks.detach_all();
+        if let Some(request) = inline.take() {
+            tokio::spawn(request);
         }
     }
     if matches!(end, StreamEnd::Abort(_)) {
@@ -461,17 +518,54 @@ where
     end
 }
 
+/// Writes a finished request's answer, with those of any others already finished, and
+/// counts them out; returns `Some(StreamEnd::Failed)` when the stream can no longer be
+/// written. A reply that asks to end the stream stops reading it.
+async fn answer<W: AsyncWrite + Unpin>(
+    done: Option<Running>,
+    tasks: &mut JoinSet<Running>,
+    out: &mut BytesMut,
+    writer: &mut W,
+    (admitted, in_progress): (&mut usize, &mut usize),
+    (reading, end): (&mut bool, &mut StreamEnd),
+) -> Option<StreamEnd> {
+    out.clear();
+    let mut close = None;
+    let mut next = Some(done);
+    // Batch whatever else is ready into the same write.
+    while let Some(done) = next
+        .take()
+        .or_else(|| tasks.try_join_next().map(Result::ok))
+    {
+        *in_progress -= 1;
+        if let Some((_, true)) = done {
+            *admitted -= 1;
+        }
+        // A request that panicked (`None`) could not be answered: it ends the stream, so
+        // what it held no longer matters to the count.
+        close = close.or(collect(done.map(|(reply, _)| reply), out));
+    }
+    if !out.is_empty() && writer.write_all(out).await.is_err() {
+        return Some(StreamEnd::Failed);
+    }
+    if let Some(code) = close {
+        *reading = false;
+        *end = StreamEnd::Abort(code);
+    }
+    None
+}
+
 /// Appends a reply to `out`; returns the close code if the reply asks to end the stream.
-fn collect(done: Result<Reply, tokio::task::JoinError>, out: &mut BytesMut) -> Option<u32> {
+fn collect(done: Option<Reply>, out: &mut BytesMut) -> Option<u32> {
     match done {
-        Ok(Reply::Message(message)) => match message.encode_framed(out) {
+        Some(Reply::Message(message)) => match message.encode_framed(out) {
             Ok(()) => None,
             Err(_) => Some(codes::INTERNAL),
         },
-        Ok(Reply::Close(code)) => Some(code),
+        Some(Reply::Close(code)) => Some(code),
         // A handler that panicked: its request cannot be answered, the stream can't be
         // trusted to be in order any more.
-        Err(_) => Some(codes::INTERNAL),
+        None => Some(codes::INTERNAL),
     }
 }
 
