@@ -60,6 +60,8 @@ def main():
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--gateway-in-flight", type=int, default=None,
                    help="pipeline.max_in_flight_per_gateway (the load is one gateway)")
+    p.add_argument("--pipeline", action="append", default=[], metavar="KEY=VALUE",
+                   help="another [pipeline] setting of the switch, e.g. max_in_flight_per_connection=256")
     args = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="payswitch-overload-")
@@ -74,13 +76,18 @@ def main():
         acquirer = spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--approval-rate", "1"],
               "acquirer.log")
         extra = []
+        pipeline = list(args.pipeline)
         if args.gateway_in_flight is not None:
+            pipeline.append(f"max_in_flight_per_gateway={args.gateway_in_flight}")
+        if pipeline:
             config = os.path.join(work, "switch.toml")
             with open(config, "w") as f:
                 f.write(f"insecure_acquirers = true\n[listen]\nquic = \"127.0.0.1:{quic_port}\"\n"
-                        f"admin = \"{admin}\"\n[pipeline]\n"
-                        f"max_in_flight_per_gateway = {args.gateway_in_flight}\n"
-                        f"[[acquirers]]\nname = \"sim\"\naddress = \"127.0.0.1:{acq_port}\"\n")
+                        f"admin = \"{admin}\"\n[pipeline]\n")
+                for setting in pipeline:
+                    key, value = setting.split("=", 1)
+                    f.write(f"{key} = {value}\n")
+                f.write(f"[[acquirers]]\nname = \"sim\"\naddress = \"127.0.0.1:{acq_port}\"\n")
             extra = ["--config", config]
         switch = spawn([BIN, "serve", *extra, "--listen", f"127.0.0.1:{quic_port}", "--admin", admin,
                         "--acquirer", f"127.0.0.1:{acq_port}",
@@ -147,6 +154,8 @@ def main():
           + f" (of {2 * args.duration} on 2 cores for {args.duration} s)")
     if rss:
         print(f"switch RSS: start {rss[0] // 1024} MiB, peak {max(rss) // 1024} MiB, end {rss[-1] // 1024} MiB")
+        # Sampled every 250 ms: one in 20 is a sample every 5 s.
+        print("switch RSS every 5 s (MiB): " + " ".join(str(r // 1024) for r in rss[::20]))
 
 
 if __name__ == "__main__":

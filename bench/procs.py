@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "payswitch")
+BIN = os.environ.get("PAYSWITCH_BIN") or os.path.join(ROOT, "target", "release", "payswitch")
 
 
 def free_port(kind=socket.SOCK_DGRAM):

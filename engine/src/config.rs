@@ -200,9 +200,14 @@ pub struct PipelineConfig {
     pub max_connections: usize,
     /// Open gateway connections per listener from one IP address.
     pub max_connections_per_peer: usize,
-    /// Seconds a TCP gateway connection may stay idle (nothing in progress, no frame)
-    /// before it is closed.
-    pub tcp_idle_timeout_s: u64,
+    /// Seconds a gateway stream — a TCP connection, or a QUIC stream — may stay idle
+    /// (nothing in progress, no frame) before it is closed. `tcp_idle_timeout_s`, its
+    /// name before it covered QUIC streams too, is read as well.
+    #[serde(alias = "tcp_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// Seconds a frame may take from its first byte to its last, and a gateway to take a
+    /// write of its answers, before its stream is closed.
+    pub stall_timeout_s: u64,
     /// Requests one gateway (a client certificate, or an IP address without one) may have
     /// in progress over all its connections to a listener; more are answered 91 at once.
     pub max_in_flight_per_gateway: usize,
@@ -227,7 +232,8 @@ impl Default for PipelineConfig {
             max_in_flight_per_connection: limits.max_in_flight_per_connection,
             max_connections: limits.max_connections,
             max_connections_per_peer: limits.max_connections_per_peer,
-            tcp_idle_timeout_s: limits.tcp_idle_timeout.as_secs(),
+            idle_timeout_s: limits.idle_timeout.as_secs(),
+            stall_timeout_s: limits.stall_timeout.as_secs(),
             max_in_flight_per_gateway: limits.max_in_flight_per_gateway,
             max_rate_per_gateway: limits.max_rate_per_gateway,
             metrics: true,
@@ -439,11 +445,8 @@ impl PipelineConfig {
             self.max_rate_per_gateway,
             0..=10_000_000,
         )?;
-        within(
-            "pipeline.tcp_idle_timeout_s",
-            self.tcp_idle_timeout_s,
-            1..=86_400,
-        )
+        within("pipeline.idle_timeout_s", self.idle_timeout_s, 1..=86_400)?;
+        within("pipeline.stall_timeout_s", self.stall_timeout_s, 1..=3_600)
     }
 }
 

@@ -300,7 +300,7 @@ async fn silent_and_stalled_tcp_connections_are_closed_after_the_idle_timeout() 
     .await
     .unwrap();
     let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
-    config.pipeline.tcp_idle_timeout_s = 1;
+    config.pipeline.idle_timeout_s = 1;
     let switch = support::start_switch(&config, vec![trust(&sim)]).await;
     wait_links_up(&switch).await;
     let addr = switch.tcp_addr.unwrap();
@@ -334,6 +334,85 @@ async fn silent_and_stalled_tcp_connections_are_closed_after_the_idle_timeout() 
         .unwrap();
     let mut len = [0u8; 2];
     busy.read_exact(&mut len).await.unwrap();
+}
+
+/// On QUIC the connection's keep-alives keep it open however its streams behave, so the
+/// bounds are per stream: one that begins a frame and stalls, and one that has its answer
+/// and then sends nothing, are reset with `STALLED`, while a busy stream on the same
+/// connection is served throughout.
+#[tokio::test]
+async fn stalled_and_idle_quic_streams_are_reset_while_their_connection_is_served() {
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.pipeline.idle_timeout_s = 1;
+    config.pipeline.stall_timeout_s = 1;
+    let switch = support::start_switch(&config, vec![trust(&sim)]).await;
+    wait_links_up(&switch).await;
+    let endpoint =
+        quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
+    let conn = quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
+        .await
+        .unwrap();
+
+    let (mut stalled_send, mut stalled) = conn.open_bi().await.unwrap();
+    stalled_send
+        .write_all(&[0x00, 0x40, b'0', b'1'])
+        .await
+        .unwrap(); // 64 bytes announced, 2 sent
+    let (mut idle_send, idle) = conn.open_bi().await.unwrap();
+    framed::write_message(&mut idle_send, &authorization(1), &mut BytesMut::new())
+        .await
+        .unwrap();
+    let mut idle = FrameReader::new(idle, 8192);
+    assert!(idle.next_frame().await.unwrap().is_some(), "answered first");
+
+    let (mut busy_send, busy) = conn.open_bi().await.unwrap();
+    let mut busy = FrameReader::new(busy, 8192);
+    let started = std::time::Instant::now();
+    let mut stan = 2;
+    while started.elapsed() < Duration::from_millis(2_500) {
+        framed::write_message(&mut busy_send, &authorization(stan), &mut BytesMut::new())
+            .await
+            .unwrap();
+        stan += 1;
+        assert!(
+            busy.next_frame().await.unwrap().is_some(),
+            "busy stream answered"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let stalled_code = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut [0u8; 1]))
+        .await
+        .expect("the stalled stream ends");
+    assert!(
+        matches!(stalled_code, Err(quinn::ReadError::Reset(code)) if code.into_inner() == u64::from(payswitch_net::codes::STALLED)),
+        "stalled: {stalled_code:?}"
+    );
+    let idle_end = tokio::time::timeout(Duration::from_secs(5), idle.next_frame())
+        .await
+        .expect("the idle stream ends");
+    let idle_code = match &idle_end {
+        Err(payswitch_net::ReadError::Io(e)) => e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<quinn::ReadError>())
+            .cloned(),
+        _ => None,
+    };
+    assert!(
+        matches!(idle_code, Some(quinn::ReadError::Reset(code)) if code.into_inner() == u64::from(payswitch_net::codes::STALLED)),
+        "idle: {idle_end:?}"
+    );
+    assert!(switch.serve_stats.idle_closed.load(Relaxed) >= 2);
+    // The connection still serves a new stream.
+    framed::write_message(&mut busy_send, &authorization(stan), &mut BytesMut::new())
+        .await
+        .unwrap();
+    assert!(busy.next_frame().await.unwrap().is_some());
 }
 
 /// `POST /api/tls/reload` swaps a new client CA in without a restart: a certificate from

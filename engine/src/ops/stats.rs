@@ -269,7 +269,7 @@ pub fn prometheus(snapshot: &Snapshot, serve: &ServeStats) -> String {
         ),
         (
             "payswitch_gateway_idle_closed_total",
-            "TCP gateway connections closed after pipeline.tcp_idle_timeout_s without a frame.",
+            "Gateway TCP connections and QUIC streams closed after pipeline.idle_timeout_s without a frame, or pipeline.stall_timeout_s with a frame begun or answers not taken.",
             &serve.idle_closed,
         ),
         (

@@ -422,7 +422,8 @@ async fn listen(
         max_in_flight_per_connection: config.pipeline.max_in_flight_per_connection,
         max_connections: config.pipeline.max_connections,
         max_connections_per_peer: config.pipeline.max_connections_per_peer,
-        tcp_idle_timeout: std::time::Duration::from_secs(config.pipeline.tcp_idle_timeout_s),
+        idle_timeout: std::time::Duration::from_secs(config.pipeline.idle_timeout_s),
+        stall_timeout: std::time::Duration::from_secs(config.pipeline.stall_timeout_s),
         max_in_flight_per_gateway: config.pipeline.max_in_flight_per_gateway,
         max_rate_per_gateway: config.pipeline.max_rate_per_gateway,
     };

@@ -14,6 +14,9 @@ pub enum ReadError {
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({0} bytes buffered)")]
     Truncated(usize),
+    /// A frame begun was not finished within the reader's stall timeout.
+    #[error("a frame begun was not finished within {0:?}")]
+    Stalled(std::time::Duration),
     /// The transport failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -29,6 +32,10 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     decoder: FrameDecoder,
+    /// How long a frame may take from its first byte to its last; `None`: no bound.
+    stall_timeout: Option<std::time::Duration>,
+    /// When the partial frame in `buf` (if any) began to arrive.
+    partial_since: Option<tokio::time::Instant>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -38,7 +45,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: BytesMut::with_capacity(INITIAL_BUFFER),
             decoder: FrameDecoder::new(max_frame),
+            stall_timeout: None,
+            partial_since: None,
         }
+    }
+
+    /// Bounds the time from a frame's first byte to its last: a peer that begins a frame
+    /// and stalls gets [`ReadError::Stalled`] instead of holding the stream (and the
+    /// buffer) forever. Waiting for a frame to begin is not bounded here.
+    pub fn with_stall_timeout(mut self, stall_timeout: std::time::Duration) -> FrameReader<R> {
+        self.stall_timeout = Some(stall_timeout);
+        self
     }
 
     /// The next frame (without header), or `Ok(None)` at a clean end of stream.
@@ -48,14 +65,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn next_frame(&mut self) -> Result<Option<Bytes>, ReadError> {
         loop {
             if let Some(frame) = self.decoder.decode(&mut self.buf)? {
+                // What is left, if anything, is the next frame begun now.
+                self.partial_since = (!self.buf.is_empty()).then(tokio::time::Instant::now);
                 return Ok(Some(frame));
             }
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            let read = match (self.stall_timeout, self.partial_since) {
+                (Some(stall), Some(since)) => {
+                    // A deadline, not a duration: this future is made again each time the
+                    // caller polls it anew, and must not extend the frame's time.
+                    tokio::time::timeout_at(since + stall, self.inner.read_buf(&mut self.buf))
+                        .await
+                        .map_err(|_| ReadError::Stalled(stall))??
+                }
+                _ => self.inner.read_buf(&mut self.buf).await?,
+            };
+            if read == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
                     Err(ReadError::Truncated(self.buf.len()))
                 };
+            }
+            if self.partial_since.is_none() {
+                self.partial_since = Some(tokio::time::Instant::now());
             }
         }
     }

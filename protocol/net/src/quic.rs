@@ -10,9 +10,29 @@ use crate::tls::{self, ClientAuth, ClientTrust, TlsIdentity};
 use crate::NetError;
 
 /// Concurrent bidirectional streams a peer may open on one connection. Gateways open one
-/// stream per transaction; 1024 covers 200+ concurrent transactions per connection with
-/// room to spare while bounding per-connection state.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// stream per transaction, and a stream's credit comes back to the peer only once its
+/// answer has been acknowledged — a round trip after the request is done, longer under
+/// load. Under 3x overload on 8 connections 1024 ran out before the connection's in-flight
+/// bound (512) could shed, and requests waited in the gateway for credit for seconds
+/// (bench/RESULTS.md); 4096 leaves the bound and its quick 91 in charge. What a peer's
+/// streams can hold is bounded apart from this: [`MAX_SERVED_STREAMS`] served at once,
+/// and [`CONNECTION_RECEIVE_WINDOW`] buffered for the rest.
+pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
+
+/// Streams of one connection the server reads and answers at once; the peer's further
+/// streams wait in the transport (within its receive window) until one ends. Each served
+/// stream holds at most a frame (8 KiB by default) and a task, for at most the stall
+/// timeout when it stalls: about 10 MiB per connection at worst.
+pub const MAX_SERVED_STREAMS: usize = 1024;
+
+/// Bytes one stream may have sent and the server not yet read: a pipelined stream's few
+/// hundred requests in flight over a long round trip.
+pub const STREAM_RECEIVE_WINDOW: u32 = 256 * 1024;
+
+/// Bytes one connection may have sent over all its streams and the server not yet read
+/// (quinn's default has no bound), and may be sent and not yet acknowledged: what a
+/// connection can make the server buffer whatever its streams do.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
 
 /// A connection idle this long is closed; links send keep-alives well inside it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,6 +57,9 @@ fn transport(idle_timeout: Duration, keep_alive: Duration) -> Arc<TransportConfi
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .send_window(u64::from(CONNECTION_RECEIVE_WINDOW))
         .keep_alive_interval(Some(keep_alive))
         .max_idle_timeout(Some(
             idle_timeout

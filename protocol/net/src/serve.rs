@@ -85,10 +85,16 @@ pub struct Limits {
     /// Open connections from one IP address (QUIC and TCP each), so one peer opening
     /// connections it never uses cannot take every place and lock other gateways out.
     pub max_connections_per_peer: usize,
-    /// A TCP connection with nothing in progress that completes no frame for this long is
-    /// closed: an idle or stalled peer (half a frame, then nothing) gives its place back.
-    /// QUIC has its transport's idle timeout and keep-alives instead.
-    pub tcp_idle_timeout: Duration,
+    /// A stream (a TCP connection, or a QUIC stream) with nothing in progress that
+    /// completes no frame for this long is closed (QUIC: reset with `STALLED`): an idle
+    /// or stalled peer gives its place back. A QUIC connection also has its transport's
+    /// idle timeout and keep-alives.
+    pub idle_timeout: Duration,
+    /// A frame begun must be finished, and answers written must be taken by the peer,
+    /// within this: a peer that sends half a frame, or stops reading, loses the stream
+    /// (QUIC: reset with `STALLED`; TCP: the connection) however busy its other streams
+    /// keep the connection.
+    pub stall_timeout: Duration,
     /// Requests one gateway may have in progress over all its connections to a listener.
     pub max_in_flight_per_gateway: usize,
     /// Requests a second one gateway may start (a second's worth as a burst); 0: no rate
@@ -103,10 +109,15 @@ impl Default for Limits {
             // A gateway pipelining more than this on one stream is better served by more
             // streams; 256 keeps one stream's pending responses to a few tens of KiB.
             max_in_flight_per_stream: 256,
-            // Below QUIC's 1024 concurrent streams, so a gateway opening a stream per
-            // request meets the bound (and a quick 91) before it meets flow control (and
-            // an unbounded wait in its own buffers).
-            max_in_flight_per_connection: 512,
+            // A connection's share is the same whether its gateway pipelines on one
+            // stream or opens a stream per request. It is also the overload latency
+            // budget: an admitted request waits behind at most this many others, so at
+            // 3x overload 512 gave a gateway p99 of 0.7-1.5 s on the 2-core VM and 256
+            // 0.3-1.0 s at the same goodput (bench/RESULTS.md). The cost: a connection
+            // sheds once rate x acquirer latency passes it (850 TPS at 300 ms), so a
+            // busier gateway opens more connections. Far below QUIC's 4096 streams, so a
+            // gateway meets this bound (and a quick 91) before flow control.
+            max_in_flight_per_connection: 256,
             // Gateways hold few long-lived connections; 1024 bounds per-connection state
             // (buffers, QUIC state of a few KiB each) to a few tens of MiB.
             max_connections: 1024,
@@ -115,8 +126,11 @@ impl Default for Limits {
             max_connections_per_peer: 256,
             // Gateways that keep a TCP connection open across quiet hours send a network
             // echo (0800) every minute or so; twice that tells a live one from a dead one.
-            tcp_idle_timeout: Duration::from_secs(120),
-            // Four connections' worth: a gateway that needs more is one to talk to, and
+            idle_timeout: Duration::from_secs(120),
+            // A frame is a few hundred bytes: on any working network it arrives within
+            // milliseconds of its first byte, and a gateway takes its answers as fast.
+            stall_timeout: Duration::from_secs(10),
+            // Eight connections' worth: a gateway that needs more is one to talk to, and
             // no one gateway can hold every place of a busy switch.
             max_in_flight_per_gateway: 2_048,
             // Gateways' contracted rates differ; bounding them is the operator's choice.
@@ -141,7 +155,9 @@ pub struct ServeStats {
     pub frames: AtomicU64,
     /// Streams ended because of a frame that could not be answered.
     pub streams_aborted: AtomicU64,
-    /// TCP connections closed after `Limits::tcp_idle_timeout` without a frame.
+    /// Streams (TCP connections, QUIC streams) closed after `Limits::idle_timeout`
+    /// without a frame, or `Limits::stall_timeout` with a frame begun or answers not
+    /// taken.
     pub idle_closed: AtomicU64,
     /// Frames answered by [`Handler::shed`] because a stream or connection was at its
     /// in-flight bound.
@@ -159,6 +175,8 @@ pub enum StreamEnd {
     Abort(u32),
     /// The transport failed; nothing more can be written.
     Failed,
+    /// The peer idled past the idle timeout, or stalled past the stall timeout.
+    Stalled,
 }
 
 /// How long a TLS handshake may take (QUIC or TCP) before the connection is dropped: a
@@ -320,9 +338,10 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct StreamBounds {
     /// Requests in progress before the stream is shed or no longer read.
     pub max_in_flight: usize,
-    /// Nothing in progress and no frame for this long ends the stream (TCP); `None`: the
-    /// transport's own idle timeout governs (QUIC).
+    /// Nothing in progress and no frame for this long ends the stream; `None`: no bound.
     pub idle_timeout: Option<Duration>,
+    /// Longest wait for the peer to take a write of answers.
+    pub stall_timeout: Duration,
 }
 
 /// A request in progress and whether it holds places (admitted) or was shed.
@@ -366,6 +385,7 @@ where
     let StreamBounds {
         max_in_flight,
         idle_timeout,
+        stall_timeout,
     } = bounds;
     // The first request in progress is polled here; the others each have a task.
     let mut inline: Option<InlineRequest> = None;
@@ -403,7 +423,7 @@ where
                 }
                 stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 reading = false;
-                end = StreamEnd::Failed;
+                end = StreamEnd::Stalled;
             }
             done = std::future::poll_fn(|cx| match inline.as_mut() {
                 // A handler that panics ends its request and stream, not the stream's
@@ -418,8 +438,8 @@ where
             }), if inline.is_some() => {
                 inline = None;
                 if let Some(failed) = answer(
-                    done, &mut tasks, &mut out, writer, (&mut admitted, &mut in_progress),
-                    (&mut reading, &mut end),
+                    done, &mut tasks, &mut out, (writer, stall_timeout, stats),
+                    (&mut admitted, &mut in_progress), (&mut reading, &mut end),
                 ).await {
                     break failed;
                 }
@@ -427,8 +447,8 @@ where
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Some(failed) = answer(
-                    done.ok(), &mut tasks, &mut out, writer, (&mut admitted, &mut in_progress),
-                    (&mut reading, &mut end),
+                    done.ok(), &mut tasks, &mut out, (writer, stall_timeout, stats),
+                    (&mut admitted, &mut in_progress), (&mut reading, &mut end),
                 ).await {
                     break failed;
                 }
@@ -495,6 +515,11 @@ where
                         reading = false;
                         end = StreamEnd::Abort(codes::BAD_FRAME_LENGTH);
                     }
+                    Err(ReadError::Stalled(_)) => {
+                        stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                        reading = false;
+                        end = StreamEnd::Stalled;
+                    }
                     Err(ReadError::Truncated(_) | ReadError::Io(_)) => {
                         reading = false;
                         end = StreamEnd::Failed;
@@ -504,7 +529,7 @@ where
             else => break end,
         }
     };
-    if end == StreamEnd::Failed {
+    if matches!(end, StreamEnd::Failed | StreamEnd::Stalled) {
         // Requests in progress still run to their end (a switch journals their outcome);
         // only their answers have nowhere to go.
         tasks.detach_all();
@@ -519,13 +544,14 @@ where
 }
 
 /// Writes a finished request's answer, with those of any others already finished, and
-/// counts them out; returns `Some(StreamEnd::Failed)` when the stream can no longer be
-/// written. A reply that asks to end the stream stops reading it.
+/// counts them out; returns how the stream ends when it can no longer be written (failed,
+/// or the peer took nothing for the stall timeout). A reply that asks to end the stream
+/// stops reading it.
 async fn answer<W: AsyncWrite + Unpin>(
     done: Option<Running>,
     tasks: &mut JoinSet<Running>,
     out: &mut BytesMut,
-    writer: &mut W,
+    (writer, stall_timeout, stats): (&mut W, Duration, &ServeStats),
     (admitted, in_progress): (&mut usize, &mut usize),
     (reading, end): (&mut bool, &mut StreamEnd),
 ) -> Option<StreamEnd> {
@@ -545,8 +571,15 @@ async fn answer<W: AsyncWrite + Unpin>(
         // what it held no longer matters to the count.
         close = close.or(collect(done.map(|(reply, _)| reply), out));
     }
-    if !out.is_empty() && writer.write_all(out).await.is_err() {
-        return Some(StreamEnd::Failed);
+    if !out.is_empty() {
+        match tokio::time::timeout(stall_timeout, writer.write_all(out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Some(StreamEnd::Failed),
+            Err(_) => {
+                stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                return Some(StreamEnd::Stalled);
+            }
+        }
     }
     if let Some(code) = close {
         *reading = false;
@@ -654,6 +687,7 @@ async fn serve_quic_connection<H: Handler>(
         connection: Arc::new(Semaphore::new(limits.max_in_flight_per_connection)),
         gateway,
     });
+    let served = Arc::new(Semaphore::new(crate::quic::MAX_SERVED_STREAMS));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -662,23 +696,32 @@ async fn serve_quic_connection<H: Handler>(
                 streams.wait().await;
                 return;
             }
-            stream = connection.accept_bi() => stream,
+            stream = async {
+                // At the bound, further streams wait in the transport for one to end.
+                let place = Arc::clone(&served).acquire_owned().await;
+                (place, connection.accept_bi().await)
+            } => stream,
         };
-        let Ok((mut send, recv)) = stream else { return };
+        let (Ok(served_place), Ok((mut send, recv))) = stream else {
+            return;
+        };
         stats.streams.fetch_add(1, Ordering::Relaxed);
         let handler = Arc::clone(&handler);
         let stats = Arc::clone(&stats);
         let shutdown = shutdown.clone();
         let places = Arc::clone(&places);
         streams.spawn(async move {
-            let mut reader = FrameReader::new(recv, limits.max_frame);
+            let _served = served_place;
+            let mut reader =
+                FrameReader::new(recv, limits.max_frame).with_stall_timeout(limits.stall_timeout);
             let end = serve_stream(
                 &mut reader,
                 &mut send,
                 &handler,
                 StreamBounds {
                     max_in_flight: limits.max_in_flight_per_stream,
-                    idle_timeout: None,
+                    idle_timeout: Some(limits.idle_timeout),
+                    stall_timeout: limits.stall_timeout,
                 },
                 &places,
                 &stats,
@@ -696,6 +739,11 @@ async fn serve_quic_connection<H: Handler>(
                 }
                 StreamEnd::Abort(code) => {
                     let code = quinn::VarInt::from_u32(code);
+                    let _ = send.reset(code);
+                    let _ = reader.get_mut().stop(code);
+                }
+                StreamEnd::Stalled => {
+                    let code = quinn::VarInt::from_u32(codes::STALLED);
                     let _ = send.reset(code);
                     let _ = reader.get_mut().stop(code);
                 }
@@ -821,7 +869,8 @@ async fn serve_tcp_connection<R, W, H>(
     H: Handler,
 {
     stats.streams.fetch_add(1, Ordering::Relaxed);
-    let mut reader = FrameReader::new(read, limits.max_frame);
+    let mut reader =
+        FrameReader::new(read, limits.max_frame).with_stall_timeout(limits.stall_timeout);
     let places = Places {
         connection: Arc::new(Semaphore::new(limits.max_in_flight_per_connection)),
         gateway,
@@ -832,7 +881,8 @@ async fn serve_tcp_connection<R, W, H>(
         handler,
         StreamBounds {
             max_in_flight: limits.max_in_flight_per_stream,
-            idle_timeout: Some(limits.tcp_idle_timeout),
+            idle_timeout: Some(limits.idle_timeout),
+            stall_timeout: limits.stall_timeout,
         },
         &places,
         stats,
