@@ -414,17 +414,11 @@ where
     let idle = tokio::time::sleep_until(idle_since + idle_for);
     tokio::pin!(idle);
     let end = loop {
+        // In this order: answers first (they give places back), then frames, then the
+        // idle timer — which a stream whose frame is already there then never arms.
         tokio::select! {
+            biased;
             _ = &mut cancelled, if reading => reading = false,
-            _ = &mut idle, if reading && in_progress == 0 && idle_timeout.is_some() => {
-                if tokio::time::Instant::now() < idle_since + idle_for {
-                    idle.as_mut().reset(idle_since + idle_for);
-                    continue;
-                }
-                stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-                reading = false;
-                end = StreamEnd::Stalled;
-            }
             done = std::future::poll_fn(|cx| match inline.as_mut() {
                 // A handler that panics ends its request and stream, not the stream's
                 // other requests: as it would on a task of its own.
@@ -525,6 +519,15 @@ where
                         end = StreamEnd::Failed;
                     }
                 }
+            }
+            _ = &mut idle, if reading && in_progress == 0 && idle_timeout.is_some() => {
+                if tokio::time::Instant::now() < idle_since + idle_for {
+                    idle.as_mut().reset(idle_since + idle_for);
+                    continue;
+                }
+                stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                reading = false;
+                end = StreamEnd::Stalled;
             }
             else => break end,
         }
