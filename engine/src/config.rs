@@ -200,13 +200,13 @@ pub struct PipelineConfig {
     pub max_connections: usize,
     /// Open gateway connections per listener from one IP address.
     pub max_connections_per_peer: usize,
-    /// Seconds a gateway stream — a TCP connection, or a QUIC stream — may stay idle
-    /// (nothing in progress, no frame) before it is closed. `tcp_idle_timeout_s`, its
-    /// name before it covered QUIC streams too, is read as well.
+    /// Seconds a TCP gateway connection may stay idle (nothing in progress, no frame)
+    /// before it is closed (QUIC has its transport's idle timeout and keep-alives).
+    /// `tcp_idle_timeout_s`, its earlier name, is read as well.
     #[serde(alias = "tcp_idle_timeout_s")]
     pub idle_timeout_s: u64,
     /// Seconds a frame may take from its first byte to its last, and a gateway to take a
-    /// write of its answers, before its stream is closed.
+    /// write of its answers, before its stream (TCP: its connection) is closed.
     pub stall_timeout_s: u64,
     /// Requests one gateway (a client certificate, or an IP address without one) may have
     /// in progress over all its connections to a listener; more are answered 91 at once.

@@ -269,7 +269,7 @@ pub fn prometheus(snapshot: &Snapshot, serve: &ServeStats) -> String {
         ),
         (
             "payswitch_gateway_idle_closed_total",
-            "Gateway TCP connections and QUIC streams closed after pipeline.idle_timeout_s without a frame, or pipeline.stall_timeout_s with a frame begun or answers not taken.",
+            "Gateway TCP connections closed after pipeline.idle_timeout_s without a frame, and TCP connections and QUIC streams closed after pipeline.stall_timeout_s with a frame begun or answers not taken.",
             &serve.idle_closed,
         ),
         (

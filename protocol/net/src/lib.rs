@@ -46,7 +46,7 @@ pub mod codes {
     /// A handler failed: the stream cannot be answered in order any more.
     pub const INTERNAL: u32 = 0x12;
     /// The stream stalled: a frame begun and not finished, or answers not taken, within
-    /// the stall timeout; or nothing sent and nothing in progress for the idle timeout.
+    /// the stall timeout.
     pub const STALLED: u32 = 0x13;
     /// The server is shutting down.
     pub const SHUTDOWN: u32 = 0x20;

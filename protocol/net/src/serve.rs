@@ -85,10 +85,9 @@ pub struct Limits {
     /// Open connections from one IP address (QUIC and TCP each), so one peer opening
     /// connections it never uses cannot take every place and lock other gateways out.
     pub max_connections_per_peer: usize,
-    /// A stream (a TCP connection, or a QUIC stream) with nothing in progress that
-    /// completes no frame for this long is closed (QUIC: reset with `STALLED`): an idle
-    /// or stalled peer gives its place back. A QUIC connection also has its transport's
-    /// idle timeout and keep-alives.
+    /// A TCP connection with nothing in progress that completes no frame for this long is
+    /// closed: an idle peer gives its place back. QUIC has its transport's idle timeout
+    /// and keep-alives instead, and quiet streams stay open.
     pub idle_timeout: Duration,
     /// A frame begun must be finished, and answers written must be taken by the peer,
     /// within this: a peer that sends half a frame, or stops reading, loses the stream
@@ -155,9 +154,9 @@ pub struct ServeStats {
     pub frames: AtomicU64,
     /// Streams ended because of a frame that could not be answered.
     pub streams_aborted: AtomicU64,
-    /// Streams (TCP connections, QUIC streams) closed after `Limits::idle_timeout`
-    /// without a frame, or `Limits::stall_timeout` with a frame begun or answers not
-    /// taken.
+    /// TCP connections closed after `Limits::idle_timeout` without a frame, and streams
+    /// (TCP connections, QUIC streams) closed after `Limits::stall_timeout` with a frame
+    /// begun or answers not taken.
     pub idle_closed: AtomicU64,
     /// Frames answered by [`Handler::shed`] because a stream or connection was at its
     /// in-flight bound.
@@ -723,7 +722,11 @@ async fn serve_quic_connection<H: Handler>(
                 &handler,
                 StreamBounds {
                     max_in_flight: limits.max_in_flight_per_stream,
-                    idle_timeout: Some(limits.idle_timeout),
+                    // A quiet QUIC stream stays: the connection's keep-alives and idle
+                    // timeout tell a live peer from a dead one, and a pipelined stream
+                    // (an acquirer link, a gateway's) must outlive quiet hours. What idle
+                    // streams hold is bounded by `quic::MAX_SERVED_STREAMS`.
+                    idle_timeout: None,
                     stall_timeout: limits.stall_timeout,
                 },
                 &places,
