@@ -518,6 +518,7 @@ fn demo_config(
             ..ScoringConfig::default()
         },
         journal,
+        cluster: None,
         acquirers: vec![acquirer("north", north), acquirer("south", south)],
         routes: vec![route("4", "north"), route("510000-559999", "south")],
         insecure_acquirers: false,

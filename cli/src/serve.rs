@@ -217,6 +217,7 @@ fn empty_config() -> Config {
         pipeline: PipelineConfig::default(),
         scoring: Default::default(),
         journal: Default::default(),
+        cluster: None,
         acquirers: Vec::new(),
         routes: Vec::new(),
         insecure_acquirers: false,

@@ -132,6 +132,9 @@ pub struct Config {
     /// The journal, duplicate detection and reversals.
     #[serde(default)]
     pub journal: JournalConfig,
+    /// Several nodes on NATS JetStream; absent: one node, its local journal alone.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Acquirers the switch forwards to.
     #[serde(default)]
     pub acquirers: Vec<AcquirerConfig>,
@@ -347,6 +350,12 @@ impl Config {
         self.check_acquirers()?;
         self.check_routes()?;
         self.pipeline.check()?;
+        if let Some(cluster) = &self.cluster {
+            if !self.journal.enabled {
+                return invalid("[cluster] needs the journal: journal.enabled = true");
+            }
+            cluster.check().map_err(ConfigError::Invalid)?;
+        }
         let shards = self.pipeline.shard_count();
         self.scoring.check(shards)?;
         check_journal(&self.journal, shards)?;

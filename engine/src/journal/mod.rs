@@ -4,6 +4,7 @@
 //! - [`record`]: what a record holds and how it is framed (length, CRC32C, sequence).
 //! - [`segment`]: segment files, and reading them back with every check (`journal verify`).
 //! - [`writer`]: the single writer thread and its group commit.
+//! - [`replica`]: the copy on a replicated NATS JetStream stream, with `[cluster]`.
 //! - [`PanKey`]: the keyed hash that links a card's records without storing its number.
 //! - [`export`]: JSON lines and CSV for reconciliation and risk teams' labels.
 //!
@@ -11,6 +12,7 @@
 //! queue, the duplicate window) lives in `crate::recovery`.
 
 pub mod record;
+pub mod replica;
 pub mod retention;
 pub mod segment;
 pub mod vault;

@@ -152,6 +152,10 @@ pub enum JournalError {
     /// A record could not be encoded (a bug).
     #[error("journal record could not be encoded")]
     Encode,
+    /// Written locally, but the replicated stream did not acknowledge it in time
+    /// (`[cluster]`): the cluster is unreachable or behind.
+    #[error("journal record not acknowledged by the replicated stream")]
+    Unreplicated,
 }
 
 /// Counters of the writer.
@@ -186,6 +190,7 @@ pub struct Journal {
     stats: Arc<JournalStats>,
     dir: Arc<PathBuf>,
     fsync: FsyncPolicy,
+    replica: Option<super::replica::Replica>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -200,6 +205,16 @@ impl Journal {
     /// Starts writing a new segment in `config.dir` whose first record is `next_seq` (one
     /// past the last record already there; see [`super::segment::scan`]).
     pub fn start(config: &JournalConfig, next_seq: u64) -> std::io::Result<Journal> {
+        Journal::start_replicated(config, next_seq, None)
+    }
+
+    /// As [`Journal::start`], and with `replica` every group commit is also published to
+    /// the replicated stream, its callers answered once the stream has acknowledged it.
+    pub fn start_replicated(
+        config: &JournalConfig,
+        next_seq: u64,
+        replica: Option<super::replica::Replica>,
+    ) -> std::io::Result<Journal> {
         super::private_dir(&config.dir)?;
         let file = create_segment(&config.dir, next_seq)?;
         // A bounded(0) channel would refuse every `try_send`: `Config::check` keeps the
@@ -211,7 +226,8 @@ impl Journal {
         );
         let (queue, submissions) = channel::bounded(config.queue_depth);
         let stats = Arc::new(JournalStats::default());
-        let writer = Writer::new(config.clone(), file, next_seq, Arc::clone(&stats));
+        let mut writer = Writer::new(config.clone(), file, next_seq, Arc::clone(&stats));
+        writer.replica = replica.clone();
         std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || writer.run(submissions))?;
@@ -220,7 +236,13 @@ impl Journal {
             stats,
             dir: Arc::new(config.dir.clone()),
             fsync: config.fsync,
+            replica,
         })
+    }
+
+    /// The replica's counters, when the journal is replicated.
+    pub fn replica_stats(&self) -> Option<&Arc<super::replica::ReplicaStats>> {
+        self.replica.as_ref().map(|r| r.stats())
     }
 
     /// Appends `records` in order, contiguously, and waits until they are durable (as the
@@ -270,6 +292,8 @@ struct Writer {
     last_written: u64,
     stats: Arc<JournalStats>,
     failed: bool,
+    /// Where written groups go to be replicated before their callers are answered.
+    replica: Option<super::replica::Replica>,
 }
 
 impl Writer {
@@ -287,6 +311,7 @@ impl Writer {
             last_written: next_seq - 1,
             stats,
             failed: false,
+            replica: None,
         }
     }
 
@@ -312,8 +337,29 @@ impl Writer {
             self.stats
                 .queued
                 .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-            for (submission, result) in batch.drain(..).zip(results) {
-                let _ = submission.done.send(result);
+            match &self.replica {
+                Some(replica) if results.iter().all(Result::is_ok) => {
+                    let parts = batch
+                        .drain(..)
+                        .zip(results)
+                        .map(|(submission, first)| {
+                            let answer = super::replica::Answer {
+                                done: submission.done,
+                                first_seq: first.unwrap_or_default(),
+                            };
+                            (submission.frames, answer)
+                        })
+                        .collect();
+                    replica.hand_over(super::replica::Group {
+                        parts,
+                        handed: Instant::now(),
+                    });
+                }
+                _ => {
+                    for (submission, result) in batch.drain(..).zip(results) {
+                        let _ = submission.done.send(result);
+                    }
+                }
             }
         }
     }

@@ -994,11 +994,12 @@ fn with_acquirer(mut tags: String, acquirer: &str) -> String {
     tags
 }
 
-/// The code for a request the journal could not take: 91 while the disk is behind (try
-/// again), 96 once the journal has stopped.
+/// The code for a request the journal could not take: 91 while the disk or the
+/// replicated stream is behind or unreachable (try again), 96 once the journal has
+/// stopped.
 pub fn journal_refusal(e: JournalError) -> ResponseCode {
     match e {
-        JournalError::Overloaded => ResponseCode::IssuerInoperative,
+        JournalError::Overloaded | JournalError::Unreplicated => ResponseCode::IssuerInoperative,
         JournalError::Failed | JournalError::Encode => ResponseCode::SystemMalfunction,
     }
 }

@@ -192,7 +192,11 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let scoring = start_scoring(config, links_shutdown.clone())?;
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
-    let (journal, pan_key, mut recovery) = open_journal(config, &scoring)?;
+    let replica = match &config.cluster {
+        Some(cluster) => Some(crate::cluster::start_replica(cluster).await?),
+        None => None,
+    };
+    let (journal, pan_key, mut recovery) = open_journal(config, &scoring, replica)?;
     let vault = match &config.journal.pan_key_file {
         Some(path) if config.journal.enabled => {
             let vault = crate::journal::PanVault::load(path)
@@ -482,6 +486,7 @@ async fn listen(
 fn open_journal(
     config: &Config,
     scoring: &Arc<Scoring>,
+    replica: Option<crate::journal::replica::Replica>,
 ) -> anyhow::Result<(Option<Journal>, PanKey, crate::recovery::Recovery)> {
     let journal_config = &config.journal;
     if !journal_config.enabled {
@@ -533,7 +538,7 @@ fn open_journal(
         remembered = recovery.recent.len(),
         "journal replayed"
     );
-    let journal = Journal::start(journal_config, report.next_seq())
+    let journal = Journal::start_replicated(journal_config, report.next_seq(), replica)
         .with_context(|| format!("opening the journal in {}", dir.display()))?;
     Ok((Some(journal), pan_key, recovery))
 }

@@ -11,6 +11,7 @@ use payswitch::switch::{self, RunningSwitch, Security};
 use payswitch_loadtest::acquirer_sim::RunningSim;
 use payswitch_net::{ClientTrust, TlsIdentity};
 
+pub mod nats;
 pub mod python;
 
 /// An acquirer at `sim`, answered within `timeout_ms`.
@@ -48,6 +49,7 @@ pub fn config(acquirers: Vec<AcquirerConfig>, routes: Vec<RouteConfig>) -> Confi
             segment_bytes: 1 << 20,
             ..Default::default()
         },
+        cluster: None,
         acquirers,
         routes,
         insecure_acquirers: false,

@@ -1,0 +1,202 @@
+//! Several nodes, one set of books: the switch on NATS JetStream (`[cluster]`).
+//!
+//! What is here so far: the connection to the NATS servers and the journal stream. Every
+//! group commit of the node's journal is also published to the stream (on
+//! `{subject_prefix}.journal.{node}`) and its callers answered only once the stream has
+//! acknowledged it (`journal::replica`). Without `[cluster]` nothing here runs: the local
+//! journal is the whole journal, as on a single machine.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use serde::Deserialize;
+
+use crate::journal::replica::Replica;
+
+/// Longest a node name may be: it is a NATS subject token and a message-id prefix.
+pub const MAX_NODE_NAME: usize = 32;
+
+/// Most replicas a stream may ask for: NATS JetStream allows up to 5.
+pub const MAX_REPLICAS: usize = 5;
+
+/// `[cluster]`: where the NATS servers are and what this node is called.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:4222`); the client fails over between them.
+    pub servers: Vec<String>,
+    /// This node's name, unique in the cluster: letters, digits, `-` and `_`.
+    pub node: String,
+    /// The journal stream; created (with `replicas`) when it does not exist.
+    #[serde(default = "defaults::stream")]
+    pub stream: String,
+    /// Subjects start with this: the journal is `{subject_prefix}.journal.{node}`.
+    #[serde(default = "defaults::subject_prefix")]
+    pub subject_prefix: String,
+    /// Replicas of the stream when the switch creates it: 3 on a three-server cluster,
+    /// 1 for a single development server.
+    #[serde(default = "defaults::replicas")]
+    pub replicas: usize,
+    /// How long a group commit may wait for the stream's acknowledgement before its
+    /// requests are answered 91.
+    #[serde(default = "defaults::ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// How long the switch tries to reach a server at start.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+mod defaults {
+    pub fn stream() -> String {
+        "PAYSWITCH_JOURNAL".into()
+    }
+    pub fn subject_prefix() -> String {
+        "payswitch".into()
+    }
+    pub fn replicas() -> usize {
+        3
+    }
+    // Above a replication round on a loaded LAN (milliseconds) with room for a leader
+    // election (about a second), below a gateway's patience.
+    pub fn ack_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        5_000
+    }
+}
+
+/// A subject token or stream name: non-empty, at most `max` bytes, letters, digits, `-`
+/// and `_` only (no `.`, `*`, `>` or spaces, which NATS gives meaning to).
+fn is_token(text: &str, max: usize) -> bool {
+    !text.is_empty()
+        && text.len() <= max
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl ClusterConfig {
+    /// Refuses what NATS would refuse later, or misread: says which setting and why.
+    pub fn check(&self) -> Result<(), String> {
+        if self.servers.is_empty() {
+            return Err("cluster.servers: at least one NATS server URL".into());
+        }
+        if !is_token(&self.node, MAX_NODE_NAME) {
+            return Err(format!(
+                "cluster.node = {:?}: 1 to {MAX_NODE_NAME} letters, digits, '-' or '_'",
+                self.node
+            ));
+        }
+        if !is_token(&self.stream, 64) {
+            return Err(format!(
+                "cluster.stream = {:?}: 1 to 64 letters, digits, '-' or '_'",
+                self.stream
+            ));
+        }
+        if !self.subject_prefix.split('.').all(|t| is_token(t, 64)) {
+            return Err(format!(
+                "cluster.subject_prefix = {:?}: dot-separated tokens of letters, digits, '-' or '_'",
+                self.subject_prefix
+            ));
+        }
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            return Err(format!(
+                "cluster.replicas = {}: 1 to {MAX_REPLICAS}",
+                self.replicas
+            ));
+        }
+        if !(1..=60_000).contains(&self.ack_timeout_ms) {
+            return Err(format!(
+                "cluster.ack_timeout_ms = {}: 1 to 60000",
+                self.ack_timeout_ms
+            ));
+        }
+        if !(1..=600_000).contains(&self.connect_timeout_ms) {
+            return Err(format!(
+                "cluster.connect_timeout_ms = {}: 1 to 600000",
+                self.connect_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// The subject this node's journal is published on.
+    pub fn journal_subject(&self) -> String {
+        format!("{}.journal.{}", self.subject_prefix, self.node)
+    }
+
+    /// The subjects of every node's journal.
+    pub fn journal_subjects(&self) -> String {
+        format!("{}.journal.>", self.subject_prefix)
+    }
+}
+
+/// Connects to the NATS servers (within `connect_timeout_ms`).
+pub async fn connect(config: &ClusterConfig) -> anyhow::Result<async_nats::Client> {
+    let servers = config.servers.join(",");
+    let options = async_nats::ConnectOptions::new()
+        .name(format!("payswitch-{}", config.node))
+        .connection_timeout(Duration::from_millis(config.connect_timeout_ms));
+    tokio::time::timeout(
+        Duration::from_millis(config.connect_timeout_ms),
+        options.connect(servers.as_str()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no NATS server answered at {servers}"))?
+    .with_context(|| format!("connecting to NATS at {servers}"))
+}
+
+/// The journal stream, created when missing: file storage, `replicas`, the journal
+/// subjects of every node, and a two-minute duplicate window for the message ids.
+pub async fn journal_stream(
+    client: async_nats::Client,
+    config: &ClusterConfig,
+) -> anyhow::Result<jetstream::Context> {
+    let mut context = jetstream::new(client);
+    context.set_timeout(Duration::from_millis(config.ack_timeout_ms));
+    let stream = jetstream::stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![config.journal_subjects()],
+        num_replicas: config.replicas,
+        storage: jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let created = tokio::time::timeout(
+        Duration::from_millis(config.connect_timeout_ms),
+        context.get_or_create_stream(stream),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("JetStream did not answer (is it enabled on the servers?)"))?
+    .with_context(|| format!("getting or creating the stream {}", config.stream))?;
+    let replicas = created.cached_info().config.num_replicas;
+    if replicas != config.replicas {
+        tracing::warn!(
+            stream = %config.stream,
+            replicas,
+            configured = config.replicas,
+            "the journal stream exists with another replica count; it is used as it is"
+        );
+    }
+    Ok(context)
+}
+
+/// Connects, makes sure the journal stream exists, and starts publishing to it.
+pub async fn start_replica(config: &ClusterConfig) -> anyhow::Result<Replica> {
+    let client = connect(config).await?;
+    let context = journal_stream(client, config).await?;
+    tracing::info!(
+        node = %config.node,
+        stream = %config.stream,
+        subject = %config.journal_subject(),
+        "journal replicated to NATS JetStream"
+    );
+    Ok(Replica::start(
+        context,
+        config.journal_subject(),
+        config.node.clone(),
+        Duration::from_millis(config.ack_timeout_ms),
+    ))
+}

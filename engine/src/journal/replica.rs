@@ -1,0 +1,207 @@
+//! The journal's copy on a replicated NATS JetStream stream (`[cluster]`).
+//!
+//! The writer thread writes each group commit to the local segment as always; with a
+//! replica it then hands the group's sealed frames here instead of answering its callers.
+//! They are published, in the writer's order, as messages on `{prefix}.journal.{node}` —
+//! each message a run of whole frames, as in a segment, at most [`MAX_MESSAGE_BYTES`] —
+//! and each caller is answered once every message holding its records is acknowledged by
+//! the stream. Publishes are pipelined: a request waits for one replication round, not
+//! one per record or per group. A message carries `Nats-Msg-Id: {node}:{first sequence}`,
+//! so a publish retried after a lost acknowledgement is stored once.
+//!
+//! What an acknowledgement guarantees is the stream's: with R=3 a quorum of servers has
+//! the message (in memory, or on disk where the servers sync on every write:
+//! `sync_interval: always`); see the README's "Several nodes".
+//!
+//! A caller whose records are not acknowledged within the ack timeout gets
+//! [`JournalError::Unreplicated`] (answered 91: try again); its records are in the local
+//! segment, which stays the node's own complete journal.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+use super::writer::JournalError;
+
+/// Largest message published: well under NATS's default `max_payload` (1 MiB). A group
+/// commit larger than this goes as several messages.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Group commits handed to the publisher and not yet published. Beyond it the writer
+/// thread waits, its queue fills and requests are answered 91: the stream sets the pace.
+pub const MAX_GROUPS_QUEUED: usize = 1024;
+
+/// Group commits published and waiting for their acknowledgements.
+pub const MAX_GROUPS_IN_FLIGHT: usize = 1024;
+
+/// Counters of the replica.
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    /// Messages acknowledged by the stream.
+    pub acknowledged: AtomicU64,
+    /// Group commits not acknowledged in time (their callers got `Unreplicated`).
+    pub failed: AtomicU64,
+    /// Nanoseconds from handing a group over to its last acknowledgement, summed.
+    pub ack_ns: AtomicU64,
+    /// Groups acknowledged (for the mean of `ack_ns`).
+    pub groups: AtomicU64,
+    /// The last sequence number acknowledged.
+    pub last_seq: AtomicU64,
+}
+
+/// One caller of a group commit, with what the local write gave it.
+pub(super) struct Answer {
+    pub done: oneshot::Sender<Result<u64, JournalError>>,
+    pub first_seq: u64,
+}
+
+/// A group commit, written locally, to replicate.
+pub(super) struct Group {
+    /// Each caller's sealed frames, in order, with its answer.
+    pub parts: Vec<(Vec<u8>, Answer)>,
+    pub handed: Instant,
+}
+
+/// Where the journal's groups go to be replicated.
+#[derive(Clone)]
+pub struct Replica {
+    groups: mpsc::Sender<Group>,
+    stats: Arc<ReplicaStats>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").finish_non_exhaustive()
+    }
+}
+
+impl Replica {
+    /// Starts publishing to `subject` through `context`, on the current runtime.
+    pub fn start(
+        context: jetstream::Context,
+        subject: String,
+        node: String,
+        ack_timeout: Duration,
+    ) -> Replica {
+        let (groups, queued) = mpsc::channel(MAX_GROUPS_QUEUED);
+        let (published, in_flight) = mpsc::channel(MAX_GROUPS_IN_FLIGHT);
+        let stats = Arc::new(ReplicaStats::default());
+        tokio::spawn(publish(context, subject, node, queued, published));
+        tokio::spawn(acknowledge(in_flight, ack_timeout, Arc::clone(&stats)));
+        Replica { groups, stats }
+    }
+
+    /// The replica's counters.
+    pub fn stats(&self) -> &Arc<ReplicaStats> {
+        &self.stats
+    }
+
+    /// Hands a group over from the writer thread (not a runtime thread): waits while the
+    /// publisher is [`MAX_GROUPS_QUEUED`] behind. A stopped publisher answers the group's
+    /// callers `Unreplicated`.
+    pub(super) fn hand_over(&self, group: Group) {
+        if let Err(mpsc::error::SendError(group)) = self.groups.blocking_send(group) {
+            for (_, answer) in group.parts {
+                let _ = answer.done.send(Err(JournalError::Unreplicated));
+            }
+        }
+    }
+}
+
+/// A group published: its messages' acknowledgements to wait for, and its callers.
+struct Published {
+    acks: Vec<Option<jetstream::context::PublishAckFuture>>,
+    answers: Vec<Answer>,
+    handed: Instant,
+    last_seq: u64,
+}
+
+async fn publish(
+    context: jetstream::Context,
+    subject: String,
+    node: String,
+    mut queued: mpsc::Receiver<Group>,
+    published: mpsc::Sender<Published>,
+) {
+    while let Some(group) = queued.recv().await {
+        let mut acks = Vec::new();
+        let mut answers = Vec::with_capacity(group.parts.len());
+        let mut message = BytesMut::new();
+        let mut message_first = None;
+        let mut last_seq = 0;
+        let count = group.parts.len();
+        for (i, (frames, answer)) in group.parts.into_iter().enumerate() {
+            message_first.get_or_insert(answer.first_seq);
+            message.extend_from_slice(&frames);
+            last_seq = answer.first_seq;
+            answers.push(answer);
+            let last = i + 1 == count;
+            if message.len() >= MAX_MESSAGE_BYTES || last {
+                let first = message_first.take().unwrap_or_default();
+                let payload: Bytes = std::mem::take(&mut message).freeze();
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{node}:{first}").as_str());
+                let sent = context
+                    .publish_with_headers(subject.clone(), headers, payload)
+                    .await;
+                acks.push(sent.ok());
+            }
+        }
+        let group = Published {
+            acks,
+            answers,
+            handed: group.handed,
+            last_seq,
+        };
+        if published.send(group).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn acknowledge(
+    mut in_flight: mpsc::Receiver<Published>,
+    ack_timeout: Duration,
+    stats: Arc<ReplicaStats>,
+) {
+    while let Some(group) = in_flight.recv().await {
+        // Acknowledgements come in publish order; the deadline counts from the hand-over.
+        let deadline = tokio::time::Instant::from_std(group.handed + ack_timeout);
+        let mut acknowledged = true;
+        for ack in group.acks {
+            let ok = match ack {
+                Some(ack) => matches!(
+                    tokio::time::timeout_at(deadline, std::future::IntoFuture::into_future(ack))
+                        .await,
+                    Ok(Ok(_))
+                ),
+                None => false,
+            };
+            if ok {
+                stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            }
+            acknowledged &= ok;
+        }
+        if acknowledged {
+            stats.groups.fetch_add(1, Ordering::Relaxed);
+            stats
+                .ack_ns
+                .fetch_add(group.handed.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            stats.last_seq.fetch_max(group.last_seq, Ordering::Relaxed);
+        } else {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        for answer in group.answers {
+            let result = if acknowledged {
+                Ok(answer.first_seq)
+            } else {
+                Err(JournalError::Unreplicated)
+            };
+            let _ = answer.done.send(result);
+        }
+    }
+}

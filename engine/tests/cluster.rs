@@ -1,0 +1,201 @@
+//! The journal on NATS JetStream (`[cluster]`), against a real nats-server: every record
+//! in the stream before its answer, in the local journal's order; the stream out of
+//! reach answers 91 and nothing else changes.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use payswitch::cluster::ClusterConfig;
+use payswitch::journal::record::decode_frame;
+use payswitch::journal::RecordKind;
+use payswitch::switch::RunningSwitch;
+use payswitch_loadtest::acquirer_sim::{self, SimConfig};
+use payswitch_net::{framed, quic, ClientTrust, FrameReader};
+use payswitch_protocol::{Message, Mti};
+use support::nats::NatsServer;
+use support::{acquirer, config, in_front_of};
+
+mod support;
+
+fn authorization(stan: u32) -> Message {
+    let mut b = Message::builder(Mti::AUTHORIZATION_REQUEST);
+    b.set_str(2, "4111111111111111").unwrap();
+    b.set_str(3, "000000").unwrap();
+    b.set_str(4, "000000012500").unwrap();
+    b.set_str(7, "1125123045").unwrap();
+    b.set_str(11, &format!("{stan:06}")).unwrap();
+    b.set_str(14, "9912").unwrap();
+    b.set_str(18, "5411").unwrap();
+    b.set_str(22, "051").unwrap();
+    b.set_str(37, &format!("5330{stan:08}")).unwrap();
+    b.set_str(41, "TERM0001").unwrap();
+    b.set_str(42, "MERCHANT0000001").unwrap();
+    b.set_str(49, "840").unwrap();
+    b.build()
+}
+
+fn cluster(nats: &NatsServer, ack_timeout_ms: u64) -> ClusterConfig {
+    ClusterConfig {
+        servers: vec![nats.url()],
+        node: "a".into(),
+        stream: "PAYSWITCH_JOURNAL".into(),
+        subject_prefix: "payswitch".into(),
+        replicas: 1,
+        ack_timeout_ms,
+        connect_timeout_ms: 5_000,
+    }
+}
+
+/// One authorization on its own QUIC stream: its response code.
+async fn response_code(switch: &RunningSwitch, stan: u32) -> String {
+    let endpoint =
+        quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
+    let conn = quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    framed::write_message(&mut send, &authorization(stan), &mut BytesMut::new())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let frame = FrameReader::new(recv, 8192)
+        .next_frame()
+        .await
+        .unwrap()
+        .expect("an answer");
+    let response = Message::decode(frame).unwrap();
+    response.get_str(39).unwrap_or_default().to_string()
+}
+
+/// Every record in the stream, in stream order: (journal sequence, kind), and the subject
+/// and message id of each message.
+async fn stream_records(nats: &NatsServer) -> (Vec<(u64, RecordKind)>, Vec<(String, String)>) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let context = async_nats::jetstream::new(client);
+    let mut stream = context.get_stream("PAYSWITCH_JOURNAL").await.unwrap();
+    let (first, last) = {
+        let state = &stream.info().await.unwrap().state;
+        (state.first_sequence, state.last_sequence)
+    };
+    let mut records = Vec::new();
+    let mut messages = Vec::new();
+    for seq in first..=last {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        let id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        messages.push((message.subject.to_string(), id));
+        let mut at = 0;
+        while at < message.payload.len() {
+            let (seq, record, len) = decode_frame(&message.payload[at..]).unwrap();
+            records.push((seq, record.kind));
+            at += len;
+        }
+    }
+    (records, messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_journal_record_is_in_the_stream_in_the_journals_order() {
+    let nats = NatsServer::start();
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.cluster = Some(cluster(&nats, 2_000));
+    let switch = in_front_of(&sim, config.clone()).await;
+    let mut answers = Vec::new();
+    for stan in 1..=40 {
+        answers.push(response_code(&switch, stan).await);
+        if stan <= 10 {
+            // One request at a time: by its answer, its three records are in the stream.
+            let (replicated, _) = stream_records(&nats).await;
+            assert_eq!(replicated.len(), 3 * stan as usize, "after request {stan}");
+        }
+    }
+    assert!(answers.iter().all(|c| c == "00"), "{answers:?}");
+
+    let mut local = Vec::new();
+    payswitch::journal::scan(&config.journal.dir, false, |seq, r| {
+        local.push((seq, r.kind))
+    })
+    .unwrap();
+    let (replicated, messages) = stream_records(&nats).await;
+    // Each answered request has its request, forwarded and response records (120), and
+    // the stream holds exactly the local journal, in the same order.
+    assert_eq!(local.len(), 120, "{local:?}");
+    assert_eq!(replicated, local);
+    assert!(messages
+        .iter()
+        .all(|(subject, _)| subject == "payswitch.journal.a"));
+    // Each message is named by its node and first record, so a retried publish is
+    // stored once.
+    let first_seqs: Vec<String> = messages.iter().map(|(_, id)| id.clone()).collect();
+    assert!(
+        first_seqs.iter().all(|id| id.starts_with("a:")),
+        "{first_seqs:?}"
+    );
+    let mut unique = first_seqs.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), first_seqs.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_stream_out_of_reach_requests_are_answered_91_until_it_is_back() {
+    let mut nats = NatsServer::start();
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.cluster = Some(cluster(&nats, 500));
+    let switch = in_front_of(&sim, config.clone()).await;
+    assert_eq!(response_code(&switch, 1).await, "00");
+
+    nats.kill();
+    let started = std::time::Instant::now();
+    assert_eq!(response_code(&switch, 2).await, "91");
+    // Within the ack timeout, and the acquirer never saw it: it was refused before the
+    // request left.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    nats.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut stan = 3;
+    loop {
+        let code = response_code(&switch, stan).await;
+        stan += 1;
+        if code == "00" {
+            break;
+        }
+        assert_eq!(code, "91");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The acquirer saw the two approvals and nothing the gateway was told 91 for — but a
+    // request whose forwarded record was acknowledged and whose answer's was not, which
+    // it then gets a reversal for.
+    let seen = sim
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let reversed = sim
+        .stats
+        .reversals
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(seen, 2 + reversed, "requests {seen}, reversals {reversed}");
+}
