@@ -83,6 +83,11 @@ impl ClusterConfig {
         if self.servers.is_empty() {
             return Err("cluster.servers: at least one NATS server URL".into());
         }
+        for url in &self.servers {
+            if let Err(e) = url.parse::<async_nats::ServerAddr>() {
+                return Err(format!("cluster.servers: {url:?} is not a NATS URL: {e}"));
+            }
+        }
         if !is_token(&self.node, MAX_NODE_NAME) {
             return Err(format!(
                 "cluster.node = {:?}: 1 to {MAX_NODE_NAME} letters, digits, '-' or '_'",
@@ -135,13 +140,19 @@ impl ClusterConfig {
 
 /// Connects to the NATS servers (within `connect_timeout_ms`).
 pub async fn connect(config: &ClusterConfig) -> anyhow::Result<async_nats::Client> {
-    let servers = config.servers.join(",");
+    let addresses = config
+        .servers
+        .iter()
+        .map(|url| url.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("cluster.servers")?;
+    let servers = config.servers.join(", ");
     let options = async_nats::ConnectOptions::new()
         .name(format!("payswitch-{}", config.node))
         .connection_timeout(Duration::from_millis(config.connect_timeout_ms));
     tokio::time::timeout(
         Duration::from_millis(config.connect_timeout_ms),
-        options.connect(servers.as_str()),
+        options.connect(addresses.as_slice()),
     )
     .await
     .map_err(|_| anyhow::anyhow!("no NATS server answered at {servers}"))?
@@ -199,4 +210,69 @@ pub async fn start_replica(config: &ClusterConfig) -> anyhow::Result<Replica> {
         config.node.clone(),
         Duration::from_millis(config.ack_timeout_ms),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ClusterConfig {
+        toml::from_str(
+            "servers = [\"nats://127.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\nnode = \"a-1\"\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_and_subjects() {
+        let c = config();
+        assert_eq!(c.check(), Ok(()));
+        assert_eq!(c.stream, "PAYSWITCH_JOURNAL");
+        assert_eq!(c.replicas, 3);
+        assert_eq!(c.journal_subject(), "payswitch.journal.a-1");
+        assert_eq!(c.journal_subjects(), "payswitch.journal.>");
+    }
+
+    #[test]
+    fn what_nats_would_misread_is_refused_by_name() {
+        let refused = |change: &dyn Fn(&mut ClusterConfig), name: &str| {
+            let mut c = config();
+            change(&mut c);
+            let err = c.check().unwrap_err();
+            assert!(err.contains(name), "{err}");
+        };
+        refused(&|c| c.servers.clear(), "cluster.servers");
+        refused(
+            &|c| c.servers = vec!["nats://host:port".into()],
+            "cluster.servers",
+        );
+        refused(&|c| c.node = "a.b".into(), "cluster.node");
+        refused(&|c| c.node = "a>".into(), "cluster.node");
+        refused(&|c| c.node = String::new(), "cluster.node");
+        refused(&|c| c.node = "x".repeat(MAX_NODE_NAME + 1), "cluster.node");
+        refused(&|c| c.stream = "JOURNAL.X".into(), "cluster.stream");
+        refused(
+            &|c| c.subject_prefix = "a..b".into(),
+            "cluster.subject_prefix",
+        );
+        refused(
+            &|c| c.subject_prefix = "a.*".into(),
+            "cluster.subject_prefix",
+        );
+        refused(&|c| c.replicas = 0, "cluster.replicas");
+        refused(&|c| c.replicas = MAX_REPLICAS + 1, "cluster.replicas");
+        refused(&|c| c.ack_timeout_ms = 0, "cluster.ack_timeout_ms");
+        refused(&|c| c.connect_timeout_ms = 0, "cluster.connect_timeout_ms");
+        let mut dotted = config();
+        dotted.subject_prefix = "acme.payswitch".into();
+        assert_eq!(dotted.check(), Ok(()));
+        assert_eq!(dotted.journal_subject(), "acme.payswitch.journal.a-1");
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        let err = toml::from_str::<ClusterConfig>("servers = []\nnode = \"a\"\nreplica = 3\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("replica"), "{err}");
+    }
 }

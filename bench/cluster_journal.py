@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""What durability costs: the local journal's fdatasync against the journal on NATS
+JetStream (R=1 on one server, R=3 on a three-server cluster), at the same offered load,
+each process its own: nats-server(s), an acquirer simulator, the switch, the load.
+
+    python3 bench/cluster_journal.py --mode local --rate 2000 --duration 15
+    python3 bench/cluster_journal.py --mode r1 --rate 2000 --duration 15
+    python3 bench/cluster_journal.py --mode r3 --rate 2000 --duration 15
+    python3 bench/cluster_journal.py --mode r3-fsync --rate 2000 --duration 15
+    python3 bench/cluster_journal.py --mode r3-sync --rate 2000 --duration 15
+
+Modes: `local` (fsync always, no cluster), `r1` / `r3` (the stream's acknowledgement is the
+durability point: local segments written without fsync), `r3-fsync` (both), `r3-sync` (as
+`r3`, the servers syncing every write to disk before acknowledging: `sync_interval:
+always`). Prints the
+journal stage's and the switch's own p50/p99 (read → answered, `/api/stats`), what the
+gateway saw, and the CPU seconds of each process while the load ran.
+
+Needs the release binary (cargo build --release --bin payswitch) and nats-server
+(`scripts/test` installs it in .venv; NATS_SERVER to use another).
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from procs import BIN, ROOT, free_port, spawner, stats, wait_ready
+
+
+def nats_binary():
+    return (os.environ.get("NATS_SERVER")
+            or os.path.join(ROOT, ".venv", "bin", "nats-server"))
+
+
+def cpu_s(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
+def wait_port(port, deadline_s=10):
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def start_nats(spawn, work, count, sync_always=False):
+    """`count` servers (one: standalone; three: a cluster), JetStream on; client ports."""
+    client = [free_port(socket.SOCK_STREAM) for _ in range(count)]
+    route = [free_port(socket.SOCK_STREAM) for _ in range(count)]
+    procs = []
+    for i in range(count):
+        cmd = [nats_binary(), "-a", "127.0.0.1", "-p", str(client[i]), "-js", "-n", f"n{i}"]
+        if not sync_always:
+            cmd += ["-sd", os.path.join(work, f"nats{i}")]
+        else:
+            conf = os.path.join(work, f"nats{i}.conf")
+            with open(conf, "w") as f:
+                f.write(f"jetstream {{\n  store_dir: \"{os.path.join(work, f'nats{i}')}\"\n"
+                        "  sync_interval: always\n}\n")
+            cmd += ["-c", conf]
+        if count > 1:
+            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route) if j != i)
+            cmd += ["--cluster_name", "bench", "--cluster", f"nats://127.0.0.1:{route[i]}",
+                    "--routes", routes]
+        procs.append(spawn(cmd, f"nats{i}.log"))
+    for port in client:
+        wait_port(port)
+    if count > 1:
+        time.sleep(3.0)  # the JetStream meta leader is elected
+    return client, procs
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["local", "r1", "r3", "r3-fsync", "r3-sync"], required=True)
+    p.add_argument("--rate", type=int, default=2000)
+    p.add_argument("--duration", type=int, default=15)
+    p.add_argument("--connections", type=int, default=8)
+    args = p.parse_args()
+
+    work = tempfile.mkdtemp(prefix="payswitch-cluster-")
+    procs = []
+    spawn = spawner(work, procs)
+    acq_port, quic_port = free_port(), free_port()
+    admin = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
+    cpu = {}
+    try:
+        servers = []
+        nats = []
+        if args.mode != "local":
+            ports, nats = start_nats(spawn, work, 1 if args.mode == "r1" else 3,
+                                     sync_always=args.mode == "r3-sync")
+            servers = [f"nats://127.0.0.1:{p}" for p in ports]
+        acquirer = spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}",
+                          "--approval-rate", "1"], "acquirer.log")
+        fsync = "never" if args.mode in ("r1", "r3", "r3-sync") else "always"
+        config = os.path.join(work, "switch.toml")
+        with open(config, "w") as f:
+            f.write(f"insecure_acquirers = true\n[listen]\nquic = \"127.0.0.1:{quic_port}\"\n"
+                    f"admin = \"{admin}\"\n[journal]\ndir = \"{os.path.join(work, 'journal')}\"\n"
+                    f"fsync = \"{fsync}\"\n")
+            if servers:
+                f.write(f"[cluster]\nservers = {json.dumps(servers)}\nnode = \"a\"\n"
+                        f"replicas = {len(servers)}\n")
+            f.write(f"[[acquirers]]\nname = \"sim\"\naddress = \"127.0.0.1:{acq_port}\"\n")
+        switch = spawn([BIN, "serve", "--config", config], "switch.log")
+        wait_ready(admin)
+        time.sleep(1.0)
+        watched = {"switch": switch, "acquirer": acquirer}
+        watched.update({f"nats{i}": proc for i, proc in enumerate(nats)})
+        before = {name: cpu_s(proc.pid) for name, proc in watched.items()}
+        record = os.path.join(work, "record.jsonl")
+        load = spawn([BIN, "load", "--target", f"127.0.0.1:{quic_port}", "--rate", str(args.rate),
+                      "--duration", f"{args.duration}s", "--connections", str(args.connections),
+                      "--record", record, "--json", os.path.join(work, "load.json"), "--quiet"],
+                     "load.log")
+        load_cpu = 0.0
+        while load.poll() is None:
+            load_cpu = cpu_s(load.pid) or load_cpu
+            time.sleep(0.25)
+        cpu = {name: (cpu_s(proc.pid) or 0.0) - (before[name] or 0.0)
+               for name, proc in watched.items()}
+        cpu["load"] = load_cpu
+        final = stats(admin)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    report = json.load(open(os.path.join(work, "load.json")))
+    lines = [json.loads(line) for line in open(record)]
+    codes = {}
+    for line in lines:
+        codes[line["code"]] = codes.get(line["code"], 0) + 1
+    latencies = sorted(line["latency_us"] for line in lines)
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1000
+    stage = {e["stage"]: e.get("since_start") or {} for e in final.get("stages", [])}
+    fmt = lambda s: f"{s.get('p50_us', 0) / 1000:.2f} / {s.get('p99_us', 0) / 1000:.2f} ms"
+    answered = len(lines)
+    print(f"mode {args.mode}: {args.rate} TPS for {args.duration} s, one stream per request, "
+          f"{args.connections} connections; work dir {work}")
+    print(f"sent {report.get('sent')}, answered {answered}, codes {json.dumps(codes, sort_keys=True)}")
+    print(f"journal stage p50 / p99: {fmt(stage.get('journal', {}))}; "
+          f"switch's own: {fmt(stage.get('switch', {}))}; total: {fmt(stage.get('total', {}))}")
+    if latencies:
+        print(f"gateway p50 / p99: {p(0.5):.2f} / {p(0.99):.2f} ms")
+    total_cpu = sum(cpu.values())
+    per_auth = total_cpu / answered * 1e6 if answered else 0
+    print("CPU seconds while the load ran: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+          + f"; all together {per_auth:.0f} µs per authorization "
+          f"(switch {cpu.get('switch', 0) / max(answered, 1) * 1e6:.0f} µs)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
