@@ -130,6 +130,29 @@ async fn every_journal_record_is_in_the_stream_in_the_journals_order() {
     // the stream holds exactly the local journal, in the same order.
     assert_eq!(local.len(), 120, "{local:?}");
     assert_eq!(replicated, local);
+    // What `journal verify --config` and `journal export --config` read: the same.
+    let mut read = Vec::new();
+    let cluster = config.cluster.as_ref().unwrap();
+    let report = payswitch::cluster::read_journal(cluster, None, |node, seq, record| {
+        read.push((node.to_string(), seq, record.kind))
+    })
+    .await
+    .unwrap();
+    let expected: Vec<_> = local
+        .iter()
+        .map(|(seq, kind)| ("a".to_string(), *seq, *kind))
+        .collect();
+    assert_eq!(read, expected);
+    let a = &report.nodes["a"];
+    assert_eq!(
+        (a.first_seq, a.last_seq, a.records, a.missing, a.repeated),
+        (1, 120, 120, 0, 0)
+    );
+    assert_eq!(report.records, 120);
+    let other = payswitch::cluster::read_journal(cluster, Some("b"), |_, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!(other.records, 0);
     assert!(messages
         .iter()
         .all(|(subject, _)| subject == "payswitch.journal.a"));

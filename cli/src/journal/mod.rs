@@ -53,10 +53,19 @@ pub enum JournalCommand {
     /// crash mid-write). Exit 0 only when the journal is intact (after such a cut).
     Verify {
         /// The journal directory.
-        dir: std::path::PathBuf,
+        #[arg(required_unless_present = "config")]
+        dir: Option<std::path::PathBuf>,
         /// Report a torn tail without cutting it off.
         #[arg(long)]
         dry_run: bool,
+        /// Check the journal stream of this configuration's `[cluster]` instead of a
+        /// directory: every frame's checksum, and each node's sequence (missing records
+        /// are groups the stream never acknowledged, answered 91).
+        #[arg(long, conflicts_with = "dir")]
+        config: Option<std::path::PathBuf>,
+        /// With `--config`: this node's records only.
+        #[arg(long, requires = "config")]
+        node: Option<String>,
     },
     /// Measure append throughput and latency with group commit.
     Bench(bench::BenchArgs),
@@ -89,10 +98,18 @@ pub enum JournalCommand {
     /// Write every record as JSON lines or CSV to standard output.
     Export {
         /// The journal directory.
-        dir: std::path::PathBuf,
+        #[arg(required_unless_present = "config")]
+        dir: Option<std::path::PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value = "jsonl")]
         format: ExportFormatArg,
+        /// Export the journal stream of this configuration's `[cluster]` instead of a
+        /// directory, in stream order, each record with its `node` (JSON lines only).
+        #[arg(long, conflicts_with = "dir")]
+        config: Option<std::path::PathBuf>,
+        /// With `--config`: this node's records only.
+        #[arg(long, requires = "config")]
+        node: Option<String>,
     },
 }
 
@@ -162,7 +179,34 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        JournalCommand::Verify { dir, dry_run } => {
+        JournalCommand::Verify {
+            config: Some(config),
+            node,
+            ..
+        } => {
+            let report = read_stream(&config, node.as_deref(), |_, _, _| Ok(()))?;
+            let mut gaps = 0;
+            for (name, range) in &report.nodes {
+                println!(
+                    "node {name}: {} records, sequence {}..={}, {} missing, {} repeated",
+                    range.records, range.first_seq, range.last_seq, range.missing, range.repeated
+                );
+                gaps += range.missing;
+            }
+            println!(
+                "journal stream intact: {} records in {} messages, every checksum right{}",
+                report.records,
+                report.messages,
+                if gaps > 0 {
+                    "; the missing records were never acknowledged (answered 91) and are in their node's segments"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
+        JournalCommand::Verify { dir, dry_run, .. } => {
+            let dir = dir.context("a journal directory, or --config")?;
             anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
             let report = journal::scan(&dir, !dry_run, |_, _| {})?;
             if let Some(torn) = &report.torn_tail {
@@ -195,7 +239,31 @@ pub fn run(command: JournalCommand) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(bench::run_cli(args)),
-        JournalCommand::Export { dir, format } => {
+        JournalCommand::Export {
+            config: Some(config),
+            node,
+            format,
+            ..
+        } => {
+            anyhow::ensure!(
+                matches!(format, ExportFormatArg::Jsonl),
+                "the journal stream is exported as JSON lines (--format jsonl)"
+            );
+            let mut out = io::BufWriter::new(io::stdout().lock());
+            read_stream(&config, node.as_deref(), |node, seq, record| {
+                let line = serde_json::json!({
+                    "node": node,
+                    "record": journal::Exported::of(seq, record),
+                });
+                serde_json::to_writer(&mut out, &line)?;
+                io::Write::write_all(&mut out, b"\n")?;
+                Ok(())
+            })?;
+            io::Write::flush(&mut out)?;
+            Ok(())
+        }
+        JournalCommand::Export { dir, format, .. } => {
+            let dir = dir.context("a journal directory, or --config")?;
             anyhow::ensure!(dir.is_dir(), "{}: no such directory", dir.display());
             let report = journal::export(&dir, format.into(), io::stdout().lock())?;
             if let Some(torn) = &report.torn_tail {
@@ -217,4 +285,34 @@ fn peak_rss_kib() -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Reads the journal stream of `config`'s `[cluster]`, handing each record to `each`;
+/// the first error `each` returns stops the export.
+fn read_stream(
+    config: &std::path::Path,
+    node: Option<&str>,
+    mut each: impl FnMut(&str, u64, &journal::Record) -> anyhow::Result<()>,
+) -> anyhow::Result<payswitch::cluster::StreamReport> {
+    let config = payswitch::config::Config::from_file(config)?;
+    let cluster = config
+        .cluster
+        .context("the configuration has no [cluster]: no journal stream to read")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut failure = None;
+    let report = runtime.block_on(payswitch::cluster::read_journal(
+        &cluster,
+        node,
+        |node, seq, record| {
+            if failure.is_none() {
+                failure = each(node, seq, &record).err();
+            }
+        },
+    ))?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
