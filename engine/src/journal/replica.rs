@@ -90,7 +90,14 @@ impl Replica {
         let (groups, queued) = mpsc::channel(MAX_GROUPS_QUEUED);
         let (published, in_flight) = mpsc::channel(MAX_GROUPS_IN_FLIGHT);
         let stats = Arc::new(ReplicaStats::default());
-        tokio::spawn(publish(context, subject, node, queued, published));
+        tokio::spawn(publish(
+            context,
+            subject,
+            node,
+            ack_timeout,
+            queued,
+            published,
+        ));
         tokio::spawn(acknowledge(in_flight, ack_timeout, Arc::clone(&stats)));
         Replica { groups, stats }
     }
@@ -124,10 +131,16 @@ async fn publish(
     context: jetstream::Context,
     subject: String,
     node: String,
+    ack_timeout: Duration,
     mut queued: mpsc::Receiver<Group>,
     published: mpsc::Sender<Published>,
 ) {
     while let Some(group) = queued.recv().await {
+        // With no server reachable the client buffers what is published, and once its
+        // buffer is full a publish waits: bounded by the group's own deadline, so the
+        // writer thread behind this never waits longer than the ack timeout for a group
+        // and the requests in it are answered 91 in time.
+        let deadline = tokio::time::Instant::from_std(group.handed + ack_timeout);
         let mut acks = Vec::new();
         let mut answers = Vec::with_capacity(group.parts.len());
         let mut message = BytesMut::new();
@@ -145,10 +158,12 @@ async fn publish(
                 let payload: Bytes = std::mem::take(&mut message).freeze();
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", format!("{node}:{first}").as_str());
-                let sent = context
-                    .publish_with_headers(subject.clone(), headers, payload)
-                    .await;
-                acks.push(sent.ok());
+                let sent = tokio::time::timeout_at(
+                    deadline,
+                    context.publish_with_headers(subject.clone(), headers, payload),
+                )
+                .await;
+                acks.push(sent.ok().and_then(Result::ok));
             }
         }
         let group = Published {
