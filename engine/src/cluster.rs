@@ -194,8 +194,69 @@ pub async fn journal_stream(
     Ok(context)
 }
 
-/// Connects, makes sure the journal stream exists, and starts publishing to it.
-pub async fn start_replica(config: &ClusterConfig) -> anyhow::Result<Replica> {
+/// The bucket of what every node must agree on.
+pub const SETTINGS_BUCKET: &str = "PAYSWITCH_CLUSTER";
+
+/// The entry holding the PAN hash key's fingerprint.
+const PAN_HASH_KEY_ENTRY: &str = "pan-hash-key";
+
+/// Checks that this node hashes PANs with the cluster's key: the first node to start
+/// records its key's fingerprint (`PanKey::fingerprint`, which does not show the key) in
+/// the settings bucket; any other node whose key differs is refused, since its records
+/// would not link to the others' (duplicates, velocity, reversals by card).
+pub async fn agree_on_pan_key(
+    context: &jetstream::Context,
+    config: &ClusterConfig,
+    key: &crate::journal::PanKey,
+) -> anyhow::Result<()> {
+    let bucket = match context.get_key_value(SETTINGS_BUCKET).await {
+        Ok(bucket) => bucket,
+        Err(_) => {
+            let created = context
+                .create_key_value(jetstream::kv::Config {
+                    bucket: SETTINGS_BUCKET.into(),
+                    history: 1,
+                    num_replicas: config.replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(bucket) => bucket,
+                // Another node created it meanwhile.
+                Err(_) => context
+                    .get_key_value(SETTINGS_BUCKET)
+                    .await
+                    .with_context(|| format!("the key-value bucket {SETTINGS_BUCKET}"))?,
+            }
+        }
+    };
+    let mine = key.fingerprint();
+    match bucket.create(PAN_HASH_KEY_ENTRY, mine.clone().into()).await {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).context("recording the PAN hash key's fingerprint"),
+    }
+    let theirs = bucket
+        .get(PAN_HASH_KEY_ENTRY)
+        .await
+        .context("reading the cluster's PAN hash key fingerprint")?
+        .unwrap_or_default();
+    anyhow::ensure!(
+        theirs == mine.as_bytes(),
+        "this node's PAN hash key is not the cluster's (fingerprint {mine}, the cluster's {}): \
+         every node must hash card numbers with the same key — give each node the same key \
+         file (journal.pan_hash_key_file, 0600), copied from a node already running",
+        String::from_utf8_lossy(&theirs)
+    );
+    Ok(())
+}
+
+/// Connects, makes sure the journal stream exists, and starts publishing to it; returns
+/// the JetStream context too, for what else the node keeps on the cluster.
+pub async fn start_replica(
+    config: &ClusterConfig,
+) -> anyhow::Result<(Replica, jetstream::Context)> {
     let client = connect(config).await?;
     let context = journal_stream(client, config).await?;
     tracing::info!(
@@ -204,12 +265,13 @@ pub async fn start_replica(config: &ClusterConfig) -> anyhow::Result<Replica> {
         subject = %config.journal_subject(),
         "journal replicated to NATS JetStream"
     );
-    Ok(Replica::start(
-        context,
+    let replica = Replica::start(
+        context.clone(),
         config.journal_subject(),
         config.node.clone(),
         Duration::from_millis(config.ack_timeout_ms),
-    ))
+    );
+    Ok((replica, context))
 }
 
 #[cfg(test)]

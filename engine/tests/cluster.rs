@@ -222,3 +222,54 @@ async fn with_the_stream_out_of_reach_requests_are_answered_91_until_it_is_back(
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(seen, 2 + reversed, "requests {seen}, reversals {reversed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_must_hash_card_numbers_with_the_same_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let nats = NatsServer::start();
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    // Node a, the first, makes its journal's key the cluster's.
+    let mut a = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    a.cluster = Some(cluster(&nats, 2_000));
+    let _a = in_front_of(&sim, a.clone()).await;
+
+    // Node b with a key of its own (its journal directory's new one): refused.
+    let node_b = |key_file: Option<std::path::PathBuf>| {
+        let mut b = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+        b.cluster = Some(ClusterConfig {
+            node: "b".into(),
+            ..cluster(&nats, 2_000)
+        });
+        b.journal.pan_hash_key_file = key_file;
+        b
+    };
+    let security = || payswitch::switch::Security {
+        identity: payswitch_net::TlsIdentity::self_signed(&["localhost"]).unwrap(),
+        acquirer_trust: vec![support::trust(&sim)],
+        gateways: None,
+    };
+    let refused = payswitch::switch::start(&node_b(None), security())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let message = format!("{refused:#}");
+    assert!(message.contains("journal.pan_hash_key_file"), "{message}");
+
+    // Given a copy of a's key file, readable by its owner only: served.
+    let copy = tempfile::tempdir().unwrap().keep().join("pan-hash.key");
+    std::fs::copy(a.journal.dir.join("pan.key"), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loose = payswitch::switch::start(&node_b(Some(copy.clone())), security())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(format!("{loose:#}").contains("owner only"), "{loose:#}");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let b = in_front_of(&sim, node_b(Some(copy))).await;
+    assert_eq!(response_code(&b, 7).await, "00");
+}

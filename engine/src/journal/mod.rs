@@ -76,18 +76,7 @@ impl PanKey {
     pub fn load_or_create(dir: &Path) -> io::Result<PanKey> {
         let path = dir.join(PAN_KEY_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let bytes = hex::decode(text.trim())
-                    .ok()
-                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                    .ok_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("{}: not 32 hex digits", path.display()),
-                        )
-                    })?;
-                Ok(PanKey(bytes))
-            }
+            Ok(text) => PanKey::parse(&text, &path),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 private_dir(dir)?;
                 let key: [u8; 16] = rand::random();
@@ -102,6 +91,49 @@ impl PanKey {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Reads the key from `path`, a file provisioned by the operator (the same on every
+    /// node of a cluster): it must exist and be readable by its owner only.
+    pub fn load(path: &Path) -> io::Result<PanKey> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{}: mode {mode:o}; the PAN hash key must be readable by its owner only (chmod 600)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let text = std::fs::read_to_string(path)?;
+        PanKey::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> io::Result<PanKey> {
+        hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(PanKey)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: not 32 hex digits", path.display()),
+                )
+            })
+    }
+
+    /// What nodes compare to know they share the key, without showing it: the keyed
+    /// hash of a fixed text no card number can be.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{:032x}",
+            self.hash(b"payswitch: the PAN hash key's fingerprint")
+        )
     }
 
     /// A key for tests and for running without a journal.

@@ -111,6 +111,10 @@ pub struct JournalConfig {
     /// journal's directory; none: the journal keeps no PAN and reversals and advices go
     /// without field 2.
     pub pan_key_file: Option<PathBuf>,
+    /// The file holding the PAN *hash* key (32 hex digits, readable by its owner only),
+    /// when it is not the journal directory's `pan.key`: nodes of a cluster must share
+    /// one, or a card's records on two nodes would not link (duplicates, velocity).
+    pub pan_hash_key_file: Option<PathBuf>,
 }
 
 impl Default for JournalConfig {
@@ -136,6 +140,7 @@ impl Default for JournalConfig {
             // the operator's choice, not a default.
             retention_days: 0,
             pan_key_file: None,
+            pan_hash_key_file: None,
         }
     }
 }

@@ -192,11 +192,17 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let scoring = start_scoring(config, links_shutdown.clone())?;
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
-    let replica = match &config.cluster {
-        Some(cluster) => Some(crate::cluster::start_replica(cluster).await?),
-        None => None,
+    let (replica, cluster) = match &config.cluster {
+        Some(cluster) => {
+            let (replica, context) = crate::cluster::start_replica(cluster).await?;
+            (Some(replica), Some((cluster, context)))
+        }
+        None => (None, None),
     };
     let (journal, pan_key, mut recovery) = open_journal(config, &scoring, replica)?;
+    if let Some((cluster, context)) = &cluster {
+        crate::cluster::agree_on_pan_key(context, cluster, &pan_key).await?;
+    }
     let vault = match &config.journal.pan_key_file {
         Some(path) if config.journal.enabled => {
             let vault = crate::journal::PanVault::load(path)
@@ -497,7 +503,11 @@ fn open_journal(
     let dir = &journal_config.dir;
     crate::journal::private_dir(dir)
         .with_context(|| format!("creating the journal directory {}", dir.display()))?;
-    let pan_key = PanKey::load_or_create(dir).context("reading the PAN hash key")?;
+    let pan_key = match &journal_config.pan_hash_key_file {
+        Some(file) => PanKey::load(file)
+            .with_context(|| format!("reading the PAN hash key {}", file.display()))?,
+        None => PanKey::load_or_create(dir).context("reading the PAN hash key")?,
+    };
     let acquirers: Vec<String> = config.acquirers.iter().map(|a| a.name.clone()).collect();
     let window_ms =
         i64::try_from(journal_config.duplicate_window_s.saturating_mul(1000)).unwrap_or(i64::MAX);
