@@ -91,6 +91,7 @@ def main():
     p.add_argument("--rate", type=int, default=2000)
     p.add_argument("--duration", type=int, default=15)
     p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--pipelined", action="store_true", help="pipelined streams, not one per request")
     args = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="payswitch-cluster-")
@@ -127,7 +128,8 @@ def main():
         record = os.path.join(work, "record.jsonl")
         load = spawn([BIN, "load", "--target", f"127.0.0.1:{quic_port}", "--rate", str(args.rate),
                       "--duration", f"{args.duration}s", "--connections", str(args.connections),
-                      "--record", record, "--json", os.path.join(work, "load.json"), "--quiet"],
+                      "--record", record, "--json", os.path.join(work, "load.json"), "--quiet",
+                      "--max-outstanding", "50000"] + (["--pipelined"] if args.pipelined else []),
                      "load.log")
         load_cpu = 0.0
         while load.poll() is None:
@@ -157,9 +159,11 @@ def main():
     stage = {e["stage"]: e.get("since_start") or {} for e in final.get("stages", [])}
     fmt = lambda s: f"{s.get('p50_us', 0) / 1000:.2f} / {s.get('p99_us', 0) / 1000:.2f} ms"
     answered = len(lines)
-    print(f"mode {args.mode}: {args.rate} TPS for {args.duration} s, one stream per request, "
+    shape = "pipelined" if args.pipelined else "one stream per request"
+    print(f"mode {args.mode}: {args.rate} TPS for {args.duration} s, {shape}, "
           f"{args.connections} connections; work dir {work}")
-    print(f"sent {report.get('sent')}, answered {answered}, codes {json.dumps(codes, sort_keys=True)}")
+    print(f"sent {report.get('sent')}, answered {answered}, codes {json.dumps(codes, sort_keys=True)}, "
+          f"approvals {codes.get('00', 0) / args.duration:.0f}/s")
     print(f"journal stage p50 / p99: {fmt(stage.get('journal', {}))}; "
           f"switch's own: {fmt(stage.get('switch', {}))}; total: {fmt(stage.get('total', {}))}")
     if latencies:
