@@ -182,6 +182,14 @@ pub async fn journal_stream(
     .await
     .map_err(|_| anyhow::anyhow!("JetStream did not answer (is it enabled on the servers?)"))?
     .with_context(|| format!("getting or creating the stream {}", config.stream))?;
+    let subjects = &created.cached_info().config.subjects;
+    anyhow::ensure!(
+        subjects.contains(&config.journal_subjects()),
+        "the stream {} exists for the subjects {subjects:?}, not {}: another cluster's stream, \
+         or another cluster.subject_prefix; name another cluster.stream",
+        config.stream,
+        config.journal_subjects()
+    );
     let replicas = created.cached_info().config.num_replicas;
     if replicas != config.replicas {
         tracing::warn!(

@@ -273,3 +273,33 @@ async fn nodes_must_hash_card_numbers_with_the_same_key() {
     let b = in_front_of(&sim, node_b(Some(copy))).await;
     assert_eq!(response_code(&b, 7).await, "00");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_that_name_for_other_subjects_is_refused_at_start() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "PAYSWITCH_JOURNAL".into(),
+            subjects: vec!["elsewhere.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let sim = acquirer_sim::start(SimConfig::default()).await.unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.cluster = Some(cluster(&nats, 2_000));
+    let security = payswitch::switch::Security {
+        identity: payswitch_net::TlsIdentity::self_signed(&["localhost"]).unwrap(),
+        acquirer_trust: vec![support::trust(&sim)],
+        gateways: None,
+    };
+    let refused = payswitch::switch::start(&config, security)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("cluster.stream"),
+        "{refused:#}"
+    );
+}

@@ -49,7 +49,7 @@ pub struct ReplicaStats {
     pub ack_ns: AtomicU64,
     /// Groups acknowledged (for the mean of `ack_ns`).
     pub groups: AtomicU64,
-    /// The last sequence number acknowledged.
+    /// The first sequence number of the last caller's records acknowledged.
     pub last_seq: AtomicU64,
 }
 
