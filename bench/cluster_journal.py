@@ -30,21 +30,12 @@ import sys
 import tempfile
 import time
 
-from procs import BIN, ROOT, free_port, spawner, stats, wait_ready
+from procs import BIN, ROOT, cpu_s, free_port, spawner, stats, wait_ready
 
 
 def nats_binary():
     return (os.environ.get("NATS_SERVER")
             or os.path.join(ROOT, ".venv", "bin", "nats-server"))
-
-
-def cpu_s(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return None
 
 
 def wait_port(port, deadline_s=10):

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from procs import BIN, free_port, spawner, stats, wait_ready
+from procs import BIN, cpu_s, free_port, spawner, stats, wait_ready
 
 
 def rss_kib(pid):
@@ -34,16 +34,6 @@ def rss_kib(pid):
     except OSError:
         return None
     return None
-
-
-def cpu_s(pid):
-    """User plus system CPU seconds of a process so far (None once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return None
 
 
 def percentile(sorted_values, q):

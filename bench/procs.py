@@ -46,3 +46,13 @@ def stats(admin):
     """The switch's /api/stats."""
     with urllib.request.urlopen(f"http://{admin}/api/stats", timeout=5) as r:
         return json.load(r)
+
+
+def cpu_s(pid):
+    """User plus system CPU seconds of a process so far (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
