@@ -23,14 +23,12 @@ Needs the release binary (cargo build --release --bin payswitch) and nats-server
 import argparse
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-from procs import BIN, ROOT, cpu_s, free_port, spawner, stats, wait_ready
+from procs import BIN, ROOT, cpu_s, free_port, spawner, stats, stop, wait_ready
 
 
 def nats_binary():
@@ -131,14 +129,7 @@ def main():
         cpu["load"] = load_cpu
         final = stats(admin)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
 
     report = json.load(open(os.path.join(work, "load.json")))
     lines = [json.loads(line) for line in open(record)]

@@ -15,14 +15,12 @@ Needs the release binary: cargo build --release --bin payswitch.
 import argparse
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-from procs import BIN, cpu_s, free_port, spawner, stats, wait_ready
+from procs import BIN, cpu_s, free_port, spawner, stats, stop, wait_ready
 
 
 def rss_kib(pid):
@@ -106,14 +104,7 @@ def main():
         rss.append(rss_kib(switch.pid))
         final = stats(admin)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
 
     report = json.load(open(os.path.join(work, "load.json")))
     lines = [json.loads(line) for line in open(record)]

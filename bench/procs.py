@@ -4,6 +4,7 @@ reading its /api/stats."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -56,3 +57,15 @@ def cpu_s(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return None
+
+
+def stop(procs):
+    """SIGTERM to every process still running, then waits; kills one that lingers 15 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -11,27 +11,30 @@ use payswitch::journal::RecordKind;
 use payswitch::switch::RunningSwitch;
 use payswitch_loadtest::acquirer_sim::{self, SimConfig};
 use payswitch_net::{framed, quic, ClientTrust, FrameReader};
-use payswitch_protocol::{Message, Mti};
+use payswitch_protocol::Message;
 use support::nats::NatsServer;
 use support::{acquirer, config, in_front_of};
 
 mod support;
 
 fn authorization(stan: u32) -> Message {
-    let mut b = Message::builder(Mti::AUTHORIZATION_REQUEST);
-    b.set_str(2, "4111111111111111").unwrap();
-    b.set_str(3, "000000").unwrap();
-    b.set_str(4, "000000012500").unwrap();
-    b.set_str(7, "1125123045").unwrap();
-    b.set_str(11, &format!("{stan:06}")).unwrap();
-    b.set_str(14, "9912").unwrap();
-    b.set_str(18, "5411").unwrap();
-    b.set_str(22, "051").unwrap();
-    b.set_str(37, &format!("5330{stan:08}")).unwrap();
-    b.set_str(41, "TERM0001").unwrap();
-    b.set_str(42, "MERCHANT0000001").unwrap();
-    b.set_str(49, "840").unwrap();
-    b.build()
+    support::authorization("4111111111111111", stan)
+}
+
+/// An approving simulator and a switch configuration in front of it, on `nats`.
+async fn sim_and_config(
+    nats: &NatsServer,
+    ack_timeout_ms: u64,
+) -> (acquirer_sim::RunningSim, payswitch::config::Config) {
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
+    config.cluster = Some(cluster(nats, ack_timeout_ms));
+    (sim, config)
 }
 
 fn cluster(nats: &NatsServer, ack_timeout_ms: u64) -> ClusterConfig {
@@ -100,14 +103,7 @@ async fn stream_records(nats: &NatsServer) -> (Vec<(u64, RecordKind)>, Vec<(Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_journal_record_is_in_the_stream_in_the_journals_order() {
     let nats = NatsServer::start();
-    let sim = acquirer_sim::start(SimConfig {
-        approval_rate: 1.0,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
-    config.cluster = Some(cluster(&nats, 2_000));
+    let (sim, config) = sim_and_config(&nats, 2_000).await;
     let switch = in_front_of(&sim, config.clone()).await;
     let mut answers = Vec::new();
     for stan in 1..=40 {
@@ -171,14 +167,7 @@ async fn every_journal_record_is_in_the_stream_in_the_journals_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_stream_out_of_reach_requests_are_answered_91_until_it_is_back() {
     let mut nats = NatsServer::start();
-    let sim = acquirer_sim::start(SimConfig {
-        approval_rate: 1.0,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
-    config.cluster = Some(cluster(&nats, 500));
+    let (sim, config) = sim_and_config(&nats, 500).await;
     let switch = in_front_of(&sim, config.clone()).await;
     assert_eq!(response_code(&switch, 1).await, "00");
 
@@ -227,15 +216,8 @@ async fn with_the_stream_out_of_reach_requests_are_answered_91_until_it_is_back(
 async fn nodes_must_hash_card_numbers_with_the_same_key() {
     use std::os::unix::fs::PermissionsExt;
     let nats = NatsServer::start();
-    let sim = acquirer_sim::start(SimConfig {
-        approval_rate: 1.0,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
     // Node a, the first, makes its journal's key the cluster's.
-    let mut a = config(vec![acquirer("north", &sim, 2_000)], vec![]);
-    a.cluster = Some(cluster(&nats, 2_000));
+    let (sim, a) = sim_and_config(&nats, 2_000).await;
     let _a = in_front_of(&sim, a.clone()).await;
 
     // Node b with a key of its own (its journal directory's new one): refused.
@@ -286,9 +268,7 @@ async fn a_stream_of_that_name_for_other_subjects_is_refused_at_start() {
         })
         .await
         .unwrap();
-    let sim = acquirer_sim::start(SimConfig::default()).await.unwrap();
-    let mut config = config(vec![acquirer("north", &sim, 2_000)], vec![]);
-    config.cluster = Some(cluster(&nats, 2_000));
+    let (sim, config) = sim_and_config(&nats, 2_000).await;
     let security = payswitch::switch::Security {
         identity: payswitch_net::TlsIdentity::self_signed(&["localhost"]).unwrap(),
         acquirer_trust: vec![support::trust(&sim)],

@@ -13,7 +13,7 @@ use payswitch::switch::{self, RunningSwitch, Security};
 use payswitch_loadtest::acquirer_sim::{self, SimConfig};
 use payswitch_net::tls::ClientAuth;
 use payswitch_net::{framed, quic, tls, ClientTrust, FrameReader, TlsIdentity};
-use payswitch_protocol::{Message, Mti};
+use payswitch_protocol::Message;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -59,19 +59,7 @@ impl Ca {
 }
 
 fn authorization(stan: u32) -> Message {
-    let mut b = Message::builder(Mti::AUTHORIZATION_REQUEST);
-    b.set_str(2, "4111111111111111").unwrap();
-    b.set_str(3, "000000").unwrap();
-    b.set_str(4, "000000012500").unwrap();
-    b.set_str(7, "1125123045").unwrap();
-    b.set_str(11, &format!("{stan:06}")).unwrap();
-    b.set_str(14, "9912").unwrap();
-    b.set_str(22, "051").unwrap();
-    b.set_str(37, &format!("7770{stan:08}")).unwrap();
-    b.set_str(41, "TERM0001").unwrap();
-    b.set_str(42, "MERCHANT0000001").unwrap();
-    b.set_str(49, "840").unwrap();
-    b.build()
+    support::authorization("4111111111111111", stan)
 }
 
 /// A switch (QUIC and TCP) that requires certificates from `ca` naming `allowed`.

@@ -9,7 +9,7 @@ use payswitch::config::{Config, RouteConfig};
 use payswitch::switch::RunningSwitch;
 use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
 use payswitch_net::{framed, quic, ClientTrust, FrameReader};
-use support::{acquirer, config, start_switch, trust, wait_links_up};
+use support::{acquirer, authorization, config, start_switch, trust, wait_links_up};
 
 mod support;
 use payswitch_protocol::{Message, Mti};
@@ -17,24 +17,6 @@ use tokio::io::AsyncWriteExt;
 
 const VISA_TEST_CARD: &str = "4111111111111111";
 const MASTERCARD_TEST_CARD: &str = "5500000000000004";
-
-/// A well-formed 0100 for `pan` with STAN `stan`.
-fn authorization(pan: &str, stan: u32) -> Message {
-    let mut b = Message::builder(Mti::AUTHORIZATION_REQUEST);
-    b.set_str(2, pan).unwrap();
-    b.set_str(3, "000000").unwrap();
-    b.set_str(4, "000000012500").unwrap();
-    b.set_str(7, "1125123045").unwrap();
-    b.set_str(11, &format!("{stan:06}")).unwrap();
-    b.set_str(14, "9912").unwrap();
-    b.set_str(18, "5411").unwrap();
-    b.set_str(22, "051").unwrap();
-    b.set_str(37, &format!("5330{stan:08}")).unwrap();
-    b.set_str(41, "TERM0001").unwrap();
-    b.set_str(42, "MERCHANT0000001").unwrap();
-    b.set_str(49, "840").unwrap();
-    b.build()
-}
 
 /// `authorization` with some fields replaced (`Some`) or removed (`None`).
 fn authorization_with(pan: &str, stan: u32, changes: &[(u8, Option<&str>)]) -> Message {

@@ -10,6 +10,7 @@ use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, Ro
 use payswitch::switch::{self, RunningSwitch, Security};
 use payswitch_loadtest::acquirer_sim::RunningSim;
 use payswitch_net::{ClientTrust, TlsIdentity};
+use payswitch_protocol::{Message, Mti};
 
 pub mod nats;
 pub mod python;
@@ -87,4 +88,22 @@ pub async fn in_front_of(sim: &RunningSim, config: Config) -> RunningSwitch {
     let switch = start_switch(&config, vec![trust(sim)]).await;
     wait_links_up(&switch).await;
     switch
+}
+
+/// A well-formed 0100 for `pan` with STAN `stan` (and an RRN made from it).
+pub fn authorization(pan: &str, stan: u32) -> Message {
+    let mut b = Message::builder(Mti::AUTHORIZATION_REQUEST);
+    b.set_str(2, pan).unwrap();
+    b.set_str(3, "000000").unwrap();
+    b.set_str(4, "000000012500").unwrap();
+    b.set_str(7, "1125123045").unwrap();
+    b.set_str(11, &format!("{stan:06}")).unwrap();
+    b.set_str(14, "9912").unwrap();
+    b.set_str(18, "5411").unwrap();
+    b.set_str(22, "051").unwrap();
+    b.set_str(37, &format!("5330{stan:08}")).unwrap();
+    b.set_str(41, "TERM0001").unwrap();
+    b.set_str(42, "MERCHANT0000001").unwrap();
+    b.set_str(49, "840").unwrap();
+    b.build()
 }
