@@ -162,6 +162,39 @@ async fn every_journal_record_is_in_the_stream_in_the_journals_order() {
     let mut unique = first_seqs.clone();
     unique.dedup();
     assert_eq!(unique.len(), first_seqs.len());
+
+    // Operators see it: every message the stream holds was counted as acknowledged.
+    let admin = switch.admin_addr.unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&http_get(admin, "/api/stats").await).unwrap();
+    let replica = &stats["journal"]["replica"];
+    assert_eq!(replica["acknowledged"], messages.len() as u64, "{replica}");
+    assert_eq!(replica["failed"], 0, "{replica}");
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "payswitch_journal_replica_acknowledged_total {}",
+            messages.len()
+        )),
+        "{metrics}"
+    );
+}
+
+/// The body of `GET path` from the admin API.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text.split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

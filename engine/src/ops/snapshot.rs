@@ -80,6 +80,21 @@ pub struct JournalSnapshot {
     pub last_seq: u64,
     /// Stopped after an I/O error.
     pub failed: bool,
+    /// The copy on the replicated stream, with `[cluster]`.
+    pub replica: Option<ReplicaSnapshot>,
+}
+
+/// The journal's copy on the replicated stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplicaSnapshot {
+    /// Messages the stream acknowledged.
+    pub acknowledged: u64,
+    /// Group commits the stream did not acknowledge in time (their requests got 91).
+    pub failed: u64,
+    /// Group commits acknowledged.
+    pub groups: u64,
+    /// Mean time from a group's hand-over to its acknowledgement, microseconds.
+    pub mean_ack_us: f64,
 }
 
 /// The store-and-forward queue.
@@ -211,6 +226,19 @@ impl Sources {
                     queued: load(&s.queued),
                     last_seq: load(&s.last_seq),
                     failed: s.failed.load(Ordering::Relaxed),
+                    replica: j.replica_stats().map(|r| {
+                        let groups = load(&r.groups);
+                        ReplicaSnapshot {
+                            acknowledged: load(&r.acknowledged),
+                            failed: load(&r.failed),
+                            groups,
+                            mean_ack_us: if groups > 0 {
+                                load(&r.ack_ns) as f64 / groups as f64 / 1_000.0
+                            } else {
+                                0.0
+                            },
+                        }
+                    }),
                 }
             }),
             reversals: ReversalSnapshot {

@@ -133,6 +133,12 @@ fn journal(snapshot: &Snapshot) -> Value {
             "queued": j.queued,
             "last_seq": j.last_seq,
             "failed": j.failed,
+            "replica": j.replica.map(|r| json!({
+                "acknowledged": r.acknowledged,
+                "failed": r.failed,
+                "groups": r.groups,
+                "mean_ack_us": r.mean_ack_us,
+            })),
         }),
     }
 }
@@ -543,6 +549,31 @@ fn journal_gauges(out: &mut String, snapshot: &Snapshot) {
         "Sequence number of the last durable journal record.",
     );
     let _ = writeln!(out, "payswitch_journal_last_sequence {last_seq}");
+    if let Some(replica) = snapshot.journal.as_ref().and_then(|j| j.replica) {
+        for (name, kind, help, value) in [
+            (
+                "payswitch_journal_replica_acknowledged_total",
+                "counter",
+                "Journal messages the replicated stream acknowledged ([cluster]).",
+                replica.acknowledged as f64,
+            ),
+            (
+                "payswitch_journal_replica_failed_total",
+                "counter",
+                "Journal group commits the replicated stream did not acknowledge within cluster.ack_timeout_ms (their requests were answered 91).",
+                replica.failed as f64,
+            ),
+            (
+                "payswitch_journal_replica_mean_ack_seconds",
+                "gauge",
+                "Mean time from a group commit's hand-over to the stream's acknowledgement, since start.",
+                replica.mean_ack_us / 1e6,
+            ),
+        ] {
+            header(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
     header(
         out,
         "payswitch_reversals_pending",
