@@ -1,7 +1,9 @@
 //! The journal's copy on a replicated NATS JetStream stream (`[cluster]`).
 //!
-//! The writer thread writes each group commit to the local segment as always; with a
-//! replica it then hands the group's sealed frames here instead of answering its callers.
+//! With a replica the writer thread hands each group commit's sealed frames here just
+//! before it writes (and syncs) them to the local segment, so the publish and the local
+//! sync overlap, and leaves the answers to the replica: a caller is answered once the
+//! stream has acknowledged its group and the local write has succeeded.
 //! They are published, in the writer's order, as messages on `{prefix}.journal.{node}` —
 //! each message a run of whole frames, as in a segment, at most [`MAX_MESSAGE_BYTES`] —
 //! and each caller is answered once every message holding its records is acknowledged by
@@ -59,11 +61,14 @@ pub(super) struct Answer {
     pub first_seq: u64,
 }
 
-/// A group commit, written locally, to replicate.
+/// A group commit to replicate, handed over before it is written locally: the publish
+/// and the local write (and sync) overlap.
 pub(super) struct Group {
     /// Each caller's sealed frames, in order, with its answer.
     pub parts: Vec<(Vec<u8>, Answer)>,
     pub handed: Instant,
+    /// How the local write of the same group went.
+    pub local: oneshot::Receiver<Result<(), JournalError>>,
 }
 
 /// Where the journal's groups go to be replicated.
@@ -122,6 +127,7 @@ impl Replica {
 /// A group published: its messages' acknowledgements to wait for, and its callers.
 struct Published {
     acks: Vec<Option<jetstream::context::PublishAckFuture>>,
+    local: oneshot::Receiver<Result<(), JournalError>>,
     answers: Vec<Answer>,
     handed: Instant,
     last_seq: u64,
@@ -168,6 +174,7 @@ async fn publish(
         }
         let group = Published {
             acks,
+            local: group.local,
             answers,
             handed: group.handed,
             last_seq,
@@ -210,11 +217,13 @@ async fn acknowledge(
         } else {
             stats.failed.fetch_add(1, Ordering::Relaxed);
         }
+        // The local write came first in the writer; its result is there or on its way.
+        let local = group.local.await.unwrap_or(Err(JournalError::Failed));
         for answer in group.answers {
-            let result = if acknowledged {
-                Ok(answer.first_seq)
-            } else {
-                Err(JournalError::Unreplicated)
+            let result = match (&local, acknowledged) {
+                (Err(e), _) => Err(*e),
+                (Ok(()), false) => Err(JournalError::Unreplicated),
+                (Ok(()), true) => Ok(answer.first_seq),
             };
             let _ = answer.done.send(result);
         }

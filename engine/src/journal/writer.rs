@@ -338,29 +338,16 @@ impl Writer {
                     None => break,
                 }
             }
-            let results = self.commit(&mut batch, &mut buf);
             self.stats
                 .queued
                 .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-            match &self.replica {
-                Some(replica) if results.iter().all(Result::is_ok) => {
-                    let parts = batch
-                        .drain(..)
-                        .zip(results)
-                        .map(|(submission, first)| {
-                            let answer = super::replica::Answer {
-                                done: submission.done,
-                                first_seq: first.unwrap_or_default(),
-                            };
-                            (submission.frames, answer)
-                        })
-                        .collect();
-                    replica.hand_over(super::replica::Group {
-                        parts,
-                        handed: Instant::now(),
-                    });
+            match self.replica.take() {
+                Some(replica) => {
+                    self.commit_replicated(&replica, &mut batch, &mut buf);
+                    self.replica = Some(replica);
                 }
-                _ => {
+                None => {
+                    let results = self.commit(&mut batch, &mut buf);
                     for (submission, result) in batch.drain(..).zip(results) {
                         let _ = submission.done.send(result);
                     }
@@ -376,8 +363,20 @@ impl Writer {
         batch: &mut [Submission],
         buf: &mut Vec<u8>,
     ) -> Vec<Result<u64, JournalError>> {
-        if self.failed {
+        let Some((firsts, next_seq)) = self.seal(batch, buf) else {
             return vec![Err(JournalError::Failed); batch.len()];
+        };
+        match self.write_sealed(buf, next_seq) {
+            Ok(()) => firsts.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); batch.len()],
+        }
+    }
+
+    /// Numbers and seals the batch's frames into `buf`: the first sequence number of each
+    /// submission and the number after the last; `None` once the journal has stopped.
+    fn seal(&mut self, batch: &mut [Submission], buf: &mut Vec<u8>) -> Option<(Vec<u64>, u64)> {
+        if self.failed {
+            return None;
         }
         let (firsts, next_seq) = seal_batch(batch, self.next_seq, buf);
         // Readers refuse a gap or a repeat as corruption: a batch that does not continue
@@ -391,18 +390,59 @@ impl Writer {
                 self.last_written
             );
         }
+        Some((firsts, next_seq))
+    }
+
+    /// Writes and syncs the sealed frames in `buf`, numbered up to `next_seq`; a failure
+    /// stops the journal.
+    fn write_sealed(&mut self, buf: &mut Vec<u8>, next_seq: u64) -> Result<(), JournalError> {
         let records_bytes = buf.len() as u64;
         let started = Instant::now();
         if let Err(e) = self.write_synced(buf) {
             tracing::error!(error = %e, dir = %self.config.dir.display(), "journal write failed: the journal is stopped and every request is answered without authorizing");
             self.failed = true;
             self.stats.failed.store(true, Ordering::Relaxed);
-            return vec![Err(JournalError::Failed); batch.len()];
+            return Err(JournalError::Failed);
         }
         let elapsed = started.elapsed();
         self.advance(next_seq, records_bytes, buf.len() as u64, elapsed);
         self.start_segment_when_full();
-        firsts.into_iter().map(Ok).collect()
+        Ok(())
+    }
+
+    /// With a replica: seals the batch, hands it to the replica first, then writes and
+    /// syncs it, so the publish and the local sync overlap; the replica answers each
+    /// caller once the stream has acknowledged and the local write has succeeded.
+    fn commit_replicated(
+        &mut self,
+        replica: &super::replica::Replica,
+        batch: &mut Vec<Submission>,
+        buf: &mut Vec<u8>,
+    ) {
+        let Some((firsts, next_seq)) = self.seal(batch, buf) else {
+            for submission in batch.drain(..) {
+                let _ = submission.done.send(Err(JournalError::Failed));
+            }
+            return;
+        };
+        let (written, local) = tokio::sync::oneshot::channel();
+        let parts = batch
+            .drain(..)
+            .zip(firsts)
+            .map(|(submission, first_seq)| {
+                let answer = super::replica::Answer {
+                    done: submission.done,
+                    first_seq,
+                };
+                (submission.frames, answer)
+            })
+            .collect();
+        replica.hand_over(super::replica::Group {
+            parts,
+            handed: Instant::now(),
+            local,
+        });
+        let _ = written.send(self.write_sealed(buf, next_seq));
     }
 
     /// Writes `buf` (the batch's frames) at the end of the segment's records, growing the
