@@ -166,11 +166,11 @@ async fn every_journal_record_is_in_the_stream_in_the_journals_order() {
     // Operators see it: every message the stream holds was counted as acknowledged.
     let admin = switch.admin_addr.unwrap();
     let stats: serde_json::Value =
-        serde_json::from_str(&http_get(admin, "/api/stats").await).unwrap();
+        serde_json::from_str(&http_get(admin, "/api/stats").await.1).unwrap();
     let replica = &stats["journal"]["replica"];
     assert_eq!(replica["acknowledged"], messages.len() as u64, "{replica}");
     assert_eq!(replica["failed"], 0, "{replica}");
-    let metrics = http_get(admin, "/metrics").await;
+    let (_, metrics) = http_get(admin, "/metrics").await;
     assert!(
         metrics.contains(&format!(
             "payswitch_journal_replica_acknowledged_total {}",
@@ -180,8 +180,8 @@ async fn every_journal_record_is_in_the_stream_in_the_journals_order() {
     );
 }
 
-/// The body of `GET path` from the admin API.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+/// The status and body of `GET path` from the admin API.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
@@ -189,9 +189,12 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         stream.write_all(request.as_bytes()).unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();
-        text.split_once("\r\n\r\n")
+        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
             .map(|(_, body)| body.to_string())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (status, body)
     })
     .await
     .unwrap()
@@ -214,6 +217,11 @@ async fn with_the_stream_out_of_reach_requests_are_answered_91_until_it_is_back(
         "{:?}",
         started.elapsed()
     );
+    // Load balancers are told.
+    let admin = switch.admin_addr.unwrap();
+    let (status, body) = http_get(admin, "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("journal stream"), "{body}");
 
     nats.restart();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -231,6 +239,8 @@ async fn with_the_stream_out_of_reach_requests_are_answered_91_until_it_is_back(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let (status, body) = http_get(admin, "/ready").await;
+    assert_eq!(status, 200, "{body}");
     // The acquirer saw the two approvals and nothing the gateway was told 91 for — but a
     // request whose forwarded record was acknowledged and whose answer's was not, which
     // it then gets a reversal for.

@@ -53,6 +53,8 @@ pub struct ReplicaStats {
     pub groups: AtomicU64,
     /// The first sequence number of the last caller's records acknowledged.
     pub last_seq: AtomicU64,
+    /// Set when the last group was not acknowledged in time; cleared by the next that is.
+    pub last_failed: std::sync::atomic::AtomicBool,
 }
 
 /// One caller of a group commit, with what the local write gave it.
@@ -76,6 +78,7 @@ pub(super) struct Group {
 pub struct Replica {
     groups: mpsc::Sender<Group>,
     stats: Arc<ReplicaStats>,
+    client: async_nats::Client,
 }
 
 impl std::fmt::Debug for Replica {
@@ -95,6 +98,7 @@ impl Replica {
         let (groups, queued) = mpsc::channel(MAX_GROUPS_QUEUED);
         let (published, in_flight) = mpsc::channel(MAX_GROUPS_IN_FLIGHT);
         let stats = Arc::new(ReplicaStats::default());
+        let client = context.client();
         tokio::spawn(publish(
             context,
             subject,
@@ -104,7 +108,16 @@ impl Replica {
             published,
         ));
         tokio::spawn(acknowledge(in_flight, ack_timeout, Arc::clone(&stats)));
-        Replica { groups, stats }
+        Replica {
+            groups,
+            stats,
+            client,
+        }
+    }
+
+    /// Whether the client is connected to a NATS server now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// The replica's counters.
@@ -208,6 +221,7 @@ async fn acknowledge(
             }
             acknowledged &= ok;
         }
+        stats.last_failed.store(!acknowledged, Ordering::Relaxed);
         if acknowledged {
             stats.groups.fetch_add(1, Ordering::Relaxed);
             stats

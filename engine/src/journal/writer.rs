@@ -250,6 +250,11 @@ impl Journal {
         self.replica.as_ref().map(|r| r.stats())
     }
 
+    /// The replica, when the journal is replicated.
+    pub fn replica(&self) -> Option<&super::replica::Replica> {
+        self.replica.as_ref()
+    }
+
     /// Appends `records` in order, contiguously, and waits until they are durable (as the
     /// fsync policy defines it). Returns the sequence number of the first.
     pub async fn append(&self, records: &[Record]) -> Result<u64, JournalError> {

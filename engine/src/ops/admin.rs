@@ -318,6 +318,17 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
     if snapshot.journal.as_ref().is_some_and(|j| j.failed) {
         reasons.push("the journal has stopped after an I/O error".to_string());
     }
+    if let Some(replica) = snapshot.journal.as_ref().and_then(|j| j.replica) {
+        if !replica.connected {
+            reasons
+                .push("no NATS server connected: the journal stream is out of reach".to_string());
+        } else if replica.last_failed {
+            reasons.push(
+                "the journal stream did not acknowledge the last group in time (no quorum?)"
+                    .to_string(),
+            );
+        }
+    }
     let status = if reasons.is_empty() {
         StatusCode::OK
     } else {

@@ -95,6 +95,10 @@ pub struct ReplicaSnapshot {
     pub groups: u64,
     /// Mean time from a group's hand-over to its acknowledgement, microseconds.
     pub mean_ack_us: f64,
+    /// Connected to a NATS server now.
+    pub connected: bool,
+    /// The last group was not acknowledged in time.
+    pub last_failed: bool,
 }
 
 /// The store-and-forward queue.
@@ -226,7 +230,8 @@ impl Sources {
                     queued: load(&s.queued),
                     last_seq: load(&s.last_seq),
                     failed: s.failed.load(Ordering::Relaxed),
-                    replica: j.replica_stats().map(|r| {
+                    replica: j.replica().map(|replica| {
+                        let r = replica.stats();
                         let groups = load(&r.groups);
                         ReplicaSnapshot {
                             acknowledged: load(&r.acknowledged),
@@ -237,6 +242,8 @@ impl Sources {
                             } else {
                                 0.0
                             },
+                            connected: replica.connected(),
+                            last_failed: r.last_failed.load(Ordering::Relaxed),
                         }
                     }),
                 }

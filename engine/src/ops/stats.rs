@@ -138,6 +138,8 @@ fn journal(snapshot: &Snapshot) -> Value {
                 "failed": r.failed,
                 "groups": r.groups,
                 "mean_ack_us": r.mean_ack_us,
+                "connected": r.connected,
+                "last_failed": r.last_failed,
             })),
         }),
     }
