@@ -53,8 +53,29 @@ pub struct ReplicaStats {
     pub groups: AtomicU64,
     /// The first sequence number of the last caller's records acknowledged.
     pub last_seq: AtomicU64,
-    /// Set when the last group was not acknowledged in time; cleared by the next that is.
-    pub last_failed: std::sync::atomic::AtomicBool,
+    /// When the last group not acknowledged in time was given up on (milliseconds since
+    /// the Unix epoch); 0 once a later group is acknowledged.
+    pub failed_at_ms: AtomicU64,
+}
+
+/// How long a group not acknowledged in time keeps `/ready` failing unless a later one
+/// is acknowledged: long enough for a load balancer to notice, short enough that a node
+/// the balancer then sends nothing to (so no group can succeed) is tried again.
+pub const FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+impl ReplicaStats {
+    /// Whether a group went unacknowledged within the last [`FAILURE_HOLD`] and none has
+    /// been acknowledged since.
+    pub fn failing(&self) -> bool {
+        let at = self.failed_at_ms.load(Ordering::Relaxed);
+        at != 0 && unix_ms().saturating_sub(at) < FAILURE_HOLD.as_millis() as u64
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One caller of a group commit, with what the local write gave it.
@@ -221,7 +242,10 @@ async fn acknowledge(
             }
             acknowledged &= ok;
         }
-        stats.last_failed.store(!acknowledged, Ordering::Relaxed);
+        stats.failed_at_ms.store(
+            if acknowledged { 0 } else { unix_ms().max(1) },
+            Ordering::Relaxed,
+        );
         if acknowledged {
             stats.groups.fetch_add(1, Ordering::Relaxed);
             stats
@@ -241,5 +265,25 @@ async fn acknowledge(
             };
             let _ = answer.done.send(result);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missed_acknowledgement_fails_readiness_for_the_hold_only() {
+        let stats = ReplicaStats::default();
+        assert!(!stats.failing(), "nothing missed yet");
+        stats.failed_at_ms.store(unix_ms(), Ordering::Relaxed);
+        assert!(stats.failing());
+        let hold = FAILURE_HOLD.as_millis() as u64;
+        stats
+            .failed_at_ms
+            .store(unix_ms() - hold - 1_000, Ordering::Relaxed);
+        assert!(!stats.failing(), "past the hold, the node is tried again");
+        stats.failed_at_ms.store(0, Ordering::Relaxed);
+        assert!(!stats.failing(), "a later group was acknowledged");
     }
 }

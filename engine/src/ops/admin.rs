@@ -324,7 +324,7 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
                 .push("no NATS server connected: the journal stream is out of reach".to_string());
         } else if replica.last_failed {
             reasons.push(
-                "the journal stream did not acknowledge the last group in time (no quorum?)"
+                "the journal stream did not acknowledge a group in time in the last 5 s (no quorum?)"
                     .to_string(),
             );
         }

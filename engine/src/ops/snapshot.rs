@@ -97,7 +97,8 @@ pub struct ReplicaSnapshot {
     pub mean_ack_us: f64,
     /// Connected to a NATS server now.
     pub connected: bool,
-    /// The last group was not acknowledged in time.
+    /// A group went unacknowledged lately and none has been acknowledged since
+    /// (`ReplicaStats::failing`).
     pub last_failed: bool,
 }
 
@@ -243,7 +244,7 @@ impl Sources {
                                 0.0
                             },
                             connected: replica.connected(),
-                            last_failed: r.last_failed.load(Ordering::Relaxed),
+                            last_failed: r.failing(),
                         }
                     }),
                 }
