@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from procs import BIN, ROOT, cpu_s, free_port, spawner, stats, stop, wait_ready
+from procs import BIN, ROOT, cpu_while, free_port, spawner, stats, stop, wait_ready
 
 
 def nats_binary():
@@ -113,20 +113,13 @@ def main():
         time.sleep(1.0)
         watched = {"switch": switch, "acquirer": acquirer}
         watched.update({f"nats{i}": proc for i, proc in enumerate(nats)})
-        before = {name: cpu_s(proc.pid) for name, proc in watched.items()}
         record = os.path.join(work, "record.jsonl")
         load = spawn([BIN, "load", "--target", f"127.0.0.1:{quic_port}", "--rate", str(args.rate),
                       "--duration", f"{args.duration}s", "--connections", str(args.connections),
                       "--record", record, "--json", os.path.join(work, "load.json"), "--quiet",
                       "--max-outstanding", "50000"] + (["--pipelined"] if args.pipelined else []),
                      "load.log")
-        load_cpu = 0.0
-        while load.poll() is None:
-            load_cpu = cpu_s(load.pid) or load_cpu
-            time.sleep(0.25)
-        cpu = {name: (cpu_s(proc.pid) or 0.0) - (before[name] or 0.0)
-               for name, proc in watched.items()}
-        cpu["load"] = load_cpu
+        cpu = cpu_while(load, watched)
         final = stats(admin)
     finally:
         stop(procs)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from procs import BIN, cpu_s, free_port, spawner, stats, stop, wait_ready
+from procs import BIN, cpu_while, free_port, spawner, stats, stop, wait_ready
 
 
 def rss_kib(pid):
@@ -90,17 +90,9 @@ def main():
                "--max-outstanding", "50000"]
         if args.pipelined:
             cmd.append("--pipelined")
-        cpu_before = {name: cpu_s(proc.pid) for name, proc in (("switch", switch), ("acquirer", acquirer))}
         load = spawn(cmd, "load.log")
-        load_cpu = 0.0
-        while load.poll() is None:
-            rss.append(rss_kib(switch.pid))
-            load_cpu = cpu_s(load.pid) or load_cpu
-            time.sleep(0.25)
-        cpu = {name: (cpu_s(proc.pid) or 0.0) - (cpu_before[name] or 0.0)
-               for name, proc in (("switch", switch), ("acquirer", acquirer))}
-        # The load's last quarter second is not seen; its JSON report is written at the end.
-        cpu["load"] = load_cpu
+        cpu = cpu_while(load, {"switch": switch, "acquirer": acquirer},
+                        sample=lambda: rss.append(rss_kib(switch.pid)))
         rss.append(rss_kib(switch.pid))
         final = stats(admin)
     finally:

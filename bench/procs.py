@@ -69,3 +69,20 @@ def stop(procs):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def cpu_while(load, watched, sample=None):
+    """Waits for the process `load` to end; returns the CPU seconds each of `watched`
+    (name -> process) spent meanwhile, and `load`'s own as "load" (its last quarter second
+    unseen). `sample`, when given, is called every 250 ms while waiting."""
+    before = {name: cpu_s(proc.pid) for name, proc in watched.items()}
+    load_cpu = 0.0
+    while load.poll() is None:
+        if sample:
+            sample()
+        load_cpu = cpu_s(load.pid) or load_cpu
+        time.sleep(0.25)
+    cpu = {name: (cpu_s(proc.pid) or 0.0) - (before[name] or 0.0)
+           for name, proc in watched.items()}
+    cpu["load"] = load_cpu
+    return cpu

@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use payswitch::cluster::ClusterConfig;
 use payswitch::journal::record::decode_frame;
 use payswitch::journal::RecordKind;
 use payswitch::switch::RunningSwitch;
 use payswitch_loadtest::acquirer_sim::{self, SimConfig};
-use payswitch_net::{framed, quic, ClientTrust, FrameReader};
 use payswitch_protocol::Message;
 use support::nats::NatsServer;
 use support::{acquirer, config, in_front_of};
@@ -51,22 +49,7 @@ fn cluster(nats: &NatsServer, ack_timeout_ms: u64) -> ClusterConfig {
 
 /// One authorization on its own QUIC stream: its response code.
 async fn response_code(switch: &RunningSwitch, stan: u32) -> String {
-    let endpoint =
-        quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
-    let conn = quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
-        .await
-        .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    framed::write_message(&mut send, &authorization(stan), &mut BytesMut::new())
-        .await
-        .unwrap();
-    send.finish().unwrap();
-    let frame = FrameReader::new(recv, 8192)
-        .next_frame()
-        .await
-        .unwrap()
-        .expect("an answer");
-    let response = Message::decode(frame).unwrap();
+    let response = support::transact(&support::gateway(switch).await, &authorization(stan)).await;
     response.get_str(39).unwrap_or_default().to_string()
 }
 

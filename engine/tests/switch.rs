@@ -9,7 +9,9 @@ use payswitch::config::{Config, RouteConfig};
 use payswitch::switch::RunningSwitch;
 use payswitch_loadtest::acquirer_sim::{self, RunningSim, SimConfig};
 use payswitch_net::{framed, quic, ClientTrust, FrameReader};
-use support::{acquirer, authorization, config, start_switch, trust, wait_links_up};
+use support::{
+    acquirer, authorization, config, gateway, start_switch, transact, trust, wait_links_up,
+};
 
 mod support;
 use payswitch_protocol::{Message, Mti};
@@ -46,31 +48,6 @@ fn sim_config() -> SimConfig {
         approval_rate: 1.0,
         ..SimConfig::default()
     }
-}
-
-/// A gateway connection to the switch over QUIC.
-async fn gateway(switch: &RunningSwitch) -> quinn::Connection {
-    let endpoint =
-        quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
-    quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
-        .await
-        .unwrap()
-}
-
-/// One transaction on its own stream: write, finish, read the one response.
-async fn transact(conn: &quinn::Connection, request: &Message) -> Message {
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    framed::write_message(&mut send, request, &mut BytesMut::new())
-        .await
-        .unwrap();
-    send.finish().unwrap();
-    let mut reader = FrameReader::new(recv, 8192);
-    let frame = reader.next_frame().await.unwrap().expect("a response");
-    assert!(
-        reader.next_frame().await.unwrap().is_none(),
-        "exactly one response"
-    );
-    Message::decode(frame).unwrap()
 }
 
 /// A switch in front of one approving simulator.

@@ -51,8 +51,6 @@ pub struct ReplicaStats {
     pub ack_ns: AtomicU64,
     /// Groups acknowledged (for the mean of `ack_ns`).
     pub groups: AtomicU64,
-    /// The first sequence number of the last caller's records acknowledged.
-    pub last_seq: AtomicU64,
     /// When the last group not acknowledged in time was given up on (milliseconds since
     /// the Unix epoch); 0 once a later group is acknowledged.
     pub failed_at_ms: AtomicU64,
@@ -164,7 +162,6 @@ struct Published {
     local: oneshot::Receiver<Result<(), JournalError>>,
     answers: Vec<Answer>,
     handed: Instant,
-    last_seq: u64,
 }
 
 async fn publish(
@@ -185,12 +182,10 @@ async fn publish(
         let mut answers = Vec::with_capacity(group.parts.len());
         let mut message = BytesMut::new();
         let mut message_first = None;
-        let mut last_seq = 0;
         let count = group.parts.len();
         for (i, (frames, answer)) in group.parts.into_iter().enumerate() {
             message_first.get_or_insert(answer.first_seq);
             message.extend_from_slice(&frames);
-            last_seq = answer.first_seq;
             answers.push(answer);
             let last = i + 1 == count;
             if message.len() >= MAX_MESSAGE_BYTES || last {
@@ -211,7 +206,6 @@ async fn publish(
             local: group.local,
             answers,
             handed: group.handed,
-            last_seq,
         };
         if published.send(group).await.is_err() {
             return;
@@ -251,7 +245,6 @@ async fn acknowledge(
             stats
                 .ack_ns
                 .fetch_add(group.handed.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            stats.last_seq.fetch_max(group.last_seq, Ordering::Relaxed);
         } else {
             stats.failed.fetch_add(1, Ordering::Relaxed);
         }

@@ -6,10 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use payswitch::config::{AcquirerConfig, Config, ListenConfig, PipelineConfig, RouteConfig};
 use payswitch::switch::{self, RunningSwitch, Security};
 use payswitch_loadtest::acquirer_sim::RunningSim;
-use payswitch_net::{ClientTrust, TlsIdentity};
+use payswitch_net::{framed, quic, ClientTrust, FrameReader, TlsIdentity};
 use payswitch_protocol::{Message, Mti};
 
 pub mod nats;
@@ -106,4 +107,29 @@ pub fn authorization(pan: &str, stan: u32) -> Message {
     b.set_str(42, "MERCHANT0000001").unwrap();
     b.set_str(49, "840").unwrap();
     b.build()
+}
+
+/// A gateway connection to the switch over QUIC.
+pub async fn gateway(switch: &RunningSwitch) -> quinn::Connection {
+    let endpoint =
+        quic::client_endpoint(ClientTrust::Roots(vec![switch.certificate.clone()])).unwrap();
+    quic::connect(&endpoint, switch.quic_addr.unwrap(), "localhost")
+        .await
+        .unwrap()
+}
+
+/// One transaction on its own stream: write, finish, read the one response.
+pub async fn transact(conn: &quinn::Connection, request: &Message) -> Message {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    framed::write_message(&mut send, request, &mut BytesMut::new())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let mut reader = FrameReader::new(recv, 8192);
+    let frame = reader.next_frame().await.unwrap().expect("a response");
+    assert!(
+        reader.next_frame().await.unwrap().is_none(),
+        "exactly one response"
+    );
+    Message::decode(frame).unwrap()
 }
