@@ -39,10 +39,17 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-/// Most requests one link may have outstanding. Switch STANs are six digits and handed out
-/// in turn, so a STAN comes round again only after 999 999 requests; with at most this
-/// many outstanding, a STAN is never reused while its request is still open.
-pub const MAX_IN_FLIGHT_PER_LINK: usize = 100_000;
+/// Most requests one link may have outstanding. Switch STANs are handed out in turn from
+/// a space of at least 99 999 (a cluster node's block, [`StanSpace`]), so a STAN comes
+/// round again only after that many requests; with at most this many outstanding, plus
+/// at most [`crate::reversal::MAX_PENDING_REVERSALS`] reversals holding theirs (together
+/// under 99 999), a free STAN is always found and never one whose request is still open.
+pub const MAX_IN_FLIGHT_PER_LINK: usize = 40_000;
+
+const _: () = assert!(
+    MAX_IN_FLIGHT_PER_LINK + crate::reversal::MAX_PENDING_REVERSALS < 99_999,
+    "a link's STAN holders must fit a cluster node's STAN block"
+);
 
 /// Reversal attempts one link may have outstanding at once, beside `max_in_flight`
 /// authorizations: enough to drain a backlog of thousands within seconds of an acquirer's
@@ -74,7 +81,50 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 /// The `counter`-th STAN a link hands out: 1..=999 999 in turn, then 1 again.
 pub fn link_stan(counter: u32) -> Stan {
-    Stan::new(counter % Stan::MAX + 1).expect("1..=999999 by construction")
+    StanSpace::WHOLE.nth(counter)
+}
+
+/// The STANs a link hands out. A single node uses the whole 6-digit range. In a cluster
+/// every node links to every acquirer and a survivor sends reversals naming another
+/// node's STANs, so STANs must be unique across nodes: node with `cluster.stan_block` k
+/// uses k·100 000 + 1 ..= k·100 000 + 99 999, in turn (block 0: 1..=99 999). A STAN
+/// recurs on a link after 99 999 requests; acquirers match on the STAN with the
+/// transmission time (field 7, to the second), so that is unique unless one node sends
+/// one acquirer 99 999 requests within a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StanSpace {
+    base: u32,
+    size: u32,
+}
+
+impl StanSpace {
+    /// The whole range, 1..=999 999.
+    pub const WHOLE: StanSpace = StanSpace {
+        base: 0,
+        size: Stan::MAX,
+    };
+
+    /// STAN blocks there are (`cluster.stan_block` 0 to 9).
+    pub const BLOCKS: u8 = 10;
+
+    /// Block `k` (0..=9; larger values are taken modulo 10).
+    pub fn block(k: u8) -> StanSpace {
+        StanSpace {
+            base: u32::from(k % Self::BLOCKS) * 100_000,
+            size: 99_999,
+        }
+    }
+
+    /// The `counter`-th STAN of the space, wrapping.
+    pub fn nth(&self, counter: u32) -> Stan {
+        Stan::new(self.base + counter % self.size + 1).expect("within 1..=999999 by construction")
+    }
+
+    /// The counter whose STAN follows `stan`, if `stan` is in this space.
+    pub fn counter_after(&self, stan: Stan) -> Option<u32> {
+        let offset = stan.get().checked_sub(self.base + 1)?;
+        (offset < self.size).then_some(offset + 1)
+    }
 }
 
 /// Why a request did not get an acquirer's answer.
@@ -140,6 +190,8 @@ pub struct AcquirerLink {
     /// Timed-out STANs in the order they timed out, at most [`LATE_REMEMBERED`].
     late: Mutex<VecDeque<u32>>,
     next_stan: AtomicU32,
+    /// Where the STANs come from.
+    stans: StanSpace,
     in_flight: Semaphore,
     reversal_slots: Semaphore,
     up: AtomicBool,
@@ -169,6 +221,7 @@ impl AcquirerLink {
     /// Creates the link and starts its supervisor, which connects in the background.
     pub fn start(
         config: AcquirerConfig,
+        stans: StanSpace,
         trust: ClientTrust,
         shutdown: CancellationToken,
     ) -> Result<Arc<AcquirerLink>, payswitch_net::NetError> {
@@ -190,6 +243,7 @@ impl AcquirerLink {
             pending: DashMap::new(),
             late: Mutex::new(VecDeque::new()),
             next_stan: AtomicU32::new(0),
+            stans,
             in_flight: Semaphore::new(max_in_flight),
             reversal_slots: Semaphore::new(REVERSAL_SLOTS_PER_LINK),
             up: AtomicBool::new(false),
@@ -325,16 +379,19 @@ impl AcquirerLink {
     /// Hands out STANs after `stan` from now on (see
     /// [`crate::recovery::Recovery::highest_wanted_stan`]).
     pub fn allocate_after(&self, stan: Stan) {
-        self.next_stan.store(stan.get(), Ordering::Relaxed);
+        if let Some(next) = self.stans.counter_after(stan) {
+            self.next_stan.store(next, Ordering::Relaxed);
+        }
     }
 
     /// The next STAN no open request or reversal holds. A STAN remembered only as timed
     /// out is taken over. At most `max_in_flight` authorizations and
-    /// [`crate::reversal::MAX_PENDING_REVERSALS`] reversals hold STANs, far fewer than the
-    /// 999 999 there are, so the search ends within a few steps.
+    /// [`crate::reversal::MAX_PENDING_REVERSALS`] reversals hold STANs, fewer together than
+    /// the 99 999 of the smallest space, so the search ends (within a few steps unless
+    /// nearly all are held).
     fn allocate_stan(&self) -> Stan {
         loop {
-            let stan = link_stan(self.next_stan.fetch_add(1, Ordering::Relaxed));
+            let stan = self.stans.nth(self.next_stan.fetch_add(1, Ordering::Relaxed));
             let held = self
                 .pending
                 .get(&stan.get())

@@ -40,6 +40,7 @@
 pub mod acquirer;
 pub mod breaker;
 pub mod clock;
+pub mod fence;
 pub mod cluster;
 pub mod config;
 pub mod ingress;

@@ -193,6 +193,8 @@ struct Life {
     /// A stand-in approval, as its window entry remembers it (the advice's acquirer and
     /// STAN): what a reversal of it is built from.
     stand_in: Option<Box<Forwarded>>,
+    /// What it owed is another node's (`handed_over`): its story here is complete.
+    handed_over: bool,
 }
 
 /// Where a request was forwarded.
@@ -229,13 +231,15 @@ impl Life {
             advice_sent: None,
             advice_acked: false,
             stand_in: None,
+            handed_over: false,
         }
     }
 
     fn done(&self) -> bool {
         let reversal_done = self.reversal_queued.is_none() || self.reversal_acked;
         let advice_done = self.advice_queued.is_none() || self.advice_acked;
-        (self.response.is_some() || self.forwarded.is_none()) && reversal_done && advice_done
+        self.handed_over
+            || (self.response.is_some() || self.forwarded.is_none()) && reversal_done && advice_done
     }
 
     /// The advice still owed, if any, and its last attempt.
@@ -423,6 +427,14 @@ impl Replay {
                 }
             }
             RecordKind::AdviceAck => life.advice_acked = true,
+            // Another node delivers what it owed: nothing is owed here, and it is no
+            // longer in doubt (a retransmission is still answered 91).
+            RecordKind::HandedOver => {
+                life.handed_over = true;
+                life.reversal_claimed = true;
+                life.reversal_acked = true;
+                life.advice_acked = true;
+            }
         }
         if life.done() {
             if life.time_ms < self.window_start_ms {
@@ -531,6 +543,7 @@ impl Recovery {
             stan,
             attempts,
             entry: None,
+            token: 0,
         })
     }
 

@@ -44,6 +44,8 @@ fn cluster(nats: &NatsServer, ack_timeout_ms: u64) -> ClusterConfig {
         replicas: 1,
         ack_timeout_ms,
         connect_timeout_ms: 5_000,
+        stan_block: 0,
+        lease_ms: 3_000,
     }
 }
 
@@ -251,6 +253,7 @@ async fn nodes_must_hash_card_numbers_with_the_same_key() {
         let mut b = config(vec![acquirer("north", &sim, 2_000)], vec![]);
         b.cluster = Some(ClusterConfig {
             node: "b".into(),
+            stan_block: 1,
             ..cluster(&nats, 2_000)
         });
         b.journal.pan_hash_key_file = key_file;

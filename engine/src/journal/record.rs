@@ -76,6 +76,10 @@ pub enum RecordKind {
     AdviceSent,
     /// The acquirer answered the advice: it is off the queue. Format 2.
     AdviceAck,
+    /// What this request still owed (a reversal, an advice) is another node's now: that
+    /// node took this node's lease over (`cluster::takeover`); `private_data` names it.
+    /// In a cluster only.
+    HandedOver,
 }
 
 impl RecordKind {
@@ -91,6 +95,7 @@ impl RecordKind {
             RecordKind::AdviceQueued => "advice_queued",
             RecordKind::AdviceSent => "advice_sent",
             RecordKind::AdviceAck => "advice_ack",
+            RecordKind::HandedOver => "handed_over",
         }
     }
 }

@@ -15,6 +15,10 @@
 //! the message (in memory, or on disk where the servers sync on every write:
 //! `sync_interval: always`); see the README's "Several nodes".
 //!
+//! Nothing is published while the node does not hold its lease (`crate::fence`): its
+//! callers get `Unreplicated`. Each message carries the lease's fencing token in the
+//! header [`LEASE_HEADER`].
+//!
 //! A caller whose records are not acknowledged within the ack timeout gets
 //! [`JournalError::Unreplicated`] (answered 91: try again); its records are in the local
 //! segment, which stays the node's own complete journal.
@@ -28,6 +32,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::JournalError;
+use crate::fence::Fence;
 
 /// Largest message published: well under NATS's default `max_payload` (1 MiB). A group
 /// commit larger than this goes as several messages.
@@ -107,12 +112,14 @@ impl std::fmt::Debug for Replica {
 }
 
 impl Replica {
-    /// Starts publishing to `subject` through `context`, on the current runtime.
+    /// Starts publishing to `subject` through `context`, on the current runtime; only
+    /// while `fence` holds the node's lease, each message carrying its fencing token.
     pub fn start(
         context: jetstream::Context,
         subject: String,
         node: String,
         ack_timeout: Duration,
+        fence: Arc<Fence>,
     ) -> Replica {
         let (groups, queued) = mpsc::channel(MAX_GROUPS_QUEUED);
         let (published, in_flight) = mpsc::channel(MAX_GROUPS_IN_FLIGHT);
@@ -120,8 +127,11 @@ impl Replica {
         let client = context.client();
         tokio::spawn(publish(
             context,
-            subject,
-            node,
+            Destination {
+                subject,
+                node,
+                fence,
+            },
             ack_timeout,
             queued,
             published,
@@ -164,10 +174,24 @@ struct Published {
     handed: Instant,
 }
 
-async fn publish(
-    context: jetstream::Context,
+/// Where the publisher sends, and under which lease.
+struct Destination {
     subject: String,
     node: String,
+    fence: Arc<Fence>,
+}
+
+/// The header naming the fencing token (the node's lease generation) a message was
+/// published under: the books show which holder of the node's lease wrote what.
+pub const LEASE_HEADER: &str = "Payswitch-Lease";
+
+async fn publish(
+    context: jetstream::Context,
+    Destination {
+        subject,
+        node,
+        fence,
+    }: Destination,
     ack_timeout: Duration,
     mut queued: mpsc::Receiver<Group>,
     published: mpsc::Sender<Published>,
@@ -191,8 +215,16 @@ async fn publish(
             if message.len() >= MAX_MESSAGE_BYTES || last {
                 let first = message_first.take().unwrap_or_default();
                 let payload: Bytes = std::mem::take(&mut message).freeze();
+                // Fenced: a node whose lease ran out (paused, or cut off from the
+                // servers) publishes nothing; its callers are answered 91, and what it
+                // sent before is the survivor's to settle.
+                if !fence.held() {
+                    acks.push(None);
+                    continue;
+                }
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", format!("{node}:{first}").as_str());
+                headers.insert(LEASE_HEADER, fence.token().to_string().as_str());
                 let sent = tokio::time::timeout_at(
                     deadline,
                     context.publish_with_headers(subject.clone(), headers, payload),

@@ -87,6 +87,9 @@ pub enum Event {
     Answered(Message),
     /// The link went down before the request left: nothing was sent.
     NotSent,
+    /// The node lost its lease (`crate::fence`) before the request left: nothing was
+    /// sent, and nothing is tried in its place (another acquirer, stand-in).
+    Fenced,
     /// Sent, and no answer in time (or the connection was lost): the acquirer may have
     /// authorized it.
     NoAnswer,
@@ -104,6 +107,7 @@ impl Event {
             Event::Unavailable => "Unavailable",
             Event::Answered(_) => "Answered",
             Event::NotSent => "NotSent",
+            Event::Fenced => "Fenced",
             Event::NoAnswer => "NoAnswer",
             Event::Queued => "Queued",
             Event::Original(_) => "Original",
@@ -265,6 +269,9 @@ pub struct Lifecycle {
     acquirer: Option<(AcquirerIndex, u64)>,
     counts: Counts,
     state: State,
+    /// The fencing token of the node's lease when the request was taken in, in a
+    /// cluster (`crate::fence`): what it sends and owes belongs to that lease.
+    token: u64,
 }
 
 impl Lifecycle {
@@ -318,7 +325,19 @@ impl Lifecycle {
             acquirer: None,
             counts: Counts::default(),
             state,
+            token: 0,
         }
+    }
+
+    /// Taken in under the lease with fencing token `token` (`crate::fence`).
+    pub fn with_token(mut self, token: u64) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The fencing token it was taken in under.
+    pub fn token(&self) -> u64 {
+        self.token
     }
 
     /// The request.
@@ -364,6 +383,11 @@ impl Lifecycle {
                 },
                 Event::Durable(durable),
             ) => self.on_forward_durable(routing, stan, forwarded, durable, now, acquirers),
+            (State::Sending { routing, .. }, Event::Fenced) => {
+                let tags = with_tag(routing.tags, "fenced=1");
+                let answer = Answer::new(ResponseCode::IssuerInoperative, tags);
+                self.finish(answer, Some(routing.original), now, acquirers)
+            }
             (State::Sending { routing, since }, event) => {
                 self.on_sent(routing, since, event, now, acquirers)
             }
@@ -452,12 +476,9 @@ impl Lifecycle {
         forwarded.request_seq = self.request_seq;
         forwarded.request_back = 0;
         let acquirer = routing.acquirer();
-        routing.original.set_forwarded(Forwarded::new(
-            acquirer,
-            stan,
-            self.request_seq,
-            &forwarded,
-        ));
+        let mut sent = Forwarded::new(acquirer, stan, self.request_seq, &forwarded);
+        sent.token = self.token;
+        routing.original.set_forwarded(sent);
         self.state = State::Sending {
             routing,
             since: now,
@@ -776,7 +797,9 @@ impl Lifecycle {
         }
         advice.request_seq = self.request_seq;
         advice.request_back = 0;
-        original.set_forwarded(Forwarded::stand_in(acquirer, self.request_seq, &advice));
+        let mut stood_in = Forwarded::stand_in(acquirer, self.request_seq, &advice);
+        stood_in.token = self.token;
+        original.set_forwarded(stood_in);
         self.counts.stand_in_approved = true;
         let pending = PendingReversal {
             owed: Owed::Advice,
@@ -786,6 +809,7 @@ impl Lifecycle {
             stan: None,
             attempts: 0,
             entry: Some(Arc::clone(&original)),
+            token: self.token,
         };
         self.state = State::QueueingAdvice { answer, original };
         Step::QueueReversal(pending)
@@ -944,6 +968,7 @@ fn claim(original: &Original, acquirers: &[String]) -> Option<PendingReversal> {
         stan: None,
         attempts: 0,
         entry: None,
+        token: forwarded.token,
     })
 }
 
@@ -988,6 +1013,14 @@ fn relay(answer: &Message, tags: String) -> Answer {
 }
 
 /// Field 48's tags with the acquirer that took the request, appended in place.
+fn with_tag(mut tags: String, tag: &str) -> String {
+    if !tags.is_empty() {
+        tags.push(';');
+    }
+    tags.push_str(tag);
+    tags
+}
+
 fn with_acquirer(mut tags: String, acquirer: &str) -> String {
     tags.push_str(";acquirer=");
     tags.push_str(acquirer);

@@ -43,14 +43,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acquirer::{AcquirerLink, ReversalSlot};
 use crate::clock::Now;
+use crate::fence::Fence;
 use crate::journal::{Journal, JournalError, PanVault, Record, RecordKind};
 use crate::routing::AcquirerIndex;
 use crate::shard::duplicates::Original;
 
-/// Reversals being delivered at once. Each is a task holding one message; 100 k is far
-/// beyond any real backlog (an acquirer down for minutes at high load) and a few tens of
-/// MiB. Past it a reversal stays queued in the journal only and is sent after a restart.
-pub const MAX_PENDING_REVERSALS: usize = 100_000;
+/// Reversals being delivered at once. Each is a task holding one message and a STAN on
+/// its link; 50 k is far beyond any real backlog (an acquirer down for minutes at high
+/// load), a few tens of MiB, and with a link's in-flight bound under the 99 999 STANs of a
+/// cluster node's block (`acquirer::StanSpace`). Past it a reversal stays queued in the
+/// journal only and is sent after a restart.
+pub const MAX_PENDING_REVERSALS: usize = 50_000;
 
 /// What the switch owes an acquirer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,6 +84,10 @@ pub struct PendingReversal {
     /// For an advice sent in this run: the stand-in approval's entry in its shard's
     /// window, told the advice's STAN so that a reversal of it names the advice.
     pub entry: Option<Arc<Original>>,
+    /// The fencing token (`crate::fence`) of the lease under which what it reverses was
+    /// sent, in a cluster: if another node took that lease's work over, it is that
+    /// node's to deliver, not this one's. 0 without a cluster.
+    pub token: u64,
 }
 
 /// Counters of the queue.
@@ -101,6 +108,9 @@ pub struct ReversalStats {
     pub advices_pending: AtomicU64,
     /// Advices acknowledged (not counted in `acknowledged`).
     pub advices_acknowledged: AtomicU64,
+    /// Reversals and advices given up here because another node took over the lease they
+    /// were owed under (`crate::fence`): that node delivers them.
+    pub handed_over: AtomicU64,
 }
 
 /// An escalated reversal, as `/api/reversals` shows it: no card data.
@@ -145,6 +155,9 @@ pub struct StoreAndForward {
     active: Mutex<HashMap<u64, VecDeque<PendingReversal>>>,
     /// Opens the PANs sealed in the journal, for field 2; none without a PAN key file.
     vault: Option<Arc<PanVault>>,
+    /// The node's lease, in a cluster: nothing is sent without it, and what another node
+    /// took over is left to that node.
+    fence: std::sync::OnceLock<Arc<Fence>>,
     /// Counters.
     pub stats: ReversalStats,
 }
@@ -175,6 +188,7 @@ impl StoreAndForward {
             owed: Mutex::new(BTreeMap::new()),
             active: Mutex::new(HashMap::new()),
             vault,
+            fence: std::sync::OnceLock::new(),
             stats: ReversalStats::default(),
         })
     }
@@ -239,6 +253,12 @@ impl StoreAndForward {
         });
     }
 
+    /// Sends only while the node holds its lease, and leaves what another node took over
+    /// (`crate::fence`); set once, before anything is pushed.
+    pub fn set_fence(&self, fence: Arc<Fence>) {
+        let _ = self.fence.set(fence);
+    }
+
     /// The links it delivers over.
     pub fn links(&self) -> &[Arc<AcquirerLink>] {
         &self.links
@@ -289,6 +309,19 @@ impl StoreAndForward {
         let outcome = loop {
             if self.shutdown.is_cancelled() {
                 break None;
+            }
+            if let Some(fence) = self.fence.get() {
+                if !fence.held() {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break None,
+                        _ = fence.until_held() => {}
+                    }
+                }
+                let token = delivery.reversal().token;
+                if !fence.owns(token) {
+                    self.hand_over(&delivery, token).await;
+                    break None;
+                }
             }
             let event = match step {
                 DeliveryStep::Done(outcome) => break Some(outcome),
@@ -365,6 +398,24 @@ impl StoreAndForward {
             }
         }
         (outcome, Some(watch.stan()))
+    }
+
+    /// Gives `delivery` up: another node took over the lease (`token`) it was owed under,
+    /// and delivers it. Journaled (`handed_over`), so a restart does not deliver it either.
+    async fn hand_over(&self, delivery: &Delivery, token: u64) {
+        let pending = delivery.reversal();
+        let mut record = pending.original.follow_up(
+            RecordKind::HandedOver,
+            pending.request_seq,
+            crate::clock::now().unix_ms(),
+        );
+        record.private_data = format!("lease={token}");
+        if let Err(e) = self.journal_append(&[record]).await {
+            tracing::warn!(error = %e, "journaling a reversal handed over failed: the next start finds it handed over from the lease");
+        }
+        self.release(pending.request_seq);
+        self.stats.handed_over.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(rrn = %pending.original.rrn, acquirer = %pending.original.acquirer, "reversal left to the node that took this node's lease over");
     }
 
     fn escalate(&self, delivery: &Delivery, stan: Stan) {

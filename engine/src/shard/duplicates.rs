@@ -47,6 +47,8 @@ pub struct Forwarded {
     pub link_stan: Stan,
     /// Sequence number of the request's journal record.
     pub request_seq: u64,
+    /// The fencing token it was sent under, in a cluster (`crate::fence`); 0 otherwise.
+    pub token: u64,
     mti: Text<4>,
     processing_code: Text<6>,
     transmission_time: Text<10>,
@@ -109,6 +111,7 @@ impl Forwarded {
             acquirer,
             link_stan,
             request_seq,
+            token: 0,
             mti: Text::new(&r.mti),
             processing_code: Text::new(&r.processing_code),
             transmission_time: Text::new(&r.transmission_time),

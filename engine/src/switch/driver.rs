@@ -58,6 +58,10 @@ pub struct Switch {
     pub stats: Arc<SwitchStats>,
     /// Per-shard counters.
     pub shard_stats: Vec<Arc<ShardStats>>,
+    /// The node's lease, in a cluster: nothing is sent without it.
+    pub(crate) fence: Option<Arc<crate::fence::Fence>>,
+    /// The cluster's counters (takeovers), in a cluster.
+    pub cluster: Arc<super::cluster::ClusterStats>,
 }
 
 impl std::fmt::Debug for Switch {
@@ -139,7 +143,8 @@ impl Switch {
                 Accepted::Done(code, response) => (code, response),
                 Accepted::Refused(r, code) => {
                     let (times, request, record) = self.take(r);
-                    let life = Lifecycle::refused(request, record, times.received_at, code);
+                    let life = Lifecycle::refused(request, record, times.received_at, code)
+                        .with_token(self.token());
                     self.drive(times, life, ShardTimings::default()).await
                 }
                 Accepted::Queued(r, verdict) => {
@@ -156,7 +161,8 @@ impl Switch {
                         );
                     }
                     let (times, request, record) = self.take(r);
-                    let life = Lifecycle::new(request, record, times.received_at, verdict);
+                    let life = Lifecycle::new(request, record, times.received_at, verdict)
+                        .with_token(self.token());
                     self.drive(times, life, shard_timings).await
                 }
             };
@@ -186,6 +192,16 @@ impl Switch {
             .iter()
             .map(|s| s.max_capacity() - s.capacity())
             .collect()
+    }
+
+    /// The fencing token of the node's lease now (0 without a cluster).
+    fn token(&self) -> u64 {
+        self.fence.as_ref().map_or(0, |f| f.token())
+    }
+
+    /// The node's lease, in a cluster.
+    pub fn fence(&self) -> Option<&Arc<crate::fence::Fence>> {
+        self.fence.as_ref()
     }
 
     /// The journal, when one is written.
@@ -327,6 +343,18 @@ impl Switch {
                         .take()
                         .expect("a Send step follows its reservation");
                     assert_eq!(reserved.stan(), stan, "sent with the STAN reserved");
+                    // Fenced: a node that lost its lease since the request came in (paused,
+                    // or cut off from the servers) sends nothing; the request is answered
+                    // without it.
+                    let fenced = self
+                        .fence
+                        .as_ref()
+                        .is_some_and(|f| !f.held() || f.token() != life.token());
+                    if fenced {
+                        self.cluster.fenced.fetch_add(1, Ordering::Relaxed);
+                        step = life.handle(Event::Fenced, now(), names);
+                        continue;
+                    }
                     match reserved.send(life.request()).await {
                         Ok(answer) => Event::Answered(answer),
                         Err(LinkError::Down | LinkError::Busy | LinkError::Open) => Event::NotSent,

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::acquirer::AcquirerLink;
 use crate::config::{Config, TlsConfig};
 use crate::ops::tls_reload::TlsReload;
+mod cluster;
 mod driver;
 
 use crate::journal::{Journal, PanKey};
@@ -36,6 +37,7 @@ use crate::scoring::rules::RuleSet;
 use crate::scoring::Scoring;
 use crate::shard::duplicates::{DupKey, DuplicateWindow, Original};
 use crate::shard::{shard_of, RecoveredEntries, Shard, ShardJob, ShardStats};
+pub use cluster::ClusterStats;
 pub use driver::Switch;
 use payswitch_models::model::Model;
 
@@ -176,12 +178,16 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     config.check()?;
     let shutdown = CancellationToken::new();
     let links_shutdown = CancellationToken::new();
+    let stans = match &config.cluster {
+        Some(cluster) => crate::acquirer::StanSpace::block(cluster.stan_block),
+        None => crate::acquirer::StanSpace::WHOLE,
+    };
     let links = config
         .acquirers
         .iter()
         .zip(security.acquirer_trust.iter().cloned())
         .map(|(acquirer, trust)| {
-            AcquirerLink::start(acquirer.clone(), trust, links_shutdown.clone())
+            AcquirerLink::start(acquirer.clone(), stans, trust, links_shutdown.clone())
         })
         .collect::<Result<Vec<_>, _>>()?;
     let weights = Arc::new(crate::routing::AcquirerWeights::new(links.len()));
@@ -192,17 +198,16 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     let scoring = start_scoring(config, links_shutdown.clone())?;
     let metrics = Arc::new(Metrics::new(links.len(), config.pipeline.metrics));
     tokio::spawn(Arc::clone(&metrics).run(links_shutdown.clone()));
-    let (replica, cluster) = match &config.cluster {
-        Some(cluster) => {
-            let (replica, context) = crate::cluster::start_replica(cluster).await?;
-            (Some(replica), Some((cluster, context)))
-        }
-        None => (None, None),
+    let joined = match &config.cluster {
+        Some(cluster) => Some((cluster, crate::cluster::join(cluster).await?)),
+        None => None,
     };
+    let replica = joined.as_ref().map(|(_, j)| j.replica.clone());
     let (journal, pan_key, mut recovery) = open_journal(config, &scoring, replica)?;
-    if let Some((cluster, context)) = &cluster {
-        crate::cluster::agree_on_pan_key(context, cluster, &pan_key).await?;
+    if let Some((cluster, joined)) = &joined {
+        crate::cluster::agree_on_pan_key(&joined.context, cluster, &pan_key).await?;
     }
+    let fence = joined.as_ref().map(|(_, j)| Arc::clone(&j.fence));
     let vault = match &config.journal.pan_key_file {
         Some(path) if config.journal.enabled => {
             let vault = crate::journal::PanVault::load(path)
@@ -218,10 +223,25 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         vault.clone(),
         links_shutdown.clone(),
     );
+    if let Some(fence) = &fence {
+        reversals.set_fence(Arc::clone(fence));
+    }
     let recent = std::mem::take(&mut recovery.recent);
     let velocity = recovery.velocity.take().map(|v| v.into_shards());
     let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, velocity, &weights);
-    deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?;
+    match &joined {
+        Some((_, joined)) => {
+            cluster::settle_previous(
+                journal.as_ref(),
+                &reversals,
+                recovery,
+                &joined.previous,
+                joined.fence.token(),
+            )
+            .await?
+        }
+        None => deliver_what_is_owed(journal.as_ref(), &reversals, recovery).await?,
+    }
     if config.journal.enabled && config.journal.retention_days > 0 {
         tokio::spawn(keep_retention(
             config.journal.dir.clone(),
@@ -244,7 +264,12 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         router: Arc::clone(&table),
         stats: Arc::new(SwitchStats::default()),
         shard_stats,
+        fence,
+        cluster: Default::default(),
     });
+    if let Some((cluster, joined)) = joined {
+        cluster::start(&switch, cluster.clone(), joined, links_shutdown.clone());
+    }
     let sources = sources(&switch);
     tokio::spawn(crate::ops::stats::tick(
         sources.clone(),
@@ -342,7 +367,7 @@ fn start_shards(
 
 /// What the journal says is owed: in-doubt authorizations are queued for reversal
 /// (durably, before delivery starts), then everything owed is delivered.
-async fn deliver_what_is_owed(
+pub(crate) async fn deliver_what_is_owed(
     journal: Option<&Journal>,
     reversals: &Arc<StoreAndForward>,
     recovery: crate::recovery::Recovery,

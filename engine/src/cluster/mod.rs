@@ -14,6 +14,9 @@ use serde::Deserialize;
 
 use crate::journal::replica::Replica;
 
+pub mod lease;
+pub mod takeover;
+
 /// Longest a node name may be: it is a NATS subject token and a message-id prefix.
 pub const MAX_NODE_NAME: usize = 32;
 
@@ -45,6 +48,15 @@ pub struct ClusterConfig {
     /// How long the switch tries to reach a server at start.
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// This node's block of link STANs, 0 to 9, unique in the cluster
+    /// (`acquirer::StanSpace`): every node links to every acquirer, and a survivor's
+    /// reversals name the STANs another node used.
+    pub stan_block: u8,
+    /// The node's lease (`lease`): renewed every quarter of this; a node that cannot
+    /// renew stops sending when it runs out, and a survivor takes its work over once it
+    /// has seen no renewal for this long (plus the acquirer timeout before reversing).
+    #[serde(default = "defaults::lease_ms")]
+    pub lease_ms: u64,
 }
 
 mod defaults {
@@ -64,6 +76,12 @@ mod defaults {
     }
     pub fn connect_timeout_ms() -> u64 {
         5_000
+    }
+    // Several renewals (every 750 ms) must fail before a node stops: a leader election
+    // (about a second) does not cost a node its lease; a dead node's work is taken over
+    // within seconds.
+    pub fn lease_ms() -> u64 {
+        3_000
     }
 }
 
@@ -124,6 +142,19 @@ impl ClusterConfig {
                 self.connect_timeout_ms
             ));
         }
+        if self.stan_block >= crate::acquirer::StanSpace::BLOCKS {
+            return Err(format!(
+                "cluster.stan_block = {}: 0 to {}, one per node",
+                self.stan_block,
+                crate::acquirer::StanSpace::BLOCKS - 1
+            ));
+        }
+        if !(500..=60_000).contains(&self.lease_ms) {
+            return Err(format!(
+                "cluster.lease_ms = {}: 500 to 60000",
+                self.lease_ms
+            ));
+        }
         Ok(())
     }
 
@@ -135,6 +166,11 @@ impl ClusterConfig {
     /// The subjects of every node's journal.
     pub fn journal_subjects(&self) -> String {
         format!("{}.journal.>", self.subject_prefix)
+    }
+
+    /// The subject `node`'s journal is published on.
+    pub fn journal_subject_of(&self, node: &str) -> String {
+        format!("{}.journal.{node}", self.subject_prefix)
     }
 }
 
@@ -260,17 +296,33 @@ pub async fn agree_on_pan_key(
     Ok(())
 }
 
-/// Connects, makes sure the journal stream exists, and starts publishing to it; returns
-/// the JetStream context too, for what else the node keeps on the cluster.
-pub async fn start_replica(
-    config: &ClusterConfig,
-) -> anyhow::Result<(Replica, jetstream::Context)> {
+/// What joining the cluster gives the node.
+pub struct Joined {
+    /// Where the journal's groups are published.
+    pub replica: Replica,
+    /// The JetStream context, for what else the node keeps on the cluster.
+    pub context: jetstream::Context,
+    /// The node's lease, to renew (`Lease::run`).
+    pub lease: lease::Lease,
+    /// What became of the node's previous lease.
+    pub previous: lease::Previous,
+    /// The lease as the rest of the switch reads it.
+    pub fence: std::sync::Arc<crate::fence::Fence>,
+}
+
+/// Connects, makes sure the journal stream exists, takes the node's lease and starts
+/// publishing the journal under it.
+pub async fn join(config: &ClusterConfig) -> anyhow::Result<Joined> {
     let client = connect(config).await?;
     let context = journal_stream(client, config).await?;
+    let fence = std::sync::Arc::new(crate::fence::Fence::new());
+    let (lease, previous) =
+        lease::Lease::acquire(&context, config, std::sync::Arc::clone(&fence)).await?;
     tracing::info!(
         node = %config.node,
         stream = %config.stream,
         subject = %config.journal_subject(),
+        generation = lease.generation(),
         "journal replicated to NATS JetStream"
     );
     let replica = Replica::start(
@@ -278,8 +330,15 @@ pub async fn start_replica(
         config.journal_subject(),
         config.node.clone(),
         Duration::from_millis(config.ack_timeout_ms),
+        std::sync::Arc::clone(&fence),
     );
-    Ok((replica, context))
+    Ok(Joined {
+        replica,
+        context,
+        lease,
+        previous,
+        fence,
+    })
 }
 
 #[cfg(test)]
@@ -288,7 +347,7 @@ mod tests {
 
     fn config() -> ClusterConfig {
         toml::from_str(
-            "servers = [\"nats://127.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\nnode = \"a-1\"\n",
+            "servers = [\"nats://127.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\nnode = \"a-1\"\nstan_block = 1\n",
         )
         .unwrap()
     }
@@ -333,6 +392,8 @@ mod tests {
         refused(&|c| c.replicas = MAX_REPLICAS + 1, "cluster.replicas");
         refused(&|c| c.ack_timeout_ms = 0, "cluster.ack_timeout_ms");
         refused(&|c| c.connect_timeout_ms = 0, "cluster.connect_timeout_ms");
+        refused(&|c| c.stan_block = 10, "cluster.stan_block");
+        refused(&|c| c.lease_ms = 100, "cluster.lease_ms");
         let mut dotted = config();
         dotted.subject_prefix = "acme.payswitch".into();
         assert_eq!(dotted.check(), Ok(()));
@@ -341,7 +402,9 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_refused() {
-        let err = toml::from_str::<ClusterConfig>("servers = []\nnode = \"a\"\nreplica = 3\n")
+        let err = toml::from_str::<ClusterConfig>(
+            "servers = []\nnode = \"a\"\nstan_block = 0\nreplica = 3\n",
+        )
             .unwrap_err();
         assert!(err.to_string().contains("replica"), "{err}");
     }
@@ -418,14 +481,7 @@ pub async fn read_journal(
             continue;
         }
         report.messages += 1;
-        let payload = &message.payload;
-        let mut at = 0;
-        while at < payload.len() {
-            let (seq, record, len) =
-                crate::journal::record::decode_frame(&payload[at..]).map_err(|e| {
-                    anyhow::anyhow!("stream message {message_seq} ({subject}), byte {at}: {e:?}")
-                })?;
-            at += len;
+        frames(&message.payload, |seq, record| {
             report.records += 1;
             let range = report.nodes.entry(from.to_string()).or_default();
             let expected = next.entry(from.to_string()).or_insert(seq);
@@ -441,7 +497,21 @@ pub async fn read_journal(
                 range.last_seq = seq;
             }
             each(from, seq, record);
-        }
+        })
+        .map_err(|e| anyhow::anyhow!("stream message {message_seq} ({subject}): {e}"))?;
     }
     Ok(report)
+}
+
+/// Hands each journal frame in a stream message's `payload` to `each`, checking its
+/// checksum; an error names the byte where a frame does not decode.
+pub(crate) fn frames(payload: &[u8], mut each: impl FnMut(u64, crate::journal::Record)) -> Result<(), String> {
+    let mut at = 0;
+    while at < payload.len() {
+        let (seq, record, len) = crate::journal::record::decode_frame(&payload[at..])
+            .map_err(|e| format!("byte {at}: {e:?}"))?;
+        at += len;
+        each(seq, record);
+    }
+    Ok(())
 }

@@ -1,0 +1,212 @@
+//! The switch as a cluster node (`[cluster]`): its lease renewed, the others' leases
+//! watched, and the work of a node whose lease lapsed moved into this node's books
+//! (`crate::cluster::takeover`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Switch;
+use crate::cluster::lease::Previous;
+use crate::cluster::takeover::{self, Lapsed};
+use crate::cluster::{ClusterConfig, Joined};
+use crate::journal::{Journal, RecordKind};
+use crate::recovery::{Recovery, Replay};
+use crate::reversal::StoreAndForward;
+
+/// Counters of the node's part in the cluster.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Leases of other nodes this node took over.
+    pub takeovers: AtomicU64,
+    /// Reversals and advices moved into this node's books by those takeovers.
+    pub moved: AtomicU64,
+    /// Records read from other nodes' journals for them.
+    pub records_read: AtomicU64,
+    /// Milliseconds from taking over a lease to its work being queued here, last one.
+    pub last_takeover_ms: AtomicU64,
+    /// Requests not sent because the node had lost its lease since they came in.
+    pub fenced: AtomicU64,
+}
+
+/// Margin added to the acquirer timeout before a survivor reads a lapsed node's journal:
+/// what the node sent just before its deadline has been answered (or timed out) and
+/// journaled by then.
+const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
+
+/// Settles what the journal says this node owed before this start. If its previous
+/// lease was taken over, that work is the survivor's: each item is journaled
+/// `handed_over` here and not delivered. Otherwise (nobody took it over, and from now on
+/// nobody can) it is delivered as on a single node, under the new lease (`token`).
+pub(super) async fn settle_previous(
+    journal: Option<&Journal>,
+    reversals: &Arc<StoreAndForward>,
+    mut recovery: Recovery,
+    previous: &Previous,
+    token: u64,
+) -> anyhow::Result<()> {
+    let Previous::HandedOver { to, generation } = previous else {
+        for pending in recovery
+            .pending
+            .iter_mut()
+            .chain(recovery.in_doubt.iter_mut())
+        {
+            pending.token = token;
+        }
+        return super::deliver_what_is_owed(journal, reversals, recovery).await;
+    };
+    let now_ms = crate::clock::now().unix_ms();
+    let records: Vec<_> = recovery
+        .pending
+        .iter()
+        .chain(recovery.in_doubt.iter())
+        .map(|pending| {
+            let mut record = pending.original.follow_up(
+                RecordKind::HandedOver,
+                pending.request_seq,
+                now_ms,
+            );
+            record.private_data = format!("to={to};lease={generation}");
+            record
+        })
+        .collect();
+    tracing::warn!(survivor = %to, generation, owed = records.len(), "this node's previous lease was taken over: what it owed is the survivor's");
+    if let (Some(journal), false) = (journal, records.is_empty()) {
+        journal
+            .append(&records)
+            .await
+            .context("journaling the work handed over")?;
+    }
+    Ok(())
+}
+
+/// Starts the node's cluster tasks: lease renewal, the watch over the others' leases,
+/// and the mover of the work of those taken over.
+pub(super) fn start(
+    switch: &Arc<Switch>,
+    config: ClusterConfig,
+    joined: Joined,
+    shutdown: CancellationToken,
+) {
+    let Joined {
+        context,
+        lease,
+        fence,
+        ..
+    } = joined;
+    let bucket = lease.bucket().clone();
+    tokio::spawn(lease.run(shutdown.clone()));
+    let (lapsed, mut to_move) = mpsc::channel(takeover::MAX_LAPSED_QUEUED);
+    tokio::spawn(takeover::watch(
+        bucket,
+        config.node.clone(),
+        Duration::from_millis(config.lease_ms),
+        fence,
+        lapsed,
+        shutdown.clone(),
+    ));
+    let switch = Arc::clone(switch);
+    tokio::spawn(async move {
+        while let Some(lapsed) = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            lapsed = to_move.recv() => lapsed,
+        } {
+            move_work(&switch, &config, &context, lapsed, &shutdown).await;
+        }
+    });
+}
+
+/// Waits out the acquirer timeout, then moves what `lapsed.node` owed into this node's
+/// books and queue; retried every few seconds until it succeeds or the switch stops.
+async fn move_work(
+    switch: &Switch,
+    config: &ClusterConfig,
+    context: &async_nats::jetstream::Context,
+    lapsed: Lapsed,
+    shutdown: &CancellationToken,
+) {
+    let timeout = switch
+        .links
+        .iter()
+        .map(|l| l.timeout())
+        .max()
+        .unwrap_or_default();
+    let ready = tokio::time::Instant::from_std(lapsed.at + timeout + TAKEOVER_MARGIN);
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep_until(ready) => {}
+    }
+    // The original requests moved already: a retry after a failure part-way moves the
+    // rest, never one twice.
+    let mut done = std::collections::HashSet::new();
+    loop {
+        match try_move(switch, config, context, &lapsed, &mut done).await {
+            Ok(moved) => {
+                let ms = lapsed.at.elapsed().as_millis() as u64;
+                switch.cluster.takeovers.fetch_add(1, Ordering::Relaxed);
+                switch.cluster.last_takeover_ms.store(ms, Ordering::Relaxed);
+                tracing::warn!(node = %lapsed.node, generation = lapsed.generation, moved, after_ms = ms, "took over a lapsed node's work: its reversals and advices are delivered from here");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(node = %lapsed.node, error = %e, "moving a lapsed node's work failed; retrying in 5 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn try_move(
+    switch: &Switch,
+    config: &ClusterConfig,
+    context: &async_nats::jetstream::Context,
+    lapsed: &Lapsed,
+    done: &mut std::collections::HashSet<u64>,
+) -> anyhow::Result<u64> {
+    // Nothing is "recent" here: complete requests are dropped as the replay goes, so
+    // memory follows what the node still owed, not the length of its journal.
+    let mut replay = Replay::new(i64::MAX, &switch.acquirer_names, 1);
+    let read = takeover::read_node(context, config, &lapsed.node, |seq, record| {
+        replay.record(seq, record)
+    })
+    .await?;
+    switch
+        .cluster
+        .records_read
+        .fetch_add(read, Ordering::Relaxed);
+    let recovery = replay.finish(Default::default());
+    if recovery.unknown_acquirers > 0 {
+        tracing::error!(node = %lapsed.node, count = recovery.unknown_acquirers, "the lapsed node owed reversals to acquirers this node does not know: configure them here (they stay in its journal)");
+    }
+    let token = switch.fence.as_ref().map_or(0, |f| f.token());
+    let mut moved = 0;
+    for pending in recovery.pending.into_iter().chain(recovery.in_doubt) {
+        if !done.insert(pending.request_seq) {
+            continue;
+        }
+        let records = takeover::moved_records(&pending, &lapsed.node);
+        let request_seq = match &switch.journal {
+            Some(journal) => match journal.append(&records).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    done.remove(&pending.request_seq);
+                    anyhow::bail!("journaling the work taken over: {e}");
+                }
+            },
+            None => 0,
+        };
+        switch
+            .reversals
+            .push(takeover::moved(pending, request_seq, token));
+        moved += 1;
+        switch.cluster.moved.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(moved)
+}
