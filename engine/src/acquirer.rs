@@ -391,7 +391,9 @@ impl AcquirerLink {
     /// nearly all are held).
     fn allocate_stan(&self) -> Stan {
         loop {
-            let stan = self.stans.nth(self.next_stan.fetch_add(1, Ordering::Relaxed));
+            let stan = self
+                .stans
+                .nth(self.next_stan.fetch_add(1, Ordering::Relaxed));
             let held = self
                 .pending
                 .get(&stan.get())

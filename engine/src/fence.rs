@@ -86,7 +86,8 @@ impl Fence {
     pub fn hold(&self, token: u64, until: Instant) {
         let was_held = self.held();
         self.token.store(token, Ordering::Release);
-        self.until_ns.store(self.ns(until).max(1), Ordering::Release);
+        self.until_ns
+            .store(self.ns(until).max(1), Ordering::Release);
         if !was_held {
             self.gained.notify_waiters();
         }

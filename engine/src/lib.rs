@@ -40,9 +40,9 @@
 pub mod acquirer;
 pub mod breaker;
 pub mod clock;
-pub mod fence;
 pub mod cluster;
 pub mod config;
+pub mod fence;
 pub mod ingress;
 pub mod iso;
 pub mod journal;

@@ -312,3 +312,104 @@ async fn a_stream_of_that_name_for_other_subjects_is_refused_at_start() {
         "{refused:#}"
     );
 }
+
+/// Node `node` (STAN block `block`) of the cluster on `nats`, in front of `sim`, hashing
+/// card numbers with the key in `key_file`.
+fn node_config(
+    nats: &NatsServer,
+    sim: &acquirer_sim::RunningSim,
+    node: &str,
+    block: u8,
+    key_file: &std::path::Path,
+) -> payswitch::config::Config {
+    let mut config = config(vec![acquirer("north", sim, 2_000)], vec![]);
+    config.cluster = Some(ClusterConfig {
+        node: node.into(),
+        stan_block: block,
+        ..cluster(nats, 2_000)
+    });
+    config.journal.pan_hash_key_file = Some(key_file.to_path_buf());
+    config
+}
+
+/// A PAN hash key file, readable by its owner only, for every node.
+fn shared_key_file() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = tempfile::tempdir().unwrap().keep().join("pan-hash.key");
+    std::fs::write(&path, "00112233445566778899aabbccddeeff\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retransmission_to_another_node_is_answered_from_the_original() {
+    let nats = NatsServer::start();
+    // Answers take 300 ms: the copy reaches node b while node a's original is still out.
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        delay: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = shared_key_file();
+    let a = in_front_of(&sim, node_config(&nats, &sim, "a", 0, &key)).await;
+    let b = in_front_of(&sim, node_config(&nats, &sim, "b", 1, &key)).await;
+    let (to_a, to_b) = (support::gateway(&a).await, support::gateway(&b).await);
+
+    let request = authorization(501);
+    let original = tokio::spawn({
+        let request = request.clone();
+        async move { support::transact(&to_a, &request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let copy = support::transact(&to_b, &request).await;
+    let original = original.await.unwrap();
+    assert_eq!(original.get_str(39), Some("00"));
+    assert_eq!(copy.get_str(39), Some("00"), "{copy:?}");
+    assert_eq!(
+        copy.get_str(38),
+        original.get_str(38),
+        "the copy carries the original's approval code"
+    );
+    assert!(
+        copy.get_str(48).unwrap_or("").ends_with("dup=1"),
+        "{copy:?}"
+    );
+
+    // Once answered, a later copy at b is answered at once (from b's own window, which
+    // remembers the answer it got from the claim).
+    let started = std::time::Instant::now();
+    let again = support::transact(&to_b, &request).await;
+    assert_eq!(again.get_str(38), original.get_str(38));
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A request of b's own is b's to decide, with a STAN from b's block.
+    let own = support::transact(&to_b, &authorization(502)).await;
+    assert_eq!(own.get_str(39), Some("00"));
+    let requests = sim
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(requests, 2, "the acquirer saw each request once");
+    let lost = b
+        .switch
+        .cluster
+        .claims_lost
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(lost, 1, "only the first copy asked the cluster");
+
+    // The books: b journaled the copies as duplicates, a the original.
+    let mut copies = 0;
+    payswitch::journal::scan(b.switch.journal().unwrap().dir(), false, |_, r| {
+        if r.kind == RecordKind::Response && r.duplicate {
+            copies += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(copies, 2);
+}

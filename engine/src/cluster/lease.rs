@@ -269,7 +269,10 @@ impl Lease {
         let now = self.bucket.entry(&self.key).await?;
         if let Some(entry) = now {
             if entry.revision != revision
-                && matches!(LeaseValue::parse(&entry.value), Some(LeaseValue::Held { .. }))
+                && matches!(
+                    LeaseValue::parse(&entry.value),
+                    Some(LeaseValue::Held { .. })
+                )
             {
                 anyhow::bail!(
                     "another process holds the lease of node {:?} and renews it: two switches \
@@ -347,7 +350,11 @@ impl Lease {
             Some(LeaseValue::Held { incarnation, .. }) if incarnation == self.incarnation => {
                 self.revision = entry.revision;
             }
-            Some(LeaseValue::TakenOver { taken_over_by, generation, .. }) => {
+            Some(LeaseValue::TakenOver {
+                taken_over_by,
+                generation,
+                ..
+            }) => {
                 self.fence.lose();
                 tracing::error!(node = %self.node, generation, survivor = %taken_over_by, "lease lost: another node took over this node's work (it was paused or cut off past its lease); nothing more is sent for that work, and a new lease is taken");
                 self.fence.handed_over_before(generation + 1);

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::journal::replica::Replica;
 
+pub mod claims;
 pub mod lease;
 pub mod takeover;
 
@@ -405,7 +406,7 @@ mod tests {
         let err = toml::from_str::<ClusterConfig>(
             "servers = []\nnode = \"a\"\nstan_block = 0\nreplica = 3\n",
         )
-            .unwrap_err();
+        .unwrap_err();
         assert!(err.to_string().contains("replica"), "{err}");
     }
 }
@@ -505,7 +506,10 @@ pub async fn read_journal(
 
 /// Hands each journal frame in a stream message's `payload` to `each`, checking its
 /// checksum; an error names the byte where a frame does not decode.
-pub(crate) fn frames(payload: &[u8], mut each: impl FnMut(u64, crate::journal::Record)) -> Result<(), String> {
+pub(crate) fn frames(
+    payload: &[u8],
+    mut each: impl FnMut(u64, crate::journal::Record),
+) -> Result<(), String> {
     let mut at = 0;
     while at < payload.len() {
         let (seq, record, len) = crate::journal::record::decode_frame(&payload[at..])

@@ -316,8 +316,15 @@ mod tests {
         assert_eq!(recovery.pending.len(), 1);
         let again = &recovery.pending[0];
         assert_eq!(again.request_seq, 500);
-        assert_eq!(again.original.link_stan, 100_007, "names the original's STAN");
-        assert_eq!(again.stan, Stan::new(100_050), "repeats the reversal's STAN");
+        assert_eq!(
+            again.original.link_stan, 100_007,
+            "names the original's STAN"
+        );
+        assert_eq!(
+            again.stan,
+            Stan::new(100_050),
+            "repeats the reversal's STAN"
+        );
         assert_eq!(again.attempts, 2);
         let delivered = moved(pending, 500, 9);
         assert_eq!(delivered.request_seq, 500);

@@ -63,6 +63,19 @@ impl DupKey {
         })
     }
 
+    /// The key as bytes: the kind (`R` reversal, `A` authorization), terminal, STAN,
+    /// RRN and transmission time. The same on every node, so a cluster can name a
+    /// request by it.
+    pub fn bytes(&self) -> [u8; 37] {
+        let mut out = [0u8; 37];
+        out[0] = if self.reversal { b'R' } else { b'A' };
+        out[1..9].copy_from_slice(&self.terminal);
+        out[9..15].copy_from_slice(&self.stan);
+        out[15..27].copy_from_slice(&self.rrn);
+        out[27..37].copy_from_slice(&self.transmission);
+        out
+    }
+
     /// Terminal and RRN: what a reversal without field 90 finds its original by.
     pub fn terminal_rrn(&self) -> ([u8; 8], [u8; 12]) {
         (self.terminal, self.rrn)

@@ -67,6 +67,10 @@ pub enum Step {
     /// Wait for this original's outcome (up to [`DUPLICATE_WAIT_MS`]); answer
     /// [`Event::Original`].
     AwaitOriginal(Arc<Original>),
+    /// In a cluster: claim the request's duplicate key for this node
+    /// (`cluster::claims`) before deciding it; if another node claimed it, wait for its
+    /// answer (up to [`DUPLICATE_WAIT_MS`]). Answer [`Event::Claimed`].
+    Claim,
     /// Send this answer to the gateway. The lifecycle is over.
     Reply(Reply),
 }
@@ -97,6 +101,20 @@ pub enum Event {
     Queued,
     /// The original's outcome, or `None` if it did not come within the wait.
     Original(Option<Outcome>),
+    /// What claiming the request found.
+    Claimed(Claim),
+}
+
+/// What claiming a request across the cluster found ([`Step::Claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node decides it.
+    Won,
+    /// Another node decides it: its answer, or `None` if none came within the wait.
+    Theirs(Option<Outcome>),
+    /// The claim could not be made (no NATS server, or the node's lease is not held):
+    /// nothing is decided, the gateway is answered 91.
+    Failed,
 }
 
 impl Event {
@@ -111,6 +129,7 @@ impl Event {
             Event::NoAnswer => "NoAnswer",
             Event::Queued => "Queued",
             Event::Original(_) => "Original",
+            Event::Claimed(_) => "Claimed",
         }
     }
 }
@@ -192,6 +211,15 @@ impl Routing {
     }
 }
 
+/// A new authorization as its shard decided it.
+#[derive(Debug)]
+struct Fresh {
+    scoring: crate::scoring::Verdict,
+    route: Option<crate::routing::Route>,
+    original: Arc<Original>,
+    transaction: payswitch_models::features::Transaction,
+}
+
 /// What the lifecycle waits for.
 #[derive(Debug)]
 enum State {
@@ -244,8 +272,11 @@ enum State {
     },
     /// [`Step::AwaitOriginal`] sent.
     AwaitingOriginal,
-    /// [`Step::Append`] of a duplicate's `response` record sent.
-    JournalingDuplicate(Outcome),
+    /// [`Step::Claim`] sent for a new authorization, decided once claimed.
+    Claiming(Fresh),
+    /// [`Step::Append`] of a duplicate's `response` record sent; the request's own entry
+    /// in the window, when it has one, gets the same answer.
+    JournalingDuplicate(Outcome, Option<Arc<Original>>),
     /// Replied.
     Done,
 }
@@ -269,6 +300,8 @@ pub struct Lifecycle {
     acquirer: Option<(AcquirerIndex, u64)>,
     counts: Counts,
     state: State,
+    /// In a cluster: new authorizations are claimed across it before they are decided.
+    claims: bool,
     /// The fencing token of the node's lease when the request was taken in, in a
     /// cluster (`crate::fence`): what it sends and owes belongs to that lease.
     token: u64,
@@ -325,8 +358,16 @@ impl Lifecycle {
             acquirer: None,
             counts: Counts::default(),
             state,
+            claims: false,
             token: 0,
         }
+    }
+
+    /// New authorizations are claimed across the cluster ([`Step::Claim`]) before they
+    /// are decided.
+    pub fn with_claims(mut self) -> Self {
+        self.claims = true;
+        self
     }
 
     /// Taken in under the lease with fencing token `token` (`crate::fence`).
@@ -426,8 +467,11 @@ impl Lifecycle {
                 self.reply(answer, Some(&original))
             }
             (State::AwaitingOriginal, Event::Original(outcome)) => self.on_original(outcome, now),
-            (State::JournalingDuplicate(outcome), Event::Durable(durable)) => {
-                self.on_duplicate_durable(outcome, durable)
+            (State::JournalingDuplicate(outcome, own), Event::Durable(durable)) => {
+                self.on_duplicate_durable(outcome, own, durable)
+            }
+            (State::Claiming(fresh), Event::Claimed(claim)) => {
+                self.on_claimed(fresh, claim, now, acquirers)
             }
             (state, event) => unexpected(state_name(&state), &event),
         }
@@ -546,6 +590,17 @@ impl Lifecycle {
     /// A retransmission's original answered (or the wait ran out): journal the answer
     /// it gets, marked `dup=1`.
     fn on_original(&mut self, outcome: Option<Outcome>, now: Now) -> Step {
+        self.on_original_for(outcome, None, now)
+    }
+
+    /// As [`Lifecycle::on_original`]; `own`: the request's own window entry (a copy
+    /// another node claimed first), answered the same.
+    fn on_original_for(
+        &mut self,
+        outcome: Option<Outcome>,
+        own: Option<Arc<Original>>,
+        now: Now,
+    ) -> Step {
         let outcome = outcome.unwrap_or(Outcome {
             code: as_code(ResponseCode::DuplicateTransmission),
             approval: None,
@@ -565,10 +620,16 @@ impl Lifecycle {
         response.private_data = private_data.clone();
         response.switch_us = now.since(self.received);
         let step = self.append(vec![response], now);
-        self.state = State::JournalingDuplicate(Outcome {
-            private_data,
-            ..outcome
-        });
+        if let Some(own) = &own {
+            own.set_outcome(outcome.clone());
+        }
+        self.state = State::JournalingDuplicate(
+            Outcome {
+                private_data,
+                ..outcome
+            },
+            own,
+        );
         step
     }
 
@@ -576,11 +637,12 @@ impl Lifecycle {
     fn on_duplicate_durable(
         &mut self,
         outcome: Outcome,
+        own: Option<Arc<Original>>,
         durable: Result<u64, JournalError>,
     ) -> Step {
         if let Err(e) = self.durable(durable) {
             self.counts.journal_refused = true;
-            return self.reply(Answer::new(journal_refusal(e), String::new()), None);
+            return self.reply(Answer::new(journal_refusal(e), String::new()), own.as_ref());
         }
         let approval = outcome.approval.as_ref().map(|a| &a[..]);
         let response = validate::respond(
@@ -629,6 +691,77 @@ impl Lifecycle {
                 original,
                 transaction,
             } => {
+                let fresh = Fresh {
+                    scoring,
+                    route,
+                    original,
+                    transaction,
+                };
+                if self.claims {
+                    self.state = State::Claiming(fresh);
+                    return Step::Claim;
+                }
+                self.decide(fresh, now, acquirers)
+            }
+            ShardVerdict::Reversal { own, original } => {
+                self.on_gateway_reversal(own, original, now, acquirers)
+            }
+            // Reached no acquirer and did nothing, but its 91 is journaled: a copy of
+            // the request (a network duplicate, a retransmission sent before the 91
+            // arrived) that comes after a crash must get the same 91 from the rebuilt
+            // window, not be authorized behind the gateway's back (the simulator found
+            // it). One record, the request carrying its answer, in the group commit.
+            ShardVerdict::Shed(own) => {
+                let answer = Answer::new(
+                    ResponseCode::IssuerInoperative,
+                    crate::ingress::SHED_TAGS.to_string(),
+                );
+                if self.journal_failed {
+                    return self.reply(answer, Some(&own));
+                }
+                let mut record = self.journaled_request();
+                record.code = code_str(&answer.code);
+                record.private_data = answer.private_data.clone();
+                self.append_since = Some(now);
+                self.state = State::JournalingResponse {
+                    answer,
+                    original: Some(own),
+                };
+                Step::Append(vec![record])
+            }
+        }
+    }
+
+    /// The cluster's claim is made: decide the request (this node's), answer it from
+    /// the node that claimed it first, or refuse it (no claim could be made).
+    fn on_claimed(&mut self, fresh: Fresh, claim: Claim, now: Now, acquirers: &[String]) -> Step {
+        match claim {
+            Claim::Won => self.decide(fresh, now, acquirers),
+            Claim::Theirs(outcome) => {
+                self.counts.duplicate = true;
+                self.on_original_for(outcome, Some(fresh.original), now)
+            }
+            Claim::Failed => {
+                let answer = Answer::new(
+                    ResponseCode::IssuerInoperative,
+                    "claim=unavailable".to_string(),
+                );
+                self.finish(answer, Some(fresh.original), now, acquirers)
+            }
+        }
+    }
+
+    /// A new authorization, this node's to decide: declined by the fraud decision, no
+    /// route, or on to its first acquirer.
+    fn decide(&mut self, fresh: Fresh, now: Now, acquirers: &[String]) -> Step {
+        let Fresh {
+            scoring,
+            route,
+            original,
+            transaction,
+        } = fresh;
+        {
+            {
                 // What velocity needs to be rebuilt from the journal at a restart.
                 self.record.event_ms = transaction.timestamp_ms;
                 self.record.mcc = transaction.mcc;
@@ -657,32 +790,6 @@ impl Lifecycle {
                     approved: scoring.decision == Decision::Approve,
                 };
                 self.try_acquirer(routing)
-            }
-            ShardVerdict::Reversal { own, original } => {
-                self.on_gateway_reversal(own, original, now, acquirers)
-            }
-            // Reached no acquirer and did nothing, but its 91 is journaled: a copy of
-            // the request (a network duplicate, a retransmission sent before the 91
-            // arrived) that comes after a crash must get the same 91 from the rebuilt
-            // window, not be authorized behind the gateway's back (the simulator found
-            // it). One record, the request carrying its answer, in the group commit.
-            ShardVerdict::Shed(own) => {
-                let answer = Answer::new(
-                    ResponseCode::IssuerInoperative,
-                    crate::ingress::SHED_TAGS.to_string(),
-                );
-                if self.journal_failed {
-                    return self.reply(answer, Some(&own));
-                }
-                let mut record = self.journaled_request();
-                record.code = code_str(&answer.code);
-                record.private_data = answer.private_data.clone();
-                self.append_since = Some(now);
-                self.state = State::JournalingResponse {
-                    answer,
-                    original: Some(own),
-                };
-                Step::Append(vec![record])
             }
         }
     }
@@ -1055,7 +1162,8 @@ fn state_name(state: &State) -> &'static str {
         State::JournalingStandIn { .. } => "Append(stand-in response, advice_queued)",
         State::JournalingResponse { .. } => "Append(response)",
         State::AwaitingOriginal => "AwaitOriginal",
-        State::JournalingDuplicate(_) => "Append(duplicate response)",
+        State::JournalingDuplicate(..) => "Append(duplicate response)",
+        State::Claiming(_) => "Claim",
         State::Done => "Reply",
     }
 }

@@ -125,7 +125,9 @@ fn run_until_wait(
                 queued.push(pending);
                 Event::Queued
             }
-            step @ (Step::Send { .. } | Step::AwaitOriginal(_) | Step::Reply(_)) => return step,
+            step @ (Step::Send { .. } | Step::AwaitOriginal(_) | Step::Reply(_) | Step::Claim) => {
+                return step
+            }
         };
         step = life.handle(event, now, &names());
     }
@@ -521,4 +523,96 @@ fn an_event_that_answers_another_step_is_a_driver_bug() {
         at(0),
         &names,
     );
+}
+
+#[test]
+fn in_a_cluster_a_request_is_claimed_before_anything_is_decided_or_sent() {
+    let names = names();
+    let request = message(Mti::AUTHORIZATION_REQUEST, "000001", None);
+    let original = Arc::new(Original::new());
+    let mut life = lifecycle(request, fresh(&original), at(0)).with_claims();
+    let Step::Claim = life.start(at(0), &names) else {
+        panic!("claimed first")
+    };
+    let Step::Reserve(0) = life.handle(Event::Claimed(Claim::Won), at(1), &names) else {
+        panic!("won: decided and routed as on a single node")
+    };
+}
+
+#[test]
+fn a_request_another_node_claimed_is_answered_from_its_answer_never_sent() {
+    let names = names();
+    let request = message(Mti::AUTHORIZATION_REQUEST, "000001", None);
+    let original = Arc::new(Original::new());
+    let mut life = lifecycle(request, fresh(&original), at(0)).with_claims();
+    let step = life.start(at(0), &names);
+    assert!(matches!(step, Step::Claim));
+    let theirs = Outcome {
+        code: *b"00",
+        approval: Some(*b"A1B2C3"),
+        private_data: "decision=approve;acquirer=visa".into(),
+    };
+    let Step::Append(records) = life.handle(
+        Event::Claimed(Claim::Theirs(Some(theirs.clone()))),
+        at(1),
+        &names,
+    ) else {
+        panic!("the answer it gets is journaled")
+    };
+    let kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, [RecordKind::Request, RecordKind::Response]);
+    assert!(records[1].duplicate);
+    assert_eq!(records[1].approval_code, "A1B2C3");
+    let reply = replied(life.handle(Event::Durable(Ok(3)), at(2), &names));
+    assert_eq!(&reply.code, b"00");
+    assert_eq!(reply.response.get_str(38), Some("A1B2C3"));
+    assert_eq!(
+        reply.response.get_str(48),
+        Some("decision=approve;acquirer=visa;dup=1")
+    );
+    assert!(life.counts().duplicate);
+    // Its own window entry answers later copies at this node the same, without the
+    // cluster (and without a second dup tag).
+    assert_eq!(original.outcome_now(), Some(&theirs));
+    assert!(original.forwarded().is_none(), "nothing was forwarded here");
+}
+
+#[test]
+fn no_claim_no_decision_91() {
+    let names = names();
+    let request = message(Mti::AUTHORIZATION_REQUEST, "000001", None);
+    let original = Arc::new(Original::new());
+    let mut life = lifecycle(request, fresh(&original), at(0)).with_claims();
+    life.start(at(0), &names);
+    let Step::Append(records) = life.handle(Event::Claimed(Claim::Failed), at(1), &names) else {
+        panic!("answered, journaled")
+    };
+    assert_eq!(records.last().unwrap().code, "91");
+    let reply = replied(life.handle(Event::Durable(Ok(3)), at(2), &names));
+    assert_eq!(&reply.code, b"91");
+    assert_eq!(reply.response.get_str(48), Some("claim=unavailable"));
+}
+
+#[test]
+fn a_fenced_send_is_answered_91_with_no_reversal_and_no_other_acquirer() {
+    let names = names();
+    let request = message(Mti::AUTHORIZATION_REQUEST, "000001", None);
+    let original = Arc::new(Original::new());
+    let mut life = lifecycle(request, fresh_with(&original, Some(STAND_IN)), at(0));
+    life.start(at(0), &names);
+    life.handle(Event::Reserved(Stan::new(9).unwrap()), at(1), &names);
+    let Step::Send { .. } = life.handle(Event::Durable(Ok(5)), at(2), &names) else {
+        panic!("sent once durable")
+    };
+    let Step::Append(records) = life.handle(Event::Fenced, at(3), &names) else {
+        panic!("answered at once: neither the next acquirer nor a stand-in")
+    };
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].kind, RecordKind::Response);
+    assert_eq!(records[0].code, "91");
+    assert!(records[0].acquirer.is_empty(), "no acquirer saw it");
+    let reply = replied(life.handle(Event::Durable(Ok(6)), at(4), &names));
+    assert_eq!(&reply.code, b"91");
+    assert!(reply.response.get_str(48).unwrap().ends_with("fenced=1"));
+    assert_eq!(life.counts().reversals_queued, 0);
 }

@@ -23,7 +23,7 @@ use crate::routing::AcquirerIndex;
 pub use crate::ingress::key::DupKey;
 
 /// The answer a request got, kept to answer its retransmissions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     /// Response code (39).
     pub code: [u8; 2],

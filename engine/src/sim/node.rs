@@ -936,6 +936,8 @@ impl Node {
                     self.start_delivery(pending, env);
                     Event::Queued
                 }
+                // The simulator's nodes share no cluster: every claim is theirs to win.
+                Step::Claim => Event::Claimed(crate::lifecycle::Claim::Won),
                 Step::AwaitOriginal(original) => match original.outcome_now() {
                     Some(outcome) => Event::Original(Some(outcome.clone())),
                     None => {

@@ -31,6 +31,14 @@ pub struct ClusterStats {
     pub last_takeover_ms: AtomicU64,
     /// Requests not sent because the node had lost its lease since they came in.
     pub fenced: AtomicU64,
+    /// Requests another node had claimed first: answered from its answer.
+    pub claims_lost: AtomicU64,
+    /// Requests that could not be claimed (no server, no lease): answered 91.
+    pub claims_failed: AtomicU64,
+    /// Answers not written into their claims because too many were being written.
+    pub settles_skipped: AtomicU64,
+    /// Answers whose writing into their claims failed.
+    pub settles_failed: AtomicU64,
 }
 
 /// Margin added to the acquirer timeout before a survivor reads a lapsed node's journal:
@@ -65,11 +73,10 @@ pub(super) async fn settle_previous(
         .iter()
         .chain(recovery.in_doubt.iter())
         .map(|pending| {
-            let mut record = pending.original.follow_up(
-                RecordKind::HandedOver,
-                pending.request_seq,
-                now_ms,
-            );
+            let mut record =
+                pending
+                    .original
+                    .follow_up(RecordKind::HandedOver, pending.request_seq, now_ms);
             record.private_data = format!("to={to};lease={generation}");
             record
         })

@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::acquirer::{AcquirerLink, LinkError, Reservation};
 use crate::clock::now;
+use crate::cluster::claims::Claimed;
 use crate::ingress::validate::{self, as_code, Authorization};
 use crate::ingress::{self, Admission};
 use crate::journal::{Journal, JournalError, PanKey, Record};
-use crate::lifecycle::{self, Event, Lifecycle, Now, Step};
+use crate::lifecycle::{self, Claim, Event, Lifecycle, Now, Reply as LifeReply, Step};
 use crate::ops::metrics::{Metrics, Stage, Timings};
 use crate::ops::stats::SwitchStats;
 use crate::reversal::StoreAndForward;
@@ -31,6 +32,10 @@ use crate::routing::Router;
 use crate::scoring::Scoring;
 use crate::shard::duplicates::DupKey;
 use crate::shard::{shard_of, ShardJob, ShardRequest, ShardStats, ShardTimings, ShardVerdict};
+
+/// How long a claim may take before the request is answered 91: a replication round on a
+/// loaded LAN, with room for a leader election.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a retransmission waits for its original's answer.
 const DUPLICATE_WAIT: Duration = Duration::from_millis(lifecycle::DUPLICATE_WAIT_MS);
@@ -62,7 +67,16 @@ pub struct Switch {
     pub(crate) fence: Option<Arc<crate::fence::Fence>>,
     /// The cluster's counters (takeovers), in a cluster.
     pub cluster: Arc<super::cluster::ClusterStats>,
+    /// The cluster's claims, in a cluster: one node decides each request.
+    pub(crate) claims: Option<crate::cluster::claims::Claims>,
+    /// Answers being written into claims now (bounded by [`MAX_SETTLING`]).
+    pub(crate) settling: Arc<tokio::sync::Semaphore>,
 }
+
+/// Answers written into their claims at once, each a task and a publish: beyond it an
+/// answer is not written (counted), and a copy of that request at another node is
+/// answered 94 after the wait instead of from it.
+pub const MAX_SETTLING: usize = 4096;
 
 impl std::fmt::Debug for Switch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,8 +175,11 @@ impl Switch {
                         );
                     }
                     let (times, request, record) = self.take(r);
-                    let life = Lifecycle::new(request, record, times.received_at, verdict)
+                    let mut life = Lifecycle::new(request, record, times.received_at, verdict)
                         .with_token(self.token());
+                    if self.claims.is_some() {
+                        life = life.with_claims();
+                    }
                     self.drive(times, life, shard_timings).await
                 }
             };
@@ -315,6 +332,8 @@ impl Switch {
     ) -> ([u8; 2], Message) {
         let names = &self.acquirer_names;
         let mut reservation: Option<Reservation<'_>> = None;
+        // The claim this node won for the request, to write its answer into.
+        let mut won: Option<(DupKey, u64)> = None;
         let mut step = life.start(now(), names);
         let reply = loop {
             let event = match step {
@@ -371,12 +390,91 @@ impl Switch {
                 Step::AwaitOriginal(original) => {
                     Event::Original(original.outcome(DUPLICATE_WAIT).await.cloned())
                 }
+                Step::Claim => Event::Claimed(self.claim(&life, &mut won).await),
             };
             step = life.handle(event, now(), names);
         };
+        if let Some((key, revision)) = won {
+            self.settle(key, revision, life.token(), &reply);
+        }
         self.stats.add(life.counts());
         self.record_timings(&r, &life, shard);
         (reply.code, reply.response)
+    }
+
+    /// Claims `life`'s request across the cluster; if another node has it, waits for its
+    /// answer. `won`: the claim, when this node wins it.
+    async fn claim(&self, life: &Lifecycle, won: &mut Option<(DupKey, u64)>) -> Claim {
+        let Some(claims) = &self.claims else {
+            return Claim::Won;
+        };
+        let token = life.token();
+        let held = self
+            .fence
+            .as_ref()
+            .is_some_and(|f| f.held() && f.token() == token);
+        let Some(key) = DupKey::of(life.request(), false).filter(|_| held) else {
+            self.cluster.claims_failed.fetch_add(1, Ordering::Relaxed);
+            return Claim::Failed;
+        };
+        match tokio::time::timeout(CLAIM_TIMEOUT, claims.claim(&key, token)).await {
+            Ok(Ok(Claimed::Won(revision))) => {
+                *won = Some((key, revision));
+                Claim::Won
+            }
+            Ok(Ok(Claimed::Theirs { outcome, .. })) => {
+                self.cluster.claims_lost.fetch_add(1, Ordering::Relaxed);
+                match outcome {
+                    Some(outcome) => Claim::Theirs(Some(outcome)),
+                    None => Claim::Theirs(claims.outcome(&key, DUPLICATE_WAIT).await),
+                }
+            }
+            Ok(Err(e)) => {
+                self.cluster.claims_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "claim failed");
+                Claim::Failed
+            }
+            Err(_) => {
+                self.cluster.claims_failed.fetch_add(1, Ordering::Relaxed);
+                Claim::Failed
+            }
+        }
+    }
+
+    /// Writes `reply` into the claim this node won (in the background: the gateway does
+    /// not wait for it).
+    fn settle(&self, key: DupKey, revision: u64, token: u64, reply: &LifeReply) {
+        let Some(claims) = self.claims.clone() else {
+            return;
+        };
+        let Ok(permit) = Arc::clone(&self.settling).try_acquire_owned() else {
+            self.cluster.settles_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let outcome = crate::shard::duplicates::Outcome {
+            code: reply.code,
+            approval: reply
+                .response
+                .get(payswitch_protocol::fields::APPROVAL_CODE)
+                .and_then(|a| a.try_into().ok()),
+            private_data: reply
+                .response
+                .get_str(payswitch_protocol::fields::PRIVATE_DATA)
+                .unwrap_or("")
+                .to_string(),
+        };
+        let stats = Arc::clone(&self.cluster);
+        tokio::spawn(async move {
+            let settled = tokio::time::timeout(
+                CLAIM_TIMEOUT,
+                claims.settle(&key, revision, token, &outcome),
+            )
+            .await;
+            if !matches!(settled, Ok(Ok(()))) {
+                stats.settles_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(permit);
+        });
     }
 
     /// Records a finished request's timings.

@@ -208,6 +208,18 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         crate::cluster::agree_on_pan_key(&joined.context, cluster, &pan_key).await?;
     }
     let fence = joined.as_ref().map(|(_, j)| Arc::clone(&j.fence));
+    let claims = match &joined {
+        Some((cluster, joined)) => Some(
+            crate::cluster::claims::Claims::open(
+                &joined.context,
+                cluster,
+                std::time::Duration::from_secs(config.journal.duplicate_window_s),
+            )
+            .await
+            .context("the claims bucket")?,
+        ),
+        None => None,
+    };
     let vault = match &config.journal.pan_key_file {
         Some(path) if config.journal.enabled => {
             let vault = crate::journal::PanVault::load(path)
@@ -266,6 +278,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         shard_stats,
         fence,
         cluster: Default::default(),
+        claims,
+        settling: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SETTLING)),
     });
     if let Some((cluster, joined)) = joined {
         cluster::start(&switch, cluster.clone(), joined, links_shutdown.clone());

@@ -1,0 +1,237 @@
+//! Claims: one node decides each request, cluster-wide (`PAYSWITCH_CLAIMS`).
+//!
+//! Before a node decides a new authorization (scores, declines or forwards it), it
+//! *claims* the request's duplicate key — terminal, STAN, RRN and transmission time, what
+//! a gateway keeps when it retransmits — with a key-value `create`, which succeeds on one
+//! node only, however the copies race. The node that wins decides; once it has answered
+//! it writes the answer into the claim. A node that loses answers the copy it holds from
+//! that answer (waiting for it while the original is still out), marked `dup=1`, and never
+//! authorizes it again: a gateway that retransmits to another node after its node
+//! vanished gets the original's answer.
+//!
+//! The bucket keeps claims for the duplicate window (`journal.duplicate_window_s`, its
+//! `max_age`), as each node's own window does.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::ClusterConfig;
+use crate::shard::duplicates::{DupKey, Outcome};
+
+/// The claims bucket.
+pub const CLAIMS_BUCKET: &str = "PAYSWITCH_CLAIMS";
+
+/// Largest claim value: a node name, a code, an approval code and field 48 (at most
+/// 999 bytes as sent).
+const MAX_CLAIM_BYTES: i32 = 2 * 1024;
+
+/// A claim's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimValue {
+    /// The node deciding the request.
+    pub node: String,
+    /// Its lease generation when it claimed.
+    pub token: u64,
+    /// The answer, once given: response code (39).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Approval code (38).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    /// Field 48 as sent.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data: String,
+}
+
+impl ClaimValue {
+    /// The answer recorded, if any (and readable).
+    pub fn outcome(&self) -> Option<Outcome> {
+        let code: [u8; 2] = self.code.as_deref()?.as_bytes().try_into().ok()?;
+        Some(Outcome {
+            code,
+            approval: self
+                .approval
+                .as_deref()
+                .and_then(|a| a.as_bytes().try_into().ok()),
+            private_data: self.data.clone(),
+        })
+    }
+}
+
+/// What claiming a request found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// This node decides it; the claim's revision, to record the answer with.
+    Won(u64),
+    /// Another node (or an earlier run of this one) claimed it first: `node`.
+    Theirs {
+        /// Who claimed it.
+        node: String,
+        /// Its answer, if there is one yet.
+        outcome: Option<Outcome>,
+    },
+}
+
+/// The claims bucket of the cluster.
+#[derive(Clone)]
+pub struct Claims {
+    bucket: kv::Store,
+    node: String,
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims").field("node", &self.node).finish()
+    }
+}
+
+/// The key of a request's claim: its duplicate key's bytes in hex (terminal IDs may hold
+/// characters a key may not), so distinct requests never share one.
+pub fn claim_key(key: &DupKey) -> String {
+    format!("c.{}", hex::encode(key.bytes()))
+}
+
+impl Claims {
+    /// Opens (or creates) the bucket, keeping claims for `window`.
+    pub async fn open(
+        context: &jetstream::Context,
+        config: &ClusterConfig,
+        window: Duration,
+    ) -> anyhow::Result<Claims> {
+        let bucket = match context.get_key_value(CLAIMS_BUCKET).await {
+            Ok(bucket) => bucket,
+            Err(_) => {
+                let created = context
+                    .create_key_value(kv::Config {
+                        bucket: CLAIMS_BUCKET.into(),
+                        history: 1,
+                        max_age: window,
+                        max_value_size: MAX_CLAIM_BYTES,
+                        num_replicas: config.replicas,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(bucket) => bucket,
+                    Err(_) => context.get_key_value(CLAIMS_BUCKET).await?,
+                }
+            }
+        };
+        Ok(Claims {
+            bucket,
+            node: config.node.clone(),
+        })
+    }
+
+    /// Claims `key` for this node, under lease generation `token`.
+    pub async fn claim(&self, key: &DupKey, token: u64) -> anyhow::Result<Claimed> {
+        let name = claim_key(key);
+        let value = ClaimValue {
+            node: self.node.clone(),
+            token,
+            code: None,
+            approval: None,
+            data: String::new(),
+        };
+        let bytes = serde_json::to_vec(&value)?;
+        match self.bucket.create(&name, bytes.into()).await {
+            Ok(revision) => return Ok(Claimed::Won(revision)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        let entry = self.bucket.entry(&name).await?;
+        let theirs = entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice::<ClaimValue>(&e.value).ok());
+        Ok(match theirs {
+            Some(value) => Claimed::Theirs {
+                outcome: value.outcome(),
+                node: value.node,
+            },
+            // Deleted or unreadable between the two calls: someone else's all the same.
+            None => Claimed::Theirs {
+                node: String::new(),
+                outcome: None,
+            },
+        })
+    }
+
+    /// Records the answer of a request this node claimed at `revision`.
+    pub async fn settle(
+        &self,
+        key: &DupKey,
+        revision: u64,
+        token: u64,
+        outcome: &Outcome,
+    ) -> anyhow::Result<()> {
+        let value = ClaimValue {
+            node: self.node.clone(),
+            token,
+            code: Some(String::from_utf8_lossy(&outcome.code).into_owned()),
+            approval: outcome
+                .approval
+                .map(|a| String::from_utf8_lossy(&a).into_owned()),
+            data: outcome.private_data.clone(),
+        };
+        let bytes = serde_json::to_vec(&value)?;
+        self.bucket
+            .update(claim_key(key), bytes.into(), revision)
+            .await?;
+        Ok(())
+    }
+
+    /// The answer of a request another node claimed, once there is one; `None` if none
+    /// comes within `wait`.
+    pub async fn outcome(&self, key: &DupKey, wait: Duration) -> Option<Outcome> {
+        let name = claim_key(key);
+        let watched = async {
+            // Last value first, then every change: an answer written between a read and
+            // the start of a watch is not missed.
+            let mut entries = self.bucket.watch_with_history(&name).await.ok()?;
+            while let Some(entry) = entries.next().await {
+                let Ok(entry) = entry else { return None };
+                let outcome = serde_json::from_slice::<ClaimValue>(&entry.value)
+                    .ok()
+                    .and_then(|v| v.outcome());
+                if outcome.is_some() {
+                    return outcome;
+                }
+            }
+            None
+        };
+        tokio::time::timeout(wait, watched).await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_value_carries_the_answer_once_given() {
+        let claimed = ClaimValue {
+            node: "a".into(),
+            token: 4,
+            code: None,
+            approval: None,
+            data: String::new(),
+        };
+        assert_eq!(claimed.outcome(), None);
+        let text = serde_json::to_string(&claimed).unwrap();
+        assert_eq!(text, r#"{"node":"a","token":4}"#);
+        let answered = ClaimValue {
+            code: Some("00".into()),
+            approval: Some("A1B2C3".into()),
+            data: "decision=approve".into(),
+            ..claimed
+        };
+        let outcome = answered.outcome().unwrap();
+        assert_eq!(&outcome.code, b"00");
+        assert_eq!(outcome.approval.as_ref(), Some(b"A1B2C3"));
+        assert_eq!(outcome.private_data, "decision=approve");
+    }
+}
