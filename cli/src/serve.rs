@@ -104,7 +104,8 @@ impl ServeArgs {
     /// The configuration these arguments describe.
     pub fn to_config(&self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
+            // Checked once the flags are applied: they may complete the file.
+            Some(path) => Config::read_file(path)?,
             None => empty_config(),
         };
         self.override_listen(&mut config);

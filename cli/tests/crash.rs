@@ -4,89 +4,15 @@
 //! All separate processes on loopback.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_payswitch");
-
-/// Kills the process when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Running {
-    /// SIGKILL: no drain, no flush, no goodbye.
-    fn kill_9(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-
-    /// SIGTERM, then wait for a graceful exit.
-    fn terminate(mut self) {
-        let pid = self.0.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.0.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "process {pid} did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Starts `payswitch ARGS` and reads stdout until a line contains `ready`.
-fn spawn(args: &[&str], ready: &str) -> (Running, Vec<String>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let running = Running(child);
-    let mut lines = Vec::new();
-    let mut reader = BufReader::new(stdout);
-    loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "payswitch {args:?} ended early: {lines:?}"
-        );
-        let done = line.contains(ready);
-        lines.push(line);
-        if done {
-            // Keep draining stdout so the process never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-            return (running, lines);
-        }
-    }
-}
-
-fn address_after(lines: &[String], marker: &str) -> SocketAddr {
-    lines
-        .iter()
-        .find_map(|l| {
-            let rest = &l[l.find(marker)? + marker.len()..];
-            rest.split(|c: char| c.is_whitespace() || c == ';')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {marker:?} in {lines:?}"))
-}
+mod common;
+use common::{address_after, json_lines, spawn, Running, BIN};
 
 struct Books {
     dir: PathBuf,
@@ -104,13 +30,6 @@ impl Books {
     fn record(&self) -> PathBuf {
         self.path("record.jsonl")
     }
-}
-
-fn json_lines(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
 }
 
 fn export(journal: &Path) -> Vec<Value> {

@@ -303,6 +303,14 @@ impl Default for ScoringConfig {
 impl Config {
     /// Reads and checks a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::read_file(path)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads the file without checking it as a whole: for a caller that completes it
+    /// (command-line flags over the file) and checks it then.
+    pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -311,7 +319,6 @@ impl Config {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
-        config.check()?;
         Ok(Config {
             source: Some(path.to_owned()),
             ..config

@@ -56,7 +56,10 @@ use crate::cards::{
 /// Command-line arguments of `payswitch load`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Address of the switch (or an acquirer simulator): HOST:PORT.
+    /// Address of the switch (or an acquirer simulator): HOST:PORT. Several, separated by
+    /// commas, are the nodes of a cluster: connections are spread over them, and with
+    /// `--retransmit-for` a request that goes unanswered is sent again to the next node,
+    /// as a gateway fails over when its node vanishes.
     #[arg(long, default_value = "127.0.0.1:8583")]
     pub target: String,
     /// Offered load, transactions per second, over all connections.
@@ -170,6 +173,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 pub struct LoadConfig {
     /// The switch or simulator.
     pub target: SocketAddr,
+    /// Other nodes of the same switch cluster: connection `c` starts at node `c` modulo
+    /// their count (`target` first), and retransmissions fail over from node to node.
+    pub alternates: Vec<SocketAddr>,
     /// Name the server certificate must carry (QUIC).
     pub server_name: String,
     /// Which server certificates to trust (QUIC).
@@ -214,6 +220,7 @@ impl LoadConfig {
     pub fn new(target: SocketAddr, trust: ClientTrust) -> LoadConfig {
         LoadConfig {
             target,
+            alternates: Vec::new(),
             server_name: "localhost".into(),
             trust,
             mode: Mode::QuicPerStream,
@@ -231,6 +238,13 @@ impl LoadConfig {
             record: None,
             retransmit_for: None,
         }
+    }
+
+    /// Every node: `target`, then the alternates.
+    pub fn targets(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.target)
+            .chain(self.alternates.iter().copied())
+            .collect()
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -522,20 +536,20 @@ enum Link {
     Tcp(tokio::net::TcpStream),
 }
 
-async fn connect(config: &LoadConfig) -> anyhow::Result<Link> {
+async fn connect(config: &LoadConfig, target: SocketAddr) -> anyhow::Result<Link> {
     match config.mode {
         Mode::Tcp => {
-            let stream = tokio::net::TcpStream::connect(config.target).await?;
+            let stream = tokio::net::TcpStream::connect(target).await?;
             stream.set_nodelay(true)?;
             Ok(Link::Tcp(stream))
         }
         Mode::QuicPerStream | Mode::QuicPipelined => {
-            let bind = match config.target {
+            let bind = match target {
                 SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
                 SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
             };
             let endpoint = quic::client_endpoint_bound(bind, config.trust.clone())?;
-            let connection = quic::connect(&endpoint, config.target, &config.server_name).await?;
+            let connection = quic::connect(&endpoint, target, &config.server_name).await?;
             Ok(Link::Quic {
                 endpoint,
                 connection,
@@ -578,7 +592,12 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
         bar.finish_and_clear();
     }
     let facts = RunFacts {
-        target: config.target.to_string(),
+        target: config
+            .targets()
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         mode: config.mode,
         connections: config.connections,
         duration: config.duration,
@@ -596,12 +615,14 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Report> {
 /// `CONNECT_TIMEOUT`.
 async fn connect_all(config: &LoadConfig) -> anyhow::Result<Vec<Link>> {
     let mut links = Vec::with_capacity(config.connections);
-    for _ in 0..config.connections {
-        let link = tokio::time::timeout(CONNECT_TIMEOUT, connect(config))
+    let targets = config.targets();
+    for c in 0..config.connections {
+        let target = targets[c % targets.len()];
+        let link = tokio::time::timeout(CONNECT_TIMEOUT, connect(config, target))
             .await
             .map_err(|_| anyhow::anyhow!("timed out"))
             .and_then(|r| r)
-            .with_context(|| format!("connecting to {}", config.target))?;
+            .with_context(|| format!("connecting to {target}"))?;
         links.push(link);
     }
     Ok(links)
@@ -640,7 +661,8 @@ impl RunPlan<'_> {
                 retransmissions: AtomicU64::new(0),
             });
             let workload = self.source.workload(config, c);
-            let limits = Bounds::of(config);
+            let mut limits = Bounds::of(config);
+            limits.at = c % limits.targets.len();
             drivers.spawn(drive(link, workload, schedule, limits, shared));
         }
         drivers
@@ -749,7 +771,9 @@ struct Bounds {
     max_outstanding: usize,
     request_timeout: Duration,
     retransmit_for: Option<Duration>,
-    target: SocketAddr,
+    /// The switch's nodes, and which one this connection started at.
+    targets: Vec<SocketAddr>,
+    at: usize,
     server_name: String,
 }
 
@@ -759,24 +783,31 @@ impl Bounds {
             max_outstanding: config.max_outstanding_per_connection,
             request_timeout: config.request_timeout,
             retransmit_for: config.retransmit_for,
-            target: config.target,
+            targets: config.targets(),
+            at: 0,
             server_name: config.server_name.clone(),
         }
     }
 }
 
-/// A QUIC connection to the target that is replaced when it stops answering (for
-/// retransmissions: the switch may have restarted).
+/// A QUIC connection to the switch that is replaced when it stops answering (for
+/// retransmissions: the switch may have restarted, or — with several nodes — vanished,
+/// when the next node takes the retransmission).
 struct Gateway {
     endpoint: quinn::Endpoint,
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     server_name: String,
-    /// The connection and its generation, bumped at each replacement.
-    current: tokio::sync::Mutex<(u64, quinn::Connection)>,
+    /// The connection, its generation (bumped at each replacement) and the node it is to.
+    current: tokio::sync::Mutex<(u64, quinn::Connection, usize)>,
 }
 
 /// Pause between failed reconnection attempts.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long a replacement connection may take: a node that does not answer a handshake
+/// in this time is passed over for the next (the first connections get
+/// `CONNECT_TIMEOUT`).
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Gateway {
     async fn connection(&self) -> (u64, quinn::Connection) {
@@ -784,21 +815,27 @@ impl Gateway {
         (current.0, current.1.clone())
     }
 
-    /// Replaces connection `generation` (if nobody has yet) with a new one.
+    /// Replaces connection `generation` (if nobody has yet) with a new one: to the same
+    /// node when it is the only one, else to the next node.
     async fn replace(&self, generation: u64) {
         let mut current = self.current.lock().await;
         if current.0 != generation {
             return;
         }
-        let connect = quic::connect(&self.endpoint, self.target, &self.server_name);
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        let next = (current.2 + 1) % self.targets.len();
+        let connect = quic::connect(&self.endpoint, self.targets[next], &self.server_name);
+        match tokio::time::timeout(RECONNECT_TIMEOUT, connect).await {
             Ok(Ok(connection)) => {
                 current
                     .1
                     .close(quinn::VarInt::from_u32(codes::DONE), b"replaced");
-                *current = (generation + 1, connection);
+                *current = (generation + 1, connection, next);
             }
-            _ => tokio::time::sleep(RECONNECT_PAUSE).await,
+            _ => {
+                // The next try starts from the node after this one.
+                current.2 = next;
+                tokio::time::sleep(RECONNECT_PAUSE).await
+            }
         }
     }
 }
@@ -825,9 +862,9 @@ async fn drive(
             if !pipelined {
                 let gateway = Arc::new(Gateway {
                     endpoint: endpoint.clone(),
-                    target: bounds.target,
+                    targets: bounds.targets.clone(),
                     server_name: bounds.server_name.clone(),
-                    current: tokio::sync::Mutex::new((0, connection.clone())),
+                    current: tokio::sync::Mutex::new((0, connection.clone(), bounds.at)),
                 });
                 per_stream(&gateway, workload, schedule, bounds.clone(), &shared).await;
                 let (_, last) = gateway.connection().await;
@@ -1090,11 +1127,16 @@ async fn pipeline_receive<R: AsyncRead + Unpin>(reader: R, pipe: &Pipe<'_>) {
 
 /// Runs a load and prints its report (and writes it as JSON with `--json`).
 pub async fn run_cli(args: LoadArgs) -> anyhow::Result<()> {
-    let target = tokio::net::lookup_host(&args.target)
-        .await
-        .with_context(|| format!("resolving {}", args.target))?
-        .next()
-        .with_context(|| format!("{} resolves to no address", args.target))?;
+    let mut targets = Vec::new();
+    for name in args.target.split(',').map(str::trim) {
+        let target = tokio::net::lookup_host(name)
+            .await
+            .with_context(|| format!("resolving {name}"))?
+            .next()
+            .with_context(|| format!("{name} resolves to no address"))?;
+        targets.push(target);
+    }
+    let target = targets.remove(0);
     let mode = match (args.tcp, args.pipelined) {
         (true, _) => Mode::Tcp,
         (false, true) => Mode::QuicPipelined,
@@ -1127,6 +1169,7 @@ pub async fn run_cli(args: LoadArgs) -> anyhow::Result<()> {
         data: args.data,
         record: args.record,
         retransmit_for: args.retransmit_for,
+        alternates: targets,
         ..LoadConfig::new(target, trust)
     };
     let report = run(config).await?;

@@ -294,10 +294,12 @@ fn read_stream(
     node: Option<&str>,
     mut each: impl FnMut(&str, u64, &journal::Record) -> anyhow::Result<()>,
 ) -> anyhow::Result<payswitch::cluster::StreamReport> {
-    let config = payswitch::config::Config::from_file(config)?;
+    // Only `[cluster]` is read: a node's file completed by `serve` flags will do.
+    let config = payswitch::config::Config::read_file(config)?;
     let cluster = config
         .cluster
         .context("the configuration has no [cluster]: no journal stream to read")?;
+    cluster.check().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -80,6 +80,11 @@ pub enum Claimed {
 pub struct Claims {
     bucket: kv::Store,
     node: String,
+    /// The lease bucket: whether a claim's node is gone.
+    leases: kv::Store,
+    /// How long after a takeover its survivor has settled the claims of what the node
+    /// journaled.
+    settled_after: Duration,
 }
 
 impl std::fmt::Debug for Claims {
@@ -95,11 +100,14 @@ pub fn claim_key(key: &DupKey) -> String {
 }
 
 impl Claims {
-    /// Opens (or creates) the bucket, keeping claims for `window`.
+    /// Opens (or creates) the bucket, keeping claims for `window`; `leases` is the lease
+    /// bucket, and a survivor has settled a node's claims `settled_after` its takeover.
     pub async fn open(
         context: &jetstream::Context,
         config: &ClusterConfig,
         window: Duration,
+        leases: kv::Store,
+        settled_after: Duration,
     ) -> anyhow::Result<Claims> {
         let bucket = match context.get_key_value(CLAIMS_BUCKET).await {
             Ok(bucket) => bucket,
@@ -124,6 +132,8 @@ impl Claims {
         Ok(Claims {
             bucket,
             node: config.node.clone(),
+            leases,
+            settled_after,
         })
     }
 
@@ -184,26 +194,113 @@ impl Claims {
         Ok(())
     }
 
-    /// The answer of a request another node claimed, once there is one; `None` if none
-    /// comes within `wait`.
-    pub async fn outcome(&self, key: &DupKey, wait: Duration) -> Option<Outcome> {
+    /// Writes `outcome` into the claim of `key` unless it has one: what a survivor does
+    /// for the requests of a node it took over (which may have died between answering
+    /// and writing the answer). Whether it wrote it.
+    pub async fn settle_if_open(&self, key: &DupKey, outcome: &Outcome) -> anyhow::Result<bool> {
+        let name = claim_key(key);
+        let Some(entry) = self.bucket.entry(&name).await? else {
+            return Ok(false);
+        };
+        let Some(value) = (entry.operation == kv::Operation::Put)
+            .then(|| serde_json::from_slice::<ClaimValue>(&entry.value).ok())
+            .flatten()
+        else {
+            return Ok(false);
+        };
+        if value.code.is_some() {
+            return Ok(false);
+        }
+        let settled = ClaimValue {
+            code: Some(String::from_utf8_lossy(&outcome.code).into_owned()),
+            approval: outcome
+                .approval
+                .map(|a| String::from_utf8_lossy(&a).into_owned()),
+            data: outcome.private_data.clone(),
+            ..value
+        };
+        match self
+            .bucket
+            .update(&name, serde_json::to_vec(&settled)?.into(), entry.revision)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // Settled meanwhile (by its node, late): that answer stands.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The answer of a request another node claimed, once there is one. Gives up after
+    /// `wait`, or once the claiming node's lease was taken over long enough ago for its
+    /// survivor to have settled it (`settled_after`) with the claim still open: the survivor settles what the node journaled (an
+    /// approval in doubt is answered 91 and reversed), so a claim still open then was
+    /// never sent anywhere.
+    pub async fn outcome(&self, key: &DupKey, wait: Duration) -> Awaited {
+        let (leases, settled_after) = (&self.leases, self.settled_after);
         let name = claim_key(key);
         let watched = async {
             // Last value first, then every change: an answer written between a read and
             // the start of a watch is not missed.
-            let mut entries = self.bucket.watch_with_history(&name).await.ok()?;
-            while let Some(entry) = entries.next().await {
-                let Ok(entry) = entry else { return None };
-                let outcome = serde_json::from_slice::<ClaimValue>(&entry.value)
-                    .ok()
-                    .and_then(|v| v.outcome());
-                if outcome.is_some() {
-                    return outcome;
+            let Ok(mut entries) = self.bucket.watch_with_history(&name).await else {
+                return Awaited::TimedOut;
+            };
+            let mut owner: Option<(String, u64)> = None;
+            let mut check = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    entry = entries.next() => {
+                        let Some(Ok(entry)) = entry else { return Awaited::TimedOut };
+                        let Ok(value) = serde_json::from_slice::<ClaimValue>(&entry.value) else {
+                            continue;
+                        };
+                        if let Some(outcome) = value.outcome() {
+                            return Awaited::Answered(outcome);
+                        }
+                        owner = Some((value.node, value.token));
+                    }
+                    _ = check.tick() => {
+                        if let Some((node, token)) = &owner {
+                            if owner_lost(leases, node, *token, settled_after).await {
+                                return Awaited::OwnerLost;
+                            }
+                        }
+                    }
                 }
             }
-            None
         };
-        tokio::time::timeout(wait, watched).await.ok().flatten()
+        tokio::time::timeout(wait, watched)
+            .await
+            .unwrap_or(Awaited::TimedOut)
+    }
+}
+
+/// What waiting for another node's answer came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Awaited {
+    /// Its answer.
+    Answered(Outcome),
+    /// Its node's lease was taken over and the survivor did not settle the claim: the
+    /// node never journaled it, so never sent it.
+    OwnerLost,
+    /// Neither within the wait.
+    TimedOut,
+}
+
+/// Whether `node`'s lease generation `token` was taken over at least `settled_after`
+/// ago (by the survivor's clock in the lease entry).
+async fn owner_lost(leases: &kv::Store, node: &str, token: u64, settled_after: Duration) -> bool {
+    let Ok(Some(entry)) = leases.entry(super::lease::lease_key(node)).await else {
+        return false;
+    };
+    match super::lease::LeaseValue::parse(&entry.value) {
+        Some(super::lease::LeaseValue::TakenOver {
+            generation, at_ms, ..
+        }) => {
+            generation >= token
+                && crate::clock::now().unix_ms() - at_ms >= settled_after.as_millis() as i64
+        }
+        _ => false,
     }
 }
 

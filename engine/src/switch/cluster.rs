@@ -39,12 +39,70 @@ pub struct ClusterStats {
     pub settles_skipped: AtomicU64,
     /// Answers whose writing into their claims failed.
     pub settles_failed: AtomicU64,
+    /// Claims of other nodes' requests this node settled, taking them over.
+    pub claims_settled: AtomicU64,
 }
 
 /// Margin added to the acquirer timeout before a survivor reads a lapsed node's journal:
 /// what the node sent just before its deadline has been answered (or timed out) and
 /// journaled by then.
 const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
+
+/// The requests whose claims a node that comes back, or a survivor, settles: those
+/// journaled within this long of the node's last request. A node writes each answer into
+/// its claim as it answers, so only the last moments before a crash can be left open.
+pub(super) const SETTLE_TAIL_MS: i64 = 10_000;
+
+/// At most this many claims are settled for one node's restart or takeover (a bound on
+/// the work; far above what a crash leaves open).
+const MAX_SETTLED: usize = 100_000;
+
+/// How long after taking a lease over a survivor has settled the claims of what the node
+/// journaled: its wait (acquirer timeout and margin) and a few seconds to read and settle.
+pub(super) fn settled_after(config: &crate::config::Config) -> Duration {
+    let timeout = config
+        .acquirers
+        .iter()
+        .map(|a| a.timeout())
+        .max()
+        .unwrap_or_default();
+    timeout + TAKEOVER_MARGIN + Duration::from_secs(5)
+}
+
+/// Writes the answers of `recent` requests (those of the last [`SETTLE_TAIL_MS`] before
+/// the newest) into their claims where the claims have none: an approval in doubt gets
+/// its 91. Returns how many it wrote.
+async fn settle_tail(
+    claims: &crate::cluster::claims::Claims,
+    recent: &[(
+        u128,
+        crate::shard::duplicates::DupKey,
+        i64,
+        Arc<crate::shard::duplicates::Original>,
+    )],
+) -> u64 {
+    let Some(newest) = recent.iter().map(|(_, _, at, _)| *at).max() else {
+        return 0;
+    };
+    let mut settled = 0;
+    for (_, key, _, original) in recent
+        .iter()
+        .filter(|(_, _, at, _)| *at >= newest - SETTLE_TAIL_MS)
+        .take(MAX_SETTLED)
+    {
+        let Some(outcome) = original.outcome_now() else {
+            continue;
+        };
+        match claims.settle_if_open(key, outcome).await {
+            Ok(true) => settled += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "settling a claim failed: a copy of that request at another node waits for its answer");
+            }
+        }
+    }
+    settled
+}
 
 /// Settles what the journal says this node owed before this start. If its previous
 /// lease was taken over, that work is the survivor's: each item is journaled
@@ -54,10 +112,26 @@ pub(super) async fn settle_previous(
     journal: Option<&Journal>,
     reversals: &Arc<StoreAndForward>,
     mut recovery: Recovery,
+    recent: &[(
+        u128,
+        crate::shard::duplicates::DupKey,
+        i64,
+        Arc<crate::shard::duplicates::Original>,
+    )],
+    claims: Option<&crate::cluster::claims::Claims>,
     previous: &Previous,
     token: u64,
 ) -> anyhow::Result<()> {
     let Previous::HandedOver { to, generation } = previous else {
+        if let Some(claims) = claims {
+            let settled = settle_tail(claims, recent).await;
+            if settled > 0 {
+                tracing::info!(
+                    settled,
+                    "answers the last run had not written into their claims written now"
+                );
+            }
+        }
         for pending in recovery
             .pending
             .iter_mut()
@@ -177,9 +251,14 @@ async fn try_move(
     lapsed: &Lapsed,
     done: &mut std::collections::HashSet<u64>,
 ) -> anyhow::Result<u64> {
-    // Nothing is "recent" here: complete requests are dropped as the replay goes, so
-    // memory follows what the node still owed, not the length of its journal.
-    let mut replay = Replay::new(i64::MAX, &switch.acquirer_names, 1);
+    // Only the node's last moments are "recent" (for their claims): complete requests
+    // before them are dropped as the replay goes, so memory follows what the node still
+    // owed and its last seconds, not the length of its journal.
+    let since = lapsed.at.elapsed()
+        + Duration::from_millis(config.lease_ms)
+        + Duration::from_millis(SETTLE_TAIL_MS as u64);
+    let window_start = crate::clock::now().unix_ms() - since.as_millis() as i64;
+    let mut replay = Replay::new(window_start, &switch.acquirer_names, MAX_SETTLED);
     let read = takeover::read_node(context, config, &lapsed.node, |seq, record| {
         replay.record(seq, record)
     })
@@ -188,7 +267,8 @@ async fn try_move(
         .cluster
         .records_read
         .fetch_add(read, Ordering::Relaxed);
-    let recovery = replay.finish(Default::default());
+    let mut recovery = replay.finish(Default::default());
+    let recent = std::mem::take(&mut recovery.recent);
     if recovery.unknown_acquirers > 0 {
         tracing::error!(node = %lapsed.node, count = recovery.unknown_acquirers, "the lapsed node owed reversals to acquirers this node does not know: configure them here (they stay in its journal)");
     }
@@ -214,6 +294,15 @@ async fn try_move(
             .push(takeover::moved(pending, request_seq, token));
         moved += 1;
         switch.cluster.moved.fetch_add(1, Ordering::Relaxed);
+    }
+    // Copies of its requests at other nodes wait on their claims: write the answers the
+    // node gave (or the 91 of an approval in doubt) where it had not.
+    if let Some(claims) = &switch.claims {
+        let settled = settle_tail(claims, &recent).await;
+        switch
+            .cluster
+            .claims_settled
+            .fetch_add(settled, Ordering::Relaxed);
     }
     Ok(moved)
 }

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::acquirer::{AcquirerLink, LinkError, Reservation};
 use crate::clock::now;
-use crate::cluster::claims::Claimed;
+use crate::cluster::claims::{Awaited, Claimed};
 use crate::ingress::validate::{self, as_code, Authorization};
 use crate::ingress::{self, Admission};
 use crate::journal::{Journal, JournalError, PanKey, Record};
@@ -426,7 +426,13 @@ impl Switch {
                 self.cluster.claims_lost.fetch_add(1, Ordering::Relaxed);
                 match outcome {
                     Some(outcome) => Claim::Theirs(Some(outcome)),
-                    None => Claim::Theirs(claims.outcome(&key, DUPLICATE_WAIT).await),
+                    None => match claims.outcome(&key, DUPLICATE_WAIT).await {
+                        Awaited::Answered(outcome) => Claim::Theirs(Some(outcome)),
+                        // Its node died before journaling it: never sent, nothing
+                        // authorized. 91: the gateway may try again.
+                        Awaited::OwnerLost => Claim::Failed,
+                        Awaited::TimedOut => Claim::Theirs(None),
+                    },
                 }
             }
             Ok(Err(e)) => {

@@ -214,6 +214,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
                 &joined.context,
                 cluster,
                 std::time::Duration::from_secs(config.journal.duplicate_window_s),
+                joined.lease.bucket().clone(),
+                cluster::settled_after(config),
             )
             .await
             .context("the claims bucket")?,
@@ -239,6 +241,18 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         reversals.set_fence(Arc::clone(fence));
     }
     let recent = std::mem::take(&mut recovery.recent);
+    // The last requests before this start, to settle their claims with (in a cluster).
+    let recent_claims: Vec<_> = match &joined {
+        Some(_) => {
+            let newest = recent.iter().map(|(_, _, at, _)| *at).max().unwrap_or(0);
+            recent
+                .iter()
+                .filter(|(_, _, at, _)| *at >= newest - cluster::SETTLE_TAIL_MS)
+                .map(|(hash, key, at, original)| (*hash, *key, *at, Arc::clone(original)))
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let velocity = recovery.velocity.take().map(|v| v.into_shards());
     let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, velocity, &weights);
     match &joined {
@@ -247,6 +261,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
                 journal.as_ref(),
                 &reversals,
                 recovery,
+                &recent_claims,
+                claims.as_ref(),
                 &joined.previous,
                 joined.fence.token(),
             )
