@@ -8,12 +8,14 @@
 //! - [`demo`]: `payswitch demo`, simulated acquirers, the switch and a load in one process.
 //! - [`model`]: `payswitch model train|eval|inspect|bench|deploy`.
 //! - [`journal`]: `payswitch journal verify|export|bench`.
+//! - [`cluster`]: `payswitch cluster status`.
 //! - [`iso`]: `payswitch iso decode|encode`.
 //! - [`sim`]: `payswitch sim`, the deterministic simulator.
 //! - [`logging`]: the `tracing` subscriber.
 //!
 //! `acquirer-sim`, `load` and `gen-data` take their arguments from `payswitch_loadtest`.
 
+mod cluster;
 mod demo;
 mod iso;
 mod journal;
@@ -58,6 +60,9 @@ enum Command {
     Journal(journal::JournalCommand),
     /// The deterministic simulator: the switch's own code under faults, replayed by seed.
     Sim(sim::SimArgs),
+    /// Several nodes on NATS JetStream: leases and the journal stream.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Model(command) => report(model::run(command)),
         Command::Journal(command) => report(journal::run(command)),
         Command::Sim(args) => report(sim::run(args)),
+        Command::Cluster(command) => report(cluster::run(command)),
         command => {
             logging::init();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -90,7 +96,8 @@ fn main() -> std::process::ExitCode {
                     | Command::GenData(_)
                     | Command::Model(_)
                     | Command::Journal(_)
-                    | Command::Sim(_) => {
+                    | Command::Sim(_)
+                    | Command::Cluster(_) => {
                         unreachable!("handled above")
                     }
                 }

@@ -278,8 +278,12 @@ fn balance(record: &[Value], ledger: &[Value]) -> Result<Balance, String> {
     })
 }
 
+/// One cluster at a time: each test runs seven processes on a machine of two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn three_nodes_one_killed_under_load_the_survivor_reverses_what_it_owed() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut cluster = cluster();
     let (sim, acquirer_addr) = acquirer(&cluster.ledger);
     cluster.acquirer = acquirer_addr;
@@ -370,6 +374,115 @@ fn three_nodes_one_killed_under_load_the_survivor_reverses_what_it_owed() {
         balance.owed,
         settled.as_secs_f64(),
         balance.reversed
+    );
+    drop(sim);
+}
+
+/// The node's `/api/stats`, as JSON.
+fn stats(admin: SocketAddr) -> Value {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET /api/stats HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    serde_json::from_str(body).unwrap()
+}
+
+#[test]
+fn a_node_paused_past_its_lease_sends_nothing_twice_and_serves_again_once_it_holds_one() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cluster = cluster();
+    let (sim, acquirer_addr) = acquirer(&cluster.ledger);
+    cluster.acquirer = acquirer_addr;
+    let (_a, target_a, _) = cluster.start("a", 0);
+    let (b, target_b, admin_b) = cluster.start("b", 1);
+    let (_c, target_c, _) = cluster.start("c", 2);
+    for target in [target_a, target_b, target_c] {
+        wait_until_approving(target, &cluster.dir);
+    }
+    let ledger_start = json_lines(&cluster.ledger).len();
+
+    let record = cluster.path("record.jsonl");
+    let json = cluster.path("load.json");
+    let mut args = load_args(&[target_a, target_b, target_c], &record, "300", "8s");
+    args.extend(["--json".into(), json.to_str().unwrap().into()]);
+    let mut load = Running(
+        Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(2_000));
+    // Paused for twice its lease: a survivor takes its work over meanwhile.
+    b.signal("STOP");
+    std::thread::sleep(Duration::from_millis(2 * LEASE_MS + 2_000));
+    b.signal("CONT");
+
+    let status = load.0.wait().unwrap();
+    assert!(status.success(), "load failed");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["errors"], 0,
+        "every request answered in the end: {report}"
+    );
+
+    let record = json_lines(&record);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let balance = loop {
+        let ledger = json_lines(&cluster.ledger);
+        match balance(&record, &ledger[ledger_start..]) {
+            Ok(balance) => break balance,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Back, b found its lease taken over, left that work to the survivor and holds a
+    // new lease: it serves again.
+    let after = cluster.path("after.jsonl");
+    let mut args = load_args(&[target_b], &after, "50", "1s");
+    args.extend([
+        "--json".into(),
+        cluster.path("after.json").to_str().unwrap().into(),
+    ]);
+    let status = Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let after: Value =
+        serde_json::from_slice(&std::fs::read(cluster.path("after.json")).unwrap()).unwrap();
+    assert!(after["codes"]["00"].as_u64().unwrap_or(0) > 0, "{after}");
+    let stats = stats(admin_b);
+    let cluster_stats = &stats["cluster"];
+    assert!(cluster_stats["lease_held"] == true, "{stats}");
+    assert!(cluster_stats["generation"].as_u64().unwrap() > 0, "{stats}");
+    eprintln!(
+        "books: {} answers recorded ({} retransmissions), {} approvals owed a reversal, each reversed once; \
+         b after the pause: {cluster_stats}",
+        record.len(),
+        report["retransmissions"],
+        balance.owed,
+    );
+    // The stream shows the survivor took b's work.
+    let stream = cluster.stream(&cluster.config("a", 0));
+    let handed: usize = stream
+        .iter()
+        .filter(|r| {
+            r["kind"] == "request" && s(r, "private_data").starts_with("taken_over_from=b;")
+        })
+        .count();
+    assert!(
+        handed >= balance.owed,
+        "{handed} taken over, {} owed",
+        balance.owed
     );
     drop(sim);
 }

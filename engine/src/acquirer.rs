@@ -46,11 +46,6 @@ use serde::Deserialize;
 /// under 99 999), a free STAN is always found and never one whose request is still open.
 pub const MAX_IN_FLIGHT_PER_LINK: usize = 40_000;
 
-const _: () = assert!(
-    MAX_IN_FLIGHT_PER_LINK + crate::reversal::MAX_PENDING_REVERSALS < 99_999,
-    "a link's STAN holders must fit a cluster node's STAN block"
-);
-
 /// Reversal attempts one link may have outstanding at once, beside `max_in_flight`
 /// authorizations: enough to drain a backlog of thousands within seconds of an acquirer's
 /// return, few enough that a backlog never crowds the link.

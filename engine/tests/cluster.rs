@@ -412,4 +412,51 @@ async fn a_retransmission_to_another_node_is_answered_from_the_original() {
     })
     .unwrap();
     assert_eq!(copies, 2);
+
+    // What operators see: both leases held, b's lost claim, its lease in the metrics.
+    let admin = b.admin_addr.unwrap();
+    let (status, body) = http_get(admin, "/api/cluster").await;
+    assert_eq!(status, 200, "{body}");
+    let cluster: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(cluster["node"], "b");
+    assert_eq!(cluster["this"]["lease_held"], true, "{cluster}");
+    assert_eq!(cluster["this"]["claims_lost"], 1, "{cluster}");
+    let nodes: Vec<(String, String)> = cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap().into(),
+                n["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [("a".into(), "held".into()), ("b".into(), "held".into())]
+    );
+    assert!(
+        cluster["stream"]["messages"].as_u64().unwrap() > 0,
+        "{cluster}"
+    );
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "payswitch_cluster_lease_held 1"),
+        "{metrics}"
+    );
+    assert!(metrics
+        .lines()
+        .any(|l| l == "payswitch_cluster_claims_lost_total 1"));
+    let (status, _) = http_get(admin, "/ready").await;
+    assert_eq!(status, 200);
+    // A node that is not in a cluster has no /api/cluster.
+    let (sim_only, single) = sim_and_config(&nats, 2_000).await;
+    let mut single = single;
+    single.cluster = None;
+    let alone = in_front_of(&sim_only, single).await;
+    let (status, _) = http_get(alone.admin_addr.unwrap(), "/api/cluster").await;
+    assert_eq!(status, 404);
 }

@@ -17,6 +17,9 @@ use crate::journal::replica::Replica;
 pub mod claims;
 pub mod lease;
 pub mod takeover;
+pub mod view;
+
+pub use view::{ClusterStats, ClusterView};
 
 /// Longest a node name may be: it is a NATS subject token and a message-id prefix.
 pub const MAX_NODE_NAME: usize = 32;

@@ -13,6 +13,8 @@
 //! - `GET /api/models`; `POST /api/models?role=champion|challenger` (deploy a model file);
 //!   `POST /api/models/promote?id=ID` (a challenger becomes champion).
 //!
+//! - `GET /api/cluster` — with `[cluster]`: this node's lease and counters (takeovers,
+//!   claims, fenced sends), every node's lease, the journal stream and replication.
 //! - `POST /api/tls/reload` — read the certificate, key, client CA and allowlist files
 //!   again; new gateway connections use them.
 //!
@@ -125,6 +127,7 @@ pub async fn start(
         .route("/ready", get(readiness))
         .route("/metrics", get(metrics))
         .route("/api/stats", get(stats))
+        .route("/api/cluster", get(cluster))
         .route("/api/acquirers", get(acquirers))
         .route("/api/reversals", get(reversals))
         .route("/api/acquirers/:name/:action", post(acquirer_action))
@@ -329,6 +332,14 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
             );
         }
     }
+    if let Some(cluster) = &snapshot.cluster {
+        if !cluster.lease_held {
+            reasons.push(format!(
+                "node {} does not hold its cluster lease (no quorum of NATS servers, or paused): nothing is sent until it does",
+                cluster.node
+            ));
+        }
+    }
     let status = if reasons.is_empty() {
         StatusCode::OK
     } else {
@@ -345,6 +356,40 @@ async fn readiness(State(state): State<AdminState>) -> (StatusCode, Json<serde_j
 /// `GET /api/stats`.
 async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
     Json(crate::ops::stats::stats(&state.sources.snapshot()))
+}
+
+/// `GET /api/cluster`: this node's lease and counters, every node's lease, the journal
+/// stream's state. 404 without `[cluster]`.
+async fn cluster(State(state): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
+    let Some(view) = &state.sources.cluster else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(
+                serde_json::json!({"error": "not a cluster node (no [cluster] in the configuration)"}),
+            ),
+        );
+    };
+    let snapshot = state.sources.snapshot();
+    let this = crate::ops::stats::stats(&snapshot)["cluster"].clone();
+    let nodes = crate::cluster::view::leases(&view.leases).await;
+    let stream = crate::cluster::view::stream_state(&view.context, &view.stream).await;
+    let replica = snapshot.journal.as_ref().and_then(|j| j.replica);
+    (
+        StatusCode::OK,
+        Json(serde_json::json!({
+            "node": view.node,
+            "lease_ms": view.lease.as_millis() as u64,
+            "this": this,
+            "nodes": nodes.as_ref().map_err(|e| e.to_string()).map(|n| serde_json::json!(n)).unwrap_or_else(|e| serde_json::json!({"error": e})),
+            "stream": stream.as_ref().map_err(|e| e.to_string()).map(|s| serde_json::json!(s)).unwrap_or_else(|e| serde_json::json!({"error": e})),
+            "replication": replica.map(|r| serde_json::json!({
+                "connected": r.connected,
+                "mean_ack_us": r.mean_ack_us,
+                "acknowledged": r.acknowledged,
+                "failed": r.failed,
+            })),
+        })),
+    )
 }
 
 /// `GET /metrics`: Prometheus text format.

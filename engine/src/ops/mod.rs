@@ -41,6 +41,8 @@ pub struct Sources {
     pub shard_stats: Vec<Arc<ShardStats>>,
     /// Requests queued per shard now.
     pub queue_depths: Arc<dyn Fn() -> Vec<usize> + Send + Sync>,
+    /// The node's part in the cluster, with `[cluster]`.
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 impl std::fmt::Debug for Sources {

@@ -171,6 +171,37 @@ pub struct Snapshot {
     pub stage_buckets: Vec<Buckets>,
     /// The per-second points, oldest first.
     pub series: Vec<Point>,
+    /// The node's part in the cluster, with `[cluster]`.
+    pub cluster: Option<ClusterSnapshot>,
+}
+
+/// The node's part in the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSnapshot {
+    /// This node.
+    pub node: String,
+    /// It holds its lease now.
+    pub lease_held: bool,
+    /// The lease's generation (fencing token).
+    pub generation: u64,
+    /// Milliseconds the lease is held for without a renewal.
+    pub lease_remaining_ms: u64,
+    /// Other nodes' leases taken over.
+    pub takeovers: u64,
+    /// Reversals and advices moved here by those takeovers.
+    pub moved: u64,
+    /// Milliseconds from the last takeover to its work being queued here.
+    pub last_takeover_ms: u64,
+    /// Requests another node had claimed first.
+    pub claims_lost: u64,
+    /// Requests that could not be claimed (answered 91).
+    pub claims_failed: u64,
+    /// Requests not sent because the lease was lost since they came in.
+    pub fenced: u64,
+    /// Answers not written into their claims (too many at once, or failed).
+    pub settles_missed: u64,
+    /// Claims of other nodes' requests settled here.
+    pub claims_settled: u64,
 }
 
 fn load(a: &AtomicU64) -> u64 {
@@ -247,6 +278,23 @@ impl Sources {
                             last_failed: r.failing(),
                         }
                     }),
+                }
+            }),
+            cluster: self.cluster.as_ref().map(|c| {
+                let s = &c.stats;
+                ClusterSnapshot {
+                    node: c.node.clone(),
+                    lease_held: c.fence.held(),
+                    generation: c.fence.token(),
+                    lease_remaining_ms: c.fence.remaining().as_millis() as u64,
+                    takeovers: load(&s.takeovers),
+                    moved: load(&s.moved),
+                    last_takeover_ms: load(&s.last_takeover_ms),
+                    claims_lost: load(&s.claims_lost),
+                    claims_failed: load(&s.claims_failed),
+                    fenced: load(&s.fenced),
+                    settles_missed: load(&s.settles_skipped) + load(&s.settles_failed),
+                    claims_settled: load(&s.claims_settled),
                 }
             }),
             reversals: ReversalSnapshot {

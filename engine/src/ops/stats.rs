@@ -214,6 +214,20 @@ pub fn stats(snapshot: &Snapshot) -> Value {
         },
         "duplicates": snapshot.duplicates,
         "shed": snapshot.shed,
+        "cluster": snapshot.cluster.as_ref().map(|c| json!({
+            "node": c.node,
+            "lease_held": c.lease_held,
+            "generation": c.generation,
+            "lease_remaining_ms": c.lease_remaining_ms,
+            "takeovers": c.takeovers,
+            "moved": c.moved,
+            "last_takeover_ms": c.last_takeover_ms,
+            "claims_lost": c.claims_lost,
+            "claims_failed": c.claims_failed,
+            "claims_settled": c.claims_settled,
+            "settles_missed": c.settles_missed,
+            "fenced": c.fenced,
+        })),
         "shards": snapshot.shards.iter().map(|s| json!({
             "queue_depth": s.queue_depth,
             "duplicates_window": s.window_len,
@@ -258,6 +272,7 @@ pub fn prometheus(snapshot: &Snapshot, serve: &ServeStats) -> String {
     acquirer_gauges(&mut out, snapshot);
     model_info(&mut out, snapshot);
     journal_gauges(&mut out, snapshot);
+    cluster_gauges(&mut out, snapshot);
     header(
         &mut out,
         "payswitch_gateway_connections_total",
@@ -532,6 +547,59 @@ fn model_info(out: &mut String, snapshot: &Snapshot) {
 }
 
 /// What is not yet durable or delivered: the journal's lag and the reversals owed.
+fn cluster_gauges(out: &mut String, snapshot: &Snapshot) {
+    let Some(c) = &snapshot.cluster else {
+        return;
+    };
+    for (name, kind, help, value) in [
+        (
+            "payswitch_cluster_lease_held",
+            "gauge",
+            "1 while the node holds its lease ([cluster]); without it nothing is sent.",
+            u64::from(c.lease_held),
+        ),
+        (
+            "payswitch_cluster_lease_generation",
+            "gauge",
+            "The generation (fencing token) of the node's lease.",
+            c.generation,
+        ),
+        (
+            "payswitch_cluster_takeovers_total",
+            "counter",
+            "Other nodes' leases this node took over (their reversals and advices moved here).",
+            c.takeovers,
+        ),
+        (
+            "payswitch_cluster_moved_total",
+            "counter",
+            "Reversals and advices moved into this node's books by takeovers.",
+            c.moved,
+        ),
+        (
+            "payswitch_cluster_claims_lost_total",
+            "counter",
+            "Requests another node had claimed first: answered from its answer.",
+            c.claims_lost,
+        ),
+        (
+            "payswitch_cluster_claims_failed_total",
+            "counter",
+            "Requests that could not be claimed (no server, no lease): answered 91.",
+            c.claims_failed,
+        ),
+        (
+            "payswitch_cluster_fenced_total",
+            "counter",
+            "Requests not sent because the node had lost its lease since they came in.",
+            c.fenced,
+        ),
+    ] {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
 fn journal_gauges(out: &mut String, snapshot: &Snapshot) {
     let (queued, last_seq) = snapshot
         .journal
@@ -758,6 +826,7 @@ mod tests {
             stages: Vec::new(),
             stage_buckets: Stage::ALL.iter().map(|_| Buckets::empty()).collect(),
             series: Vec::new(),
+            cluster: None,
         }
     }
 

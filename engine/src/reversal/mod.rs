@@ -55,6 +55,11 @@ use crate::shard::duplicates::Original;
 /// journal only and is sent after a restart.
 pub const MAX_PENDING_REVERSALS: usize = 50_000;
 
+const _: () = assert!(
+    crate::acquirer::MAX_IN_FLIGHT_PER_LINK + MAX_PENDING_REVERSALS < 99_999,
+    "a link's STAN holders must fit a cluster node's STAN block (acquirer::StanSpace)"
+);
+
 /// What the switch owes an acquirer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Owed {

@@ -2,7 +2,7 @@
 //! watched, and the work of a node whose lease lapsed moved into this node's books
 //! (`crate::cluster::takeover`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,31 +17,6 @@ use crate::cluster::{ClusterConfig, Joined};
 use crate::journal::{Journal, RecordKind};
 use crate::recovery::{Recovery, Replay};
 use crate::reversal::StoreAndForward;
-
-/// Counters of the node's part in the cluster.
-#[derive(Debug, Default)]
-pub struct ClusterStats {
-    /// Leases of other nodes this node took over.
-    pub takeovers: AtomicU64,
-    /// Reversals and advices moved into this node's books by those takeovers.
-    pub moved: AtomicU64,
-    /// Records read from other nodes' journals for them.
-    pub records_read: AtomicU64,
-    /// Milliseconds from taking over a lease to its work being queued here, last one.
-    pub last_takeover_ms: AtomicU64,
-    /// Requests not sent because the node had lost its lease since they came in.
-    pub fenced: AtomicU64,
-    /// Requests another node had claimed first: answered from its answer.
-    pub claims_lost: AtomicU64,
-    /// Requests that could not be claimed (no server, no lease): answered 91.
-    pub claims_failed: AtomicU64,
-    /// Answers not written into their claims because too many were being written.
-    pub settles_skipped: AtomicU64,
-    /// Answers whose writing into their claims failed.
-    pub settles_failed: AtomicU64,
-    /// Claims of other nodes' requests this node settled, taking them over.
-    pub claims_settled: AtomicU64,
-}
 
 /// Margin added to the acquirer timeout before a survivor reads a lapsed node's journal:
 /// what the node sent just before its deadline has been answered (or timed out) and

@@ -66,7 +66,9 @@ pub struct Switch {
     /// The node's lease, in a cluster: nothing is sent without it.
     pub(crate) fence: Option<Arc<crate::fence::Fence>>,
     /// The cluster's counters (takeovers), in a cluster.
-    pub cluster: Arc<super::cluster::ClusterStats>,
+    pub cluster: Arc<crate::cluster::ClusterStats>,
+    /// The node's part in the cluster, for operators.
+    pub(crate) cluster_view: Option<crate::cluster::ClusterView>,
     /// The cluster's claims, in a cluster: one node decides each request.
     pub(crate) claims: Option<crate::cluster::claims::Claims>,
     /// Answers being written into claims now (bounded by [`MAX_SETTLING`]).

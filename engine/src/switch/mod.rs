@@ -37,7 +37,6 @@ use crate::scoring::rules::RuleSet;
 use crate::scoring::Scoring;
 use crate::shard::duplicates::{DupKey, DuplicateWindow, Original};
 use crate::shard::{shard_of, RecoveredEntries, Shard, ShardJob, ShardStats};
-pub use cluster::ClusterStats;
 pub use driver::Switch;
 use payswitch_models::model::Model;
 
@@ -208,6 +207,18 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         crate::cluster::agree_on_pan_key(&joined.context, cluster, &pan_key).await?;
     }
     let fence = joined.as_ref().map(|(_, j)| Arc::clone(&j.fence));
+    let cluster_stats = Arc::new(crate::cluster::ClusterStats::default());
+    let cluster_view = joined
+        .as_ref()
+        .map(|(cluster, j)| crate::cluster::ClusterView {
+            node: cluster.node.clone(),
+            stats: Arc::clone(&cluster_stats),
+            fence: Arc::clone(&j.fence),
+            leases: j.lease.bucket().clone(),
+            context: j.context.clone(),
+            stream: cluster.stream.clone(),
+            lease: std::time::Duration::from_millis(cluster.lease_ms),
+        });
     let claims = match &joined {
         Some((cluster, joined)) => Some(
             crate::cluster::claims::Claims::open(
@@ -293,7 +304,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         stats: Arc::new(SwitchStats::default()),
         shard_stats,
         fence,
-        cluster: Default::default(),
+        cluster: cluster_stats,
+        cluster_view,
         claims,
         settling: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SETTLING)),
     });
@@ -620,6 +632,7 @@ fn sources(switch: &Arc<Switch>) -> crate::ops::Sources {
         router: Arc::clone(&switch.router),
         counters: Arc::clone(&switch.stats),
         shard_stats: switch.shard_stats.clone(),
+        cluster: switch.cluster_view.clone(),
         queue_depths: Arc::new(move || {
             shards
                 .iter()
