@@ -18,16 +18,28 @@ use common::{address_after, json_lines, spawn, Running, BIN};
 #[path = "../../engine/tests/support/nats.rs"]
 #[allow(dead_code)]
 mod nats;
-use nats::NatsServer;
+use nats::{NatsCluster, NatsServer};
 
 /// Lease of the test's nodes: a dead node's work is taken over within seconds.
 const LEASE_MS: u64 = 2_000;
 
 struct Cluster {
     dir: PathBuf,
-    nats: NatsServer,
+    /// The NATS server URLs.
+    servers: Vec<String>,
+    /// Replicas of the stream and buckets.
+    replicas: usize,
+    lease_ms: u64,
     acquirer: String,
     ledger: PathBuf,
+    _nats: Nats,
+}
+
+/// One server, or a cluster of them: held so they stop when the test ends.
+#[allow(dead_code)]
+enum Nats {
+    One(NatsServer),
+    Several(NatsCluster),
 }
 
 impl Cluster {
@@ -41,10 +53,17 @@ impl Cluster {
         let text = format!(
             "[listen]\nquic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
              [journal]\npan_hash_key_file = \"{key}\"\n\n\
-             [cluster]\nservers = [\"{url}\"]\nnode = \"{node}\"\nstan_block = {block}\n\
-             replicas = 1\nlease_ms = {LEASE_MS}\n",
+             [cluster]\nservers = [{urls}]\nnode = \"{node}\"\nstan_block = {block}\n\
+             replicas = {replicas}\nlease_ms = {lease_ms}\n",
             key = self.path("pan-hash.key").display(),
-            url = self.nats.url(),
+            urls = self
+                .servers
+                .iter()
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            replicas = self.replicas,
+            lease_ms = self.lease_ms,
         );
         std::fs::write(&path, text).unwrap();
         path
@@ -107,19 +126,27 @@ impl Cluster {
     }
 }
 
+/// Switch nodes on one nats-server (R=1).
 fn cluster() -> Cluster {
+    let nats = NatsServer::start();
+    on(vec![nats.url()], 1, LEASE_MS, Nats::One(nats))
+}
+
+fn on(servers: Vec<String>, replicas: usize, lease_ms: u64, nats: Nats) -> Cluster {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap().keep();
     let key = dir.join("pan-hash.key");
     std::fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let ledger = dir.join("ledger.jsonl");
-    let nats = NatsServer::start();
     Cluster {
         dir,
-        nats,
+        servers,
+        replicas,
+        lease_ms,
         acquirer: String::new(),
         ledger,
+        _nats: nats,
     }
 }
 
@@ -483,6 +510,109 @@ fn a_node_paused_past_its_lease_sends_nothing_twice_and_serves_again_once_it_hol
         handed >= balance.owed,
         "{handed} taken over, {} owed",
         balance.owed
+    );
+    drop(sim);
+}
+
+#[test]
+fn a_nats_server_killed_under_load_costs_some_91s_and_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = NatsCluster::start(3);
+    let urls = nats.urls();
+    let names = nats.names();
+    let mut cluster = on(urls, 3, 3_000, Nats::Several(nats));
+    let (sim, acquirer_addr) = acquirer(&cluster.ledger);
+    cluster.acquirer = acquirer_addr;
+    let (_a, target_a, _) = cluster.start("a", 0);
+    let (_b, target_b, _) = cluster.start("b", 1);
+    let (_c, target_c, _) = cluster.start("c", 2);
+    for target in [target_a, target_b, target_c] {
+        wait_until_approving(target, &cluster.dir);
+    }
+    let ledger_start = json_lines(&cluster.ledger).len();
+    // The journal stream's leader: the server whose loss costs the most.
+    let status = Command::new(BIN)
+        .args(["cluster", "status", "--json", "--config"])
+        .arg(cluster.config("a", 0))
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let leader = status["stream"]["leader"].as_str().unwrap().to_string();
+    let victim = names.iter().position(|n| *n == leader).unwrap();
+    assert_eq!(status["stream"]["replicas"], 3);
+
+    let record = cluster.path("record.jsonl");
+    let json = cluster.path("load.json");
+    let mut args = load_args(&[target_a, target_b, target_c], &record, "300", "8s");
+    args.extend(["--json".into(), json.to_str().unwrap().into()]);
+    let mut load = Running(
+        Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(2_500));
+    let Nats::Several(nats) = &mut cluster._nats else {
+        unreachable!()
+    };
+    let killed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    nats.kill(victim);
+
+    let status = load.0.wait().unwrap();
+    assert!(status.success(), "load failed");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["errors"], 0, "every request answered: {report}");
+    let record = json_lines(&record);
+    let refused: Vec<i64> = record
+        .iter()
+        .filter(|l| l["code"] == "91")
+        .filter_map(|l| l["intended_ms"].as_i64())
+        .map(|at| at - killed_ms)
+        .collect();
+    let window = match (refused.iter().min(), refused.iter().max()) {
+        (Some(first), Some(last)) => format!("from {first} ms to {last} ms after the kill"),
+        _ => "none".to_string(),
+    };
+
+    // Nothing lost: every approval at the acquirer delivered or reversed, nothing twice.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let balance = loop {
+        let ledger = json_lines(&cluster.ledger);
+        match balance(&record, &ledger[ledger_start..]) {
+            Ok(balance) => break balance,
+            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // And every authorization the acquirer saw is in the journal stream, which the two
+    // servers left still hold.
+    let stream = cluster.stream(&cluster.config("a", 0));
+    let forwarded: HashSet<String> = stream
+        .iter()
+        .filter(|r| r["kind"] == "forwarded")
+        .map(|r| s(r, "rrn"))
+        .collect();
+    let ledger = json_lines(&cluster.ledger);
+    for line in ledger[ledger_start..].iter().filter(|l| l["mti"] == "0100") {
+        assert!(forwarded.contains(&s(line, "rrn")), "not journaled: {line}");
+    }
+    eprintln!(
+        "books: stream leader {leader} killed; {} answers recorded, {} answered 91 ({window}), \
+         {} approvals owed a reversal, each reversed once; {} retransmissions",
+        record.len(),
+        refused.len(),
+        balance.owed,
+        report["retransmissions"],
     );
     drop(sim);
 }
