@@ -46,6 +46,7 @@ fn cluster(nats: &NatsServer, ack_timeout_ms: u64) -> ClusterConfig {
         connect_timeout_ms: 5_000,
         stan_block: 0,
         lease_ms: 3_000,
+        events: true,
     }
 }
 
@@ -459,4 +460,89 @@ async fn a_retransmission_to_another_node_is_answered_from_the_original() {
     let alone = in_front_of(&sim_only, single).await;
     let (status, _) = http_get(alone.admin_addr.unwrap(), "/api/cluster").await;
     assert_eq!(status, 404);
+}
+
+/// The next `n` events a durable consumer `name` is given, acknowledged; their JSON.
+async fn take_events(
+    context: &async_nats::jetstream::Context,
+    name: &str,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    use async_nats::jetstream::consumer;
+    use futures_util::StreamExt;
+    let stream = context.get_stream("PAYSWITCH_EVENTS").await.unwrap();
+    let crm: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            name,
+            consumer::pull::Config {
+                durable_name: Some(name.into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                // What a consumer that stopped had been handed and not acknowledged is
+                // handed again after this.
+                ack_wait: Duration::from_secs(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut messages = crm.messages().await.unwrap();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        events.push(serde_json::from_slice(&message.payload).unwrap());
+        message.ack().await.unwrap();
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_is_an_event_and_a_consumer_resumes_where_it_stopped() {
+    let nats = NatsServer::start();
+    let (sim, config) = sim_and_config(&nats, 2_000).await;
+    let switch = in_front_of(&sim, config.clone()).await;
+    for stan in 1..=6 {
+        assert_eq!(response_code(&switch, stan).await, "00");
+    }
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let context = async_nats::jetstream::new(client);
+    // A CRM takes three events and stops.
+    let first = take_events(&context, "crm", 3).await;
+    let stans: Vec<&str> = first.iter().map(|e| e["stan"].as_str().unwrap()).collect();
+    assert_eq!(stans, ["000001", "000002", "000003"]);
+    let e = &first[0];
+    assert_eq!(e["v"], 1);
+    assert_eq!(e["node"], "a");
+    assert_eq!(e["kind"], "authorization");
+    assert_eq!(e["code"], "00");
+    assert_eq!(e["acquirer"], "north");
+    assert_eq!(e["pan_masked"], "411111******1111");
+    assert_eq!(e["amount_minor"], 12500);
+    assert!(e["approval_code"].as_str().is_some());
+    assert!(!e.to_string().contains("4111111111111111"), "{e}");
+    // Two more outcomes while it is away, one a retransmission.
+    assert_eq!(response_code(&switch, 7).await, "00");
+    assert_eq!(response_code(&switch, 7).await, "00");
+    // Back, it resumes after the third: the three it had been handed and not
+    // acknowledged come again (after the ack wait: possibly after the new ones, so a
+    // consumer orders by `seq`), then the new; none it acknowledged.
+    let mut rest = take_events(&context, "crm", 5).await;
+    rest.sort_by_key(|e| e["seq"].as_u64().unwrap());
+    let stans: Vec<&str> = rest.iter().map(|e| e["stan"].as_str().unwrap()).collect();
+    assert_eq!(stans, ["000004", "000005", "000006", "000007", "000007"]);
+    assert_eq!(rest[3]["duplicate"], false);
+    assert_eq!(rest[4]["duplicate"], true);
+    assert!(rest[0]["seq"].as_u64() > first[2]["seq"].as_u64());
+
+    // The node restarts: its feed resumes after its last event, publishing none twice.
+    switch.shutdown().await;
+    let switch = in_front_of(&sim, config).await;
+    assert_eq!(response_code(&switch, 8).await, "00");
+    let next = take_events(&context, "crm", 1).await;
+    assert_eq!(next[0]["stan"], "000008");
+    let mut events = context.get_stream("PAYSWITCH_EVENTS").await.unwrap();
+    assert_eq!(events.info().await.unwrap().state.messages, 9);
 }

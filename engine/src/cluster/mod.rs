@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::journal::replica::Replica;
 
 pub mod claims;
+pub mod events;
 pub mod lease;
 pub mod takeover;
 pub mod view;
@@ -61,6 +62,10 @@ pub struct ClusterConfig {
     /// has seen no renewal for this long (plus the acquirer timeout before reversing).
     #[serde(default = "defaults::lease_ms")]
     pub lease_ms: u64,
+    /// Publish the event feed (`events`): every outcome as JSON on
+    /// `{subject_prefix}.events.{node}`.
+    #[serde(default = "defaults::events")]
+    pub events: bool,
 }
 
 mod defaults {
@@ -86,6 +91,9 @@ mod defaults {
     // within seconds.
     pub fn lease_ms() -> u64 {
         3_000
+    }
+    pub fn events() -> bool {
+        true
     }
 }
 

@@ -156,6 +156,15 @@ pub(super) fn start(
     } = joined;
     let bucket = lease.bucket().clone();
     tokio::spawn(lease.run(shutdown.clone()));
+    if config.events {
+        let (context, config, shutdown) = (context.clone(), config.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            match crate::cluster::events::stream(&context, &config).await {
+                Ok(()) => crate::cluster::events::run(context, config, shutdown).await,
+                Err(e) => tracing::error!(error = %e, "no event feed: its stream cannot be made"),
+            }
+        });
+    }
     let (lapsed, mut to_move) = mpsc::channel(takeover::MAX_LAPSED_QUEUED);
     tokio::spawn(takeover::watch(
         bucket,
@@ -278,6 +287,12 @@ async fn try_move(
             .cluster
             .claims_settled
             .fetch_add(settled, Ordering::Relaxed);
+    }
+    // And its event feed, to the end of its journal.
+    if config.events {
+        let published =
+            crate::cluster::events::publish(context, config, &lapsed.node, false).await?;
+        tracing::info!(node = %lapsed.node, published, "a lapsed node's last events published");
     }
     Ok(moved)
 }
