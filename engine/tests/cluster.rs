@@ -546,3 +546,82 @@ async fn every_outcome_is_an_event_and_a_consumer_resumes_where_it_stopped() {
     let mut events = context.get_stream("PAYSWITCH_EVENTS").await.unwrap();
     assert_eq!(events.info().await.unwrap().state.messages, 9);
 }
+
+/// Waits (up to 10 s) until `done` holds.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_rules_and_routes_deployed_on_one_node_reach_the_others() {
+    use payswitch_loadtest::workload::{self, GenConfig};
+    use payswitch_models::train::{self, TrainOptions};
+    let nats = NatsServer::start();
+    let sim = acquirer_sim::start(SimConfig::default()).await.unwrap();
+    let key = shared_key_file();
+    let a = in_front_of(&sim, node_config(&nats, &sim, "a", 0, &key)).await;
+    let b = in_front_of(&sim, node_config(&nats, &sim, "b", 1, &key)).await;
+
+    // A model deployed on a (here straight into its scoring: the admin API, the models
+    // directory and a promotion all end there) becomes b's champion.
+    let mut rows = Vec::new();
+    workload::write_workload(&GenConfig::new(3_000, 1), &mut rows).unwrap();
+    let rows = payswitch_models::data::read_all(rows.as_slice()).unwrap();
+    let model = train::train(
+        &rows,
+        &TrainOptions {
+            trees: 5,
+            depth: 4,
+            ..TrainOptions::default()
+        },
+    )
+    .unwrap();
+    let id = model.id().to_string();
+    a.switch
+        .scoring
+        .set_champion(std::sync::Arc::new(model))
+        .unwrap();
+    eventually("b serves a's champion", || {
+        b.switch.scoring.champion().is_some_and(|m| m.id() == id)
+    })
+    .await;
+
+    // Rules changed on b reach a.
+    let rules =
+        "[[rule]]\nname = \"huge\"\nwhen = \"amount_minor > 1000000\"\naction = \"decline\"\n";
+    b.switch.scoring.rules().apply_text(rules).unwrap();
+    eventually("a has b's rules", || {
+        a.switch.scoring.rules().text().as_str() == rules
+    })
+    .await;
+
+    // Routes reloaded on a reach b.
+    let routes = vec![payswitch::routing::RouteConfig {
+        bins: vec!["4".into()],
+        currencies: vec![],
+        mccs: vec![],
+        acquirers: vec!["north".into()],
+        balance: false,
+        stand_in: None,
+    }];
+    a.switch.router.store(std::sync::Arc::new(
+        payswitch::routing::Router::new(&["north"], &routes).unwrap(),
+    ));
+    eventually("b routes as a does", || {
+        b.switch.router.load().routes().len() == 1
+    })
+    .await;
+
+    // A node that starts later serves what the cluster has deployed, not its own files.
+    let c = in_front_of(&sim, node_config(&nats, &sim, "c", 2, &key)).await;
+    assert_eq!(
+        c.switch.scoring.champion().map(|m| m.id().to_string()),
+        Some(id)
+    );
+    assert_eq!(c.switch.scoring.rules().text().as_str(), rules);
+    assert_eq!(c.switch.router.load().routes().len(), 1);
+}

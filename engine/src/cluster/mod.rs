@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::journal::replica::Replica;
 
 pub mod claims;
+pub mod deploy;
 pub mod events;
 pub mod lease;
 pub mod takeover;

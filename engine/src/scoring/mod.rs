@@ -278,6 +278,24 @@ impl Scoring {
         Ok(())
     }
 
+    /// Keeps only the challengers whose ids are in `ids` (a cluster's deployment, where
+    /// another node promoted or dropped one).
+    pub fn retain_challengers(&self, ids: &[String]) {
+        let current = self.challengers.load_full();
+        if current
+            .iter()
+            .all(|c| ids.iter().any(|id| id == c.model.id()))
+        {
+            return;
+        }
+        let kept = current
+            .iter()
+            .filter(|c| ids.iter().any(|id| id == c.model.id()))
+            .cloned()
+            .collect();
+        self.challengers.store(Arc::new(kept));
+    }
+
     /// The champion, if any.
     pub fn champion(&self) -> Option<Arc<Model>> {
         self.champion.load_full()

@@ -235,6 +235,8 @@ impl Rules {
 #[derive(Debug)]
 pub struct RuleSet {
     current: ArcSwap<Rules>,
+    /// The text the rules in force were compiled from ("" for none).
+    text: ArcSwap<String>,
     path: Option<PathBuf>,
     known: &'static [&'static str],
     /// Reloads refused because the new file did not compile.
@@ -247,12 +249,16 @@ impl RuleSet {
         path: Option<&Path>,
         known: &'static [&'static str],
     ) -> Result<RuleSet, RulesError> {
-        let rules = match path {
-            Some(path) => Rules::parse(&std::fs::read_to_string(path)?, known)?,
-            None => Rules::empty(),
+        let (rules, text) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)?;
+                (Rules::parse(&text, known)?, text)
+            }
+            None => (Rules::empty(), String::new()),
         };
         Ok(RuleSet {
             current: ArcSwap::from_pointee(rules),
+            text: ArcSwap::from_pointee(text),
             path: path.map(Path::to_owned),
             known,
             refused_reloads: AtomicU64::new(0),
@@ -271,11 +277,12 @@ impl RuleSet {
         };
         let parsed = std::fs::read_to_string(path)
             .map_err(RulesError::from)
-            .and_then(|text| Rules::parse(&text, self.known));
+            .and_then(|text| Ok((Rules::parse(&text, self.known)?, text)));
         match parsed {
-            Ok(rules) => {
+            Ok((rules, text)) => {
                 let count = rules.rules.len();
                 self.current.store(Arc::new(rules));
+                self.text.store(Arc::new(text));
                 tracing::info!(path = %path.display(), rules = count, "rules reloaded");
                 Ok(count)
             }
@@ -285,6 +292,21 @@ impl RuleSet {
                 Err(e)
             }
         }
+    }
+
+    /// The text of the rules in force ("" for none).
+    pub fn text(&self) -> Arc<String> {
+        self.text.load_full()
+    }
+
+    /// Puts the rules of `text` in force (a cluster's deployment from another node), if
+    /// all of them compile; the file is left as it is.
+    pub fn apply_text(&self, text: &str) -> Result<usize, RulesError> {
+        let rules = Rules::parse(text, self.known)?;
+        let count = rules.rules.len();
+        self.current.store(Arc::new(rules));
+        self.text.store(Arc::new(text.to_string()));
+        Ok(count)
     }
 
     /// Polls the file's modification time and reloads on change, until `shutdown`.

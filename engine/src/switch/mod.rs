@@ -310,6 +310,21 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         settling: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SETTLING)),
     });
     if let Some((cluster, joined)) = joined {
+        // The cluster's models, rules and routes are put in force before the listeners
+        // open; from then on deployments go both ways.
+        let deployer = crate::cluster::deploy::Deployer::open(
+            &joined.context,
+            cluster,
+            Arc::clone(&switch.scoring),
+            Arc::clone(&switch.router),
+            switch.acquirer_names.clone(),
+        )
+        .await?;
+        deployer
+            .start()
+            .await
+            .context("putting the cluster's deployments in force")?;
+        tokio::spawn(Arc::new(deployer).run(links_shutdown.clone()));
         cluster::start(&switch, cluster.clone(), joined, links_shutdown.clone());
     }
     let sources = sources(&switch);
