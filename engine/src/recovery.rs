@@ -87,6 +87,26 @@ impl std::fmt::Debug for VelocityReplay {
     }
 }
 
+/// What a scored `request` record fed the velocity state (the model input's velocity
+/// part), rebuilt from the record; `None` for one not scored (or older than format 4).
+pub fn scored_transaction(record: &Record) -> Option<Transaction> {
+    // Scored requests carry their decision; format-4 ones their event time.
+    if record.kind != RecordKind::Request || record.decision.is_empty() || record.event_ms == 0 {
+        return None;
+    }
+    Some(Transaction {
+        timestamp_ms: record.event_ms,
+        card: features::card_key(record.pan_hash),
+        amount_minor: record.amount_minor,
+        currency: record.currency,
+        mcc: record.mcc,
+        merchant: features::entity_hash(record.merchant.as_bytes()),
+        terminal: features::entity_hash(record.terminal.as_bytes()),
+        country: record.country,
+        pos_entry_mode: record.pos_entry_mode,
+    })
+}
+
 impl VelocityReplay {
     /// State for `shards` shards of `max_cards` cards each, shared entities in
     /// `scoring`, fed the requests whose event time is at or after `since_ms`.
@@ -108,20 +128,9 @@ impl VelocityReplay {
 
     /// Takes a `request` record: recorded when it was scored within the window.
     fn feed(&mut self, record: &Record) {
-        // Scored requests carry their decision; format-4 ones their event time.
-        if record.decision.is_empty() || record.event_ms == 0 || record.event_ms < self.since_ms {
+        let Some(tx) = scored_transaction(record).filter(|tx| tx.timestamp_ms >= self.since_ms)
+        else {
             return;
-        }
-        let tx = Transaction {
-            timestamp_ms: record.event_ms,
-            card: features::card_key(record.pan_hash),
-            amount_minor: record.amount_minor,
-            currency: record.currency,
-            mcc: record.mcc,
-            merchant: features::entity_hash(record.merchant.as_bytes()),
-            terminal: features::entity_hash(record.terminal.as_bytes()),
-            country: record.country,
-            pos_entry_mode: record.pos_entry_mode,
         };
         let shard = crate::shard::shard_of(record.pan_hash, self.shards.len());
         self.scoring.warm(&mut self.shards[shard], &tx);

@@ -47,6 +47,7 @@ fn cluster(nats: &NatsServer, ack_timeout_ms: u64) -> ClusterConfig {
         stan_block: 0,
         lease_ms: 3_000,
         events: true,
+        shared_velocity: true,
     }
 }
 
@@ -624,4 +625,58 @@ async fn models_rules_and_routes_deployed_on_one_node_reach_the_others() {
     );
     assert_eq!(c.switch.scoring.rules().text().as_str(), rules);
     assert_eq!(c.switch.router.load().routes().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cards_velocity_counts_its_transactions_on_every_node() {
+    let nats = NatsServer::start();
+    let sim = acquirer_sim::start(SimConfig {
+        approval_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = shared_key_file();
+    // A card's authorization after three within a minute is declined (the window counts
+    // the card's earlier transactions).
+    let rules = tempfile::tempdir().unwrap().keep().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"burst\"\nwhen = \"card_count_1m >= 3\"\naction = \"decline\"\n",
+    )
+    .unwrap();
+    let node = |name: &str, block: u8| {
+        let mut config = node_config(&nats, &sim, name, block, &key);
+        config.scoring.rules = Some(rules.clone());
+        config
+    };
+    let a = in_front_of(&sim, node("a", 0)).await;
+    let b = in_front_of(&sim, node("b", 1)).await;
+    let (to_a, to_b) = (support::gateway(&a).await, support::gateway(&b).await);
+    let card = "4111111111111111";
+    for stan in 1..=3 {
+        let answer = support::transact(&to_a, &support::authorization(card, stan)).await;
+        assert_eq!(answer.get_str(39), Some("00"));
+    }
+    let followed = || {
+        b.switch
+            .cluster
+            .followed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    eventually("b records a's three", || followed() >= 3).await;
+    // The card's fourth, at b: b counts the three it never saw.
+    let fourth = support::transact(&to_b, &support::authorization(card, 4)).await;
+    assert_eq!(fourth.get_str(39), Some("59"), "{fourth:?}");
+    assert!(
+        fourth.get_str(48).unwrap_or("").contains("burst"),
+        "{fourth:?}"
+    );
+    // Another card's first, at b: approved.
+    let other = support::transact(&to_b, &support::authorization("5500000000000004", 5)).await;
+    assert_eq!(other.get_str(39), Some("00"));
+    let (_, body) = http_get(b.admin_addr.unwrap(), "/api/cluster").await;
+    let cluster: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(cluster["this"]["followed"], 3, "{cluster}");
+    assert_eq!(cluster["this"]["follow_dropped"], 0);
 }

@@ -17,6 +17,7 @@ use crate::journal::replica::Replica;
 pub mod claims;
 pub mod deploy;
 pub mod events;
+pub mod follow;
 pub mod lease;
 pub mod takeover;
 pub mod view;
@@ -67,6 +68,10 @@ pub struct ClusterConfig {
     /// `{subject_prefix}.events.{node}`.
     #[serde(default = "defaults::events")]
     pub events: bool,
+    /// Record the other nodes' scored requests into this node's velocity state
+    /// (`follow`), so a card's features count its transactions on every node.
+    #[serde(default = "defaults::shared_velocity")]
+    pub shared_velocity: bool,
 }
 
 mod defaults {
@@ -94,6 +99,9 @@ mod defaults {
         3_000
     }
     pub fn events() -> bool {
+        true
+    }
+    pub fn shared_velocity() -> bool {
         true
     }
 }

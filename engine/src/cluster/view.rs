@@ -36,6 +36,12 @@ pub struct ClusterStats {
     pub settles_failed: AtomicU64,
     /// Claims of other nodes' requests this node settled, taking them over.
     pub claims_settled: AtomicU64,
+    /// Other nodes' scored requests recorded into this node's velocity state.
+    pub followed: AtomicU64,
+    /// Other nodes' scored requests dropped because the card's shard was behind.
+    pub follow_dropped: AtomicU64,
+    /// Messages of the journal stream not yet read by this node's follower (its lag).
+    pub follow_lag: AtomicU64,
 }
 
 /// The node's part in the cluster, as operators read it.

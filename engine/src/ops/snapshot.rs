@@ -202,6 +202,12 @@ pub struct ClusterSnapshot {
     pub settles_missed: u64,
     /// Claims of other nodes' requests settled here.
     pub claims_settled: u64,
+    /// Other nodes' scored requests recorded into this node's velocity.
+    pub followed: u64,
+    /// Of those, dropped because a shard was behind.
+    pub follow_dropped: u64,
+    /// Journal stream messages not yet read by the follower.
+    pub follow_lag: u64,
 }
 
 fn load(a: &AtomicU64) -> u64 {
@@ -295,6 +301,9 @@ impl Sources {
                     fenced: load(&s.fenced),
                     settles_missed: load(&s.settles_skipped) + load(&s.settles_failed),
                     claims_settled: load(&s.claims_settled),
+                    followed: load(&s.followed),
+                    follow_dropped: load(&s.follow_dropped),
+                    follow_lag: load(&s.follow_lag),
                 }
             }),
             reversals: ReversalSnapshot {

@@ -227,6 +227,9 @@ pub fn stats(snapshot: &Snapshot) -> Value {
             "claims_settled": c.claims_settled,
             "settles_missed": c.settles_missed,
             "fenced": c.fenced,
+            "followed": c.followed,
+            "follow_dropped": c.follow_dropped,
+            "follow_lag": c.follow_lag,
         })),
         "shards": snapshot.shards.iter().map(|s| json!({
             "queue_depth": s.queue_depth,
@@ -587,6 +590,24 @@ fn cluster_gauges(out: &mut String, snapshot: &Snapshot) {
             "counter",
             "Requests that could not be claimed (no server, no lease): answered 91.",
             c.claims_failed,
+        ),
+        (
+            "payswitch_cluster_followed_total",
+            "counter",
+            "Other nodes' scored requests recorded into this node's velocity state.",
+            c.followed,
+        ),
+        (
+            "payswitch_cluster_follow_dropped_total",
+            "counter",
+            "Other nodes' scored requests dropped because the card's shard was behind.",
+            c.follow_dropped,
+        ),
+        (
+            "payswitch_cluster_follow_lag_messages",
+            "gauge",
+            "Journal stream messages this node's follower has not read yet.",
+            c.follow_lag,
         ),
         (
             "payswitch_cluster_fenced_total",

@@ -88,6 +88,8 @@ pub struct ShardStats {
     pub window_len: AtomicU64,
     /// Window entries dropped before their time because the window was full.
     pub window_evicted_early: AtomicU64,
+    /// Other nodes' transactions recorded into this shard's velocity state (a cluster).
+    pub observed: AtomicU64,
 }
 
 /// One shard's state.
@@ -135,6 +137,13 @@ impl Shard {
         self.draw ^= self.draw >> 7;
         self.draw ^= self.draw << 17;
         self.draw
+    }
+
+    /// Records another node's transaction into the velocity state, as if scored here
+    /// (the cluster's nodes share each card's history: `cluster::follow`).
+    pub fn observe(&mut self, scoring: &Scoring, tx: &Transaction) {
+        scoring.warm(&mut self.scoring, tx);
+        self.stats.observed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Puts a request the journal says was seen at `at_ms` back in the window.
@@ -228,14 +237,29 @@ pub struct ShardJob {
 /// What a shard starts with: its share of the journal's recent requests.
 pub type RecoveredEntries = Vec<(DupKey, i64, Arc<Original>)>;
 
-/// Runs a shard behind its bounded queue until the queue closes.
+/// Other nodes' transactions queued for a shard, at most: beyond it they are dropped
+/// (counted), as velocity from elsewhere is worth less than the shard's own requests.
+pub const OBSERVED_QUEUE: usize = 4096;
+
+/// Runs a shard behind its bounded queue until the queue closes; its own requests first,
+/// then other nodes' transactions (`observed`) for its velocity state.
 pub async fn run(
     mut jobs: mpsc::Receiver<ShardJob>,
+    mut observed: mpsc::Receiver<Transaction>,
     router: Arc<ArcSwap<Router>>,
     scoring: Arc<Scoring>,
     mut shard: Shard,
 ) {
-    while let Some(job) = jobs.recv().await {
+    loop {
+        let job = tokio::select! {
+            biased;
+            job = jobs.recv() => job,
+            Some(tx) = observed.recv() => {
+                shard.observe(&scoring, &tx);
+                continue;
+            }
+        };
+        let Some(job) = job else { return };
         let queue = job.queued.map(|q| q.elapsed());
         let (verdict, mut timings) = shard.decide(
             job.request,

@@ -156,6 +156,24 @@ pub(super) fn start(
     } = joined;
     let bucket = lease.bucket().clone();
     tokio::spawn(lease.run(shutdown.clone()));
+    if config.shared_velocity {
+        let observers = switch.observers.clone();
+        let (stats, lag_stats) = (Arc::clone(&switch.cluster), Arc::clone(&switch.cluster));
+        tokio::spawn(crate::cluster::follow::run(
+            context.clone(),
+            config.clone(),
+            move |pan_hash, tx| {
+                let shard = crate::shard::shard_of(pan_hash, observers.len());
+                if observers[shard].try_send(tx).is_ok() {
+                    stats.followed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.follow_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            move |lag| lag_stats.follow_lag.store(lag, Ordering::Relaxed),
+            shutdown.clone(),
+        ));
+    }
     if config.events {
         let (context, config, shutdown) = (context.clone(), config.clone(), shutdown.clone());
         tokio::spawn(async move {

@@ -67,6 +67,8 @@ pub struct Switch {
     pub(crate) fence: Option<Arc<crate::fence::Fence>>,
     /// The cluster's counters (takeovers), in a cluster.
     pub cluster: Arc<crate::cluster::ClusterStats>,
+    /// Each shard's queue of other nodes' transactions (velocity), in a cluster.
+    pub(crate) observers: Vec<mpsc::Sender<payswitch_models::features::Transaction>>,
     /// The node's part in the cluster, for operators.
     pub(crate) cluster_view: Option<crate::cluster::ClusterView>,
     /// The cluster's claims, in a cluster: one node decides each request.

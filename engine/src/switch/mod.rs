@@ -265,7 +265,8 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         None => Vec::new(),
     };
     let velocity = recovery.velocity.take().map(|v| v.into_shards());
-    let (shards, shard_stats) = start_shards(config, &table, &scoring, recent, velocity, &weights);
+    let (shards, shard_stats, observers) =
+        start_shards(config, &table, &scoring, recent, velocity, &weights);
     match &joined {
         Some((_, joined)) => {
             cluster::settle_previous(
@@ -306,6 +307,7 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         fence,
         cluster: cluster_stats,
         cluster_view,
+        observers,
         claims,
         settling: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SETTLING)),
     });
@@ -378,8 +380,13 @@ fn start_shards(
     recent: Vec<(u128, DupKey, i64, Arc<Original>)>,
     velocity: Option<Vec<crate::scoring::ShardScoring>>,
     weights: &Arc<crate::routing::AcquirerWeights>,
-) -> (Vec<mpsc::Sender<ShardJob>>, Vec<Arc<ShardStats>>) {
+) -> (
+    Vec<mpsc::Sender<ShardJob>>,
+    Vec<Arc<ShardStats>>,
+    Vec<mpsc::Sender<payswitch_models::features::Transaction>>,
+) {
     let shard_count = config.pipeline.shard_count();
+    let mut observers = Vec::with_capacity(shard_count);
     // The velocity state rebuilt from the journal, one per shard (same count and bound).
     let mut velocity = velocity
         .filter(|v| v.len() == shard_count)
@@ -396,6 +403,8 @@ fn start_shards(
     let mut shard_stats = Vec::with_capacity(shard_count);
     for entries in recovered {
         let (tx, rx) = mpsc::channel(config.pipeline.shard_queue_depth);
+        let (observe, observed) = mpsc::channel(crate::shard::OBSERVED_QUEUE);
+        observers.push(observe);
         let stats = Arc::new(ShardStats::default());
         let mut duplicates = DuplicateWindow::new(window, window_capacity);
         for (key, at_ms, original) in entries {
@@ -407,6 +416,7 @@ fn start_shards(
             .unwrap_or_else(|| crate::scoring::ShardScoring::new(cards_per_shard));
         tokio::spawn(crate::shard::run(
             rx,
+            observed,
             Arc::clone(table),
             Arc::clone(scoring),
             Shard::with_scoring(
@@ -419,7 +429,7 @@ fn start_shards(
         shards.push(tx);
         shard_stats.push(stats);
     }
-    (shards, shard_stats)
+    (shards, shard_stats, observers)
 }
 
 /// What the journal says is owed: in-doubt authorizations are queued for reversal
