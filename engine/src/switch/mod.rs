@@ -371,6 +371,13 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
     })
 }
 
+/// Each shard's queue, counters, and queue of other nodes' transactions.
+type StartedShards = (
+    Vec<mpsc::Sender<ShardJob>>,
+    Vec<Arc<ShardStats>>,
+    Vec<mpsc::Sender<payswitch_models::features::Transaction>>,
+);
+
 /// Starts one task per shard behind its bounded queue, each with its share of the
 /// requests the journal remembers in its duplicate window.
 fn start_shards(
@@ -380,11 +387,7 @@ fn start_shards(
     recent: Vec<(u128, DupKey, i64, Arc<Original>)>,
     velocity: Option<Vec<crate::scoring::ShardScoring>>,
     weights: &Arc<crate::routing::AcquirerWeights>,
-) -> (
-    Vec<mpsc::Sender<ShardJob>>,
-    Vec<Arc<ShardStats>>,
-    Vec<mpsc::Sender<payswitch_models::features::Transaction>>,
-) {
+) -> StartedShards {
     let shard_count = config.pipeline.shard_count();
     let mut observers = Vec::with_capacity(shard_count);
     // The velocity state rebuilt from the journal, one per shard (same count and bound).
