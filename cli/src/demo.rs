@@ -87,6 +87,11 @@ pub struct DemoArgs {
     /// When journal records reach the disk: `always` or `never`.
     #[arg(long, value_enum, default_value = "always")]
     pub fsync: FsyncArg,
+    /// Several nodes instead: three NATS servers (nats-server from PATH, `NATS_SERVER` or
+    /// `.venv/bin`), this many `payswitch serve` nodes, two acquirers and a load spread
+    /// over the nodes; one node is killed mid-run, then the books are checked.
+    #[arg(long, value_name = "NODES")]
+    pub cluster: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,6 +116,9 @@ struct Baseline {
 
 /// Runs the demo and prints its report.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if let Some(nodes) = args.cluster {
+        return crate::demo_cluster::run(&args, nodes).await;
+    }
     let (model, challenger) = champion_and_challenger(&args).await?;
     let replay = ReplayFile::generate(&args)?;
     let latency = args.acquirer_latency_us.map(Duration::from_micros);
@@ -388,7 +396,7 @@ const TRAINING_TREES: u16 = 50;
 
 /// The champion (a forest) and a challenger to score in shadow (logistic regression),
 /// both trained on the same generated population.
-async fn train_default_models() -> anyhow::Result<(Model, Model)> {
+pub(crate) async fn train_default_models() -> anyhow::Result<(Model, Model)> {
     let started = Instant::now();
     let (model, challenger) = tokio::task::spawn_blocking(|| -> anyhow::Result<(Model, Model)> {
         let rows = workload::generate(&GenConfig::new(TRAINING_ROWS, 1))?;
@@ -424,12 +432,12 @@ async fn train_default_models() -> anyhow::Result<(Model, Model)> {
 
 /// The labeled traffic of the demo: another population (seed 2) than the model's, so the
 /// fraud figures are out of sample. Removed when the demo ends.
-struct ReplayFile {
-    path: PathBuf,
+pub(crate) struct ReplayFile {
+    pub(crate) path: PathBuf,
 }
 
 impl ReplayFile {
-    fn generate(args: &DemoArgs) -> anyhow::Result<ReplayFile> {
+    pub(crate) fn generate(args: &DemoArgs) -> anyhow::Result<ReplayFile> {
         let rows = (args.rate * args.duration.as_secs_f64()).ceil().max(1.0) as u64;
         let path = std::env::temp_dir().join(format!("payswitch-demo-{}.csv", std::process::id()));
         let file =

@@ -17,6 +17,7 @@
 
 mod cluster;
 mod demo;
+mod demo_cluster;
 mod iso;
 mod journal;
 mod logging;

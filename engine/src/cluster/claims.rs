@@ -153,12 +153,28 @@ impl Claims {
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(e.into()),
         }
-        let entry = self.bucket.entry(&name).await?;
-        let theirs = entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| serde_json::from_slice::<ClaimValue>(&e.value).ok());
+        let entry = self
+            .bucket
+            .entry(&name)
+            .await?
+            .filter(|e| e.operation == kv::Operation::Put);
+        let theirs = entry.as_ref().and_then(|e| {
+            serde_json::from_slice::<ClaimValue>(&e.value)
+                .ok()
+                .map(|v| (e.revision, v))
+        });
         Ok(match theirs {
-            Some(value) => Claimed::Theirs {
+            // The client's `create` is an update from revision 0 that, when it fails (a
+            // lost answer: a server restarting), reads the entry and calls it taken: it
+            // may be this very claim, stored after all. This node, this lease, no
+            // answer: ours (a copy at this node never gets here, its shard's window
+            // answers it).
+            Some((revision, value))
+                if value.node == self.node && value.token == token && value.code.is_none() =>
+            {
+                Claimed::Won(revision)
+            }
+            Some((_, value)) => Claimed::Theirs {
                 outcome: value.outcome(),
                 node: value.node,
             },
@@ -240,29 +256,36 @@ impl Claims {
         let (leases, settled_after) = (&self.leases, self.settled_after);
         let name = claim_key(key);
         let watched = async {
-            // Last value first, then every change: an answer written between a read and
-            // the start of a watch is not missed.
-            let Ok(mut entries) = self.bucket.watch_with_history(&name).await else {
-                return Awaited::TimedOut;
-            };
             let mut owner: Option<(String, u64)> = None;
             let mut check = tokio::time::interval(Duration::from_millis(500));
-            loop {
-                tokio::select! {
-                    entry = entries.next() => {
-                        let Some(Ok(entry)) = entry else { return Awaited::TimedOut };
-                        let Ok(value) = serde_json::from_slice::<ClaimValue>(&entry.value) else {
-                            continue;
-                        };
-                        if let Some(outcome) = value.outcome() {
-                            return Awaited::Answered(outcome);
+            'watch: loop {
+                // Last value first, then every change: an answer written between a read and
+                // the start of a watch is not missed. A watch that fails (a server going
+                // away) is made again; the wait bounds it all.
+                let Ok(mut entries) = self.bucket.watch_with_history(&name).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                loop {
+                    tokio::select! {
+                        entry = entries.next() => {
+                            let Some(Ok(entry)) = entry else {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                continue 'watch;
+                            };
+                            let Ok(value) = serde_json::from_slice::<ClaimValue>(&entry.value) else {
+                                continue;
+                            };
+                            if let Some(outcome) = value.outcome() {
+                                return Awaited::Answered(outcome);
+                            }
+                            owner = Some((value.node, value.token));
                         }
-                        owner = Some((value.node, value.token));
-                    }
-                    _ = check.tick() => {
-                        if let Some((node, token)) = &owner {
-                            if owner_lost(leases, node, *token, settled_after).await {
-                                return Awaited::OwnerLost;
+                        _ = check.tick() => {
+                            if let Some((node, token)) = &owner {
+                                if owner_lost(leases, node, *token, settled_after).await {
+                                    return Awaited::OwnerLost;
+                                }
                             }
                         }
                     }
