@@ -3,11 +3,13 @@
 //! Before a node decides a new authorization (scores, declines or forwards it), it
 //! *claims* the request's duplicate key — terminal, STAN, RRN and transmission time, what
 //! a gateway keeps when it retransmits — with a key-value `create`, which succeeds on one
-//! node only, however the copies race. The node that wins decides; once it has answered
-//! it writes the answer into the claim. A node that loses answers the copy it holds from
-//! that answer (waiting for it while the original is still out), marked `dup=1`, and never
-//! authorizes it again: a gateway that retransmits to another node after its node
-//! vanished gets the original's answer.
+//! node only, however the copies race. The node that wins decides. A node that loses
+//! answers the copy it holds from the original's answer — read from the winner's journal
+//! as every node follows the others' (`super::follow::Outcomes`), or written into the
+//! claim by a survivor that took the winner over — waiting for it while the original is
+//! still out, marked `dup=1`, and never authorizes it again: a gateway that retransmits
+//! to another node after its node vanished gets the original's answer. One replicated
+//! write per request, the claim; the answer costs nothing more.
 //!
 //! The bucket keeps claims for the duplicate window (`journal.duplicate_window_s`, its
 //! `max_age`), as each node's own window does.
@@ -184,30 +186,6 @@ impl Claims {
                 outcome: None,
             },
         })
-    }
-
-    /// Records the answer of a request this node claimed at `revision`.
-    pub async fn settle(
-        &self,
-        key: &DupKey,
-        revision: u64,
-        token: u64,
-        outcome: &Outcome,
-    ) -> anyhow::Result<()> {
-        let value = ClaimValue {
-            node: self.node.clone(),
-            token,
-            code: Some(String::from_utf8_lossy(&outcome.code).into_owned()),
-            approval: outcome
-                .approval
-                .map(|a| String::from_utf8_lossy(&a).into_owned()),
-            data: outcome.private_data.clone(),
-        };
-        let bytes = serde_json::to_vec(&value)?;
-        self.bucket
-            .update(claim_key(key), bytes.into(), revision)
-            .await?;
-        Ok(())
     }
 
     /// Writes `outcome` into the claim of `key` unless it has one: what a survivor does

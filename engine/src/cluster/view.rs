@@ -30,10 +30,6 @@ pub struct ClusterStats {
     pub claims_lost: AtomicU64,
     /// Requests that could not be claimed (no server, no lease): answered 91.
     pub claims_failed: AtomicU64,
-    /// Answers not written into their claims because too many were being written.
-    pub settles_skipped: AtomicU64,
-    /// Answers whose writing into their claims failed.
-    pub settles_failed: AtomicU64,
     /// Claims of other nodes' requests this node settled, taking them over.
     pub claims_settled: AtomicU64,
     /// Other nodes' scored requests recorded into this node's velocity state.

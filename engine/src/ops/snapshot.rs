@@ -198,8 +198,6 @@ pub struct ClusterSnapshot {
     pub claims_failed: u64,
     /// Requests not sent because the lease was lost since they came in.
     pub fenced: u64,
-    /// Answers not written into their claims (too many at once, or failed).
-    pub settles_missed: u64,
     /// Claims of other nodes' requests settled here.
     pub claims_settled: u64,
     /// Other nodes' scored requests recorded into this node's velocity.
@@ -299,7 +297,6 @@ impl Sources {
                     claims_lost: load(&s.claims_lost),
                     claims_failed: load(&s.claims_failed),
                     fenced: load(&s.fenced),
-                    settles_missed: load(&s.settles_skipped) + load(&s.settles_failed),
                     claims_settled: load(&s.claims_settled),
                     followed: load(&s.followed),
                     follow_dropped: load(&s.follow_dropped),

@@ -225,7 +225,6 @@ pub fn stats(snapshot: &Snapshot) -> Value {
             "claims_lost": c.claims_lost,
             "claims_failed": c.claims_failed,
             "claims_settled": c.claims_settled,
-            "settles_missed": c.settles_missed,
             "fenced": c.fenced,
             "followed": c.followed,
             "follow_dropped": c.follow_dropped,

@@ -156,13 +156,20 @@ pub(super) fn start(
     } = joined;
     let bucket = lease.bucket().clone();
     tokio::spawn(lease.run(shutdown.clone()));
-    if config.shared_velocity {
+    // Following the others' journals gives their answers (for copies of their requests)
+    // and, with `shared_velocity`, their transactions.
+    if let Some(outcomes) = switch.outcomes.clone() {
         let observers = switch.observers.clone();
+        let shared_velocity = config.shared_velocity;
         let (stats, lag_stats) = (Arc::clone(&switch.cluster), Arc::clone(&switch.cluster));
         tokio::spawn(crate::cluster::follow::run(
             context.clone(),
             config.clone(),
+            outcomes,
             move |pan_hash, tx| {
+                if !shared_velocity {
+                    return;
+                }
                 let shard = crate::shard::shard_of(pan_hash, observers.len());
                 if observers[shard].try_send(tx).is_ok() {
                     stats.followed.fetch_add(1, Ordering::Relaxed);

@@ -24,7 +24,7 @@ use crate::cluster::claims::{Awaited, Claimed};
 use crate::ingress::validate::{self, as_code, Authorization};
 use crate::ingress::{self, Admission};
 use crate::journal::{Journal, JournalError, PanKey, Record};
-use crate::lifecycle::{self, Claim, Event, Lifecycle, Now, Reply as LifeReply, Step};
+use crate::lifecycle::{self, Claim, Event, Lifecycle, Now, Step};
 use crate::ops::metrics::{Metrics, Stage, Timings};
 use crate::ops::stats::SwitchStats;
 use crate::reversal::StoreAndForward;
@@ -73,14 +73,9 @@ pub struct Switch {
     pub(crate) cluster_view: Option<crate::cluster::ClusterView>,
     /// The cluster's claims, in a cluster: one node decides each request.
     pub(crate) claims: Option<crate::cluster::claims::Claims>,
-    /// Answers being written into claims now (bounded by [`MAX_SETTLING`]).
-    pub(crate) settling: Arc<tokio::sync::Semaphore>,
+    /// The other nodes' recent answers, read from their journals, in a cluster.
+    pub(crate) outcomes: Option<Arc<crate::cluster::follow::Outcomes>>,
 }
-
-/// Answers written into their claims at once, each a task and a publish: beyond it an
-/// answer is not written (counted), and a copy of that request at another node is
-/// answered 94 after the wait instead of from it.
-pub const MAX_SETTLING: usize = 4096;
 
 impl std::fmt::Debug for Switch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -336,8 +331,6 @@ impl Switch {
     ) -> ([u8; 2], Message) {
         let names = &self.acquirer_names;
         let mut reservation: Option<Reservation<'_>> = None;
-        // The claim this node won for the request, to write its answer into.
-        let mut won: Option<(DupKey, u64)> = None;
         let mut step = life.start(now(), names);
         let reply = loop {
             let event = match step {
@@ -394,21 +387,19 @@ impl Switch {
                 Step::AwaitOriginal(original) => {
                     Event::Original(original.outcome(DUPLICATE_WAIT).await.cloned())
                 }
-                Step::Claim => Event::Claimed(self.claim(&life, &mut won).await),
+                Step::Claim => Event::Claimed(self.claim(&life).await),
             };
             step = life.handle(event, now(), names);
         };
-        if let Some((key, revision)) = won {
-            self.settle(key, revision, life.token(), &reply);
-        }
         self.stats.add(life.counts());
         self.record_timings(&r, &life, shard);
         (reply.code, reply.response)
     }
 
     /// Claims `life`'s request across the cluster; if another node has it, waits for its
-    /// answer. `won`: the claim, when this node wins it.
-    async fn claim(&self, life: &Lifecycle, won: &mut Option<(DupKey, u64)>) -> Claim {
+    /// answer: read from that node's journal as this node follows it, or written into the
+    /// claim by a survivor that took the node over.
+    async fn claim(&self, life: &Lifecycle) -> Claim {
         let Some(claims) = &self.claims else {
             return Claim::Won;
         };
@@ -422,15 +413,21 @@ impl Switch {
             return Claim::Failed;
         };
         match tokio::time::timeout(CLAIM_TIMEOUT, claims.claim(&key, token)).await {
-            Ok(Ok(Claimed::Won(revision))) => {
-                *won = Some((key, revision));
-                Claim::Won
-            }
+            Ok(Ok(Claimed::Won(_))) => Claim::Won,
             Ok(Ok(Claimed::Theirs { outcome, .. })) => {
                 self.cluster.claims_lost.fetch_add(1, Ordering::Relaxed);
-                match outcome {
-                    Some(outcome) => Claim::Theirs(Some(outcome)),
-                    None => match claims.outcome(&key, DUPLICATE_WAIT).await {
+                if let Some(outcome) = outcome {
+                    return Claim::Theirs(Some(outcome));
+                }
+                let journaled = async {
+                    match &self.outcomes {
+                        Some(outcomes) => outcomes.wait(&key, DUPLICATE_WAIT).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    Some(outcome) = journaled => Claim::Theirs(Some(outcome)),
+                    awaited = claims.outcome(&key, DUPLICATE_WAIT) => match awaited {
                         Awaited::Answered(outcome) => Claim::Theirs(Some(outcome)),
                         // Its node died before journaling it: never sent, nothing
                         // authorized. 91: the gateway may try again.
@@ -449,42 +446,6 @@ impl Switch {
                 Claim::Failed
             }
         }
-    }
-
-    /// Writes `reply` into the claim this node won (in the background: the gateway does
-    /// not wait for it).
-    fn settle(&self, key: DupKey, revision: u64, token: u64, reply: &LifeReply) {
-        let Some(claims) = self.claims.clone() else {
-            return;
-        };
-        let Ok(permit) = Arc::clone(&self.settling).try_acquire_owned() else {
-            self.cluster.settles_skipped.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let outcome = crate::shard::duplicates::Outcome {
-            code: reply.code,
-            approval: reply
-                .response
-                .get(payswitch_protocol::fields::APPROVAL_CODE)
-                .and_then(|a| a.try_into().ok()),
-            private_data: reply
-                .response
-                .get_str(payswitch_protocol::fields::PRIVATE_DATA)
-                .unwrap_or("")
-                .to_string(),
-        };
-        let stats = Arc::clone(&self.cluster);
-        tokio::spawn(async move {
-            let settled = tokio::time::timeout(
-                CLAIM_TIMEOUT,
-                claims.settle(&key, revision, token, &outcome),
-            )
-            .await;
-            if !matches!(settled, Ok(Ok(()))) {
-                stats.settles_failed.fetch_add(1, Ordering::Relaxed);
-            }
-            drop(permit);
-        });
     }
 
     /// Records a finished request's timings.

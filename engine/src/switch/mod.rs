@@ -308,8 +308,10 @@ pub async fn start(config: &Config, security: Security) -> anyhow::Result<Runnin
         cluster: cluster_stats,
         cluster_view,
         observers,
+        outcomes: claims
+            .as_ref()
+            .map(|_| Arc::new(crate::cluster::follow::Outcomes::default())),
         claims,
-        settling: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SETTLING)),
     });
     if let Some((cluster, joined)) = joined {
         // The cluster's models, rules and routes are put in force before the listeners
