@@ -113,7 +113,11 @@ impl Outcomes {
 
     /// Answers kept now.
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_key.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_key
+            .len()
     }
 
     /// Whether none is.
@@ -223,7 +227,10 @@ mod tests {
         assert_eq!(got.approval.as_ref(), Some(b"A1B2C3"));
         // Read before anyone waited: found at once.
         let other = DupKey::of_record(&answer("000002", "05")).unwrap();
-        let early = outcomes.wait(&other, Duration::from_millis(1)).await.unwrap();
+        let early = outcomes
+            .wait(&other, Duration::from_millis(1))
+            .await
+            .unwrap();
         assert_eq!(&early.code, b"05");
         // A duplicate's response, or a record that is not an answer, is not one.
         let mut copy = answer("000003", "00");
