@@ -19,7 +19,8 @@
 //! Without `[cluster]` there is no fence: a single node always holds its own books.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 

@@ -21,13 +21,15 @@
 //! if the node renewed meanwhile.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::store::{CasError, LeaseStore};
 use super::ClusterConfig;
 use crate::fence::Fence;
 
@@ -145,9 +147,10 @@ pub enum Previous {
     },
 }
 
-/// This node's lease: its entry, and the fence the rest of the switch reads.
-pub struct Lease {
-    bucket: kv::Store,
+/// This node's lease: its entry, and the fence the rest of the switch reads. The store
+/// is the lease bucket (`kv::Store`), or the simulator's.
+pub struct Lease<S: LeaseStore = kv::Store> {
+    bucket: S,
     node: String,
     key: String,
     incarnation: u64,
@@ -158,7 +161,7 @@ pub struct Lease {
     generation: u64,
 }
 
-impl std::fmt::Debug for Lease {
+impl<S: LeaseStore> std::fmt::Debug for Lease<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
             .field("node", &self.node)
@@ -178,15 +181,26 @@ impl Lease {
         fence: Arc<Fence>,
     ) -> anyhow::Result<(Lease, Previous)> {
         let bucket = bucket(context, LEASE_BUCKET, config.replicas, Duration::ZERO).await?;
-        hold_stan_block(&bucket, config).await?;
+        hold_stan_block(&bucket, &config.node, config.stan_block).await?;
         let ttl = Duration::from_millis(config.lease_ms);
-        let incarnation = rand_u64();
-        let key = lease_key(&config.node);
+        Lease::acquire_in(bucket, &config.node, ttl, fence).await
+    }
+}
+
+impl<S: LeaseStore> Lease<S> {
+    /// [`Lease::acquire`] in `store`, for `node`, with a lease of `ttl` (the STAN block
+    /// aside).
+    pub async fn acquire_in(
+        store: S,
+        node: &str,
+        ttl: Duration,
+        fence: Arc<Fence>,
+    ) -> anyhow::Result<(Lease<S>, Previous)> {
         let mut lease = Lease {
-            bucket,
-            node: config.node.clone(),
-            key,
-            incarnation,
+            bucket: store,
+            node: node.to_string(),
+            key: lease_key(node),
+            incarnation: rand_u64(),
             ttl,
             fence,
             revision: 0,
@@ -211,18 +225,18 @@ impl Lease {
                 generation: 0,
                 at_ms: unix_ms(),
             };
-            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            let Some((revision, current)) = entry.and_then(|e| Some((e.revision, e.value?))) else {
                 let sent = Instant::now();
                 match self.bucket.create(&self.key, value.bytes()).await {
                     Ok(revision) => {
                         self.started(revision, sent);
                         return Ok(Previous::None);
                     }
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(CasError::Exists) => continue,
                     Err(e) => return Err(e).context("creating the node's lease"),
                 }
             };
-            let found = LeaseValue::parse(&entry.value);
+            let found = LeaseValue::parse(&current);
             let previous = match &found {
                 Some(LeaseValue::TakenOver {
                     taken_over_by,
@@ -234,9 +248,9 @@ impl Lease {
                 },
                 Some(held @ LeaseValue::Held { incarnation, .. }) => {
                     if wait_out && *incarnation != self.incarnation {
-                        self.wait_out(entry.revision).await?;
+                        self.wait_out(revision).await?;
                     }
-                    Previous::Own(held.generation_at(entry.revision))
+                    Previous::Own(held.generation_at(revision))
                 }
                 None => anyhow::bail!(
                     "the lease entry {} in {LEASE_BUCKET} holds something this version cannot read",
@@ -244,18 +258,14 @@ impl Lease {
                 ),
             };
             let sent = Instant::now();
-            match self
-                .bucket
-                .update(&self.key, value.bytes(), entry.revision)
-                .await
-            {
+            match self.bucket.update(&self.key, value.bytes(), revision).await {
                 Ok(revision) => {
                     self.started(revision, sent);
                     return Ok(previous);
                 }
                 // A survivor took it over (or the other process renewed) meanwhile: read
                 // again.
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(CasError::WrongRevision) => continue,
                 Err(e) => return Err(e).context("writing the node's lease"),
             }
         }
@@ -270,7 +280,7 @@ impl Lease {
         if let Some(entry) = now {
             if entry.revision != revision
                 && matches!(
-                    LeaseValue::parse(&entry.value),
+                    entry.value.as_deref().and_then(LeaseValue::parse),
                     Some(LeaseValue::Held { .. })
                 )
             {
@@ -292,7 +302,7 @@ impl Lease {
     }
 
     /// The lease bucket.
-    pub fn bucket(&self) -> &kv::Store {
+    pub fn bucket(&self) -> &S {
         &self.bucket
     }
 
@@ -329,7 +339,7 @@ impl Lease {
                     self.revision = revision;
                     self.fence.hold(self.generation, sent + self.ttl);
                 }
-                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Ok(Err(CasError::WrongRevision)) => {
                     self.regain().await;
                 }
                 // The servers did not answer in time: the lease runs out on its own if
@@ -346,9 +356,20 @@ impl Lease {
         let Ok(Some(entry)) = self.bucket.entry(&self.key).await else {
             return;
         };
-        match LeaseValue::parse(&entry.value) {
-            Some(LeaseValue::Held { incarnation, .. }) if incarnation == self.incarnation => {
+        match entry.value.as_deref().and_then(LeaseValue::parse) {
+            Some(held @ LeaseValue::Held { incarnation, .. })
+                if incarnation == self.incarnation =>
+            {
+                // A write of ours whose answer was lost: a renewal, or the start of a new
+                // generation after a takeover (then its generation is the one to hold
+                // from now on, never the one taken over; the simulator found a node
+                // renewing the old one).
                 self.revision = entry.revision;
+                let generation = held.generation_at(entry.revision);
+                if generation != self.generation {
+                    tracing::info!(node = %self.node, generation, "lease held");
+                    self.generation = generation;
+                }
             }
             Some(LeaseValue::TakenOver {
                 taken_over_by,
@@ -373,20 +394,23 @@ impl Lease {
     }
 }
 
-/// Holds STAN block `config.stan_block` for this node (`stan.{block}` = node): two nodes
-/// with the same block would hand out the same STANs on an acquirer's links.
-async fn hold_stan_block(bucket: &kv::Store, config: &ClusterConfig) -> anyhow::Result<()> {
-    let key = stan_key(config.stan_block);
-    match bucket.create(&key, config.node.clone().into()).await {
+/// Holds STAN block `block` for `node` (`stan.{block}` = node): two nodes with the same
+/// block would hand out the same STANs on an acquirer's links.
+async fn hold_stan_block(bucket: &impl LeaseStore, node: &str, block: u8) -> anyhow::Result<()> {
+    let key = stan_key(block);
+    match bucket.create(&key, node.to_string().into()).await {
         Ok(_) => return Ok(()),
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(CasError::Exists) => {}
         Err(e) => return Err(e).context("holding the node's STAN block"),
     }
-    let holder = bucket.get(&key).await?.unwrap_or_default();
+    let holder = bucket
+        .entry(&key)
+        .await?
+        .and_then(|e| e.value)
+        .unwrap_or_default();
     anyhow::ensure!(
-        holder == config.node.as_bytes(),
-        "cluster.stan_block = {} is node {:?}'s: every node needs its own block (0 to 9)",
-        config.stan_block,
+        holder == node.as_bytes(),
+        "cluster.stan_block = {block} is node {:?}'s: every node needs its own block (0 to 9)",
         String::from_utf8_lossy(&holder)
     );
     Ok(())

@@ -19,6 +19,7 @@ pub mod deploy;
 pub mod events;
 pub mod follow;
 pub mod lease;
+pub mod store;
 pub mod takeover;
 pub mod view;
 

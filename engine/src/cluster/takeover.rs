@@ -19,15 +19,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer, kv};
+use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::lease::{lease_key, LeaseValue};
+use super::store::{CasError, LeaseStore};
 use super::ClusterConfig;
 use crate::fence::Fence;
 use crate::journal::{Record, RecordKind};
@@ -51,8 +53,8 @@ pub const MAX_LAPSED_QUEUED: usize = 64;
 /// Watches every lease in `bucket` until `shutdown`, taking over each one not renewed
 /// for `ttl` while this node (`me`) holds its own (`fence`); each taken is sent on
 /// `lapsed`.
-pub async fn watch(
-    bucket: kv::Store,
+pub async fn watch<S: LeaseStore>(
+    bucket: S,
     me: String,
     ttl: Duration,
     fence: Arc<Fence>,
@@ -63,7 +65,7 @@ pub async fn watch(
     loop {
         let watched = tokio::select! {
             _ = shutdown.cancelled() => return,
-            watched = bucket.watch_with_history("lease.>") => watched,
+            watched = bucket.watch("lease.>") => watched,
         };
         let mut entries = match watched {
             Ok(entries) => entries,
@@ -88,9 +90,7 @@ pub async fn watch(
                         if entry.key == mine {
                             continue;
                         }
-                        let value = (entry.operation == kv::Operation::Put)
-                            .then(|| LeaseValue::parse(&entry.value))
-                            .flatten();
+                        let value = entry.value.as_deref().and_then(LeaseValue::parse);
                         let changed = seen.get(&entry.key).is_none_or(|(r, _, _)| *r != entry.revision);
                         if changed {
                             seen.insert(entry.key, (entry.revision, Instant::now(), value));
@@ -136,7 +136,7 @@ pub async fn watch(
                             }
                             // Renewed after all, or another survivor was first: the watch
                             // brings the new value.
-                            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                            Err(CasError::WrongRevision) => {
                                 *at = Instant::now();
                             }
                             Err(e) => tracing::warn!(error = %e, "taking over a lapsed lease failed; retrying"),

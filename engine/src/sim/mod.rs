@@ -25,6 +25,7 @@
 //! up, never iterated.
 
 mod disk;
+pub mod leases;
 mod node;
 pub mod peers;
 

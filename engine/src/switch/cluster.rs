@@ -225,7 +225,7 @@ async fn move_work(
         .map(|l| l.timeout())
         .max()
         .unwrap_or_default();
-    let ready = tokio::time::Instant::from_std(lapsed.at + timeout + TAKEOVER_MARGIN);
+    let ready = lapsed.at + timeout + TAKEOVER_MARGIN;
     tokio::select! {
         _ = shutdown.cancelled() => return,
         _ = tokio::time::sleep_until(ready) => {}
