@@ -62,6 +62,10 @@ pub async fn watch<S: LeaseStore>(
     shutdown: CancellationToken,
 ) {
     let mine = lease_key(&me);
+    // Takeovers written whose answer did not come (a server restarting): the write may
+    // stand. The watch shows it if it does, and it is ours then — its work must be moved,
+    // or nobody would (the node that lapsed leaves it to us). By key, the generation.
+    let mut attempted: HashMap<String, u64> = HashMap::new();
     loop {
         let watched = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -91,6 +95,18 @@ pub async fn watch<S: LeaseStore>(
                             continue;
                         }
                         let value = entry.value.as_deref().and_then(LeaseValue::parse);
+                        if let Some(LeaseValue::TakenOver { taken_over_by, node, generation, .. }) = &value {
+                            if *taken_over_by == me && attempted.get(&entry.key) == Some(generation) {
+                                attempted.remove(&entry.key);
+                                tracing::warn!(%node, generation, "lease lapsed: this node took over its work (the answer was lost, the write stood)");
+                                let sent = lapsed
+                                    .send(Lapsed { node: node.clone(), generation: *generation, at: Instant::now() })
+                                    .await;
+                                if sent.is_err() {
+                                    return;
+                                }
+                            }
+                        }
                         let changed = seen.get(&entry.key).is_none_or(|(r, _, _)| *r != entry.revision);
                         if changed {
                             seen.insert(entry.key, (entry.revision, Instant::now(), value));
@@ -123,6 +139,7 @@ pub async fn watch<S: LeaseStore>(
                         };
                         match bucket.update(key.as_str(), taken.bytes(), *revision).await {
                             Ok(new_revision) => {
+                                attempted.remove(key);
                                 let node = holder;
                                 tracing::warn!(%node, generation, "lease lapsed: this node takes over its work");
                                 *revision = new_revision;
@@ -139,7 +156,10 @@ pub async fn watch<S: LeaseStore>(
                             Err(CasError::WrongRevision) => {
                                 *at = Instant::now();
                             }
-                            Err(e) => tracing::warn!(error = %e, "taking over a lapsed lease failed; retrying"),
+                            Err(e) => {
+                                attempted.insert(key.clone(), generation);
+                                tracing::warn!(error = %e, "taking over a lapsed lease: no answer; retrying");
+                            }
                         }
                     }
                 }

@@ -8,7 +8,9 @@
 //! - **fencing**: a node never acts under a lease generation at or after the moment a
 //!   survivor took that generation over (each node "sends" every 10 ms while its fence
 //!   says it holds its lease, as the driver does before every send);
-//! - **exactly one survivor**: each node's generation is taken over at most once;
+//! - **exactly one survivor**: each node's generation is taken over at most once, and the
+//!   survivor whose takeover the store holds is told (even when its answer was lost), so
+//!   the work is moved;
 //! - **coming back**: after the faults stop, every node holds a lease again within a few
 //!   lease times, each under a generation higher than any taken over.
 
@@ -379,6 +381,14 @@ async fn simulate(seed: u64, nodes: usize) -> LeaseReport {
         })
         .collect();
     report.sends = sends.values().map(|(_, _, n)| n).sum();
+    for ((node, generation), at) in &applied {
+        if !taken.contains_key(&(*node, *generation)) {
+            report.violations.push(format!(
+                "node {node} generation {generation} taken over in the store at {:?} but no survivor was told: its work is nobody's",
+                *at - start
+            ));
+        }
+    }
     for ((node, generation), survivors) in &taken {
         if survivors.len() > 1 {
             report.violations.push(format!(
