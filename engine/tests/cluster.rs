@@ -48,6 +48,7 @@ fn cluster(nats: &NatsServer, ack_timeout_ms: u64) -> ClusterConfig {
         lease_ms: 3_000,
         events: true,
         shared_velocity: true,
+        stream_max_age_days: 30,
     }
 }
 

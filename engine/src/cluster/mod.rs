@@ -73,6 +73,13 @@ pub struct ClusterConfig {
     /// (`follow`), so a card's features count its transactions on every node.
     #[serde(default = "defaults::shared_velocity")]
     pub shared_velocity: bool,
+    /// How long the journal stream keeps messages, days, when the switch creates it
+    /// (its `max_age`): the servers' disks are bounded by it. A survivor reads a dead
+    /// node's owed work from the stream, so it must outlast the longest a reversal may
+    /// stay unacknowledged (escalated ones are retried every minute, forever) and a
+    /// node's longest outage.
+    #[serde(default = "defaults::stream_max_age_days")]
+    pub stream_max_age_days: u64,
 }
 
 mod defaults {
@@ -104,6 +111,9 @@ mod defaults {
     }
     pub fn shared_velocity() -> bool {
         true
+    }
+    pub fn stream_max_age_days() -> u64 {
+        30
     }
 }
 
@@ -171,6 +181,12 @@ impl ClusterConfig {
                 crate::acquirer::StanSpace::BLOCKS - 1
             ));
         }
+        if !(1..=3650).contains(&self.stream_max_age_days) {
+            return Err(format!(
+                "cluster.stream_max_age_days = {}: 1 to 3650",
+                self.stream_max_age_days
+            ));
+        }
         if !(500..=60_000).contains(&self.lease_ms) {
             return Err(format!(
                 "cluster.lease_ms = {}: 500 to 60000",
@@ -231,6 +247,7 @@ pub async fn journal_stream(
         num_replicas: config.replicas,
         storage: jetstream::stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(config.stream_max_age_days.saturating_mul(86_400)),
         ..Default::default()
     };
     let created = tokio::time::timeout(
@@ -416,6 +433,10 @@ mod tests {
         refused(&|c| c.connect_timeout_ms = 0, "cluster.connect_timeout_ms");
         refused(&|c| c.stan_block = 10, "cluster.stan_block");
         refused(&|c| c.lease_ms = 100, "cluster.lease_ms");
+        refused(
+            &|c| c.stream_max_age_days = 0,
+            "cluster.stream_max_age_days",
+        );
         let mut dotted = config();
         dotted.subject_prefix = "acme.payswitch".into();
         assert_eq!(dotted.check(), Ok(()));
