@@ -553,6 +553,10 @@ impl Recovery {
             attempts,
             entry: None,
             token: 0,
+            // Recovered at a start: delivered under the new lease (`token` is set then).
+            settled: true,
+            queued_token: 0,
+            journaled: true,
         })
     }
 
@@ -610,6 +614,9 @@ fn remembered(
     }
     if life.reversal_claimed || life.in_doubt() {
         original.claim_reversal();
+    }
+    if life.response.is_some() {
+        original.mark_settled();
     }
     original.set_outcome(outcome);
     Some((life.pan_hash, key, life.time_ms, Arc::new(original)))

@@ -681,3 +681,74 @@ async fn a_cards_velocity_counts_its_transactions_on_every_node() {
     assert_eq!(cluster["this"]["followed"], 3, "{cluster}");
     assert_eq!(cluster["this"]["follow_dropped"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reversal_after_the_lease_was_taken_over_still_reaches_the_acquirer() {
+    use payswitch_protocol::Mti;
+    let nats = NatsServer::start();
+    let (sim, config) = sim_and_config(&nats, 2_000).await;
+    let node = in_front_of(&sim, config).await;
+    let conn = support::gateway(&node).await;
+    assert_eq!(
+        support::transact(&conn, &authorization(60))
+            .await
+            .get_str(39),
+        Some("00")
+    );
+
+    // A survivor takes the node's lease over (written as one would: compare-and-set on
+    // the revision). The approval was answered durably: nothing in the journal was owed,
+    // so the survivor moves nothing for it.
+    let fence = node.switch.fence().unwrap().clone();
+    let taken = fence.token();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let leases = async_nats::jetstream::new(client)
+        .get_key_value("PAYSWITCH_LEASES")
+        .await
+        .unwrap();
+    let entry = leases.entry("lease.a").await.unwrap().unwrap();
+    let value = format!(r#"{{"taken_over_by":"b","node":"a","generation":{taken},"at_ms":0}}"#);
+    leases
+        .update("lease.a", value.into(), entry.revision)
+        .await
+        .unwrap();
+    eventually("the node holds a new lease", || {
+        fence.held() && fence.token() > taken
+    })
+    .await;
+
+    // The gateway reverses the approval, through this node: it is this node's to send.
+    let base = authorization(61);
+    let mut b = payswitch_protocol::Message::builder(Mti::REVERSAL_REQUEST);
+    for n in base.field_numbers() {
+        b.set(n, base.get(n).unwrap()).unwrap();
+    }
+    b.set_str(37, "533000000060").unwrap();
+    b.set_str(90, &format!("0100{:06}1125123045{:022}", 60, 0))
+        .unwrap();
+    let answer = support::transact(&conn, &b.build()).await;
+    assert_eq!(answer.get_str(39), Some("00"));
+    assert_eq!(answer.get_str(48), Some("reversal=queued"));
+    // No reversal leaves within 5 s of its record: wait for it.
+    let reversed = || {
+        sim.stats
+            .reversals
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while reversed() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reversal was handed to a survivor that never saw it owed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        node.switch
+            .reversals
+            .stats
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}

@@ -322,6 +322,9 @@ mod tests {
             attempts: 2,
             token: 7,
             entry: None,
+            settled: true,
+            queued_token: 0,
+            journaled: true,
         };
         let records = moved_records(&pending, "node-a");
         assert_eq!(records.len(), 3);

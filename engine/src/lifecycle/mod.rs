@@ -440,8 +440,11 @@ impl Lifecycle {
                 },
                 Event::Durable(durable),
             ) => {
+                let mut pending = pending;
                 if self.durable(durable).is_err() {
                     tracing::error!(rrn = %pending.original.rrn, "reversal could not be journaled: delivering it from memory");
+                } else {
+                    pending.journaled = true;
                 }
                 self.counts.reversals_queued += 1;
                 self.state = State::QueueingReversal { then, original };
@@ -568,6 +571,9 @@ impl Lifecycle {
         acquirers: &[String],
     ) -> Step {
         let Err(e) = self.durable(durable) else {
+            if let Some(original) = &original {
+                original.mark_settled();
+            }
             return self.reply(answer, original.as_ref());
         };
         self.counts.journal_refused = true;
@@ -907,6 +913,7 @@ impl Lifecycle {
         let mut stood_in = Forwarded::stand_in(acquirer, self.request_seq, &advice);
         stood_in.token = self.token;
         original.set_forwarded(stood_in);
+        original.mark_settled();
         self.counts.stand_in_approved = true;
         let pending = PendingReversal {
             owed: Owed::Advice,
@@ -917,6 +924,10 @@ impl Lifecycle {
             attempts: 0,
             entry: Some(Arc::clone(&original)),
             token: self.token,
+            // The stand-in answer and its advice are one durable record.
+            settled: true,
+            queued_token: 0,
+            journaled: true,
         };
         self.state = State::QueueingAdvice { answer, original };
         Step::QueueReversal(pending)
@@ -1076,6 +1087,9 @@ fn claim(original: &Original, acquirers: &[String]) -> Option<PendingReversal> {
         attempts: 0,
         entry: None,
         token: forwarded.token,
+        settled: original.settled(),
+        queued_token: 0,
+        journaled: false,
     })
 }
 

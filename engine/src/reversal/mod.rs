@@ -90,9 +90,30 @@ pub struct PendingReversal {
     /// window, told the advice's STAN so that a reversal of it names the advice.
     pub entry: Option<Arc<Original>>,
     /// The fencing token (`crate::fence`) of the lease under which what it reverses was
-    /// sent, in a cluster: if another node took that lease's work over, it is that
-    /// node's to deliver, not this one's. 0 without a cluster.
+    /// sent, in a cluster. 0 without a cluster.
     pub token: u64,
+    /// The original's answer was durable when this was owed (not in doubt in the journal).
+    pub settled: bool,
+    /// The fencing token under which its `reversal_queued` (`advice_queued`) record was
+    /// made durable; 0 when it was not journaled.
+    pub queued_token: u64,
+    /// Its `reversal_queued` (`advice_queued`) record is durable (set by the lifecycle;
+    /// the driver then sets `queued_token`).
+    pub journaled: bool,
+}
+
+impl PendingReversal {
+    /// Whether a survivor that took over the lease `token` (this node no longer
+    /// `owns`) delivers this: it read the node's journal from the stream and moved
+    /// every original left in doubt there (sent, no durable answer) and every reversal
+    /// queued there and not acknowledged. Otherwise — an original answered durably,
+    /// reversed (a gateway's 0400) only under a later lease — it is still this node's.
+    pub fn survivor_delivers(&self, owns: impl Fn(u64) -> bool) -> bool {
+        if owns(self.token) {
+            return false;
+        }
+        !self.settled || (self.queued_token != 0 && !owns(self.queued_token))
+    }
 }
 
 /// Counters of the queue.
@@ -323,7 +344,7 @@ impl StoreAndForward {
                     }
                 }
                 let token = delivery.reversal().token;
-                if !fence.owns(token) {
+                if delivery.reversal().survivor_delivers(|t| fence.owns(t)) {
                     self.hand_over(&delivery, token).await;
                     break None;
                 }
@@ -1096,5 +1117,33 @@ mod tests {
         };
         assert_eq!(records[0].kind, RecordKind::AdviceAck);
         assert_eq!(records[0].reversal_stan, 31);
+    }
+
+    #[test]
+    fn after_a_takeover_a_survivor_delivers_what_its_journal_showed_owed_and_nothing_else() {
+        // Lease 5 was taken over; this node holds 9 now.
+        let owns = |token: u64| token >= 6;
+        let owed = |settled: bool, queued_token: u64| PendingReversal {
+            token: 5,
+            settled,
+            queued_token,
+            journaled: queued_token != 0,
+            ..PendingReversal::default()
+        };
+        // Left in doubt under 5 (no durable answer): the survivor reversed it.
+        assert!(owed(false, 0).survivor_delivers(owns));
+        assert!(owed(false, 9).survivor_delivers(owns));
+        // Answered durably, its reversal queued under 5: the survivor delivers it.
+        assert!(owed(true, 5).survivor_delivers(owns));
+        // Answered durably under 5, reversed (a gateway's 0400) under 9, or queued only in
+        // memory: the survivor never saw it owed — this node's.
+        assert!(!owed(true, 9).survivor_delivers(owns));
+        assert!(!owed(true, 0).survivor_delivers(owns));
+        // Sent under a lease this node still owns: its own.
+        let own = PendingReversal {
+            token: 9,
+            ..PendingReversal::default()
+        };
+        assert!(!own.survivor_delivers(owns));
     }
 }

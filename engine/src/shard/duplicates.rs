@@ -178,6 +178,9 @@ pub struct Original {
     answered: Notify,
     forwarded: Mutex<Option<Forwarded>>,
     reversal_claimed: AtomicBool,
+    /// Its answer's record is durable (a response, a stand-in's advice): the journal, and
+    /// a survivor reading it, knows it was not left in doubt.
+    settled: AtomicBool,
 }
 
 impl Original {
@@ -247,6 +250,16 @@ impl Original {
     /// so a timeout and a gateway's 0400 never reverse it twice.
     pub fn claim_reversal(&self) -> bool {
         !self.reversal_claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Its answer's record is durable now.
+    pub fn mark_settled(&self) {
+        self.settled.store(true, Ordering::Release);
+    }
+
+    /// Whether its answer's record is durable.
+    pub fn settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
     }
 }
 

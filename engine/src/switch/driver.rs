@@ -380,7 +380,12 @@ impl Switch {
                         }
                     }
                 }
-                Step::QueueReversal(pending) => {
+                Step::QueueReversal(mut pending) => {
+                    // The lease its queued record was published under (the publisher
+                    // stamps every message with it).
+                    if pending.journaled {
+                        pending.queued_token = self.token();
+                    }
                     self.reversals.push(pending);
                     Event::Queued
                 }
