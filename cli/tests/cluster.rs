@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{address_after, json_lines, spawn, Running, BIN};
+use common::{address_after, json_lines, spawn, spawn_logging, Running, BIN};
 
 #[path = "../../engine/tests/support/nats.rs"]
 #[allow(dead_code)]
@@ -73,7 +73,8 @@ impl Cluster {
     fn start(&self, node: &str, block: u8) -> (Running, SocketAddr, SocketAddr) {
         let config = self.config(node, block);
         let journal = self.path(&format!("journal-{node}"));
-        let (running, lines) = spawn(
+        let log = self.path(&format!("{node}.log"));
+        let (running, lines) = spawn_logging(
             &[
                 "serve",
                 "--config",
@@ -88,6 +89,7 @@ impl Cluster {
                 journal.to_str().unwrap(),
             ],
             "acquirer acquirer-1",
+            Some(&log),
         );
         (
             running,
@@ -615,7 +617,11 @@ fn a_nats_server_killed_under_load_costs_some_91s_and_loses_nothing() {
         let ledger = json_lines(&cluster.ledger);
         match balance(&record, &ledger[ledger_start..]) {
             Ok(balance) => break balance,
-            Err(why) => assert!(Instant::now() < deadline, "{why}"),
+            Err(why) => assert!(
+                Instant::now() < deadline,
+                "{why}; logs in {}",
+                cluster.dir.display()
+            ),
         }
         std::thread::sleep(Duration::from_millis(100));
     };

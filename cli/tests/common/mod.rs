@@ -57,10 +57,23 @@ impl Running {
 
 /// Starts `payswitch ARGS` and reads stdout until a line contains `ready`.
 pub fn spawn(args: &[&str], ready: &str) -> (Running, Vec<String>) {
+    spawn_logging(args, ready, None)
+}
+
+/// As [`spawn`], its log (stderr) written to `log` when given.
+pub fn spawn_logging(
+    args: &[&str],
+    ready: &str,
+    log: Option<&std::path::Path>,
+) -> (Running, Vec<String>) {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+        None => Stdio::null(),
+    };
     let mut child = Command::new(BIN)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();

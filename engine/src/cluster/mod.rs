@@ -508,13 +508,27 @@ pub async fn read_journal(
     }
     let mut next: std::collections::BTreeMap<String, u64> = Default::default();
     for message_seq in first..=last {
-        let message = match stream.get_raw_message(message_seq).await {
-            Ok(message) => message,
-            // Deleted from the stream (by its limits, or by hand): a hole, not an error.
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                continue
+        // A server that does not answer for a moment (a leader being elected) is asked
+        // again, for up to 10 s.
+        let mut tries = 0;
+        let message = loop {
+            match stream.get_raw_message(message_seq).await {
+                Ok(message) => break Some(message),
+                // Deleted from the stream (by its limits, or by hand): a hole, not an error.
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    break None
+                }
+                Err(_) if tries < 40 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e).context(format!("stream message {message_seq}")),
             }
-            Err(e) => return Err(e).context(format!("stream message {message_seq}")),
+        };
+        let Some(message) = message else {
+            continue;
         };
         let subject = message.subject.to_string();
         let Some(from) = subject.strip_prefix(&prefix) else {

@@ -742,6 +742,17 @@ impl Delivery {
                         self.last_sent = None;
                         self.back_off()
                     }
+                    // The replicated stream did not acknowledge it (no quorum for a
+                    // moment: a server lost, a leader elected): tried again after the
+                    // backoff, as the stream comes back within seconds. Given up, as on
+                    // a stopped journal, it would wait for a restart that a cluster node
+                    // may never have (the process test killing a NATS server showed an
+                    // approval never reversed).
+                    Err(JournalError::Unreplicated) => {
+                        self.attempt -= 1;
+                        self.last_sent = None;
+                        self.back_off()
+                    }
                     // The disk is behind: the reversal goes (field 90 names its original
                     // whatever its STAN), and the next attempt is journaled.
                     Ok(_) | Err(JournalError::Overloaded) => {
@@ -958,6 +969,26 @@ mod tests {
         let step = delivery.handle(DeliveryEvent::Woke, T0);
         assert!(matches!(step, DeliveryStep::Reserve { .. }), "{step:?}");
         assert!(!delivery.is_holding());
+    }
+
+    #[test]
+    fn an_attempt_the_replicated_stream_did_not_take_is_tried_again_not_left() {
+        let stan = Stan::new(500).unwrap();
+        let mut delivery = Delivery::new(pending(None, 0), T0, None).unwrap();
+        let step = delivery.start();
+        assert!(matches!(step, DeliveryStep::Reserve { .. }), "{step:?}");
+        let step = delivery.handle(DeliveryEvent::Reserved(stan), T0);
+        assert!(matches!(step, DeliveryStep::Append(_)), "{step:?}");
+        let step = delivery.handle(DeliveryEvent::Durable(Err(JournalError::Unreplicated)), T0);
+        assert!(matches!(step, DeliveryStep::Sleep(_)), "{step:?}");
+        // Back, it goes as the first attempt: a 0400, not a repeat.
+        let step = delivery.handle(DeliveryEvent::Woke, T0);
+        assert!(matches!(step, DeliveryStep::Reserve { .. }), "{step:?}");
+        let step = delivery.handle(DeliveryEvent::Reserved(stan), T0);
+        assert!(matches!(step, DeliveryStep::Append(_)), "{step:?}");
+        let step = delivery.handle(DeliveryEvent::Durable(Ok(3)), T0);
+        assert!(matches!(step, DeliveryStep::Send { .. }), "{step:?}");
+        assert_eq!(delivery.message().mti(), Mti::REVERSAL_REQUEST);
     }
 
     #[test]

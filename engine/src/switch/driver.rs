@@ -335,6 +335,20 @@ impl Switch {
         let reply = loop {
             let event = match step {
                 Step::Reply(reply) => break reply,
+                // A request taken in under a lease taken over since writes nothing under
+                // the next one: what the survivor read of it (sent, no answer) must stay
+                // the truth, or an answer made durable now would be reversed by the
+                // survivor behind the gateway's back. Refused like an unreplicated
+                // append: an approval becomes 91 and its reversal is the survivor's.
+                Step::Append(_)
+                    if self
+                        .fence
+                        .as_ref()
+                        .is_some_and(|f| f.token() != life.token()) =>
+                {
+                    self.cluster.fenced.fetch_add(1, Ordering::Relaxed);
+                    Event::Durable(Err(JournalError::Unreplicated))
+                }
                 Step::Append(records) => Event::Durable(self.journal_append(&records).await),
                 Step::Reserve(index) => {
                     let link = &self.links[index];
