@@ -31,7 +31,8 @@ import sys
 import tempfile
 import time
 
-from procs import BIN, ROOT, cpu_while, free_port, spawner, stats, stop, wait_ready
+from procs import (BIN, ROOT, cpu_while, free_port, node_config, pan_hash_key, spawner, stats,
+                   stop, wait_ready)
 
 
 def nats_binary():
@@ -112,24 +113,13 @@ def main():
         acquirer = spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}",
                           "--approval-rate", "1"], "acquirer.log")
         fsync = "never" if args.mode in ("r1", "r3", "r3-sync") else "always"
-        key = os.path.join(work, "pan-hash.key")
-        with open(key, "w") as f:
-            f.write(os.urandom(16).hex() + "\n")
-        os.chmod(key, 0o600)
+        key = pan_hash_key(work)
         switches = {}
         for i, name in enumerate(names):
-            config = os.path.join(work, f"switch-{name}.toml")
-            with open(config, "w") as f:
-                f.write(f"insecure_acquirers = true\n[listen]\nquic = \"127.0.0.1:{quic[name]}\"\n"
-                        f"admin = \"{admins[name]}\"\n[journal]\n"
-                        f"dir = \"{os.path.join(work, 'journal-' + name)}\"\n"
-                        f"pan_hash_key_file = \"{key}\"\nfsync = \"{fsync}\"\n")
-                if servers:
-                    f.write(f"[cluster]\nservers = {json.dumps(servers)}\nnode = \"{name}\"\n"
-                            f"stan_block = {i}\nreplicas = {len(servers)}\n"
-                            f"events = {str(not args.no_events).lower()}\n"
-                            f"shared_velocity = {str(not args.no_shared_velocity).lower()}\n")
-                f.write(f"[[acquirers]]\nname = \"sim\"\naddress = \"127.0.0.1:{acq_port}\"\n")
+            config = node_config(
+                work, name, i, quic[name], admins[name], acq_port, key, fsync, servers,
+                f"replicas = {len(servers)}\nevents = {str(not args.no_events).lower()}\n"
+                f"shared_velocity = {str(not args.no_shared_velocity).lower()}\n")
             switches[name] = spawn([BIN, "serve", "--config", config], f"switch-{name}.log")
             wait_ready(admins[name])
         time.sleep(1.0)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from procs import BIN, free_port, spawner, stop, wait_ready
+from procs import BIN, free_port, node_config, pan_hash_key, spawner, stop, wait_ready
 from cluster_journal import start_nats
 
 
@@ -43,26 +43,15 @@ def one_run(work, label, nodes, cluster, shared, model, replay, rate):
         acq_port = free_port()
         spawn([BIN, "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--approval-rate", "1"],
               "acquirer.log")
-        key = os.path.join(work, "pan-hash.key")
-        with open(key, "w") as f:
-            f.write(os.urandom(16).hex() + "\n")
-        os.chmod(key, 0o600)
+        key = pan_hash_key(work)
         targets = []
         for i in range(nodes):
             name = chr(ord("a") + i)
             quic = free_port()
             admin = f"127.0.0.1:{free_port(socket.SOCK_STREAM)}"
-            config = os.path.join(work, f"{name}.toml")
-            with open(config, "w") as f:
-                f.write(f"insecure_acquirers = true\n[listen]\nquic = \"127.0.0.1:{quic}\"\n"
-                        f"admin = \"{admin}\"\n[scoring]\nmodel = \"{model}\"\n"
-                        f"[journal]\ndir = \"{os.path.join(work, 'journal-' + name)}\"\n"
-                        f"pan_hash_key_file = \"{key}\"\nfsync = \"never\"\n")
-                if cluster:
-                    f.write(f"[cluster]\nservers = {json.dumps(servers)}\nnode = \"{name}\"\n"
-                            f"stan_block = {i}\nreplicas = 1\n"
-                            f"shared_velocity = {str(shared).lower()}\n")
-                f.write(f"[[acquirers]]\nname = \"sim\"\naddress = \"127.0.0.1:{acq_port}\"\n")
+            config = node_config(work, name, i, quic, admin, acq_port, key, "never", servers,
+                                 f"replicas = 1\nshared_velocity = {str(shared).lower()}\n",
+                                 scoring=f"model = \"{model}\"\n")
             spawn([BIN, "serve", "--config", config], f"{name}.log")
             wait_ready(admin)
             targets.append(f"127.0.0.1:{quic}")

@@ -49,6 +49,35 @@ def stats(admin):
         return json.load(r)
 
 
+def pan_hash_key(work):
+    """A PAN hash key file (0600) every node of a cluster shares."""
+    key = os.path.join(work, "pan-hash.key")
+    with open(key, "w") as f:
+        f.write(os.urandom(16).hex() + "\n")
+    os.chmod(key, 0o600)
+    return key
+
+
+def node_config(work, name, block, quic, admin, acquirer_port, key, fsync="always",
+                servers=(), cluster_settings="", scoring=""):
+    """Writes switch node `name`'s configuration (STAN block `block`; `[cluster]` when
+    `servers` are given, with `cluster_settings` lines added) in front of the acquirer
+    simulator on `acquirer_port`; returns its path."""
+    config = os.path.join(work, f"switch-{name}.toml")
+    with open(config, "w") as f:
+        f.write(f"insecure_acquirers = true\n[listen]\nquic = \"127.0.0.1:{quic}\"\n"
+                f"admin = \"{admin}\"\n")
+        if scoring:
+            f.write(f"[scoring]\n{scoring}")
+        f.write(f"[journal]\ndir = \"{os.path.join(work, 'journal-' + name)}\"\n"
+                f"pan_hash_key_file = \"{key}\"\nfsync = \"{fsync}\"\n")
+        if servers:
+            f.write(f"[cluster]\nservers = {json.dumps(list(servers))}\nnode = \"{name}\"\n"
+                    f"stan_block = {block}\n{cluster_settings}")
+        f.write(f"[[acquirers]]\nname = \"sim\"\naddress = \"127.0.0.1:{acquirer_port}\"\n")
+    return config
+
+
 def cpu_s(pid):
     """User plus system CPU seconds of a process so far (None once it is gone)."""
     try:

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_payswitch");
 
+mod common;
+use common::address_after;
+
 /// Kills the process when the test ends, however it ends.
 struct Running(Child);
 
@@ -50,20 +53,6 @@ fn spawn_with_env(
         }
     }
     panic!("payswitch {args:?} ended early: {lines:?}");
-}
-
-/// The address after `marker` in one of `lines`.
-fn address_after(lines: &[String], marker: &str) -> SocketAddr {
-    lines
-        .iter()
-        .find_map(|l| {
-            let rest = &l[l.find(marker)? + marker.len()..];
-            rest.split(|c: char| c.is_whitespace() || c == ';' || c == '/')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {marker:?} in {lines:?}"))
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {

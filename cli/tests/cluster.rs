@@ -32,6 +32,8 @@ struct Cluster {
     lease_ms: u64,
     acquirer: String,
     ledger: PathBuf,
+    /// Ledger lines before the load (the probes'): the books start after them.
+    ledger_start: usize,
     _nats: Nats,
 }
 
@@ -148,6 +150,7 @@ fn on(servers: Vec<String>, replicas: usize, lease_ms: u64, nats: Nats) -> Clust
         lease_ms,
         acquirer: String::new(),
         ledger,
+        ledger_start: 0,
         _nats: nats,
     }
 }
@@ -200,28 +203,10 @@ fn load_args(targets: &[SocketAddr], record: &Path, rate: &str, duration: &str) 
 
 /// Small loads on `target` until one is approved: the node's link is up.
 fn wait_until_approving(target: SocketAddr, dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(15);
     let json = dir.join("probe.json");
-    loop {
-        let mut args = load_args(&[target], &dir.join("probe.jsonl"), "20", "100ms");
-        args.extend(["--json".into(), json.to_str().unwrap().into()]);
-        let status = Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        if report["codes"]["00"].as_u64().unwrap_or(0) > 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{target} never approved: {report}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut args = load_args(&[target], &dir.join("probe.jsonl"), "20", "100ms");
+    args.extend(["--json".into(), json.to_str().unwrap().into()]);
+    common::wait_until_approving(&args, &json, &target.to_string());
 }
 
 fn s(v: &Value, k: &str) -> String {
@@ -315,6 +300,91 @@ fn balance(record: &[Value], ledger: &[Value]) -> Result<Balance, String> {
     })
 }
 
+/// A node: its process, QUIC address and admin address.
+type Node = (Running, SocketAddr, SocketAddr);
+
+impl Cluster {
+    /// The acquirer simulator and three nodes a, b, c (STAN blocks 0, 1, 2), each
+    /// approving; the books start now.
+    fn three_nodes(&mut self) -> (Running, [Node; 3]) {
+        let (sim, acquirer_addr) = acquirer(&self.ledger);
+        self.acquirer = acquirer_addr;
+        let nodes = [self.start("a", 0), self.start("b", 1), self.start("c", 2)];
+        for (_, target, _) in &nodes {
+            wait_until_approving(*target, &self.dir);
+        }
+        self.ledger_start = json_lines(&self.ledger).len();
+        (sim, nodes)
+    }
+
+    /// The failing-over load over `nodes` at 300 TPS for `duration`, started.
+    fn start_load(&self, nodes: &[Node], duration: &str) -> Running {
+        let targets: Vec<SocketAddr> = nodes.iter().map(|(_, target, _)| *target).collect();
+        let json = self.path("load.json");
+        let mut args = load_args(&targets, &self.path("record.jsonl"), "300", duration);
+        args.extend(["--json".into(), json.to_str().unwrap().into()]);
+        Running(
+            Command::new(BIN)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Waits for the load to end: its report, every request answered, and the
+    /// gateway's record.
+    fn finish_load(&self, mut load: Running) -> (Value, Vec<Value>) {
+        let status = load.0.wait().unwrap();
+        assert!(status.success(), "load failed");
+        let report: Value =
+            serde_json::from_slice(&std::fs::read(self.path("load.json")).unwrap()).unwrap();
+        assert_eq!(
+            report["errors"], 0,
+            "every request answered in the end: {report}"
+        );
+        (report, json_lines(&self.path("record.jsonl")))
+    }
+
+    /// The ledger since the load began.
+    fn ledger(&self) -> Vec<Value> {
+        json_lines(&self.ledger).split_off(self.ledger_start)
+    }
+
+    /// The books against `record`, once every reversal owed has reached the acquirer
+    /// (60 s at most), and when they balanced.
+    fn balanced(&self, record: &[Value]) -> (Balance, Instant) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match balance(record, &self.ledger()) {
+                Ok(balance) => return (balance, Instant::now()),
+                Err(why) => assert!(
+                    Instant::now() < deadline,
+                    "{why}; logs in {}",
+                    self.dir.display()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Checks that every authorization the acquirer saw is journaled as forwarded in the
+    /// stream (read with `node`'s configuration); the stream's records.
+    fn every_authorization_journaled(&self, node: &str, block: u8) -> Vec<Value> {
+        let stream = self.stream(&self.config(node, block));
+        let forwarded: HashSet<String> = stream
+            .iter()
+            .filter(|r| r["kind"] == "forwarded")
+            .map(|r| s(r, "rrn"))
+            .collect();
+        for line in self.ledger().iter().filter(|l| l["mti"] == "0100") {
+            assert!(forwarded.contains(&s(line, "rrn")), "not journaled: {line}");
+        }
+        stream
+    }
+}
+
 /// One cluster at a time: each test runs seven processes on a machine of two cores.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -322,57 +392,21 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn three_nodes_one_killed_under_load_the_survivor_reverses_what_it_owed() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut cluster = cluster();
-    let (sim, acquirer_addr) = acquirer(&cluster.ledger);
-    cluster.acquirer = acquirer_addr;
-    let (a, target_a, _) = cluster.start("a", 0);
-    let (_b, target_b, _) = cluster.start("b", 1);
-    let (_c, target_c, _) = cluster.start("c", 2);
-    for target in [target_a, target_b, target_c] {
-        wait_until_approving(target, &cluster.dir);
-    }
-    // The probes' own books start afresh with the load.
-    let ledger_start = json_lines(&cluster.ledger).len();
-
-    let record = cluster.path("record.jsonl");
-    let json = cluster.path("load.json");
-    let mut args = load_args(&[target_a, target_b, target_c], &record, "300", "6s");
-    args.extend(["--json".into(), json.to_str().unwrap().into()]);
-    let mut load = Running(
-        Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (sim, nodes) = cluster.three_nodes();
+    let load = cluster.start_load(&nodes, "6s");
     std::thread::sleep(Duration::from_millis(2_500));
+    let [(a, _, _), b, c] = nodes;
     a.kill_9();
     let killed = Instant::now();
 
-    let status = load.0.wait().unwrap();
-    assert!(status.success(), "load failed");
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(
-        report["errors"], 0,
-        "every request answered in the end: {report}"
-    );
+    let (report, record) = cluster.finish_load(load);
     let retransmissions = report["retransmissions"].as_u64().unwrap();
     assert!(
         retransmissions > 0,
         "the kill left requests unanswered: {report}"
     );
-
     // Every approval the gateway did not get is reversed — by a survivor.
-    let record = json_lines(&record);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (balance, settled) = loop {
-        let ledger = json_lines(&cluster.ledger);
-        match balance(&record, &ledger[ledger_start..]) {
-            Ok(balance) => break (balance, killed.elapsed()),
-            Err(why) => assert!(Instant::now() < deadline, "{why}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (balance, settled) = cluster.balanced(&record);
     assert!(
         balance.owed > 0,
         "the kill left no approval in doubt (else this test proves little)"
@@ -381,16 +415,7 @@ fn three_nodes_one_killed_under_load_the_survivor_reverses_what_it_owed() {
 
     // The journal stream: every authorization the acquirer saw was forwarded by a node
     // that journaled it first; each reversal a survivor took on is in its books.
-    let stream = cluster.stream(&cluster.config("b", 1));
-    let forwarded: HashSet<String> = stream
-        .iter()
-        .filter(|r| r["kind"] == "forwarded")
-        .map(|r| s(r, "rrn"))
-        .collect();
-    let ledger = json_lines(&cluster.ledger);
-    for line in ledger[ledger_start..].iter().filter(|l| l["mti"] == "0100") {
-        assert!(forwarded.contains(&s(line, "rrn")), "not journaled: {line}");
-    }
+    let stream = cluster.every_authorization_journaled("b", 1);
     let taken: Vec<&Value> = stream
         .iter()
         .filter(|r| {
@@ -409,10 +434,10 @@ fn three_nodes_one_killed_under_load_the_survivor_reverses_what_it_owed() {
          all reversed by a survivor {:.1} s after the kill ({} reversals in all, declines in doubt included)",
         record.len(),
         balance.owed,
-        settled.as_secs_f64(),
+        (settled - killed).as_secs_f64(),
         balance.reversed
     );
-    drop(sim);
+    drop((b, c, sim));
 }
 
 /// The node's `/api/stats`, as JSON.
@@ -433,52 +458,19 @@ fn stats(admin: SocketAddr) -> Value {
 fn a_node_paused_past_its_lease_sends_nothing_twice_and_serves_again_once_it_holds_one() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut cluster = cluster();
-    let (sim, acquirer_addr) = acquirer(&cluster.ledger);
-    cluster.acquirer = acquirer_addr;
-    let (_a, target_a, _) = cluster.start("a", 0);
-    let (b, target_b, admin_b) = cluster.start("b", 1);
-    let (_c, target_c, _) = cluster.start("c", 2);
-    for target in [target_a, target_b, target_c] {
-        wait_until_approving(target, &cluster.dir);
-    }
-    let ledger_start = json_lines(&cluster.ledger).len();
-
-    let record = cluster.path("record.jsonl");
-    let json = cluster.path("load.json");
-    let mut args = load_args(&[target_a, target_b, target_c], &record, "300", "8s");
-    args.extend(["--json".into(), json.to_str().unwrap().into()]);
-    let mut load = Running(
-        Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (sim, nodes) = cluster.three_nodes();
+    let (_, target_b, admin_b) = nodes[1];
+    let before = stats(admin_b)["cluster"]["generation"].as_u64().unwrap();
+    let load = cluster.start_load(&nodes, "8s");
     std::thread::sleep(Duration::from_millis(2_000));
     // Paused for twice its lease: a survivor takes its work over meanwhile.
+    let b = &nodes[1].0;
     b.signal("STOP");
     std::thread::sleep(Duration::from_millis(2 * LEASE_MS + 2_000));
     b.signal("CONT");
 
-    let status = load.0.wait().unwrap();
-    assert!(status.success(), "load failed");
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(
-        report["errors"], 0,
-        "every request answered in the end: {report}"
-    );
-
-    let record = json_lines(&record);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let balance = loop {
-        let ledger = json_lines(&cluster.ledger);
-        match balance(&record, &ledger[ledger_start..]) {
-            Ok(balance) => break balance,
-            Err(why) => assert!(Instant::now() < deadline, "{why}"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (report, record) = cluster.finish_load(load);
+    let (balance, _) = cluster.balanced(&record);
     // Back, b found its lease taken over, left that work to the survivor and holds a
     // new lease: it serves again.
     let after = cluster.path("after.jsonl");
@@ -500,7 +492,10 @@ fn a_node_paused_past_its_lease_sends_nothing_twice_and_serves_again_once_it_hol
     let stats = stats(admin_b);
     let cluster_stats = &stats["cluster"];
     assert!(cluster_stats["lease_held"] == true, "{stats}");
-    assert!(cluster_stats["generation"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        cluster_stats["generation"].as_u64().unwrap() > before,
+        "a new generation after the takeover, not generation {before}: {stats}"
+    );
     eprintln!(
         "books: {} answers recorded ({} retransmissions), {} approvals owed a reversal, each reversed once; \
          b after the pause: {cluster_stats}",
@@ -508,8 +503,9 @@ fn a_node_paused_past_its_lease_sends_nothing_twice_and_serves_again_once_it_hol
         report["retransmissions"],
         balance.owed,
     );
-    // The stream shows the survivor took b's work.
-    let stream = cluster.stream(&cluster.config("a", 0));
+    // The stream shows the survivor took b's work; what was reversed without reaching
+    // the acquirer was journaled as forwarded (in doubt).
+    let stream = cluster.every_authorization_journaled("a", 0);
     let in_doubt: HashSet<String> = stream
         .iter()
         .filter(|r| r["kind"] == "forwarded")
@@ -542,15 +538,7 @@ fn a_nats_server_killed_under_load_costs_some_91s_and_loses_nothing() {
     let urls = nats.urls();
     let names = nats.names();
     let mut cluster = on(urls, 3, 3_000, Nats::Several(nats));
-    let (sim, acquirer_addr) = acquirer(&cluster.ledger);
-    cluster.acquirer = acquirer_addr;
-    let (_a, target_a, _) = cluster.start("a", 0);
-    let (_b, target_b, _) = cluster.start("b", 1);
-    let (_c, target_c, _) = cluster.start("c", 2);
-    for target in [target_a, target_b, target_c] {
-        wait_until_approving(target, &cluster.dir);
-    }
-    let ledger_start = json_lines(&cluster.ledger).len();
+    let (sim, nodes) = cluster.three_nodes();
     // The journal stream's leader: the server whose loss costs the most.
     let status = Command::new(BIN)
         .args(["cluster", "status", "--json", "--config"])
@@ -573,18 +561,7 @@ fn a_nats_server_killed_under_load_costs_some_91s_and_loses_nothing() {
     let leader = names[victim].clone();
     assert_eq!(status["stream"]["replicas"], 3);
 
-    let record = cluster.path("record.jsonl");
-    let json = cluster.path("load.json");
-    let mut args = load_args(&[target_a, target_b, target_c], &record, "300", "8s");
-    args.extend(["--json".into(), json.to_str().unwrap().into()]);
-    let mut load = Running(
-        Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let load = cluster.start_load(&nodes, "8s");
     std::thread::sleep(Duration::from_millis(2_500));
     let Nats::Several(nats) = &mut cluster._nats else {
         unreachable!()
@@ -595,11 +572,7 @@ fn a_nats_server_killed_under_load_costs_some_91s_and_loses_nothing() {
         .as_millis() as i64;
     nats.kill(victim);
 
-    let status = load.0.wait().unwrap();
-    assert!(status.success(), "load failed");
-    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(report["errors"], 0, "every request answered: {report}");
-    let record = json_lines(&record);
+    let (report, record) = cluster.finish_load(load);
     let refused: Vec<i64> = record
         .iter()
         .filter(|l| l["code"] == "91")
@@ -610,33 +583,11 @@ fn a_nats_server_killed_under_load_costs_some_91s_and_loses_nothing() {
         (Some(first), Some(last)) => format!("from {first} ms to {last} ms after the kill"),
         _ => "none".to_string(),
     };
-
-    // Nothing lost: every approval at the acquirer delivered or reversed, nothing twice.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let balance = loop {
-        let ledger = json_lines(&cluster.ledger);
-        match balance(&record, &ledger[ledger_start..]) {
-            Ok(balance) => break balance,
-            Err(why) => assert!(
-                Instant::now() < deadline,
-                "{why}; logs in {}",
-                cluster.dir.display()
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    // And every authorization the acquirer saw is in the journal stream, which the two
+    // Nothing lost: every approval at the acquirer delivered or reversed, nothing twice;
+    // every authorization the acquirer saw is in the journal stream, which the two
     // servers left still hold.
-    let stream = cluster.stream(&cluster.config("a", 0));
-    let forwarded: HashSet<String> = stream
-        .iter()
-        .filter(|r| r["kind"] == "forwarded")
-        .map(|r| s(r, "rrn"))
-        .collect();
-    let ledger = json_lines(&cluster.ledger);
-    for line in ledger[ledger_start..].iter().filter(|l| l["mti"] == "0100") {
-        assert!(forwarded.contains(&s(line, "rrn")), "not journaled: {line}");
-    }
+    let (balance, _) = cluster.balanced(&record);
+    cluster.every_authorization_journaled("a", 0);
     eprintln!(
         "books: server {leader} killed; {} answers recorded, {} answered 91 ({window}), \
          {} approvals owed a reversal, each reversed once; {} retransmissions",
@@ -645,5 +596,6 @@ fn a_nats_server_killed_under_load_costs_some_91s_and_loses_nothing() {
         balance.owed,
         report["retransmissions"],
     );
+    drop(nodes);
     drop(sim);
 }

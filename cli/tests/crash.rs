@@ -94,28 +94,10 @@ fn load_args(target: SocketAddr, books: &Books, rate: &str, duration: &str) -> V
 
 /// Small loads until one is approved: the switch's link to the acquirer is up.
 fn wait_until_approving(target: SocketAddr, books: &Books) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let json = books.path("probe.json");
-        let mut args = load_args(target, books, "20", "100ms");
-        args.extend(["--json".into(), json.to_str().unwrap().into()]);
-        let status = Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-        if report["codes"]["00"].as_u64().unwrap_or(0) > 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the switch never approved: {report}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let json = books.path("probe.json");
+    let mut args = load_args(target, books, "20", "100ms");
+    args.extend(["--json".into(), json.to_str().unwrap().into()]);
+    common::wait_until_approving(&args, &json, "the switch");
 }
 
 #[test]

@@ -115,3 +115,24 @@ pub fn json_lines(path: &Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
 }
+
+/// Runs `payswitch load ARGS` (which must write its report with `--json json`) until
+/// one request is approved — the switch's link to its acquirer is up — 15 s at most.
+pub fn wait_until_approving(args: &[String], json: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let report: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        if report["codes"]["00"].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} never approved: {report}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
